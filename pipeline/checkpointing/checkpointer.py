@@ -1,0 +1,145 @@
+"""Atomic, verifiable checkpoints.
+
+A checkpoint is a folder: `model.safetensors`, `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16),
+`rng/rank<r>.pt` for each rank, and `state.json` (epoch, step, best metric...). It is written to a
+hidden temporary folder, every file is fsynced, `COMPLETE` (a JSON list of file sizes and sha256
+digests) is written last, and only then is the folder renamed into place. A folder without a valid
+`COMPLETE`, or whose files no longer match it, is never loaded. Nothing here unpickles objects:
+tensors load from safetensors or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.distributed import Dist
+
+MARKER = "COMPLETE"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    for path in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def verify(folder: Path) -> Optional[str]:
+    """None if `folder` is a complete, intact checkpoint; else the reason it is not."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return "no COMPLETE marker (the save was interrupted)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable COMPLETE marker"
+    for rel, expected in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{rel} has {path.stat().st_size} bytes, expected {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    save_file(model_state(model), str(path))
+
+
+def load_weights(model: nn.Module, path: Path, strict: bool = True):
+    """Load a safetensors state dict into `model` (on the model's device)."""
+    device = next(iter(model.state_dict().values())).device
+    return model.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
+
+
+class Checkpointer:
+    """Saves and loads training checkpoints under one folder (`<run>/checkpoints`)."""
+
+    def __init__(self, directory: str | Path, dist: Dist):
+        self.directory = Path(directory)
+        self.dist = dist
+
+    def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+             scaler: Optional[object], state: dict, rng: dict) -> Path:
+        """Collective: every rank calls it (each writes its own RNG state)."""
+        final, tmp = self.directory / name, self.directory / f".{name}.tmp"
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        self.dist.barrier()
+        torch.save(rng, tmp / "rng" / f"rank{self.dist.rank}.pt")
+        self.dist.barrier()
+        if self.dist.is_main:
+            save_weights(model, tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.dist.world_size}, indent=2))
+            _fsync_tree(tmp)
+            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1))
+            _fsync_tree(tmp)
+            old = self.directory / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.replace(old)
+            tmp.replace(final)
+            shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return final
+
+    def find(self, name: str) -> Optional[Path]:
+        """The complete checkpoint `name` (or its previous version left by an interrupted swap)."""
+        from pipeline.tracking.console import warn
+
+        for candidate in (self.directory / name, self.directory / f".{name}.old"):
+            if candidate.is_dir():
+                problem = verify(candidate)
+                if problem is None:
+                    return candidate
+                warn(f"skipping checkpoint '{candidate}': {problem}")
+        return None
+
+    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+             scaler: Optional[object]) -> tuple[dict, Optional[dict]]:
+        """Restore everything; return (state, this rank's RNG state or None if it was not saved)."""
+        load_weights(model, folder / "model.safetensors")
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        if scaler is not None and (folder / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        state = json.loads((folder / "state.json").read_text())
+        rng_path = folder / "rng" / f"rank{self.dist.rank}.pt"
+        rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
+        return state, rng

@@ -1,0 +1,104 @@
+"""Command line: `pipeline train|evaluate|data ...`. Bad input ends with one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+EXIT_USAGE = 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.training.run import train
+
+    config_path = args.config
+    overrides = list(args.overrides)
+    if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
+        overrides.insert(0, config_path)  # `pipeline train key=value` with no YAML
+        config_path = None
+    cfg = load_config(config_path, overrides)
+    metrics = train(cfg)
+    from pipeline.distributed import Dist  # noqa: F401 - printing happens on the main process only
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"test": metrics}, indent=None))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.rerun import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, args.split)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _data_digits(args: argparse.Namespace) -> int:
+    from pipeline.data.digits import write_digits_imagefolder
+
+    count = write_digits_imagefolder(args.out)
+    print(f"wrote {count} digits images to {args.out}")
+    return 0
+
+
+def _data_shards(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import write_shards
+
+    fractions = [float(x) for x in args.split.split(",")]
+    manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,
+                            max_bytes=int(args.max_bytes), seed=args.seed)
+    for name, info in manifest.splits.items():
+        print(f"{name:5s}: {info.num_samples:7d} samples in {len(info.shards)} shard(s)")
+    print(f"{manifest.num_classes} classes; manifest: {args.out}/manifest.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Train and evaluate CNN image classifiers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model: pipeline train [CONFIG.yaml] [key=value ...]")
+    train.add_argument("config", nargs="?", help="YAML config (defaults: the digits demo)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.01")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run's best weights")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--split", choices=["test", "val"], default="test")
+    evaluate.set_defaults(func=_evaluate)
+
+    data = commands.add_parser("data", help="prepare data").add_subparsers(dest="data_command", required=True)
+    digits = data.add_parser("digits", help="write scikit-learn's digits as an ImageFolder of PNGs")
+    digits.add_argument("out")
+    digits.set_defaults(func=_data_digits)
+    shards = data.add_parser("shards", help="ImageFolder or CSV(path,label) -> WebDataset shards + manifest.json")
+    shards.add_argument("src")
+    shards.add_argument("out")
+    shards.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
+    shards.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most (default 1000)")
+    shards.add_argument("--max-bytes", type=float, default=float(1 << 30), help="bytes per shard at most (1 GiB)")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    shards.set_defaults(func=_data_shards)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

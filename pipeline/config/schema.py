@@ -1,0 +1,315 @@
+"""Typed configuration schema: one dataclass per component.
+
+Each field carries a one-line docstring directly below it; `pipeline.config.reference` reads those
+strings to produce the README's config reference, so the schema *is* the documentation. Checks that
+need more than a type live in `__post_init__`, which runs when the merged config is converted back
+into these dataclasses (see `pipeline.config.loader`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULERS = ("cosine", "plateau", "step", "constant")
+LOSSES = ("cross_entropy", "bce")
+MODES = ("min", "max")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ValueError(f"{key}={value!r} is out of range; it must be {bounds}")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (torchvision transforms.v2). Evaluation uses resize + crop only."""
+
+    random_resized_crop: bool = False
+    """Use RandomResizedCrop(image_size) instead of a plain resize for training."""
+    crop_scale_min: float = 0.08
+    """Smallest area fraction RandomResizedCrop may keep."""
+    hflip: float = 0.0
+    """Probability of a horizontal flip (0 disables; keep 0 for digits and text)."""
+    rotation: float = 0.0
+    """Maximum rotation in degrees, sampled uniformly in [-rotation, rotation]."""
+    translate: float = 0.0
+    """Maximum translation as a fraction of the image size (RandomAffine); 0 disables."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength for ColorJitter; 0 disables."""
+
+    def __post_init__(self) -> None:
+        _check_range("data.augment.crop_scale_min", self.crop_scale_min, 0.0, 1.0, low_open=True)
+        _check_range("data.augment.hflip", self.hflip, 0.0, 1.0)
+        _check_range("data.augment.rotation", self.rotation, 0.0, 180.0)
+        _check_range("data.augment.translate", self.translate, 0.0, 1.0, high_open=True)
+        _check_range("data.augment.color_jitter", self.color_jitter, 0.0)
+
+
+@dataclass
+class DataConfig:
+    """Where the WebDataset shards live and how they are read."""
+
+    root: str = "data/digits_shards"
+    """Folder holding the shards and manifest.json written by `pipeline data shards`."""
+    auto_prepare_digits: bool = True
+    """If `root` has no manifest, build scikit-learn's digits shards there first (the bundled demo)."""
+    image_size: int = 32
+    """Side length in pixels the model sees (images are resized/cropped to image_size x image_size)."""
+    channels: int = 3
+    """Colour channels fed to the model: 1 (grayscale) or 3 (RGB); images are converted on load."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel normalisation mean (one value per channel, or one value for all)."""
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel normalisation standard deviation (one value per channel, or one for all)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 reads in the main process)."""
+    shuffle_buffer: int = 1000
+    """Samples held in each worker's shuffle buffer; the buffer is refilled per shard."""
+    drop_last: bool = False
+    """Drop each worker's final partial batch (all ranks always run the same number of steps)."""
+    pin_memory: bool = True
+    """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation."""
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ValueError("data.root is empty; give the folder that holds manifest.json")
+        _check_range("data.image_size", self.image_size, 1)
+        _check_choice("data.channels", self.channels, (1, 3))
+        _check_range("data.num_workers", self.num_workers, 0)
+        _check_range("data.shuffle_buffer", self.shuffle_buffer, 1)
+        for key, values in (("data.mean", self.mean), ("data.std", self.std)):
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"{key} has {len(values)} values; give 1 or data.channels={self.channels}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std={list(self.std)} must be positive")
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build."""
+
+    name: str = "simple_cnn"
+    """`simple_cnn`, or any torchvision classification model name (e.g. resnet18, resnet50)."""
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """simple_cnn: output channels of each conv-BN-ReLU-pool block."""
+    residual: bool = False
+    """simple_cnn: add a residual conv-BN-ReLU pair inside each block."""
+    dropout: float = 0.0
+    """Dropout probability before the classifier head."""
+    channels_last: bool = False
+    """Store activations as NHWC (channels_last); faster on GPUs with tensor cores."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("model.name is empty; use simple_cnn or a torchvision model name")
+        if not self.channels or any(c <= 0 for c in self.channels):
+            raise ValueError(f"model.channels={list(self.channels)} must be a non-empty list of positive ints")
+        _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and loss."""
+
+    name: str = "adamw"
+    """One of sgd, adam, adamw, rmsprop."""
+    lr: float = 1e-3
+    """Peak learning rate (per optimizer step, after accumulation)."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) or L2 weight decay."""
+    exclude_norm_and_bias: bool = True
+    """Apply no weight decay to normalisation weights and biases."""
+    momentum: float = 0.9
+    """Momentum for sgd and rmsprop."""
+    nesterov: bool = False
+    """Nesterov momentum for sgd."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/AdamW betas."""
+    loss: str = "cross_entropy"
+    """cross_entropy, or bce (sigmoid per class on one-hot targets: binary / multi-label style)."""
+    label_smoothing: float = 0.0
+    """Label smoothing for cross_entropy."""
+    class_weights: Optional[list[float]] = None
+    """Per-class loss weights (one per class), or null for none."""
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, OPTIMIZERS)
+        _check_range("optim.lr", self.lr, 0.0, low_open=True)
+        _check_range("optim.weight_decay", self.weight_decay, 0.0)
+        _check_range("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        _check_choice("optim.loss", self.loss, LOSSES)
+        _check_range("optim.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        if self.class_weights is not None and any(w < 0 for w in self.class_weights):
+            raise ValueError(f"optim.class_weights={list(self.class_weights)} must be non-negative")
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule."""
+
+    name: str = "cosine"
+    """cosine (linear warmup then cosine, per optimizer step), plateau, step, or constant."""
+    warmup_steps: int = 0
+    """cosine/constant: optimizer steps of linear warmup from 0 to optim.lr."""
+    warmup_epochs: float = 0.0
+    """cosine/constant: warmup length in epochs (added to warmup_steps)."""
+    min_lr_ratio: float = 0.0
+    """cosine: final learning rate as a fraction of optim.lr."""
+    step_size: int = 10
+    """step: epochs between decays."""
+    gamma: float = 0.1
+    """step/plateau: multiplicative decay factor."""
+    patience: int = 3
+    """plateau: epochs without improvement of train.monitor before decaying."""
+
+    def __post_init__(self) -> None:
+        _check_choice("scheduler.name", self.name, SCHEDULERS)
+        _check_range("scheduler.warmup_steps", self.warmup_steps, 0)
+        _check_range("scheduler.warmup_epochs", self.warmup_epochs, 0.0)
+        _check_range("scheduler.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_range("scheduler.step_size", self.step_size, 1)
+        _check_range("scheduler.gamma", self.gamma, 0.0, 1.0, low_open=True)
+        _check_range("scheduler.patience", self.patience, 0)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 30
+    """Number of passes over the training split."""
+    batch_size: int = 64
+    """Samples per rank per micro-batch (global batch = batch_size x ranks x grad_accum_steps)."""
+    eval_batch_size: int = 256
+    """Samples per rank per evaluation batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_grad_norm: float = 0.0
+    """Clip gradients to this global L2 norm; 0 disables clipping."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast) or fp16 (autocast + GradScaler, GPU only)."""
+    seed: int = 0
+    """Seed for Python, NumPy, torch and the data order."""
+    monitor: str = "val/accuracy"
+    """Metric that picks the best checkpoint, drives early stopping and plateau decay."""
+    monitor_mode: str = "max"
+    """max if a larger monitor value is better, else min."""
+    early_stopping_patience: int = 0
+    """Stop after this many epochs without improvement (0 disables); best weights are restored."""
+    early_stopping_min_delta: float = 0.0
+    """Smallest change of the monitor that counts as an improvement."""
+    log_every_steps: int = 20
+    """Optimizer steps between progress/loss updates (the only host syncs in the loop)."""
+    cpu: bool = False
+    """Force the CPU even when a GPU is present."""
+
+    def __post_init__(self) -> None:
+        _check_range("train.epochs", self.epochs, 1)
+        _check_range("train.batch_size", self.batch_size, 1)
+        _check_range("train.eval_batch_size", self.eval_batch_size, 1)
+        _check_range("train.grad_accum_steps", self.grad_accum_steps, 1)
+        _check_range("train.max_grad_norm", self.max_grad_norm, 0.0)
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        if self.monitor not in ("val/accuracy", "val/loss", "val/f1_macro", "val/auroc"):
+            raise ValueError(f"train.monitor={self.monitor!r} is not valid; choose one of "
+                             "val/accuracy, val/loss, val/f1_macro, val/auroc")
+        _check_choice("train.monitor_mode", self.monitor_mode, MODES)
+        _check_range("train.early_stopping_patience", self.early_stopping_patience, 0)
+        _check_range("train.early_stopping_min_delta", self.early_stopping_min_delta, 0.0)
+        _check_range("train.log_every_steps", self.log_every_steps, 1)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under <run folder>/checkpoints/."""
+
+    resume: str = "auto"
+    """auto (continue from checkpoints/last if it exists), never, or a checkpoint folder path."""
+    save_last: bool = True
+    """Write checkpoints/last at the end of every epoch."""
+    save_best: bool = True
+    """Write checkpoints/best whenever train.monitor improves."""
+
+    def __post_init__(self) -> None:
+        if not self.resume:
+            raise ValueError("checkpoint.resume is empty; use auto, never, or a checkpoint folder")
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl and Weights & Biases."""
+
+    wandb_mode: str = "offline"
+    """offline (default; sync later with `wandb sync`), online, or disabled."""
+    wandb_project: str = "pipeline"
+    """W&B project name."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user); null uses your default."""
+    progress: bool = True
+    """Show rich progress bars (main process only)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
+
+
+@dataclass
+class RunConfig:
+    """Where the run folder goes: <output_dir>/<name>/."""
+
+    output_dir: str = "runs"
+    """Parent folder of run folders."""
+    name: str = "digits"
+    """Run folder name (and W&B run name)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name={self.name!r} must be a non-empty folder name without '/'")
+        if not self.output_dir:
+            raise ValueError("run.output_dir is empty; give a folder for run folders")
+
+
+@dataclass
+class Config:
+    """The whole run. Merge order: these defaults <- YAML file <- command-line dotted overrides."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data: shards, transforms, loader."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model: architecture and its switches."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and loss."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run folder."""
+
+    def __post_init__(self) -> None:
+        if self.train.precision == "fp16" and self.train.cpu:
+            raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 with train.cpu=true")

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the evaluation loop, and re-evaluating finished runs."""

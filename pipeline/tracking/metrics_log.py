@@ -1,0 +1,45 @@
+"""metrics.jsonl: one JSON object per epoch, the run's source of truth for its history."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLog:
+    """Appends epoch records; on resume, drops records past the checkpoint so none is duplicated."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def truncate_after(self, epoch: int) -> None:
+        """Keep only records with `epoch` <= the given one (what the resumed checkpoint has seen)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", -1) <= epoch]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def reset(self) -> None:
+        if self.enabled and self.path.is_file():
+            self.path.unlink()
+
+    def append(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            handle.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""Training: the loop, its losses, optimizers, schedulers, early stopping and seeding."""

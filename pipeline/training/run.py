@@ -1,0 +1,119 @@
+"""`pipeline train`: build everything from the config with small factories, train, test the best weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pipeline.checkpointing import Checkpointer
+from pipeline.config import Config, to_yaml
+from pipeline.data import Manifest, build_loader
+from pipeline.data.shards import ensure_digits_shards
+from pipeline.distributed import Dist, build_dist
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.metrics import ClassificationMetrics
+from pipeline.models import create_model
+from pipeline.tracking.metrics_log import MetricsLog
+from pipeline.tracking.wandb_logger import build_tracker
+from pipeline.training.losses import build_loss
+from pipeline.training.optim import build_optimizer
+from pipeline.training.schedulers import LRSchedule
+from pipeline.training.seed import seed_everything
+from pipeline.training.trainer import Trainer
+
+TEST_METRIC_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix",
+                    "num_samples")
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
+    """The data manifest; the bundled digits shards are built first if allowed and missing."""
+    root = Path(cfg.data.root)
+    if not (root / "manifest.json").is_file() and cfg.data.auto_prepare_digits:
+        if dist is None:
+            return ensure_digits_shards(root)
+        with dist.main_process_first():
+            if dist.is_main:
+                dist.print(f"no shards at {root}: writing scikit-learn's digits there")
+                ensure_digits_shards(root)
+    manifest = Manifest.read(root)
+    for split in ("train", "val", "test"):
+        if split not in manifest.splits:
+            raise ValueError(f"manifest in '{root}' has no '{split}' split")
+    if manifest.num_classes < 2:
+        raise ValueError(f"manifest in '{root}' has {manifest.num_classes} class(es); at least 2 are needed")
+    return manifest
+
+
+@dataclass
+class Run:
+    """Everything one training run is made of."""
+
+    cfg: Config
+    dist: Dist
+    run_dir: Path
+    manifest: Manifest
+    trainer: Trainer
+
+
+def build_run(cfg: Config) -> Run:
+    dist = build_dist(cfg.train.precision, cfg.train.cpu)
+    seed_everything(cfg.train.seed)
+    run_dir = run_dir_of(cfg)
+    manifest = load_manifest(cfg, dist)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    dist.barrier()
+    pin = dist.device.type == "cuda"
+    train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin)
+    val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin)
+    model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
+    optimizer = build_optimizer(cfg.optim, model)
+    model, optimizer = dist.accelerator.prepare(model, optimizer)
+    if cfg.model.compile:
+        import torch
+
+        model = torch.compile(model)
+    steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
+    schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
+    loss_fn = build_loss(cfg.optim, manifest.num_classes).to(dist.device)
+    tracker = build_tracker(run_dir, cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.logging.wandb_entity,
+                            cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main)
+    trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
+                      ClassificationMetrics(manifest.num_classes, dist.device), Checkpointer(run_dir / "checkpoints", dist),
+                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker)
+    return Run(cfg, dist, run_dir, manifest, trainer)
+
+
+def test_split(run: Run, split: str = "test") -> dict:
+    """Evaluate the trainer's current (best) weights on a split; counts every sample once."""
+    cfg, dist = run.cfg, run.dist
+    data = build_loader(cfg, run.manifest, split, dist.rank, dist.world_size, train=False)
+    data.set_position(0, 0)
+    trainer = run.trainer
+    metrics = evaluate(trainer.unwrapped, data.loader, trainer.loss_fn, trainer.metrics, dist.device,
+                       dist.accelerator.autocast, cfg.model.channels_last)
+    return {k: metrics[k] for k in (*TEST_METRIC_KEYS, "loss")}
+
+
+def train(cfg: Config) -> dict:
+    """Train per `cfg`, evaluate the best weights on the test split, write test_metrics.json."""
+    run = build_run(cfg)
+    dist = run.dist
+    dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}  |  "
+               f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes")
+    run.trainer.fit()
+    metrics = test_split(run)
+    if dist.is_main:
+        (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
+    run.trainer.tracker.finish()
+    dist.barrier()
+    return metrics

@@ -1,0 +1,200 @@
+"""The training loop. Distributed details stay behind `Dist` and the Accelerator, so this reads like
+single-device code: `fit` calls `train_epoch`, `validate`, `end_epoch`; a step is `train_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pipeline.checkpointing import Checkpointer, load_weights
+from pipeline.config.schema import Config
+from pipeline.data import SplitLoader
+from pipeline.distributed import Dist
+from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.metrics import ClassificationMetrics
+from pipeline.tracking.console import NullProgress, progress_bar
+from pipeline.tracking.metrics_log import MetricsLog
+from pipeline.training.early_stopping import EarlyStopping
+from pipeline.training.schedulers import LRSchedule
+from pipeline.training.seed import rng_state, set_rng_state
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint's state.json."""
+
+    epoch: int = 0
+    """Epochs completed."""
+    global_step: int = 0
+    """Optimizer steps taken."""
+    step_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed by this rank."""
+    stopped_early: bool = False
+    """Early stopping ended training."""
+
+
+class Trainer:
+    """Owns the model, optimizer and loaders of one run and trains them."""
+
+    def __init__(self, cfg: Config, dist: Dist, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: LRSchedule, loss_fn: nn.Module, train: SplitLoader, val: SplitLoader,
+                 metrics: ClassificationMetrics, checkpointer: Checkpointer, log: MetricsLog, tracker):
+        self.cfg, self.dist = cfg, dist
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.loss_fn, self.train_data, self.val_data = loss_fn, train, val
+        self.metrics, self.checkpointer, self.log, self.tracker = metrics, checkpointer, log, tracker
+        self.state = TrainState()
+        self.early = EarlyStopping(cfg.train.monitor_mode, cfg.train.early_stopping_patience,
+                                   cfg.train.early_stopping_min_delta)
+        self.steps_per_epoch = train.stream.steps_per_epoch()
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.progress = NullProgress()
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        """Train (resuming if asked) until the epoch budget or early stopping; end on the best weights."""
+        self.maybe_resume()
+        show = self.cfg.logging.progress and self.dist.is_main
+        with progress_bar(show) as self.progress:
+            epochs = self.progress.add_task("epochs", total=self.cfg.train.epochs, completed=self.state.epoch)
+            while self.state.epoch < self.cfg.train.epochs and not self.state.stopped_early:
+                started = time.perf_counter()
+                train_metrics = self.train_epoch(self.state.epoch)
+                val_metrics = self.validate()
+                self.end_epoch(train_metrics, val_metrics, time.perf_counter() - started)
+                self.progress.advance(epochs)
+        self.restore_best()
+        return self.state
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over this rank's share of the training shards; returns rank-averaged loss/accuracy."""
+        self.model.train()
+        self.train_data.set_position(epoch, self.state.step_in_epoch)
+        task = self.progress.add_task(f"epoch {epoch + 1}", total=self.steps_per_epoch,
+                                      completed=self.state.step_in_epoch)
+        totals = torch.zeros(3, device=self.dist.device)  # loss sum, correct, samples: no per-step host sync
+        accum = self.cfg.train.grad_accum_steps
+        for images, labels in self.train_data.loader:
+            micro = self.state.step_in_epoch
+            window_start = micro - micro % accum
+            window = min(accum, self.steps_per_epoch - window_start)
+            last_in_window = micro - window_start == window - 1
+            loss, correct = self.train_step(images, labels, window, last_in_window)
+            totals += torch.stack([loss.detach() * labels.numel(), correct, torch.tensor(float(labels.numel()),
+                                                                                        device=totals.device)])
+            self.state.step_in_epoch += 1
+            if last_in_window:
+                self.state.global_step += 1
+                if self.state.global_step % self.cfg.train.log_every_steps == 0:
+                    self.progress.update(task, info=f"loss {loss.item():.4f}")
+            self.progress.advance(task)
+        self.progress.remove_task(task)
+        totals = self.dist.accelerator.reduce(totals, reduction="sum")
+        return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, window: int,
+                   last_in_window: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward of one micro-batch; an optimizer step at the end of each accumulation window."""
+        accelerator = self.dist.accelerator
+        images = images.to(self.dist.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        labels = labels.to(self.dist.device, non_blocking=True)
+        # Gradients are all-reduced only on the last micro-batch of a window.
+        sync = accelerator.no_sync(self.model) if not last_in_window else contextlib.nullcontext()
+        with sync:
+            with accelerator.autocast():
+                logits = self.model(images)
+                loss = self.loss_fn(logits.float(), labels)
+            accelerator.backward(loss / window)
+        if last_in_window:
+            if self.cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if not accelerator.optimizer_step_was_skipped:
+                self.schedule.after_optimizer_step()
+        correct = (logits.detach().argmax(dim=-1) == labels).sum().float()
+        return loss, correct
+
+    def validate(self) -> dict:
+        return evaluate(self.unwrapped, self._batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
+                        self.dist.accelerator.autocast, self.cfg.model.channels_last)
+
+    def end_epoch(self, train_metrics: dict, val_metrics: dict, seconds: float) -> None:
+        """Log the epoch, step epoch-level schedules, track the best, checkpoint."""
+        self.state.epoch += 1
+        self.state.step_in_epoch = 0
+        record = {"epoch": self.state.epoch, "step": self.state.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+                  **{f"train/{k}": v for k, v in train_metrics.items()},
+                  **{f"val/{k}": v for k, v in val_metrics.items() if k != "confusion_matrix"},
+                  "epoch_seconds": round(seconds, 3)}
+        monitor = record[self.cfg.train.monitor]
+        self.schedule.after_epoch(monitor)
+        improved = self.early.update(monitor, self.state.epoch)
+        self.state.stopped_early = self.early.should_stop
+        if self.dist.is_main:
+            self.log.append(record)
+            self.tracker.log(record, step=self.state.global_step)
+            self.dist.print(
+                f"epoch {self.state.epoch}/{self.cfg.train.epochs}  train/loss {record['train/loss']:.4f}  "
+                f"val/loss {record['val/loss']:.4f}  val/accuracy {record['val/accuracy']:.4f}  "
+                f"lr {record['lr']:.2e}  {seconds:.1f}s" + ("  *best*" if improved else ""))
+        if improved and self.cfg.checkpoint.save_best:
+            self.save("best")
+        if self.cfg.checkpoint.save_last:
+            self.save("last")
+        if self.state.stopped_early:
+            self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
+                            f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} at epoch {self.early.best_epoch})")
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.dist.accelerator.unwrap_model(self.model)
+
+    def save(self, name: str) -> Path:
+        state = {"train": asdict(self.state), "early_stopping": self.early.state_dict()}
+        return self.checkpointer.save(name, self.unwrapped, self.optimizer, self.schedule,
+                                      self.dist.accelerator.scaler, state, rng_state())
+
+    def maybe_resume(self) -> Optional[Path]:
+        """Continue from checkpoints/last (resume=auto) or a given folder; start fresh otherwise."""
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            folder = None
+        elif resume == "auto":
+            folder = self.checkpointer.find("last")
+        else:
+            folder = Path(resume)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"checkpoint.resume='{resume}' is not a checkpoint folder")
+        if folder is None:
+            if self.dist.is_main:
+                self.log.reset()
+            return None
+        state, rng = self.checkpointer.load(folder, self.unwrapped, self.optimizer, self.schedule,
+                                            self.dist.accelerator.scaler)
+        self.state = TrainState(**state["train"])
+        self.early.load_state_dict(state["early_stopping"])
+        if rng is not None and state.get("world_size") == self.dist.world_size:
+            set_rng_state(rng)
+        if self.dist.is_main:
+            self.log.truncate_after(self.state.epoch)
+        self.dist.print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.global_step}")
+        return folder
+
+    def restore_best(self) -> None:
+        """Load the best checkpoint's weights (early stopping's 'restore best weights')."""
+        best = self.checkpointer.find("best") if self.cfg.checkpoint.save_best else None
+        if best is not None:
+            load_weights(self.unwrapped, best / "model.safetensors")
+
+    def _batches(self, split: SplitLoader):
+        split.set_position(0, 0)
+        return split.loader
