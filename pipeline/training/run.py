@@ -62,7 +62,7 @@ class Run:
     trainer: Trainer
 
 
-def build_run(cfg: Config) -> Run:
+def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     dist = build_dist(cfg.train.precision, cfg.train.cpu)
     seed_everything(cfg.train.seed)
     run_dir = run_dir_of(cfg)
@@ -88,7 +88,7 @@ def build_run(cfg: Config) -> Run:
                             cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main)
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
                       ClassificationMetrics(manifest.num_classes, dist.device), Checkpointer(run_dir / "checkpoints", dist),
-                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker)
+                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks)
     return Run(cfg, dist, run_dir, manifest, trainer)
 
 
@@ -103,9 +103,9 @@ def test_split(run: Run, split: str = "test") -> dict:
     return {k: metrics[k] for k in (*TEST_METRIC_KEYS, "loss")}
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, callbacks: list | None = None) -> dict:
     """Train per `cfg`, evaluate the best weights on the test split, write test_metrics.json."""
-    run = build_run(cfg)
+    run = build_run(cfg, callbacks)
     dist = run.dist
     dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}  |  "
                f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes")

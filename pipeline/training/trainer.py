@@ -21,6 +21,7 @@ from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.tracking.console import NullProgress, progress_bar
 from pipeline.tracking.metrics_log import MetricsLog
+from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import rng_state, set_rng_state
@@ -45,7 +46,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, dist: Dist, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: LRSchedule, loss_fn: nn.Module, train: SplitLoader, val: SplitLoader,
-                 metrics: ClassificationMetrics, checkpointer: Checkpointer, log: MetricsLog, tracker):
+                 metrics: ClassificationMetrics, checkpointer: Checkpointer, log: MetricsLog, tracker,
+                 callbacks: Optional[list[Callback]] = None):
         self.cfg, self.dist = cfg, dist
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loss_fn, self.train_data, self.val_data = loss_fn, train, val
@@ -56,11 +58,13 @@ class Trainer:
         self.steps_per_epoch = train.stream.steps_per_epoch()
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.progress = NullProgress()
+        self.callbacks = CallbackList(callbacks)
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         """Train (resuming if asked) until the epoch budget or early stopping; end on the best weights."""
         self.maybe_resume()
+        self.callbacks.on_fit_start(self)
         show = self.cfg.logging.progress and self.dist.is_main
         with progress_bar(show) as self.progress:
             epochs = self.progress.add_task("epochs", total=self.cfg.train.epochs, completed=self.state.epoch)
@@ -75,6 +79,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass over this rank's share of the training shards; returns rank-averaged loss/accuracy."""
+        self.callbacks.on_epoch_start(self, epoch)
         self.model.train()
         self.train_data.set_position(epoch, self.state.step_in_epoch)
         task = self.progress.add_task(f"epoch {epoch + 1}", total=self.steps_per_epoch,
@@ -115,6 +120,7 @@ class Trainer:
         if last_in_window:
             if self.cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+            self.callbacks.on_before_optimizer_step(self)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if not accelerator.optimizer_step_was_skipped:
@@ -134,6 +140,7 @@ class Trainer:
                   **{f"train/{k}": v for k, v in train_metrics.items()},
                   **{f"val/{k}": v for k, v in val_metrics.items() if k != "confusion_matrix"},
                   "epoch_seconds": round(seconds, 3)}
+        self.callbacks.on_epoch_end(self, record)
         monitor = record[self.cfg.train.monitor]
         self.schedule.after_epoch(monitor)
         improved = self.early.update(monitor, self.state.epoch)
@@ -159,7 +166,8 @@ class Trainer:
         return self.dist.accelerator.unwrap_model(self.model)
 
     def save(self, name: str) -> Path:
-        state = {"train": asdict(self.state), "early_stopping": self.early.state_dict()}
+        state = {"train": asdict(self.state), "early_stopping": self.early.state_dict(),
+                 "callbacks": self.callbacks.state_dict()}
         return self.checkpointer.save(name, self.unwrapped, self.optimizer, self.schedule,
                                       self.dist.accelerator.scaler, state, rng_state())
 
@@ -182,6 +190,7 @@ class Trainer:
                                             self.dist.accelerator.scaler)
         self.state = TrainState(**state["train"])
         self.early.load_state_dict(state["early_stopping"])
+        self.callbacks.load_state_dict(state.get("callbacks", {}))
         if rng is not None and state.get("world_size") == self.dist.world_size:
             set_rng_state(rng)
         if self.dist.is_main:
