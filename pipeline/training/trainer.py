@@ -191,6 +191,7 @@ class Trainer:
             self.save("best")
         if self.cfg.checkpoint.save_last:
             self.save(self.checkpointer.step_name(self.state.global_step))
+            maybe_inject_fault(self.state.global_step, True, self.dist.rank)
         if self.state.stopped_early:
             self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
                             f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} at epoch {self.early.best_epoch})")

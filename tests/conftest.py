@@ -1,0 +1,55 @@
+"""Shared fixtures: the digits shards (built once per session) and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny, fast configuration for end-to-end runs (seconds on one CPU core).
+TINY = ["model.channels=[8,16]", "data.image_size=8", "train.batch_size=32", "logging.wandb_mode=disabled",
+        "logging.progress=false", "model.dropout=0.1"]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from pipeline.data.shards import ensure_digits_shards
+
+    root = tmp_path_factory.mktemp("digits") / "shards"
+    ensure_digits_shards(root)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ARGS` (or under `accelerate launch` with `nproc` CPU ranks)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "pipeline", *args]
+    else:
+        full_env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "-m", "pipeline", *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_jsonl(path: Path, drop: tuple[str, ...] = ("epoch_seconds",)) -> list[dict]:
+    """metrics.jsonl without wall-clock fields (which differ between any two runs)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in row.items() if k not in drop and not k.startswith("throughput")} for row in rows]
