@@ -90,8 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
 
+    from pipeline.training.preemption import Preempted
+
     try:
         return args.func(args)
+    except Preempted as exc:
+        return exc.exit_code
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         if os.environ.get("PIPELINE_DEBUG"):
             raise

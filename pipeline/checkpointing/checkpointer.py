@@ -1,7 +1,10 @@
 """Atomic, verifiable checkpoints.
 
 A checkpoint is a folder: `model.safetensors`, `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16),
-`rng/rank<r>.pt` for each rank, and `state.json` (epoch, step, best metric...). It is written to a
+`rng/rank<r>.pt` for each rank (its RNG states and partial-epoch sums), and `state.json` (epoch,
+step, position in the epoch, best metric...). Periodic and epoch-end checkpoints are
+`step-NNNNNNNN` folders (the newest complete one is what `resume=auto` continues from; `last` is a
+symbolic link to it for people); `best` holds the best weights by the monitored metric. It is written to a
 hidden temporary folder, every file is fsynced, `COMPLETE` (a JSON list of file sizes and sha256
 digests) is written last, and only then is the folder renamed into place. A folder without a valid
 `COMPLETE`, or whose files no longer match it, is never loaded. Nothing here unpickles objects:
@@ -81,22 +84,30 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True):
     return model.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
 
 
+STEP_PREFIX = "step-"
+
+
 class Checkpointer:
     """Saves and loads training checkpoints under one folder (`<run>/checkpoints`)."""
 
-    def __init__(self, directory: str | Path, dist: Dist):
+    def __init__(self, directory: str | Path, dist: Dist, keep_last: int = 2):
         self.directory = Path(directory)
         self.dist = dist
+        self.keep_last = keep_last
+
+    @staticmethod
+    def step_name(global_step: int) -> str:
+        return f"{STEP_PREFIX}{global_step:08d}"
 
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-             scaler: Optional[object], state: dict, rng: dict) -> Path:
-        """Collective: every rank calls it (each writes its own RNG state)."""
+             scaler: Optional[object], state: dict, rank_state: dict) -> Path:
+        """Collective: every rank calls it (each writes its own RNG state and partial sums)."""
         final, tmp = self.directory / name, self.directory / f".{name}.tmp"
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         self.dist.barrier()
-        torch.save(rng, tmp / "rng" / f"rank{self.dist.rank}.pt")
+        torch.save(rank_state, tmp / "rng" / f"rank{self.dist.rank}.pt")
         self.dist.barrier()
         if self.dist.is_main:
             save_weights(model, tmp / "model.safetensors")
@@ -116,8 +127,42 @@ class Checkpointer:
                 final.replace(old)
             tmp.replace(final)
             shutil.rmtree(old, ignore_errors=True)
+            if name.startswith(STEP_PREFIX):
+                self._point_last_at(final)
+                self._prune()
         self.dist.barrier()
         return final
+
+    def _point_last_at(self, folder: Path) -> None:
+        link, tmp_link = self.directory / "last", self.directory / ".last.tmp"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(folder.name)
+        tmp_link.replace(link)
+
+    def _prune(self) -> None:
+        """Delete step checkpoints beyond the newest `keep_last` complete ones."""
+        complete = [p for p in self.step_folders() if verify(p) is None]
+        for folder in complete[self.keep_last:]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def step_folders(self) -> list[Path]:
+        """step-* folders, newest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)),
+                      key=lambda p: p.name, reverse=True)
+
+    def latest(self) -> Optional[Path]:
+        """The newest complete step checkpoint; incomplete or corrupt ones are skipped with a warning."""
+        from pipeline.tracking.console import warn
+
+        for folder in self.step_folders():
+            problem = verify(folder)
+            if problem is None:
+                return folder
+            if self.dist.is_main:
+                warn(f"skipping checkpoint '{folder}': {problem}")
+        return None
 
     def find(self, name: str) -> Optional[Path]:
         """The complete checkpoint `name` (or its previous version left by an interrupted swap)."""
@@ -128,18 +173,19 @@ class Checkpointer:
                 problem = verify(candidate)
                 if problem is None:
                     return candidate
-                warn(f"skipping checkpoint '{candidate}': {problem}")
+                if self.dist.is_main:
+                    warn(f"skipping checkpoint '{candidate}': {problem}")
         return None
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
              scaler: Optional[object]) -> tuple[dict, Optional[dict]]:
-        """Restore everything; return (state, this rank's RNG state or None if it was not saved)."""
+        """Restore everything; return (state, this rank's saved state or None if it was not saved)."""
         load_weights(model, folder / "model.safetensors")
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         if scaler is not None and (folder / "scaler.pt").is_file():
             scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
         state = json.loads((folder / "state.json").read_text())
-        rng_path = folder / "rng" / f"rank{self.dist.rank}.pt"
-        rng = torch.load(rng_path, weights_only=True) if rng_path.is_file() else None
-        return state, rng
+        rank_path = folder / "rng" / f"rank{self.dist.rank}.pt"
+        rank_state = torch.load(rank_path, weights_only=True) if rank_path.is_file() else None
+        return state, rank_state

@@ -240,20 +240,39 @@ class TrainConfig:
         _check_range("train.log_every_steps", self.log_every_steps, 1)
 
 
+SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
+
+
 @dataclass
 class CheckpointConfig:
-    """Checkpoints under <run folder>/checkpoints/."""
+    """Checkpoints under <run folder>/checkpoints/: step-NNNNNNNN folders, `last` (link) and `best`."""
 
     resume: str = "auto"
-    """auto (continue from checkpoints/last if it exists), never, or a checkpoint folder path."""
+    """auto (continue from the newest complete checkpoint if any), never, or a checkpoint folder path."""
+    every_steps: int = 0
+    """Also checkpoint every N optimizer steps, mid-epoch (0: only at epoch ends)."""
+    every_minutes: float = 0.0
+    """Also checkpoint when this many minutes passed since the last save (0 disables)."""
+    keep_last: int = 2
+    """Step checkpoints kept; older ones are pruned only after a newer one is complete."""
     save_last: bool = True
-    """Write checkpoints/last at the end of every epoch."""
+    """Write a step checkpoint at the end of every epoch (what resume=auto continues from)."""
     save_best: bool = True
     """Write checkpoints/best whenever train.monitor improves."""
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    """Signals that make every rank finish the current step, checkpoint, and exit with code 75."""
+    check_every_steps: int = 1
+    """Optimizer steps between the ranks' agreement on stop signals and time-based saves (one all-reduce)."""
 
     def __post_init__(self) -> None:
         if not self.resume:
             raise ValueError("checkpoint.resume is empty; use auto, never, or a checkpoint folder")
+        _check_range("checkpoint.every_steps", self.every_steps, 0)
+        _check_range("checkpoint.every_minutes", self.every_minutes, 0.0)
+        _check_range("checkpoint.keep_last", self.keep_last, 1)
+        _check_range("checkpoint.check_every_steps", self.check_every_steps, 1)
+        for name in self.signals:
+            _check_choice("checkpoint.signals[]", name, SIGNAL_NAMES)
 
 
 @dataclass

@@ -47,6 +47,13 @@ class Dist:
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
+    def agree(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of `flags` across ranks, in one all-reduce."""
+        if self.world_size == 1:
+            return list(flags)
+        value = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        return [bool(v > 0) for v in self.accelerator.reduce(value, reduction="sum").tolist()]
+
     def broadcast_object(self, obj: object) -> object:
         """`obj` from the main process, on every rank."""
         if self.world_size == 1:

@@ -87,7 +87,7 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     tracker = build_tracker(run_dir, cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.logging.wandb_entity,
                             cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main)
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
-                      ClassificationMetrics(manifest.num_classes, dist.device), Checkpointer(run_dir / "checkpoints", dist),
+                      ClassificationMetrics(manifest.num_classes, dist.device), Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last),
                       MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks)
     return Run(cfg, dist, run_dir, manifest, trainer)
 
@@ -109,11 +109,13 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     dist = run.dist
     dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}  |  "
                f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes")
-    run.trainer.fit()
-    metrics = test_split(run)
-    if dist.is_main:
-        (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
-    run.trainer.tracker.finish()
+    try:
+        run.trainer.fit()
+        metrics = test_split(run)
+        if dist.is_main:
+            (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
+    finally:
+        run.trainer.tracker.finish()
     dist.barrier()
     return metrics

@@ -23,6 +23,7 @@ from pipeline.tracking.console import NullProgress, progress_bar
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
+from pipeline.training.preemption import PREEMPTED_MARKER, Preempted, StopRequest, maybe_inject_fault
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import rng_state, set_rng_state
 
@@ -59,12 +60,17 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.progress = NullProgress()
         self.callbacks = CallbackList(callbacks)
+        self.stop = StopRequest(cfg.checkpoint.signals)
+        self.epoch_totals = torch.zeros(3, device=dist.device)  # loss sum, correct, samples of this epoch
+        self.last_save_time = time.monotonic()
+        self.first_step_time: Optional[float] = None
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         """Train (resuming if asked) until the epoch budget or early stopping; end on the best weights."""
         self.maybe_resume()
         self.callbacks.on_fit_start(self)
+        self.stop.install()
         show = self.cfg.logging.progress and self.dist.is_main
         with progress_bar(show) as self.progress:
             epochs = self.progress.add_task("epochs", total=self.cfg.train.epochs, completed=self.state.epoch)
@@ -74,6 +80,7 @@ class Trainer:
                 val_metrics = self.validate()
                 self.end_epoch(train_metrics, val_metrics, time.perf_counter() - started)
                 self.progress.advance(epochs)
+        self.stop.uninstall()
         self.restore_best()
         return self.state
 
@@ -84,7 +91,6 @@ class Trainer:
         self.train_data.set_position(epoch, self.state.step_in_epoch)
         task = self.progress.add_task(f"epoch {epoch + 1}", total=self.steps_per_epoch,
                                       completed=self.state.step_in_epoch)
-        totals = torch.zeros(3, device=self.dist.device)  # loss sum, correct, samples: no per-step host sync
         accum = self.cfg.train.grad_accum_steps
         for images, labels in self.train_data.loader:
             micro = self.state.step_in_epoch
@@ -92,17 +98,46 @@ class Trainer:
             window = min(accum, self.steps_per_epoch - window_start)
             last_in_window = micro - window_start == window - 1
             loss, correct = self.train_step(images, labels, window, last_in_window)
-            totals += torch.stack([loss.detach() * labels.numel(), correct, torch.tensor(float(labels.numel()),
-                                                                                        device=totals.device)])
+            # Sums stay on the device: no host sync per step.
+            self.epoch_totals += torch.stack([loss.detach() * labels.numel(), correct,
+                                              torch.tensor(float(labels.numel()), device=correct.device)])
             self.state.step_in_epoch += 1
             if last_in_window:
                 self.state.global_step += 1
                 if self.state.global_step % self.cfg.train.log_every_steps == 0:
                     self.progress.update(task, info=f"loss {loss.item():.4f}")
+                self.after_optimizer_step()
             self.progress.advance(task)
         self.progress.remove_task(task)
-        totals = self.dist.accelerator.reduce(totals, reduction="sum")
+        totals = self.dist.accelerator.reduce(self.epoch_totals.clone(), reduction="sum")
+        self.epoch_totals.zero_()
         return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+
+    def after_optimizer_step(self) -> None:
+        """Periodic checkpoints and agreed stop requests, at optimizer-step boundaries only."""
+        if self.first_step_time is None:
+            self.first_step_time = time.monotonic()
+        ckpt, step = self.cfg.checkpoint, self.state.global_step
+        due = ckpt.every_steps > 0 and step % ckpt.every_steps == 0
+        stop = False
+        if step % ckpt.check_every_steps == 0 and (ckpt.every_minutes > 0 or self.stop.signal_names):
+            timed = ckpt.every_minutes > 0 and time.monotonic() - self.last_save_time >= ckpt.every_minutes * 60
+            flags = self.dist.agree([self.stop.requested, timed])  # one all-reduce for both questions
+            stop, due = flags[0], due or flags[1]
+        if due or stop:
+            self.save(self.checkpointer.step_name(step))
+        maybe_inject_fault(step, due or stop, self.dist.rank)
+        if stop:
+            self.preempt()
+
+    def preempt(self) -> None:
+        """Leave after a stop request: the checkpoint is written; mark the run and raise."""
+        if self.dist.is_main:
+            (self.checkpointer.directory.parent / PREEMPTED_MARKER).write_text(f"{self.state.global_step}\n")
+        self.dist.print(f"stop requested ({self.stop.signal_name or 'another rank'}): checkpoint saved at step "
+                        f"{self.state.global_step}; resume with the same command (checkpoint.resume=auto)")
+        self.stop.uninstall()
+        raise Preempted(self.state.global_step)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, window: int,
                    last_in_window: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +190,7 @@ class Trainer:
         if improved and self.cfg.checkpoint.save_best:
             self.save("best")
         if self.cfg.checkpoint.save_last:
-            self.save("last")
+            self.save(self.checkpointer.step_name(self.state.global_step))
         if self.state.stopped_early:
             self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
                             f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} at epoch {self.early.best_epoch})")
@@ -168,16 +203,18 @@ class Trainer:
     def save(self, name: str) -> Path:
         state = {"train": asdict(self.state), "early_stopping": self.early.state_dict(),
                  "callbacks": self.callbacks.state_dict()}
+        rank_state = {"rng": rng_state(), "epoch_totals": self.epoch_totals.detach().cpu()}
+        self.last_save_time = time.monotonic()
         return self.checkpointer.save(name, self.unwrapped, self.optimizer, self.schedule,
-                                      self.dist.accelerator.scaler, state, rng_state())
+                                      self.dist.accelerator.scaler, state, rank_state)
 
     def maybe_resume(self) -> Optional[Path]:
-        """Continue from checkpoints/last (resume=auto) or a given folder; start fresh otherwise."""
+        """Continue from the newest complete checkpoint (resume=auto) or a given folder; else start fresh."""
         resume = self.cfg.checkpoint.resume
         if resume == "never":
             folder = None
         elif resume == "auto":
-            folder = self.checkpointer.find("last")
+            folder = self.checkpointer.latest()
         else:
             folder = Path(resume)
             if not folder.is_dir():
@@ -186,15 +223,21 @@ class Trainer:
             if self.dist.is_main:
                 self.log.reset()
             return None
-        state, rng = self.checkpointer.load(folder, self.unwrapped, self.optimizer, self.schedule,
-                                            self.dist.accelerator.scaler)
+        state, rank_state = self.checkpointer.load(folder, self.unwrapped, self.optimizer, self.schedule,
+                                                   self.dist.accelerator.scaler)
         self.state = TrainState(**state["train"])
         self.early.load_state_dict(state["early_stopping"])
         self.callbacks.load_state_dict(state.get("callbacks", {}))
-        if rng is not None and state.get("world_size") == self.dist.world_size:
-            set_rng_state(rng)
+        if rank_state is not None and state.get("world_size") == self.dist.world_size:
+            set_rng_state(rank_state["rng"])
+            self.epoch_totals = rank_state["epoch_totals"].to(self.dist.device)
+        elif self.state.step_in_epoch:
+            self.dist.print(f"the checkpoint was written by {state.get('world_size')} rank(s), this run has "
+                            f"{self.dist.world_size}: restarting epoch {self.state.epoch + 1} from its beginning")
+            self.state.step_in_epoch = 0
         if self.dist.is_main:
             self.log.truncate_after(self.state.epoch)
+            (self.checkpointer.directory.parent / PREEMPTED_MARKER).unlink(missing_ok=True)
         self.dist.print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.global_step}")
         return folder
 
