@@ -108,6 +108,11 @@ def _job_field(job_id: str, field: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _newest_step(run_dir: Path) -> int:
+    steps = [int(p.name.split("-")[-1]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[-1].isdigit()]
+    return max(steps, default=0)
+
+
 def _wait(what: str, condition, deadline: float, log: Path) -> None:
     while not condition():
         if time.monotonic() > deadline:
@@ -135,9 +140,8 @@ def test_slurm_preempted_job_requeues_and_equals_uninterrupted_run(reference: Si
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     try:
-        # Mid-epoch: the first epoch is logged, so the signal lands somewhere in the second of three.
-        metrics = run_dir / "metrics.jsonl"
-        _wait("the first epoch", lambda: metrics.exists() and '"val/loss"' in metrics.read_text(), deadline, log)
+        # Mid-epoch: once the periodic checkpoint at step 25 exists the signal lands a few steps into epoch 2 of 3.
+        _wait("a checkpoint inside the second epoch", lambda: _newest_step(run_dir) >= 25, deadline, log)
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True)  # every process of the job's steps
         _wait("the requeue", lambda: _job_field(job_id, "Restarts") not in (None, "0"), deadline, log)
         # A requeued job is held back about two minutes before it may start again; let it start now.
@@ -152,6 +156,8 @@ def test_slurm_preempted_job_requeues_and_equals_uninterrupted_run(reference: Si
     assert _job_field(job_id, "JobState") == "COMPLETED", text[-4000:]
     preempted = re.search(r"PREEMPTED \(step (\d+)\): requeueing", text)
     assert preempted, f"the job was not preempted and requeued:\n{text[-4000:]}"
+    steps_per_epoch = int(re.search(r"(\d+) steps/epoch/rank", text).group(1))
+    assert int(preempted.group(1)) % steps_per_epoch != 0, "the stop was meant to land mid-epoch"
     assert f"training exited with {EX_TEMPFAIL}" in text
     assert "(restart 1)" in text and "(restart 2)" not in text
     assert not (run_dir / "PREEMPTED").exists()
