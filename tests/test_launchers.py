@@ -82,15 +82,28 @@ def test_exit_code_of_prefers_preemption() -> None:
     assert exit_code_of({0: failure(-9)}) == 137
 
 
+def _machine_command(how: str, rank: int, port: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Machine `rank` of 2 on localhost: our accelerate-launch wrapper, or launch.sh as srun starts it per node."""
+    if how == "accelerate":
+        return [*_launcher("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                           "--main_process_port", port), *overrides], _cpu_env()
+    slurm_env = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": str(rank),
+                 "SLURM_JOB_NODELIST": "localhost", "NPROC": "1", "MAIN_PORT": port, "PIPELINE_PYTHON": sys.executable}
+    return ["./launch.sh", *overrides], _cpu_env(**slurm_env)
+
+
 @pytest.mark.distributed
-def test_two_machines_on_localhost_equal_one_machine(reference: SimpleNamespace) -> None:
-    port = str(_free_port())
-    procs = [subprocess.Popen(
-        [*_launcher("--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                    "--main_process_port", port),
-         *_overrides(reference.data_root, reference.output_dir, "two_machines")],
-        cwd=ROOT, env=_cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in (0, 1)]
+@pytest.mark.parametrize("how", ["accelerate", "launch.sh-in-slurm"])
+def test_two_machines_on_localhost_equal_one_machine(reference: SimpleNamespace, how: str) -> None:
+    if how == "launch.sh-in-slurm" and shutil.which("scontrol") is None:
+        pytest.skip("launch.sh finds the main node with `scontrol show hostnames`; SLURM is not installed")
+    port, name = str(_free_port()), f"two_machines_{how}"
+    overrides = _overrides(reference.data_root, reference.output_dir, name)
+    procs = []
+    for rank in (0, 1):
+        cmd, env = _machine_command(how, rank, port, overrides)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
     try:
         outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     finally:
@@ -99,7 +112,7 @@ def test_two_machines_on_localhost_equal_one_machine(reference: SimpleNamespace)
     for rank, (proc, output) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"machine {rank}:\n{output[-3000:]}"
     assert "2 process(es)" in outputs[0]  # one world of two ranks, not two single-process runs
-    assert_same_result(reference.output_dir / "two_machines", reference.run_dir)
+    assert_same_result(reference.output_dir / name, reference.run_dir)
 
 
 def _job_field(job_id: str, field: str) -> str | None:
