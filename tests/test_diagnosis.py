@@ -139,3 +139,10 @@ def test_cli_diagnose_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
     assert main(["diagnose", str(tmp_path)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_noise_on_a_near_zero_training_loss_is_not_a_spike():
+    train = [1.0, 0.3, 0.05, 0.01, 0.004, 0.009, 0.003]
+    val = [1.0, 0.35, 0.12, 0.09, 0.085, 0.086, 0.084]
+    findings = diagnose(history(train, val, [0.99] * 7, [0.97] * 7), C)
+    assert kinds(findings) == ["healthy"]

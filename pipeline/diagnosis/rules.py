@@ -22,6 +22,7 @@ UNDERFIT_LOSS_FRACTION = 0.5
 UNDERFIT_FLAT_FRACTION = 0.10
 # Learning rate too high: a training-loss spike is a rise of this factor over the previous epoch.
 SPIKE_FACTOR = 1.5
+SPIKE_MIN_RISE = 0.1  # ...and by at least this much, so noise on a near-zero loss is no spike
 # Learning rate too low: loss falls every epoch and still by this fraction per epoch at the end, yet stays high.
 SLOW_DECREASE_PER_EPOCH = 0.02
 SLOW_LOSS_FRACTION = 0.25
@@ -142,7 +143,8 @@ def lr_too_high(history: Sequence[dict]) -> Optional[Finding]:
     if steps:
         evidence.append("non-finite gradient steps: " + ", ".join(f"epoch {e}: {100 * f:.1f}%" for e, f in steps))
     spikes = [(epochs[i], train[i - 1], train[i]) for i in range(1, len(train))
-              if math.isfinite(train[i]) and math.isfinite(train[i - 1]) and train[i] > SPIKE_FACTOR * train[i - 1]]
+              if math.isfinite(train[i]) and math.isfinite(train[i - 1]) and train[i] > SPIKE_FACTOR * train[i - 1]
+              and train[i] - train[i - 1] >= SPIKE_MIN_RISE]
     if spikes:
         evidence.append("training loss spikes: " + ", ".join(f"epoch {e}: {a:.4f} -> {b:.4f}" for e, a, b in spikes))
     finite = [v for v in train if math.isfinite(v)]
