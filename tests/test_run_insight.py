@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.reporting import SECTIONS
+from pipeline.reporting import SECTIONS, write_report
 from pipeline.training.run import train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -107,14 +107,32 @@ def test_visualize_writes_feature_maps_and_gradcam(run_dir, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: layer 'nope' not found in the model; valid layers: features,")
 
 
-def test_report_written_at_end_of_training_with_every_section(run_dir, capsys):
+def test_report_written_at_end_of_training_with_every_section(run_dir):
     page = (run_dir / "report.html").read_text()
     assert re.findall(r"<section id='([^']+)'>", page) == [sid for sid, _ in SECTIONS]
     images = re.findall(r"src='data:image/png;base64,", page)
     assert len(images) == 7  # curves, signals, confusion matrix, filters, 1 feature-map sample, 2 Grad-CAM galleries
     assert "src='http" not in page and "src=\"http" not in page  # self-contained
-    assert main(["report", str(run_dir), "--out", str(run_dir / "again.html")]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote {run_dir / 'again.html'} in ")
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.images: dict[str, bytes] = {}
+
+    def log_images(self, images: dict[str, bytes]) -> None:
+        self.images.update(images)
+
+
+def test_report_images_go_to_the_tracker_and_cli_errors_are_one_line(run_dir, tmp_path, capsys):
+    tracker = RecordingTracker()
+    path, seconds = write_report(run_dir, tmp_path / "again.html", tracker=tracker)
+    assert path == tmp_path / "again.html" and path.stat().st_size > 10_000 and seconds > 0
+    assert sorted(tracker.images) == ["report/confusion_matrix", "report/curves", "report/feature_maps_0",
+                                      "report/filters", "report/gradcam_correct", "report/gradcam_wrong",
+                                      "report/signals"]
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in tracker.images.values())
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: run folder '{tmp_path / 'nowhere'}' does not exist"
 
 
 PROBE = """<script>window.addEventListener('load', () => {
