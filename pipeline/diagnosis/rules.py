@@ -11,7 +11,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-# Overfitting: the final validation loss is this much above its minimum (relative and absolute)...
+# Overfitting: validation loss over the last epochs (mean of up to OVERFIT_TAIL) is this much above its minimum
+# (relative and absolute)...
+OVERFIT_TAIL = 3
 OVERFIT_RISE_RELATIVE = 0.10
 OVERFIT_RISE_ABSOLUTE = 0.02
 # ...or the final train-minus-validation accuracy gap is at least this large.
@@ -81,9 +83,11 @@ def overfitting(history: Sequence[dict]) -> Optional[Finding]:
     if len(val) < 3 or not all(math.isfinite(v) for v in val):
         return None
     best = min(range(len(val)), key=val.__getitem__)
-    final = val[-1]
+    tail = val[max(best + 1, len(val) - OVERFIT_TAIL):]  # a single noisy last epoch is not a trend
+    final = sum(tail) / len(tail) if tail else val[best]
     rise = final - val[best]
     rose = best < len(val) - 2 and rise >= OVERFIT_RISE_ABSOLUTE and rise >= OVERFIT_RISE_RELATIVE * val[best]
+    span = f"epoch {epochs[-1]}" if len(tail) == 1 else f"epochs {epochs[-len(tail)]}-{epochs[-1]}"
     train_fell = len(train) == len(val) and train[-1] < train[best]
     gap = None
     if "train/accuracy" in history[-1] and "val/accuracy" in history[-1]:
@@ -92,8 +96,8 @@ def overfitting(history: Sequence[dict]) -> Optional[Finding]:
         return None
     evidence = []
     if rose and train_fell:
-        evidence.append(f"validation loss was lowest at epoch {epochs[best]} ({val[best]:.4f}) and rose to "
-                        f"{final:.4f} by epoch {epochs[-1]} (+{100 * rise / val[best]:.0f}%), while training loss "
+        evidence.append(f"validation loss was lowest at epoch {epochs[best]} ({val[best]:.4f}) and averaged "
+                        f"{final:.4f} over {span} (+{100 * rise / val[best]:.0f}%), while training loss "
                         f"fell from {train[best]:.4f} to {train[-1]:.4f}")
     if gap is not None:
         evidence.append(f"final accuracy: train {_num(history[-1]['train/accuracy']):.3f}, "
