@@ -86,3 +86,21 @@ def test_per_class_topk_ece_and_confusion_on_crafted_predictions():
 def test_perfectly_calibrated_confident_predictions_have_zero_ece():
     probs = torch.eye(4)
     assert expected_calibration_error(probs, torch.arange(4)) == 0.0
+
+
+def test_capture_is_not_changed_by_inplace_relu_and_hooks_are_removed():
+    from pipeline.visualization.hooks import feature_maps, grad_cam
+
+    torch.manual_seed(0)
+    model = SimpleCNN(3, 1, (4, 8))
+    images = torch.randn(2, 1, 8, 8)
+    maps = feature_maps(model, images, ["features.0.0.1", "features.0.0.2"])  # BN output, then in-place ReLU
+    assert maps["features.0.0.1"].shape == (2, 4, 8, 8)
+    assert (maps["features.0.0.1"] < 0).any() and not (maps["features.0.0.2"] < 0).any()
+    model.train()
+    cams, logits = grad_cam(model, "features.1.0.0", images)
+    assert cams.shape == (2, 8, 8) and float(cams.min()) >= 0.0 and float(cams.max()) <= 1.0 + 1e-6
+    assert logits.shape == (2, 3)
+    assert model.training  # mode restored
+    assert all(not m._forward_hooks for m in model.modules())  # every hook removed
+    assert all(p.grad is None for p in model.parameters())

@@ -43,7 +43,8 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
     handles = []
     for name in names:
         def hook(_module, _inputs, output, name=name):
-            outputs[name] = output.detach().float().cpu()
+            # clone: a following in-place op (ReLU(inplace=True)) must not change what was captured
+            outputs[name] = output.detach().float().cpu().clone()
         handles.append(find_layer(model, name).register_forward_hook(hook))
     try:
         yield outputs
