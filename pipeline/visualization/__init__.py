@@ -57,6 +57,8 @@ def visualize_image(run_dir: str | Path, layer: str, image: str | Path, out: str
     from pipeline.evaluation.loaded import load_run
     from pipeline.evaluation.predict import image_paths, preprocess
 
+    if channels < 1:
+        raise ValueError(f"--channels={channels} must be at least 1")
     run = load_run(run_dir)
     find_layer(run.model, layer)
     paths = image_paths([image])
