@@ -1,4 +1,7 @@
-"""Command line: `pipeline train|evaluate|data ...`. Bad input ends with one line and exit code 2."""
+"""Command line: `pipeline train|evaluate|predict|diagnose|visualize|report|data ...`.
+
+Bad input ends with one line and exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +40,38 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.predict import format_predictions, predict
+
+    results = predict(args.run_dir, args.inputs, args.top_k)
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from pipeline.diagnosis import diagnose_run, format_findings
+
+    findings = diagnose_run(args.run_dir)
+    print(json.dumps([f.to_dict() for f in findings], indent=2) if args.json else format_findings(findings))
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from pipeline.visualization import visualize_image
+
+    path = visualize_image(args.run_dir, args.layer, args.image, args.out, args.channels)
+    print(f"feature maps: {path}\nGrad-CAM: {path.with_name(path.stem + '_gradcam.png')}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.reporting import write_report
+
+    path, seconds = write_report(args.run_dir, args.out)
+    print(f"wrote {path} in {seconds:.1f}s")
+    return 0
+
+
 def _data_digits(args: argparse.Namespace) -> int:
     from pipeline.data.digits import write_digits_imagefolder
 
@@ -70,6 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", choices=["test", "val"], default="test")
     evaluate.set_defaults(func=_evaluate)
+
+    predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights")
+    predict.add_argument("run_dir")
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
+    predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    predict.set_defaults(func=_predict)
+
+    diagnose = commands.add_parser("diagnose", help="explain a run's training in plain sentences")
+    diagnose.add_argument("run_dir")
+    diagnose.add_argument("--json", action="store_true", help="print the findings as JSON")
+    diagnose.set_defaults(func=_diagnose)
+
+    visualize = commands.add_parser("visualize", help="feature maps and Grad-CAM of one layer for one image")
+    visualize.add_argument("run_dir")
+    visualize.add_argument("--layer", required=True, help="module name, e.g. features.0.0 (see model.named_modules())")
+    visualize.add_argument("--image", required=True, help="an image file")
+    visualize.add_argument("--out", help="PNG to write (default RUN_DIR/visualize/<layer>_<image>.png)")
+    visualize.add_argument("--channels", type=int, default=16, help="feature maps shown (default 16)")
+    visualize.set_defaults(func=_visualize)
+
+    report = commands.add_parser("report", help="write a self-contained report.html for a run")
+    report.add_argument("run_dir")
+    report.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
+    report.set_defaults(func=_report)
 
     data = commands.add_parser("data", help="prepare data").add_subparsers(dest="data_command", required=True)
     digits = data.add_parser("digits", help="write scikit-learn's digits as an ImageFolder of PNGs")

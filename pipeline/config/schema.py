@@ -287,9 +287,32 @@ class LoggingConfig:
     """W&B entity (team or user); null uses your default."""
     progress: bool = True
     """Show rich progress bars (main process only)."""
+    training_signals: bool = True
+    """Add gradient/weight norms, lr per param group, non-finite step fraction and images/s to metrics.jsonl."""
 
     def __post_init__(self) -> None:
         _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
+
+
+@dataclass
+class ReportConfig:
+    """The run report (`pipeline report RUN_DIR`): one self-contained report.html in the run folder."""
+
+    enabled: bool = False
+    """Write <run folder>/report.html at the end of training (and log its images to W&B when logging is on)."""
+    gradcam_examples: int = 6
+    """Grad-CAM overlays shown for correctly and for wrongly classified test images (each)."""
+    feature_map_layers: list[str] = field(default_factory=list)
+    """Layer names (as in model.named_modules()) whose feature maps are shown; empty: first and last conv."""
+    feature_map_channels: int = 16
+    """Channels shown per feature-map grid."""
+    sample_images: int = 2
+    """Test images whose feature maps are shown."""
+
+    def __post_init__(self) -> None:
+        _check_range("report.gradcam_examples", self.gradcam_examples, 0)
+        _check_range("report.feature_map_channels", self.feature_map_channels, 1)
+        _check_range("report.sample_images", self.sample_images, 0)
 
 
 @dataclass
@@ -328,6 +351,8 @@ class Config:
     """Logging."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run folder."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """Run report (report.html)."""
 
     def __post_init__(self) -> None:
         if self.train.precision == "fp16" and self.train.cpu:

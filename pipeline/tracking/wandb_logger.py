@@ -19,6 +19,9 @@ class NullTracker:
     def summary(self, values: dict) -> None:
         pass
 
+    def log_images(self, images: dict[str, bytes]) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -44,6 +47,15 @@ class WandbTracker:
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.run.summary[key] = value
+
+    def log_images(self, images: dict[str, bytes]) -> None:
+        """PNG images (e.g. the report's figures) as wandb.Image, at the run's current step."""
+        import io
+
+        import wandb
+        from PIL import Image
+
+        self.run.log({k: wandb.Image(Image.open(io.BytesIO(v))) for k, v in images.items()})
 
     def finish(self) -> None:
         self.run.finish()

@@ -22,6 +22,7 @@ from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
+from pipeline.training.signals import TrainingSignals
 from pipeline.training.trainer import Trainer
 
 TEST_METRIC_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix",
@@ -63,6 +64,8 @@ class Run:
 
 
 def build_run(cfg: Config, callbacks: list | None = None) -> Run:
+    if cfg.logging.training_signals:
+        callbacks = [TrainingSignals(), *(callbacks or [])]
     dist = build_dist(cfg.train.precision, cfg.train.cpu)
     seed_everything(cfg.train.seed)
     run_dir = run_dir_of(cfg)
@@ -115,6 +118,11 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         if dist.is_main:
             (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
+            if cfg.report.enabled:
+                from pipeline.reporting import write_report
+
+                path, seconds = write_report(run.run_dir, tracker=run.trainer.tracker)
+                dist.print(f"report: {path} ({seconds:.1f}s)")
     finally:
         run.trainer.tracker.finish()
     dist.barrier()

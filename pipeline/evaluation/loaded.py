@@ -1,0 +1,67 @@
+"""A finished run loaded for inspection: its config, manifest, eval transform and best weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from pipeline.checkpointing import Checkpointer, load_weights
+from pipeline.config import Config, config_from_dict
+from pipeline.data import Manifest, build_loader
+from pipeline.distributed import Dist, build_dist
+from pipeline.models import create_model
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a run folder (no config.yaml)")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+@dataclass
+class LoadedRun:
+    """A run's model in eval mode on `device`, with what is needed to feed it."""
+
+    run_dir: Path
+    cfg: Config
+    manifest: Manifest
+    model: nn.Module
+    dist: Dist
+    checkpoint: Path
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.classes)
+
+    def loader(self, split: str):
+        data = build_loader(self.cfg, self.manifest, split, self.dist.rank, self.dist.world_size, train=False)
+        data.set_position(0, 0)
+        return data.loader
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Load the run's best weights (or its last checkpoint when it kept no best) into a fresh model."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    dist = build_dist("fp32" if cfg.train.precision == "fp16" else cfg.train.precision, cfg.train.cpu)
+    manifest = Manifest.read(cfg.data.root)
+    checkpointer = Checkpointer(run_dir / "checkpoints", dist)
+    folder = checkpointer.find("best") or checkpointer.find("last")
+    if folder is None:
+        raise FileNotFoundError(f"'{run_dir}/checkpoints' has no complete best or last checkpoint")
+    model = create_model(cfg.model, manifest.num_classes, cfg.data.channels).to(dist.device)
+    load_weights(model, folder / "model.safetensors")
+    model.eval()
+    return LoadedRun(run_dir, cfg, manifest, model, dist, folder)

@@ -1,0 +1,57 @@
+"""Diagnosis of real training runs (slow: each trains for a minute or more on a loaded CPU).
+
+- A run made to overfit (90 training images, no augmentation, no dropout, no weight decay, constant
+  learning rate, 60 epochs) is diagnosed as overfitting at the epoch where validation loss was lowest,
+  which is also the epoch of its best checkpoint (monitor val/loss).
+- The default digits run is diagnosed healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.digits import write_digits_imagefolder
+from pipeline.data.shards import write_shards
+from pipeline.diagnosis import diagnose_run, read_history
+from pipeline.training.run import train
+
+pytestmark = pytest.mark.slow
+QUIET = ["data.num_workers=0", "logging.wandb_mode=disabled", "logging.progress=false"]
+
+
+def test_overfit_run_is_diagnosed_at_the_right_epoch(tmp_path):
+    with tempfile.TemporaryDirectory() as images:
+        write_digits_imagefolder(images)
+        manifest = write_shards(images, tmp_path / "shards", fractions=[0.05, 0.15, 0.8], show_progress=False)
+    assert manifest.splits["train"].num_samples == 90
+    cfg = load_config(None, [
+        f"data.root={tmp_path / 'shards'}", "data.image_size=16", "data.channels=1", "data.mean=[0.5]",
+        "data.std=[0.5]", "model.channels=[16,32]", "model.dropout=0", "optim.lr=0.01", "optim.weight_decay=0",
+        "scheduler.name=constant", "train.epochs=60", "train.batch_size=8", "train.monitor=val/loss",
+        "train.monitor_mode=min", f"run.output_dir={tmp_path / 'runs'}", "run.name=overfit", *QUIET])
+    train(cfg)
+    run_dir = tmp_path / "runs" / "overfit"
+    history = read_history(run_dir)
+    lowest = min(history, key=lambda r: r["val/loss"])["epoch"]
+    best_state = json.loads((run_dir / "checkpoints" / "best" / "state.json").read_text())
+    assert best_state["train"]["epoch"] == lowest
+    findings = {f.kind: f for f in diagnose_run(run_dir)}
+    assert "overfitting" in findings and "healthy" not in findings and "underfitting" not in findings
+    overfit = findings["overfitting"]
+    assert overfit.epoch == lowest
+    assert overfit.summary.startswith(f"The model overfits from epoch {lowest} on")
+    assert overfit.evidence[0].startswith(f"validation loss was lowest at epoch {lowest} ")
+
+
+def test_default_digits_run_is_healthy(tmp_path):
+    cfg = load_config(Path("configs/default.yaml"), [f"data.root={tmp_path / 'shards'}",
+                                                     f"run.output_dir={tmp_path / 'runs'}", *QUIET])
+    train(cfg)
+    findings = diagnose_run(tmp_path / "runs" / cfg.run.name)
+    assert [f.kind for f in findings] == ["healthy"]
+    assert findings[0].summary.startswith("No sign of over- or underfitting")
