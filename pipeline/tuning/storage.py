@@ -79,10 +79,15 @@ def build_storage(url: str, heartbeat_s: int, grace_s: int, max_retries: int) ->
     """Optuna's SQL storage with heartbeats: a trial whose worker died is failed and (max_retries) retried."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if make_url(url).get_backend_name() == "sqlite" else \
         {"pool_pre_ping": True}
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retries) if max_retries > 0 else None
+    # Optuna 4.9 renamed RetryFailedTrialCallback; older 4.x only has the old name.
+    retry_class = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                                          grace_period=grace_s, heartbeat_stale_trial_callback=retry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = retry_class(max_retry=max_retries) if max_retries > 0 else None
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                                              grace_period=grace_s, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # noqa: BLE001 - connection refused, bad credentials, missing driver
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"cannot open study storage {mask_url(url)}: {message.replace(url, mask_url(url))}") from None
