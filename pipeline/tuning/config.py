@@ -61,7 +61,8 @@ class TuneConfig:
     pruner_startup_trials: int = 3
     """median: completed trials before any trial may be pruned."""
     pruner_warmup_epochs: int = 1
-    """median: epochs every trial runs before it may be pruned (hyperband: its minimum resource)."""
+    """median: epochs every trial completes before it may be pruned (0: pruning from epoch 1 on);
+    hyperband: its minimum resource (at least 1 epoch)."""
     heartbeat_s: int = 30
     """Seconds between a running trial's heartbeats in the database."""
     grace_s: int = 120

@@ -50,7 +50,7 @@ def build_sampler(tune: TuneConfig, space: SearchSpace) -> optuna.samplers.BaseS
 def build_pruner(tune: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials,
-                                           n_warmup_steps=tune.pruner_warmup_epochs)
+                                           n_warmup_steps=tune.pruner_warmup_epochs + 1)  # epochs are 1-based
     if tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.pruner_warmup_epochs), max_resource=epochs)
     return optuna.pruners.NopPruner()
