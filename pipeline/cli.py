@@ -1,4 +1,4 @@
-"""Command line: `pipeline train|evaluate|predict|diagnose|visualize|report|data ...`.
+"""Command line: `pipeline train|tune|evaluate|predict|diagnose|visualize|report|data ...`.
 
 Bad input ends with one line and exit code 2.
 """
@@ -28,6 +28,13 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.distributed import Dist  # noqa: F401 - printing happens on the main process only
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({"test": metrics}, indent=None))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pipeline.tuning import tune_study
+
+    tune_study(args.config, list(args.overrides))
     return 0
 
 
@@ -100,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (defaults: the digits demo)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.01")
     train.set_defaults(func=_train)
+
+    tune = commands.add_parser("tune", help="hyperparameter search: pipeline tune TUNE.yaml [key=value ...]")
+    tune.add_argument("config", help="tuning YAML: a training config plus a tune: section "
+                      "(see configs/tune_digits.yaml)")
+    tune.add_argument("overrides", nargs="*", help="dotted overrides: tune.n_trials=8 (study) or train.epochs=3 (base)")
+    tune.set_defaults(func=_tune)
 
     evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run's best weights")
     evaluate.add_argument("run_dir")

@@ -1,0 +1,242 @@
+"""`pipeline tune`: one worker of a study. Run it once, or N times in parallel against one database.
+
+Each worker loops: (under the study lock) fail trials whose worker died, check the budget, ask
+Optuna for a trial; train it as an ordinary run in <study>/trials/trial-NNNN/ with a callback that
+reports every epoch for pruning; tell Optuna the result. Under `accelerate launch` only the main
+process talks to the database and broadcasts the trial's parameters to the other ranks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.config import Config, to_yaml
+from pipeline.distributed import build_dist
+from pipeline.training.run import train
+from pipeline.tuning.config import TuneConfig, load_tune_config
+from pipeline.tuning.pruning import MetricNotInRecord, TrialReporter
+from pipeline.tuning.report import write_report
+from pipeline.tuning.space import SearchSpace, apply_overrides
+from pipeline.tuning.storage import build_storage, check_url, mask_url, study_lock
+
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """GridSampler calls study.stop() when the grid is used up, which only works inside study.optimize;
+    this worker checks `is_exhausted` itself."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001 - Optuna's signature
+        pass
+
+
+def build_sampler(tune: TuneConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    seed = tune.seed + tune.worker_index
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if tune.sampler == "grid":
+        return _GridSampler(space.grid(), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune.sampler_startup_trials)
+
+
+def build_pruner(tune: TuneConfig, epochs: int) -> optuna.pruners.BasePruner:
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials,
+                                           n_warmup_steps=tune.pruner_warmup_epochs + 1)  # epochs are 1-based
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.pruner_warmup_epochs), max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+class Heartbeat:
+    """Records the running trial's heartbeat every `interval` seconds from a daemon thread."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.storage.record_heartbeat(self.trial_id)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@dataclass
+class Job:
+    """What every rank needs to run one trial."""
+
+    number: int
+    overrides: dict[str, Any]
+    retry_of: Optional[int] = None
+
+
+class StudyWorker:
+    """The main process's side: storage, study, budget, ask/tell."""
+
+    def __init__(self, tune: TuneConfig, base: Config, space: SearchSpace):
+        self.tune, self.base, self.space = tune, base, space
+        self.url = tune.storage_url()
+        check_url(self.url)
+        self.storage = build_storage(self.url, tune.heartbeat_s, tune.grace_s, tune.max_retries)
+        self.sampler = build_sampler(tune, space)
+        with self.lock():  # table creation and create_study race between fresh workers otherwise
+            self.study = optuna.create_study(storage=self.storage, study_name=tune.study_name,
+                                             direction=tune.direction, sampler=self.sampler,
+                                             pruner=build_pruner(tune, base.train.epochs), load_if_exists=True)
+        if self.study.direction.name.lower() != tune.direction:
+            raise ValueError(f"study '{tune.study_name}' in {mask_url(self.url)} already exists with direction "
+                             f"{self.study.direction.name.lower()}; tune.direction={tune.direction} does not match")
+        self.started = time.monotonic()
+        self.trial: Optional[optuna.Trial] = None
+
+    def lock(self):
+        return study_lock(self.url, self.tune.study_name, self.tune.study_dir)
+
+    def budget_left(self) -> Optional[str]:
+        """None if another trial may start, else why not."""
+        if self.tune.timeout_s is not None and time.monotonic() - self.started >= self.tune.timeout_s:
+            return f"timeout of {self.tune.timeout_s:g}s reached"
+        counted = len(self.study.get_trials(deepcopy=False, states=BUDGET_STATES))
+        if self.tune.n_trials is not None and counted >= self.tune.n_trials:
+            return f"the study has its {self.tune.n_trials} trials (complete, pruned or running)"
+        if isinstance(self.sampler, optuna.samplers.GridSampler) and self.sampler.is_exhausted(self.study):
+            return "every grid point has been tried"
+        return None
+
+    def next_job(self) -> Optional[Job]:
+        with self.lock():
+            optuna.storages.fail_stale_trials(self.study)  # trials of dead workers: FAIL, re-enqueued as WAITING
+            why = self.budget_left()
+            if why is not None:
+                print(f"no new trial: {why}", flush=True)
+                return None
+            trial = self.study.ask()
+        self.trial = trial
+        retry_of = self.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+        overrides = trial.user_attrs.get("overrides")
+        if overrides is None:  # a fresh trial (a retried one keeps its parameters and overrides)
+            overrides = self.space.suggest(trial)
+            trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("worker_index", self.tune.worker_index)
+        return Job(trial.number, overrides, retry_of)
+
+    def tell(self, state: TrialState, value: Optional[float], seconds: float, error: str = "") -> None:
+        trial, self.trial = self.trial, None
+        trial.set_user_attr("seconds", round(seconds, 3))
+        if error:
+            trial.set_user_attr("error", error[:500])
+        if state == TrialState.COMPLETE and value is None:
+            state, error = TrialState.FAIL, "no finite metric value"
+        self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+
+
+def trial_dir(study_dir: Path, number: int) -> Path:
+    return study_dir / "trials" / f"trial-{number:04d}"
+
+
+def _continue_from(study_dir: Path, job: Job) -> None:
+    """A retried trial starts from the checkpoints its dead worker left (same parameters, new number)."""
+    old, new = trial_dir(study_dir, job.retry_of), trial_dir(study_dir, job.number)
+    if (old / "checkpoints").is_dir() and not new.exists():
+        shutil.copytree(old, new)
+
+
+def run_trial(job: Job, tune: TuneConfig, base: Config,
+              trial: Optional[optuna.Trial]) -> tuple[TrialState, Optional[float], str]:
+    """Train one trial on every rank; returns (state, value, error) on every rank."""
+    cfg = apply_overrides(base, job.overrides, output_dir=str(tune.study_dir / "trials"),
+                          name=trial_dir(tune.study_dir, job.number).name)
+    reporter = TrialReporter(trial, tune.metric, tune.direction)
+    try:
+        train(cfg, [reporter])
+    except optuna.TrialPruned:
+        return TrialState.PRUNED, None, ""
+    return TrialState.COMPLETE, reporter.best, ""
+
+
+def tune_study(config_path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Run one worker of the study described by the tuning file; return the study summary (main process)."""
+    tune, base = load_tune_config(config_path, overrides)
+    space = SearchSpace(tune.space, base)
+    dist = build_dist(base.train.precision, base.train.cpu)
+    worker = None
+    if dist.is_main:
+        tune.study_dir.mkdir(parents=True, exist_ok=True)
+        worker = StudyWorker(tune, base, space)
+        _save_settings(tune, base)
+        print(f"study '{tune.study_name}' in {mask_url(worker.url)}: folder {tune.study_dir}, "
+              f"sampler {tune.sampler}, pruner {tune.pruner}, worker {tune.worker_index}", flush=True)
+    failures = 0
+    while True:
+        job = worker.next_job() if worker is not None else None
+        job = dist.broadcast_object(job)
+        if job is None:
+            break
+        if dist.is_main:
+            print(f"trial {job.number}: {job.overrides}" + (f" (retry of trial {job.retry_of})"
+                                                            if job.retry_of is not None else ""), flush=True)
+            if job.retry_of is not None:
+                _continue_from(tune.study_dir, job)
+        dist.barrier()
+        started = time.monotonic()
+        trial = worker.trial if worker is not None else None
+        heartbeat = Heartbeat(worker.storage, trial._trial_id, tune.heartbeat_s) if worker is not None else None
+        try:
+            if heartbeat:
+                heartbeat.__enter__()
+            state, value, error = run_trial(job, tune, base, trial)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, the study goes on
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            state, value, error = TrialState.FAIL, None, f"{type(exc).__name__}: {first_line}"
+            if isinstance(exc, MetricNotInRecord):  # a setting the user must fix: stop the worker
+                if worker is not None:
+                    worker.tell(state, value, time.monotonic() - started, error)
+                raise
+        finally:
+            if heartbeat:
+                heartbeat.__exit__()
+        if worker is not None:
+            worker.tell(state, value, time.monotonic() - started, error)
+            print(f"trial {job.number}: {state.name.lower()}" + (f" {tune.metric}={value:.4f}" if value is not None
+                                                                  else f" {error}" if error else ""), flush=True)
+        failures = failures + 1 if state == TrialState.FAIL else 0
+        if failures >= tune.max_consecutive_failures:
+            raise ValueError(f"{failures} trials failed in a row (last: {error}); see {tune.study_dir}/summary.md")
+        dist.barrier()
+    summary = {}
+    if worker is not None:
+        with worker.lock():
+            summary = write_report(worker.study, tune, base)
+    dist.barrier()
+    return summary
+
+
+def _save_settings(tune: TuneConfig, base: Config) -> None:
+    """The study's tune section (password masked) and base config, for the record."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(OmegaConf.structured(tune))
+    settings["storage"] = mask_url(tune.storage_url())
+    (tune.study_dir / "tune.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"tune": settings})))
+    (tune.study_dir / "base_config.yaml").write_text(to_yaml(base))
+
