@@ -1,0 +1,43 @@
+"""Data: digits export, shard writing, manifest, transforms, and the resumable shard stream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config.schema import Config
+from pipeline.data.manifest import Manifest
+from pipeline.data.stream import ShardStream, make_loader, shard_paths
+from pipeline.data.transforms import build_transform
+
+
+@dataclass
+class SplitLoader:
+    """A split's stream (for position and counts) and the DataLoader that iterates it."""
+
+    stream: ShardStream
+    loader: object
+
+    def set_position(self, epoch: int, step: int = 0) -> None:
+        self.stream.set_position(epoch, step)
+
+
+def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
+                 train: bool, batch_size: int | None = None) -> ShardStream:
+    info = manifest.split(split)
+    return ShardStream(
+        shard_paths(cfg.data.root, [s.name for s in info.shards]), [s.num_samples for s in info.shards],
+        batch_size=batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size),
+        transform=build_transform(cfg.data, train=train), channels=cfg.data.channels, rank=rank,
+        world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
+        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train)
+
+
+def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
+                 train: bool, pin_memory: bool = False) -> SplitLoader:
+    """The loader for one split on one rank."""
+    stream = build_stream(cfg, manifest, split, rank, world_size, train)
+    workers = cfg.data.num_workers
+    return SplitLoader(stream, make_loader(stream, workers, pin_memory and cfg.data.pin_memory))
+
+
+__all__ = ["Manifest", "ShardStream", "SplitLoader", "build_loader", "build_stream", "build_transform"]

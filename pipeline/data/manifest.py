@@ -1,0 +1,76 @@
+"""The shard folder's manifest.json: classes, per-split counts, shard names, sizes and sha256."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ShardInfo:
+    """One tar shard of a split."""
+
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    """One split: its shards in write order and its class counts."""
+
+    num_samples: int
+    class_counts: dict[str, int]
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    """Everything a loader needs to know about a shard folder without opening a tar."""
+
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    source: str = ""
+    seed: int = 0
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    version: int = 1
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def write(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        data = asdict(self)
+        data["num_classes"] = self.num_classes
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "Manifest":
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in '{folder}'; build shards with "
+                                    f"`pipeline data shards SRC {folder}`")
+        try:
+            data = json.loads(path.read_text())
+            splits = {
+                name: SplitInfo(num_samples=s["num_samples"], class_counts=s["class_counts"],
+                                shards=[ShardInfo(**sh) for sh in s["shards"]])
+                for name, s in data["splits"].items()
+            }
+            return cls(classes=list(data["classes"]), splits=splits, source=data.get("source", ""),
+                       seed=data.get("seed", 0), split_fractions=data.get("split_fractions", []),
+                       version=data.get("version", 1))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"'{path}' is not a valid manifest ({type(exc).__name__}: {exc})") from None
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise KeyError(f"split '{name}' not in manifest; it has {', '.join(self.splits)}")
+        return self.splits[name]
