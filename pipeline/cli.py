@@ -38,6 +38,26 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cv(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.cv import run_cv, summary_lines
+
+    # `folds=K` / `fold=k` are short for cv.folds=K / cv.fold=k.
+    overrides = [f"cv.{o}" if o.split("=", 1)[0] in ("folds", "fold") else o for o in args.overrides]
+    summary = run_cv(load_config(args.config, overrides))
+    if os.environ.get("RANK", "0") == "0":
+        print("\n".join(summary_lines(summary)) if summary else "fold done; the summary is written when all are")
+    return 0
+
+
+def _data_summary(args: argparse.Namespace) -> int:
+    from pipeline.data.balance import imbalance_summary
+    from pipeline.data.manifest import Manifest
+
+    print("\n".join(imbalance_summary(Manifest.read(args.root))))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.rerun import evaluate_run
 
@@ -96,6 +116,9 @@ def _data_shards(args: argparse.Namespace) -> int:
     for name, info in manifest.splits.items():
         print(f"{name:5s}: {info.num_samples:7d} samples in {len(info.shards)} shard(s)")
     print(f"{manifest.num_classes} classes; manifest: {args.out}/manifest.json")
+    from pipeline.data.balance import imbalance_summary
+
+    print("\n".join(imbalance_summary(manifest)))
     return 0
 
 
@@ -113,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(see configs/tune_digits.yaml)")
     tune.add_argument("overrides", nargs="*", help="dotted overrides: tune.n_trials=8 (study) or train.epochs=3 (base)")
     tune.set_defaults(func=_tune)
+    cv = commands.add_parser("cv", help="k-fold cross-validation: pipeline cv CONFIG folds=K [key=value ...]")
+    cv.add_argument("config", help="YAML config")
+    cv.add_argument("overrides", nargs="*", help="folds=K, fold=k (one fold only), dotted overrides")
+    cv.set_defaults(func=_cv)
 
     evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run's best weights")
     evaluate.add_argument("run_dir")
@@ -156,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--max-bytes", type=float, default=float(1 << 30), help="bytes per shard at most (1 GiB)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     shards.set_defaults(func=_data_shards)
+    summary = data.add_parser("summary", help="class counts and imbalance of a shard folder's manifest")
+    summary.add_argument("root")
+    summary.set_defaults(func=_data_summary)
     return parser
 
 

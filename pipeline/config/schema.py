@@ -17,6 +17,8 @@ SCHEDULERS = ("cosine", "plateau", "step", "constant")
 LOSSES = ("cross_entropy", "bce")
 MODES = ("min", "max")
 WANDB_MODES = ("offline", "online", "disabled")
+FREEZE_STRATEGIES = ("full", "feature_extraction", "partial", "gradual")
+CLASS_WEIGHT_MODES = ("none", "auto")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -332,6 +334,77 @@ class RunConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning: pretrained weights, freezing strategy, discriminative learning rates."""
+
+    weights: str = ""
+    """Pretrained weights: a torchvision weights name (e.g. ResNet18_Weights.IMAGENET1K_V1, read from the local
+    torch hub cache), a .pth/.pt/.safetensors state dict, or a run/checkpoint folder of ours; empty: random init."""
+    load_head: bool = False
+    """Also load the pretrained classifier head if its shape fits (normally a new head learns the new classes)."""
+    match_input: bool = True
+    """With a torchvision weights name, take data.mean/std/image_size from the weights' own preprocessing."""
+    freeze: str = "full"
+    """full (train all), feature_extraction (only the head), partial (finetune.trainable), or gradual."""
+    trainable: list[str] = field(default_factory=list)
+    """partial: the module groups left trainable, e.g. [layer4, fc]."""
+    groups: list[str] = field(default_factory=list)
+    """Module groups ordered input -> output (name prefixes) for gradual unfreezing and layer-wise decay;
+    empty: automatic (top-level children, `features` split per block). Uncovered parameters join the first group."""
+    unfreeze_every: int = 1
+    """gradual: epochs between unfreezing one more group (the head first, then the groups nearest to it)."""
+    frozen_bn_eval: bool = True
+    """Keep BatchNorm layers of frozen groups in eval mode, so their running statistics stay pretrained."""
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers per group name or fnmatch pattern, e.g. {layer4: 0.1, 'layer[1-3]': 0.01}."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay: the group k places before the head gets lr x layer_decay**k (1 disables)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("finetune.freeze", self.freeze, FREEZE_STRATEGIES)
+        if self.freeze == "partial" and not self.trainable:
+            raise ValueError("finetune.freeze=partial needs finetune.trainable, e.g. [layer4, fc]")
+        _check_range("finetune.unfreeze_every", self.unfreeze_every, 1)
+        _check_range("finetune.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
+        for pattern, mult in self.lr_mult.items():
+            if mult < 0:
+                raise ValueError(f"finetune.lr_mult.{pattern}={mult} must be >= 0")
+
+
+@dataclass
+class ImbalanceConfig:
+    """Class imbalance: weighted loss and class-balanced sampling."""
+
+    class_weights: str = "none"
+    """none, or auto: cross-entropy weights n / (classes x count) from the manifest's training counts."""
+    balanced_sampling: bool = False
+    """Resample each training shard with replacement so every class is drawn equally often (same epoch length)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("imbalance.class_weights", self.class_weights, CLASS_WEIGHT_MODES)
+
+
+@dataclass
+class CVConfig:
+    """k-fold cross-validation (`pipeline cv`): stratified folds over train+val; the test split is kept."""
+
+    folds: int = 5
+    """Number of folds K."""
+    fold: int = -1
+    """Run only this fold (0-based; one SLURM array task each); -1 runs every fold."""
+    seed: int = 0
+    """Seed of the stratified fold assignment."""
+    data_dir: str = ""
+    """Where per-fold shards are written; empty: <data.root>_cv<K>."""
+
+    def __post_init__(self) -> None:
+        _check_range("cv.folds", self.folds, 2)
+        _check_range("cv.fold", self.fold, -1)
+        if self.fold >= self.folds:
+            raise ValueError(f"cv.fold={self.fold} must be < cv.folds={self.folds} (or -1 for all folds)")
+
+
+@dataclass
 class Config:
     """The whole run. Merge order: these defaults <- YAML file <- command-line dotted overrides."""
 
@@ -353,7 +426,15 @@ class Config:
     """Run folder."""
     report: ReportConfig = field(default_factory=ReportConfig)
     """Run report (report.html)."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Fine-tuning: pretrained weights, freezing, discriminative learning rates."""
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
+    """Class imbalance handling."""
+    cv: CVConfig = field(default_factory=CVConfig)
+    """k-fold cross-validation."""
 
     def __post_init__(self) -> None:
         if self.train.precision == "fp16" and self.train.cpu:
             raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 with train.cpu=true")
+        if self.imbalance.class_weights == "auto" and self.optim.class_weights is not None:
+            raise ValueError("set either optim.class_weights (explicit) or imbalance.class_weights=auto, not both")

@@ -24,12 +24,17 @@ class SplitLoader:
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                  train: bool, batch_size: int | None = None) -> ShardStream:
     info = manifest.split(split)
-    return ShardStream(
+    kind, extra = ShardStream, {}
+    if train and cfg.imbalance.balanced_sampling:
+        from pipeline.data.balance import BalancedShardStream, class_counts
+
+        kind, extra = BalancedShardStream, {"class_counts": class_counts(manifest, split)}
+    return kind(
         shard_paths(cfg.data.root, [s.name for s in info.shards]), [s.num_samples for s in info.shards],
         batch_size=batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size),
         transform=build_transform(cfg.data, train=train), channels=cfg.data.channels, rank=rank,
         world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
-        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train)
+        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train, **extra)
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,

@@ -25,8 +25,9 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_norm_and_bias: b
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.exclude_norm_and_bias)
+def build_optimizer(cfg: OptimConfig, model: nn.Module, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """`groups` (e.g. per-layer learning rates from fine-tuning) replaces the default decay/no-decay split."""
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay, cfg.exclude_norm_and_bias)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     fused = {"foreach": None}

@@ -18,6 +18,7 @@ from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.models import create_model
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.wandb_logger import build_tracker
+from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
 from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
 from pipeline.training.schedulers import LRSchedule
@@ -64,6 +65,7 @@ class Run:
 
 
 def build_run(cfg: Config, callbacks: list | None = None) -> Run:
+    cfg = match_input(cfg)
     if cfg.logging.training_signals:
         callbacks = [TrainingSignals(), *(callbacks or [])]
     dist = build_dist(cfg.train.precision, cfg.train.cpu)
@@ -78,7 +80,9 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin)
     val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
-    optimizer = build_optimizer(cfg.optim, model)
+    finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main)
+    callbacks = [*finetune.callbacks, *(callbacks or [])]
+    optimizer = build_optimizer(cfg.optim, model, finetune.param_groups)
     model, optimizer = dist.accelerator.prepare(model, optimizer)
     if cfg.model.compile:
         import torch
@@ -86,7 +90,7 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
         model = torch.compile(model)
     steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
-    loss_fn = build_loss(cfg.optim, manifest.num_classes).to(dist.device)
+    loss_fn = build_loss(cfg.optim, manifest.num_classes, loss_class_weights(cfg, manifest)).to(dist.device)
     tracker = build_tracker(run_dir, cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.logging.wandb_entity,
                             cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main)
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,

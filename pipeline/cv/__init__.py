@@ -1,0 +1,120 @@
+"""k-fold cross-validation: `pipeline cv CONFIG folds=K`.
+
+The samples of the train and val splits are pooled and cut into K stratified folds (scikit-learn's
+StratifiedKFold, seeded by cv.seed). Fold k trains on the other K-1 folds, validates on fold k
+(best checkpoint, early stopping) and is tested on the untouched test split. Each fold gets its own
+shards (`<cv.data_dir>/fold<k>`, written once, staged then renamed) and its own run folder
+(`<run.output_dir>/<run.name>_cv<K>/fold<k>`), so folds can run as separate jobs (`cv.fold=k`, see
+`slurm/cv.sbatch`). Whoever finishes the last fold writes `cv_summary.json`: mean ± std over folds of
+each test metric.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.data.manifest import Manifest
+from pipeline.data.subsets import write_split_shards
+
+SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "loss")
+
+
+def fold_assignment(labels: list[int], folds: int, seed: int) -> np.ndarray:
+    """fold index of every sample (stratified, shuffled with `seed`)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(np.asarray(labels))
+    if counts[counts > 0].min() < folds:
+        raise ValueError(f"cv.folds={folds} is more than the smallest class has samples "
+                         f"({int(counts[counts > 0].min())}) in train+val")
+    assignment = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        assignment[held] = fold
+    return assignment
+
+
+def _raw_samples(root: Path, manifest: Manifest, split: str) -> list[dict]:
+    from webdataset.tariterators import tarfile_samples
+
+    samples = []
+    for shard in manifest.split(split).shards:
+        samples += [dict(s) for s in tarfile_samples([{"url": str(root / shard.name)}])]
+    return samples
+
+
+def write_fold_shards(cfg: Config, fold: int, out: Path) -> Path:
+    """Shards of one fold at `out` (kept if its manifest exists): train = other folds, val = this fold."""
+    if (out / "manifest.json").is_file():
+        return out
+    root = Path(cfg.data.root)
+    manifest = Manifest.read(root)
+    pool = _raw_samples(root, manifest, "train") + _raw_samples(root, manifest, "val")
+    labels = [int(s["cls"]) for s in pool]
+    assignment = fold_assignment(labels, cfg.cv.folds, cfg.cv.seed)
+
+    def pairs(samples: list[dict]) -> list[tuple[dict, int]]:
+        return [({k: v for k, v in s.items() if not k.startswith("__") and k != "cls"}, int(s["cls"]))
+                for s in samples]
+
+    splits = {"train": pairs([s for s, f in zip(pool, assignment) if f != fold]),
+              "val": pairs([s for s, f in zip(pool, assignment) if f == fold]),
+              "test": pairs(_raw_samples(root, manifest, "test"))}
+    write_split_shards(out, manifest.classes, splits, f"{root} fold {fold}/{cfg.cv.folds}")
+    return out
+
+
+def cv_root(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / f"{cfg.run.name}_cv{cfg.cv.folds}"
+
+
+def fold_config(cfg: Config, fold: int) -> Config:
+    data_dir = Path(cfg.cv.data_dir or f"{cfg.data.root.rstrip('/')}_cv{cfg.cv.folds}")
+    fold_cfg = copy.deepcopy(cfg)
+    fold_cfg.data.root = str(write_fold_shards(cfg, fold, data_dir / f"fold{fold}"))
+    fold_cfg.data.auto_prepare_digits = False
+    fold_cfg.run.output_dir, fold_cfg.run.name = str(cv_root(cfg)), f"fold{fold}"
+    fold_cfg.cv.fold = fold
+    return fold_cfg
+
+
+def summarize(cfg: Config) -> dict | None:
+    """mean ± std over folds of each test metric, once every fold has test_metrics.json; else None."""
+    root = cv_root(cfg)
+    paths = [root / f"fold{k}" / "test_metrics.json" for k in range(cfg.cv.folds)]
+    if not all(p.is_file() for p in paths):
+        return None
+    per_fold = [json.loads(p.read_text()) for p in paths]
+    summary: dict = {"folds": cfg.cv.folds, "seed": cfg.cv.seed, "metrics": {}}
+    for key in SUMMARY_METRICS:
+        values = [float(m[key]) for m in per_fold if m.get(key) is not None]
+        if len(values) == len(per_fold):
+            summary["metrics"][key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values),
+                                       "per_fold": values}
+    (root / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+    return [f"{summary['folds']}-fold CV  test/{key}: {m['mean']:.4f} ± {m['std']:.4f}  "
+            f"(folds: {', '.join(f'{v:.4f}' for v in m['per_fold'])})" for key, m in summary["metrics"].items()]
+
+
+def run_cv(cfg: Config) -> dict | None:
+    """Run cv.fold (or every fold when -1); return the summary if all folds are done."""
+    from pipeline.training.run import load_manifest, train
+
+    load_manifest(cfg)  # build the bundled digits shards if needed; check the splits exist
+    folds = range(cfg.cv.folds) if cfg.cv.fold < 0 else [cfg.cv.fold]
+    for fold in folds:
+        train(fold_config(cfg, fold))
+    return summarize(cfg)
+
+
+__all__ = ["fold_assignment", "fold_config", "run_cv", "summarize", "summary_lines", "write_fold_shards"]

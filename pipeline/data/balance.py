@@ -1,0 +1,58 @@
+"""Class imbalance: loss weights from the manifest's counts, a class-balanced shard stream, a summary."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+from pipeline.data.manifest import Manifest
+from pipeline.data.stream import Segment, ShardStream
+
+
+def class_counts(manifest: Manifest, split: str = "train") -> list[int]:
+    """Samples per class (in class-index order) of a split."""
+    counts = manifest.split(split).class_counts
+    return [int(counts.get(name, 0)) for name in manifest.classes]
+
+
+def auto_class_weights(counts: list[int]) -> list[float]:
+    """n / (classes x count_c): 1 for every class when balanced; a class with no samples gets 0."""
+    total, k = sum(counts), len(counts)
+    return [total / (k * c) if c else 0.0 for c in counts]
+
+
+def imbalance_summary(manifest: Manifest) -> list[str]:
+    """Per split: total, smallest and largest class, their ratio; lines to print."""
+    lines = []
+    for split, info in manifest.splits.items():
+        counts = class_counts(manifest, split)
+        if not info.num_samples:
+            continue
+        low, high = min(counts), max(counts)
+        lo_name, hi_name = manifest.classes[counts.index(low)], manifest.classes[counts.index(high)]
+        ratio = f"{high / low:.2f}" if low else "inf"
+        lines.append(f"{split:5s}: {info.num_samples} samples, {manifest.num_classes} classes; smallest "
+                     f"'{lo_name}' {low}, largest '{hi_name}' {high}, imbalance ratio {ratio}")
+    return lines
+
+
+class BalancedShardStream(ShardStream):
+    """A training stream that draws each shard slice's samples with replacement, weighted 1/count(class).
+
+    The slice keeps its length, so steps per epoch, the rank/worker layout and exact resume (which
+    counts samples per slice) are unchanged; the draw is seeded like the shuffle buffer. A class
+    absent from a slice cannot be drawn from it, so shards should mix classes (ours do).
+    """
+
+    def __init__(self, *args, class_counts: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_weight = [1.0 / c if c else 0.0 for c in class_counts]
+
+    def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
+        samples = list(super()._segment_samples(epoch, slot, number, segment, 0))
+        rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard, "balanced")))
+        weights = [self.class_weight[int(s["cls"])] for s in samples]
+        if not samples or sum(weights) == 0:
+            return
+        drawn = rng.choices(samples, weights=weights, k=len(samples))
+        yield from drawn[skip:]
