@@ -192,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
-
     from pipeline.training.preemption import Preempted
 
     try:

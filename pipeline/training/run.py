@@ -94,7 +94,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     tracker = build_tracker(run_dir, cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.logging.wandb_entity,
                             cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main)
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
-                      ClassificationMetrics(manifest.num_classes, dist.device), Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last),
+                      ClassificationMetrics(manifest.num_classes, dist.device),
+                      Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last),
                       MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks)
     return Run(cfg, dist, run_dir, manifest, trainer)
 
