@@ -64,7 +64,7 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
     (["train", "configs/default.yaml", "model.nme=x"], "unknown config key 'model.nme'"),
     (["train", "configs/default.yaml", "model.name=resnet9000", "data.root=/nonexistent/x",
       "data.auto_prepare_digits=false"], "no manifest.json in '/nonexistent/x'"),
-    (["evaluate", "/nonexistent/run"], "is not a run folder"),
+    (["evaluate", "/nonexistent/run"], "run folder '/nonexistent/run' does not exist"),
     (["data", "shards", "/nonexistent/src", "/tmp/out"], "source '/nonexistent/src' does not exist"),
 ])
 def test_cli_errors_are_one_line_exit_2(args: list[str], fragment: str) -> None:
