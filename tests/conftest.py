@@ -49,7 +49,7 @@ def run_cli(args: list[str], nproc: int = 1, env: dict | None = None, timeout: i
     return result
 
 
-def read_jsonl(path: Path, drop: tuple[str, ...] = ("epoch_seconds",)) -> list[dict]:
+def read_jsonl(path: Path, drop: tuple[str, ...] = ("epoch_seconds", "images_per_second")) -> list[dict]:
     """metrics.jsonl without wall-clock fields (which differ between any two runs)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in row.items() if k not in drop and not k.startswith("throughput")} for row in rows]
+    return [{k: v for k, v in row.items() if k not in drop and k != "images_per_second"} for row in rows]

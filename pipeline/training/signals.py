@@ -61,8 +61,19 @@ class TrainingSignals(Callback):
         self.groups = {k: [p for _, p in v] for k, v in grouped.items()}
 
     def on_epoch_start(self, trainer: "Trainer", epoch: int) -> None:
+        restored = getattr(self, "_restored", None)
         self.sums = torch.zeros(len(self.names) + 4, device=trainer.dist.device)
+        if restored is not None and len(restored) == len(self.sums):  # resumed mid-epoch: keep what was summed
+            self.sums = torch.tensor(restored, dtype=self.sums.dtype, device=self.sums.device)
+        self._restored = None
         self.started = self.last_step = time.perf_counter()
+
+    def state_dict(self) -> dict:
+        """Partial-epoch sums, so a run resumed mid-epoch logs exactly what an uninterrupted one does."""
+        return {"sums": self.sums.tolist()} if getattr(self, "sums", None) is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state.get("sums")
 
     def on_before_optimizer_step(self, trainer: "Trainer") -> None:
         if self.sums is None:
