@@ -159,6 +159,8 @@ def test_cli_tuning_file_without_tune_section(tmp_path, capsys):
 
 
 # ---- a real study -----------------------------------------------------------------------------------
+@pytest.mark.slow  # 3 minutes on a busy 2-core CPU; .ci/run runs slow tests too
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_study_prunes_writes_best_config_that_retrains_and_restart_continues(tmp_path, shards):
     # lr 1e-6 never learns, so once one good trial is complete such trials are pruned after epoch 1.
     tune = {"sampler": "random", "pruner": "median", "n_trials": 4, "pruner_startup_trials": 1,

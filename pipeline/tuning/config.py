@@ -53,7 +53,8 @@ class TuneConfig:
     direction: str = "maximize"
     """maximize or minimize `metric`."""
     seed: int = 0
-    """Sampler seed (plus worker_index, so parallel workers do not draw the same points)."""
+    """Sampler seed; worker_index and the study's trial count at start are mixed in, so parallel or
+    restarted workers do not draw the same points."""
     worker_index: int = 0
     """This worker's index among parallel workers (slurm/tune.sbatch passes the array task id)."""
     sampler_startup_trials: int = 5

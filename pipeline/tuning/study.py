@@ -38,8 +38,10 @@ class _GridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def build_sampler(tune: TuneConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    seed = tune.seed + tune.worker_index
+def build_sampler(tune: TuneConfig, space: SearchSpace, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
+    """Seeded per worker and per restart: a worker that joins a study with trials in it must not replay
+    the random draws of the worker that started it (same seed, same first points)."""
+    seed = tune.seed + tune.worker_index + 1000 * trials_so_far
     if tune.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if tune.sampler == "grid":
@@ -101,6 +103,9 @@ class StudyWorker:
             self.study = optuna.create_study(storage=self.storage, study_name=tune.study_name,
                                              direction=tune.direction, sampler=self.sampler,
                                              pruner=build_pruner(tune, base.train.epochs), load_if_exists=True)
+        existing = len(self.study.get_trials(deepcopy=False))
+        if existing:
+            self.sampler = self.study.sampler = build_sampler(tune, space, existing)
         if self.study.direction.name.lower() != tune.direction:
             raise ValueError(f"study '{tune.study_name}' in {mask_url(self.url)} already exists with direction "
                              f"{self.study.direction.name.lower()}; tune.direction={tune.direction} does not match")
