@@ -80,7 +80,7 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin)
     val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
-    finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main)
+    finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main, dist.world_size)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
     optimizer = build_optimizer(cfg.optim, model, finetune.param_groups)
     model, optimizer = dist.accelerator.prepare(model, optimizer)
