@@ -1,6 +1,6 @@
 """Diagnosis of real training runs (slow: each trains for a minute or more on a loaded CPU).
 
-- A run made to overfit (18 training images, no augmentation, dropout, weight decay or label smoothing,
+- A run made to overfit (17 training images, no augmentation, dropout, weight decay or label smoothing,
   constant learning rate, 20 epochs) is diagnosed as overfitting at the right epoch: where validation
   loss turned upwards if it did, else where the train/validation accuracy gap opened for good. (With
   BatchNorm on digits, validation loss mostly plateaus rather than rises within a CPU budget.)
@@ -40,7 +40,7 @@ def test_overfit_run_is_diagnosed_at_the_right_epoch(tmp_path):
     with tempfile.TemporaryDirectory() as images:
         write_digits_imagefolder(images)
         manifest = write_shards(images, tmp_path / "shards", fractions=[0.01, 0.15, 0.84], show_progress=False)
-    assert manifest.splits["train"].num_samples == 18
+    assert manifest.splits["train"].num_samples == 17
     cfg = load_config(None, [
         f"data.root={tmp_path / 'shards'}", "data.image_size=16", "data.channels=1", "data.mean=[0.5]",
         "data.std=[0.5]", "model.dropout=0", "optim.lr=0.002", "optim.weight_decay=0", "optim.label_smoothing=0",
