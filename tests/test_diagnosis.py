@@ -34,20 +34,27 @@ def test_overfitting_names_the_epoch_of_lowest_validation_loss():
     assert kinds(findings) == ["overfitting"]
     finding = findings[0]
     assert finding.epoch == 4
-    assert finding.summary.startswith("The model overfits from epoch 4 on")
+    assert finding.summary == ("The model overfits from epoch 4 on: it keeps fitting the training data while "
+                               "validation gets worse.")
     assert finding.evidence[0] == ("validation loss was lowest at epoch 4 (0.7000) and averaged 1.2000 over epochs "
                                    "8-10 (+71%), while training loss fell from 0.4000 to 0.0100")
-    assert finding.evidence[1] == "final accuracy: train 1.000, validation 0.800 (gap 20.0 points)"
+    assert finding.evidence[1:] == ["final accuracy: train 1.000, validation 0.800 (gap 20.0 points)",
+                                    "training accuracy has exceeded validation accuracy by at least 10 points since "
+                                    "epoch 10"]
     assert any("early" in r for r in finding.remedies) and any("weight decay" in r for r in finding.remedies)
 
 
-def test_accuracy_gap_alone_is_overfitting_without_an_epoch():
-    train = [1.0, 0.5, 0.3, 0.2]
-    val = [1.0, 0.6, 0.5, 0.45]
-    findings = diagnose(history(train, val, [0.7, 0.9, 0.97, 0.99], [0.7, 0.8, 0.85, 0.86]), C)
+def test_accuracy_gap_alone_is_overfitting_since_the_gap_opened():
+    train = [1.0, 0.5, 0.3, 0.2, 0.15]
+    val = [1.0, 0.6, 0.5, 0.45, 0.44]  # still falling: no turning point, but the gap is >= 10 points since epoch 4
+    findings = diagnose(history(train, val, [0.7, 0.92, 0.9, 0.97, 0.99], [0.7, 0.8, 0.85, 0.86, 0.86]), C)
     assert kinds(findings) == ["overfitting"]
-    assert findings[0].epoch is None
-    assert findings[0].evidence == ["final accuracy: train 0.990, validation 0.860 (gap 13.0 points)"]
+    assert findings[0].epoch == 4
+    assert findings[0].summary == ("The model overfits from epoch 4 on: it fits the training data far better than "
+                                   "the validation data.")
+    assert findings[0].evidence == ["final accuracy: train 0.990, validation 0.860 (gap 13.0 points)",
+                                    "training accuracy has exceeded validation accuracy by at least 10 points "
+                                    "since epoch 4"]
 
 
 def test_underfitting_high_flat_training_loss():

@@ -23,7 +23,7 @@ from pipeline.reporting import SECTIONS, write_report
 from pipeline.training.run import train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-EPOCHS = 3
+EPOCHS = 2
 
 
 @pytest.fixture(scope="module")

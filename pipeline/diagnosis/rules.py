@@ -24,7 +24,7 @@ UNDERFIT_LOSS_FRACTION = 0.5
 UNDERFIT_FLAT_FRACTION = 0.10
 # Learning rate too high: a training-loss spike is a rise of this factor over the previous epoch.
 SPIKE_FACTOR = 1.5
-SPIKE_MIN_RISE = 0.1  # ...and by at least this much, so noise on a near-zero loss is no spike
+SPIKE_MIN_RISE_FRACTION = 0.1  # ...and by at least this fraction of the chance loss: noise near zero is no spike
 # Learning rate too low: loss falls every epoch and still by this fraction per epoch at the end, yet stays high.
 SLOW_DECREASE_PER_EPOCH = 0.02
 SLOW_LOSS_FRACTION = 0.25
@@ -89,11 +89,17 @@ def overfitting(history: Sequence[dict]) -> Optional[Finding]:
     rose = best < len(val) - 2 and rise >= OVERFIT_RISE_ABSOLUTE and rise >= OVERFIT_RISE_RELATIVE * val[best]
     span = f"epoch {epochs[-1]}" if len(tail) == 1 else f"epochs {epochs[-len(tail)]}-{epochs[-1]}"
     train_fell = len(train) == len(val) and train[-1] < train[best]
-    gap = None
-    if "train/accuracy" in history[-1] and "val/accuracy" in history[-1]:
-        gap = _num(history[-1]["train/accuracy"]) - _num(history[-1]["val/accuracy"])
+    gaps = [_num(r["train/accuracy"]) - _num(r["val/accuracy"]) for r in history
+            if "train/accuracy" in r and "val/accuracy" in r]
+    gap = gaps[-1] if len(gaps) == len(history) else None
     if not ((rose and train_fell) or (gap is not None and gap >= OVERFIT_GAP)):
         return None
+    gap_since = None  # first epoch of the final stretch in which the gap stayed >= OVERFIT_GAP
+    if gap is not None and gap >= OVERFIT_GAP:
+        start = len(gaps) - 1
+        while start > 0 and gaps[start - 1] >= OVERFIT_GAP:
+            start -= 1
+        gap_since = int(history[start].get("epoch", start + 1))
     evidence = []
     if rose and train_fell:
         evidence.append(f"validation loss was lowest at epoch {epochs[best]} ({val[best]:.4f}) and averaged "
@@ -102,13 +108,19 @@ def overfitting(history: Sequence[dict]) -> Optional[Finding]:
     if gap is not None:
         evidence.append(f"final accuracy: train {_num(history[-1]['train/accuracy']):.3f}, "
                         f"validation {_num(history[-1]['val/accuracy']):.3f} (gap {100 * gap:.1f} points)")
-    where = f" from epoch {epochs[best]} on" if rose and train_fell else ""
-    return Finding("overfitting", f"The model overfits{where}: it keeps fitting the training data while "
-                                  "validation gets worse.", evidence,
+    if gap_since is not None:
+        evidence.append(f"training accuracy has exceeded validation accuracy by at least {100 * OVERFIT_GAP:.0f} "
+                        f"points since epoch {gap_since}")
+    # The epoch named: where validation loss turned, else where the accuracy gap opened for good.
+    epoch = epochs[best] if rose and train_fell else gap_since
+    where = f" from epoch {epoch} on" if epoch is not None else ""
+    how = ("it keeps fitting the training data while validation gets worse" if rose and train_fell
+           else "it fits the training data far better than the validation data")
+    return Finding("overfitting", f"The model overfits{where}: {how}.", evidence,
                    ["stop early at the best epoch (train.early_stopping_patience, monitor val/loss)",
                     "more data or stronger augmentation (data.augment.*)", "dropout (model.dropout)",
                     "weight decay (optim.weight_decay)", "a smaller model (model.channels)"],
-                   epoch=epochs[best] if rose and train_fell else None)
+                   epoch=epoch)
 
 
 def underfitting(history: Sequence[dict], num_classes: int) -> Optional[Finding]:
@@ -133,7 +145,7 @@ def underfitting(history: Sequence[dict], num_classes: int) -> Optional[Finding]
                     "check the learning rate (optim.lr) and that labels match images"])
 
 
-def lr_too_high(history: Sequence[dict]) -> Optional[Finding]:
+def lr_too_high(history: Sequence[dict], num_classes: int) -> Optional[Finding]:
     train = _series(history, "train/loss")
     epochs = _epochs(history, "train/loss")
     evidence = []
@@ -148,7 +160,7 @@ def lr_too_high(history: Sequence[dict]) -> Optional[Finding]:
         evidence.append("non-finite gradient steps: " + ", ".join(f"epoch {e}: {100 * f:.1f}%" for e, f in steps))
     spikes = [(epochs[i], train[i - 1], train[i]) for i in range(1, len(train))
               if math.isfinite(train[i]) and math.isfinite(train[i - 1]) and train[i] > SPIKE_FACTOR * train[i - 1]
-              and train[i] - train[i - 1] >= SPIKE_MIN_RISE]
+              and train[i] - train[i - 1] >= SPIKE_MIN_RISE_FRACTION * chance_loss(num_classes)]
     if spikes:
         evidence.append("training loss spikes: " + ", ".join(f"epoch {e}: {a:.4f} -> {b:.4f}" for e, a, b in spikes))
     finite = [v for v in train if math.isfinite(v)]
@@ -273,7 +285,7 @@ def diagnose(history: Sequence[dict], num_classes: int, class_counts: Optional[d
     if not history:
         raise ValueError("the run has no epoch records in metrics.jsonl; train at least one epoch first")
     findings: list[Finding] = []
-    high = lr_too_high(history)
+    high = lr_too_high(history, num_classes)
     if high:
         findings.append(high)
     findings += gradients(history, num_classes)
