@@ -25,7 +25,6 @@ def _train(args: argparse.Namespace) -> int:
         config_path = None
     cfg = load_config(config_path, overrides)
     metrics = train(cfg)
-    from pipeline.distributed import Dist  # noqa: F401 - printing happens on the main process only
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({"test": metrics}, indent=None))
     return 0

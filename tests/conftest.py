@@ -45,7 +45,8 @@ def run_cli(args: list[str], nproc: int = 1, env: dict | None = None, timeout: i
                "--num_machines", "1", "--main_process_port", str(free_port()), "-m", "pipeline", *args]
     result = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-3000:]}")
+        raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\n"
+                             f"STDERR:\n{result.stderr[-3000:]}")
     return result
 
 

@@ -30,11 +30,8 @@ MARKER = "COMPLETE"
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -154,27 +151,21 @@ class Checkpointer:
 
     def latest(self) -> Optional[Path]:
         """The newest complete step checkpoint; incomplete or corrupt ones are skipped with a warning."""
+        return self._first_complete(self.step_folders())
+
+    def find(self, name: str) -> Optional[Path]:
+        """The complete checkpoint `name` (or its previous version left by an interrupted swap)."""
+        return self._first_complete([self.directory / name, self.directory / f".{name}.old"])
+
+    def _first_complete(self, candidates: list[Path]) -> Optional[Path]:
         from pipeline.tracking.console import warn
 
-        for folder in self.step_folders():
+        for folder in (c for c in candidates if c.is_dir()):
             problem = verify(folder)
             if problem is None:
                 return folder
             if self.dist.is_main:
                 warn(f"skipping checkpoint '{folder}': {problem}")
-        return None
-
-    def find(self, name: str) -> Optional[Path]:
-        """The complete checkpoint `name` (or its previous version left by an interrupted swap)."""
-        from pipeline.tracking.console import warn
-
-        for candidate in (self.directory / name, self.directory / f".{name}.old"):
-            if candidate.is_dir():
-                problem = verify(candidate)
-                if problem is None:
-                    return candidate
-                if self.dist.is_main:
-                    warn(f"skipping checkpoint '{candidate}': {problem}")
         return None
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,

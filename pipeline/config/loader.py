@@ -79,14 +79,9 @@ def _load_yaml(path: Path) -> DictConfig:
     return OmegaConf.create(data)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Merge defaults, the YAML at `path` and `overrides`; validate; return a typed `Config`."""
+def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
+    """Schema defaults <- each (config layer, where it came from); validated; one-line ConfigError on failure."""
     merged = OmegaConf.structured(Config)
-    layers = []
-    if path is not None:
-        layers.append((_load_yaml(Path(path)), str(path)))
-    if overrides:
-        layers.append((_parse_overrides(overrides), "command line"))
     for layer, source in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
@@ -103,6 +98,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config
 
 
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Merge defaults, the YAML at `path` and `overrides`; validate; return a typed `Config`."""
+    layers = []
+    if path is not None:
+        layers.append((_load_yaml(Path(path)), str(path)))
+    if overrides:
+        layers.append((_parse_overrides(overrides), "command line"))
+    return merge_layers(layers)
+
+
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML, as written into the run folder."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
@@ -110,11 +115,4 @@ def to_yaml(config: Config) -> str:
 
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config from a plain dict (e.g. a run folder's config.yaml)."""
-    try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_explain(exc, "saved config")) from None
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    assert isinstance(config, Config)
-    return config
+    return merge_layers([(OmegaConf.create(data), "saved config")])

@@ -79,11 +79,8 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class _RollingTarWriter:

@@ -194,7 +194,8 @@ class Trainer:
             maybe_inject_fault(self.state.global_step, True, self.dist.rank)
         if self.state.stopped_early:
             self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
-                            f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} at epoch {self.early.best_epoch})")
+                            f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} "
+                            f"at epoch {self.early.best_epoch})")
 
     # ---- checkpoints ----------------------------------------------------------------------------
     @property

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import Config, ConfigError
-from pipeline.config.loader import _explain, _parse_overrides
+from pipeline.config.loader import _parse_overrides, merge_layers
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -161,23 +161,6 @@ def load_tune_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[T
     layers.append((data, str(path)))
     if base_overrides:
         layers.append((_parse_overrides(base_overrides), "command line"))
-    return tune, _build_config(layers)
+    return tune, merge_layers(layers)
 
 
-def _build_config(layers: list[tuple[object, str]]) -> Config:
-    """Schema defaults <- each layer, validated like `load_config` does (one-line ConfigError)."""
-    merged = OmegaConf.structured(Config)
-    for layer, source in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(_explain(exc, source)) from None
-    try:
-        config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else None
-        raise ConfigError(str(cause) if cause else _explain(exc, "config")) from None
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    assert isinstance(config, Config)
-    return config
