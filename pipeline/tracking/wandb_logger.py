@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from pipeline.tracking.console import warn
@@ -33,7 +34,8 @@ class WandbTracker:
         import wandb
 
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        # W&B run ids are lowercase alphanumerics; wandb.util.generate_id is gone from recent releases.
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project=project, entity=entity, name=name, id=run_id, resume="allow", mode=mode,
