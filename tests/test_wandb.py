@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pipeline.tracking.wandb_logger import NullTracker, WandbTracker, build_tracker
@@ -14,6 +15,7 @@ def test_offline_run_keeps_its_id_and_config(tmp_path: Path) -> None:
     first.finish()
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     assert run_id == first.run_id and len(run_id) == 8 and run_id.isalnum()
+    time.sleep(1.1)  # W&B names offline folders by the second; a real restart is seconds later
     second = build_tracker(tmp_path, "offline", "pipeline-tests", None, "t", {}, is_main=True)
     second.finish()
     assert second.run_id == run_id
