@@ -50,6 +50,12 @@ def _is_postgres(url: str) -> bool:
     return make_url(url).get_backend_name() == "postgresql"
 
 
+def storage_error(url: str, exc: Exception) -> ValueError:
+    """One line for a storage that cannot be reached or opened, with the password masked."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ValueError(f"cannot open study storage {mask_url(url)}: {message.replace(url, mask_url(url))}")
+
+
 @contextlib.contextmanager
 def study_lock(url: str, study_name: str, study_dir: Path) -> Iterator[None]:
     """Exclusive across every worker of this study while the block runs."""
@@ -57,7 +63,11 @@ def study_lock(url: str, study_name: str, study_dir: Path) -> Iterator[None]:
         key = int.from_bytes(hashlib.sha1(f"pipeline-tune:{study_name}".encode()).digest()[:8], "big", signed=True)
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
         try:
-            with engine.connect() as conn:
+            try:
+                connection = engine.connect()
+            except Exception as exc:  # noqa: BLE001 - connection refused, bad credentials, missing driver
+                raise storage_error(url, exc) from None
+            with connection as conn:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
                 try:
                     yield
@@ -89,5 +99,4 @@ def build_storage(url: str, heartbeat_s: int, grace_s: int, max_retries: int) ->
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
                                               grace_period=grace_s, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # noqa: BLE001 - connection refused, bad credentials, missing driver
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"cannot open study storage {mask_url(url)}: {message.replace(url, mask_url(url))}") from None
+        raise storage_error(url, exc) from None

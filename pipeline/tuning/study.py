@@ -97,9 +97,11 @@ class StudyWorker:
         self.tune, self.base, self.space = tune, base, space
         self.url = tune.storage_url()
         check_url(self.url)
-        self.storage = build_storage(self.url, tune.heartbeat_s, tune.grace_s, tune.max_retries)
         self.sampler = build_sampler(tune, space)
-        with self.lock():  # table creation and create_study race between fresh workers otherwise
+        # Opening the storage creates Optuna's tables on a fresh database; like create_study, it races
+        # between workers starting together (duplicate-key errors), so both happen under the study lock.
+        with self.lock():
+            self.storage = build_storage(self.url, tune.heartbeat_s, tune.grace_s, tune.max_retries)
             self.study = optuna.create_study(storage=self.storage, study_name=tune.study_name,
                                              direction=tune.direction, sampler=self.sampler,
                                              pruner=build_pruner(tune, base.train.epochs), load_if_exists=True)
