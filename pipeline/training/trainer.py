@@ -63,7 +63,7 @@ class Trainer:
         self.stop = StopRequest(cfg.checkpoint.signals)
         self.epoch_totals = torch.zeros(3, device=dist.device)  # loss sum, correct, samples of this epoch
         self.last_save_time = time.monotonic()
-        self.first_step_time: Optional[float] = None
+        self.announce_first_step = False  # after a resume, say when training really continues
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -115,8 +115,9 @@ class Trainer:
 
     def after_optimizer_step(self) -> None:
         """Periodic checkpoints and agreed stop requests, at optimizer-step boundaries only."""
-        if self.first_step_time is None:
-            self.first_step_time = time.monotonic()
+        if self.announce_first_step:
+            self.announce_first_step = False
+            self.dist.print(f"first new optimizer step after resume: {self.state.global_step}")
         ckpt, step = self.cfg.checkpoint, self.state.global_step
         due = ckpt.every_steps > 0 and step % ckpt.every_steps == 0
         stop = False
@@ -241,6 +242,7 @@ class Trainer:
             self.log.truncate_after(self.state.epoch)
             (self.checkpointer.directory.parent / PREEMPTED_MARKER).unlink(missing_ok=True)
         self.dist.print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.global_step}")
+        self.announce_first_step = True
         return folder
 
     def restore_best(self) -> None:
