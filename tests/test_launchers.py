@@ -159,6 +159,10 @@ def test_slurm_preempted_job_requeues_and_equals_uninterrupted_run(reference: Si
         _wait("the requeue", lambda: _job_field(job_id, "Restarts") not in (None, "0"), deadline, log)
         # A requeued job is held back about two minutes before it may start again; let it start now.
         _wait("the requeued job to be pending", lambda: _job_field(job_id, "JobState") == "PENDING", deadline, log)
+        # Not at once: slurmd refuses a credential issued in the same second the old one was revoked
+        # ("Job credential revoked"). Two seconds later, StartTime=now also makes it schedule at once
+        # (a future StartTime would wait for the scheduler's next pass, up to a minute).
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
         _wait("the job to finish",
               lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), deadline, log)
