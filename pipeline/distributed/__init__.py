@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -70,6 +71,23 @@ class Dist:
         with self.accelerator.main_process_first():
             yield
 
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                register_frozen: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Wrap for the launch (DDP when several ranks). DDP all-reduces only the parameters that require grad
+        when it wraps the model; with `register_frozen` (gradual unfreezing) every parameter is registered, so
+        one unfrozen later is all-reduced too. A frozen one gets no gradient, and DDP (built with
+        find_unused_parameters, see `build_dist`) leaves its grad None, so the optimizer skips it."""
+        if not (register_frozen and self.world_size > 1):
+            return self.accelerator.prepare(model, optimizer)
+        params = list(model.parameters())
+        trainable = [p.requires_grad for p in params]
+        for param in params:
+            param.requires_grad_(True)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        for param, flag in zip(params, trainable):
+            param.requires_grad_(flag)
+        return model, optimizer
+
     def print(self, *args, **kwargs) -> None:
         """Print on the main process only."""
         if self.is_main:
@@ -78,14 +96,18 @@ class Dist:
             console.print(*args, **kwargs)
 
 
-def build_dist(precision: str = "fp32", cpu: bool = False) -> Dist:
-    """Create the Accelerator. Without CUDA the CPU is used (gloo when several ranks are launched)."""
+def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameters: bool = False) -> Dist:
+    """Create the Accelerator. Without CUDA the CPU is used (gloo when several ranks are launched).
+
+    `find_unused_parameters` is for models whose trainable set changes during training (gradual
+    unfreezing): DDP then tolerates parameters that get no gradient in a step."""
     use_cpu = cpu or not torch.cuda.is_available()
     if precision == "fp16" and use_cpu:
         raise ValueError("train.precision=fp16 needs a CUDA GPU (none is in use); use bf16 or fp32")
     if precision == "bf16" and not use_cpu and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32")
-    return Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision]))
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision], kwargs_handlers=handlers))
 
 
 __all__ = ["Dist", "build_dist"]

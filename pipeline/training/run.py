@@ -68,7 +68,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     cfg = match_input(cfg)
     if cfg.logging.training_signals:
         callbacks = [TrainingSignals(), *(callbacks or [])]
-    dist = build_dist(cfg.train.precision, cfg.train.cpu)
+    gradual = cfg.finetune.freeze == "gradual"  # its trainable set grows during training: see Dist.prepare
+    dist = build_dist(cfg.train.precision, cfg.train.cpu, find_unused_parameters=gradual)
     seed_everything(cfg.train.seed)
     run_dir = run_dir_of(cfg)
     manifest = load_manifest(cfg, dist)
@@ -80,10 +81,10 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin)
     val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
-    finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main, dist.world_size)
+    finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
     optimizer = build_optimizer(cfg.optim, model, finetune.param_groups)
-    model, optimizer = dist.accelerator.prepare(model, optimizer)
+    model, optimizer = dist.prepare(model, optimizer, register_frozen=gradual)
     if cfg.model.compile:
         import torch
 
