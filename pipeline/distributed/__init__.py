@@ -7,12 +7,15 @@ stop?") and never touches torch.distributed or environment variables itself.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
+T = TypeVar("T")
+# Errors re-raised as themselves on the other ranks by `Dist.on_main` (the CLI turns them into one line).
+SHAREABLE_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, KeyError, TimeoutError)}
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -64,6 +67,30 @@ class Dist:
         box = [obj]
         broadcast_object_list(box, from_process=0)
         return box[0]
+
+    def on_main(self, fn: Callable[[], T], share: bool = True) -> T | None:
+        """`fn()` on the main process only; every rank gets its result (None off the main process unless
+        `share`), or raises if it failed there.
+
+        For work only rank 0 may do (talking to a study database): if it fails, the other ranks learn
+        it at once and raise too, instead of waiting at the next collective for the rank that left."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                error = exc
+        if self.world_size > 1:
+            # The error travels as (type name, text): an exception object might not pickle.
+            failure = (type(error).__name__, str(error)) if error is not None else None
+            shared, failure = self.broadcast_object((result if share and error is None else None, failure))
+            result = result if self.is_main else shared
+            if failure is not None and error is None:
+                kind = SHAREABLE_ERRORS.get(failure[0], RuntimeError)
+                raise kind(failure[1] if kind is not RuntimeError else f"the main process failed: {failure[1]}")
+        if error is not None:
+            raise error
+        return result
 
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[None]:
