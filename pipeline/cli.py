@@ -1,6 +1,7 @@
 """Command line: `pipeline train|tune|evaluate|predict|diagnose|visualize|report|data ...`.
 
-Bad input ends with one line and exit code 2.
+Bad input ends with one line and exit code 2; too many bad samples in training data
+(data.max_bad_fraction) with one line and exit code 65.
 """
 
 from __future__ import annotations
@@ -191,12 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
+    from pipeline.data.faults import EXIT_BAD_DATA, DataQualityError
     from pipeline.training.preemption import Preempted
 
     try:
         return args.func(args)
     except Preempted as exc:
         return exc.exit_code
+    except DataQualityError as exc:
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_DATA
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         if os.environ.get("PIPELINE_DEBUG"):
             raise

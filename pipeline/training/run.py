@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from pipeline.checkpointing import Checkpointer
 from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
+from pipeline.data.faults import SKIP_REASONS
 from pipeline.data.shards import ensure_digits_shards
 from pipeline.distributed import Dist, build_dist
 from pipeline.evaluation.evaluate import evaluate
@@ -108,7 +109,9 @@ def test_split(run: Run, split: str = "test") -> dict:
     trainer = run.trainer
     metrics = evaluate(trainer.unwrapped, data.loader, trainer.loss_fn, trainer.metrics, dist.device,
                        dist.accelerator.autocast, cfg.model.channels_last)
-    return {k: metrics[k] for k in (*TEST_METRIC_KEYS, "loss")}
+    skipped = trainer.bad_data.collect(data, split)  # summed over ranks; bad samples are left out, not padded
+    return {**{k: metrics[k] for k in (*TEST_METRIC_KEYS, "loss")}, "num_skipped": skipped[f"data/{split}/skipped"],
+            "skipped": {r: skipped[f"data/{split}/skipped/{r}"] for r in SKIP_REASONS}}
 
 
 def train(cfg: Config, callbacks: list | None = None) -> dict:
@@ -122,6 +125,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         metrics = test_split(run)
         if dist.is_main:
             (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        run.trainer.bad_data.check()  # the test split too (the same totals, hence decision, on every rank)
+        if dist.is_main:
             run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
             if cfg.report.enabled:
                 from pipeline.reporting import write_report
