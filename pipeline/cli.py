@@ -112,9 +112,11 @@ def _data_shards(args: argparse.Namespace) -> int:
 
     fractions = [float(x) for x in args.split.split(",")]
     manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,
-                            max_bytes=int(args.max_bytes), seed=args.seed)
+                            max_bytes=int(args.max_bytes), seed=args.seed, skip_bad=args.skip_bad)
     for name, info in manifest.splits.items():
         print(f"{name:5s}: {info.num_samples:7d} samples in {len(info.shards)} shard(s)")
+    for line in manifest.skipped_sources:
+        print(f"skipped (cannot be decoded): {line}")
     print(f"{manifest.num_classes} classes; manifest: {args.out}/manifest.json")
     from pipeline.data.balance import imbalance_summary
 
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most (default 1000)")
     shards.add_argument("--max-bytes", type=float, default=float(1 << 30), help="bytes per shard at most (1 GiB)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    shards.add_argument("--skip-bad", action="store_true",
+                        help="leave out images that cannot be decoded (listed) instead of refusing to write")
     shards.set_defaults(func=_data_shards)
     summary = data.add_parser("summary", help="class counts and imbalance of a shard folder's manifest")
     summary.add_argument("root")
