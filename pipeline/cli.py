@@ -124,6 +124,14 @@ def _data_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_verify(args: argparse.Namespace) -> int:
+    from pipeline.data.verify import print_report, verify_shards
+
+    report = verify_shards(args.root, show_progress=not args.no_progress)
+    print_report(report)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="Train and evaluate CNN image classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--skip-bad", action="store_true",
                         help="leave out images that cannot be decoded (listed) instead of refusing to write")
     shards.set_defaults(func=_data_shards)
+    verify = data.add_parser("verify", help="check shards against manifest.json (sha256, counts) and decode "
+                             "every sample; exit 1 if anything is wrong")
+    verify.add_argument("root", metavar="SHARDS_DIR")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify.set_defaults(func=_data_verify)
     summary = data.add_parser("summary", help="class counts and imbalance of a shard folder's manifest")
     summary.add_argument("root")
     summary.set_defaults(func=_data_summary)
