@@ -219,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataQualityError as exc:
         if os.environ.get("PIPELINE_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops with the same totals; one line is enough
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_DATA
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         if os.environ.get("PIPELINE_DEBUG"):

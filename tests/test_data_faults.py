@@ -238,6 +238,17 @@ def test_two_ranks_with_bad_samples_finish_with_summed_counts(truncated_root: Pa
     assert "training samples skipped in epoch 2" in result.stdout
 
 
+@pytest.mark.distributed
+def test_two_ranks_stop_together_when_too_many_samples_are_bad(truncated_root: Path, tmp_path: Path) -> None:
+    result = run_cli(_train_args(truncated_root, tmp_path, "stop", "train.epochs=3", "data.num_workers=2"),
+                     nproc=2, timeout=120, check=False)
+    assert result.returncode != 0 and "exitcode  : 65" in result.stderr  # both ranks: no hang, same decision
+    assert result.stderr.count("error: data.max_bad_fraction=0.01 exceeded: 8 of 40 training samples (20.00%) "
+                               "were skipped in epoch 1 (truncated 4, undecodable 2, no_label 1, bad_label 1; "
+                               "converted: mode 2)") == 1
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "stop" / "metrics.jsonl")] == [1]
+
+
 # ---- pipeline data verify -----------------------------------------------------------------------
 
 def test_verify_passes_a_clean_set(tmp_path: Path) -> None:
