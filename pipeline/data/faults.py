@@ -108,7 +108,7 @@ def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, imag
     if UNDRAWN in sample:
         check.undrawn = tuple(inspect_sample(s, mode, num_classes, image_mode, image_size) for s in sample[UNDRAWN])
     if MISSING in sample:
-        check.reason, check.detail = "truncated", f"the shard ends before it ({sample[MISSING]})"
+        check.reason, check.detail = "truncated", str(sample[MISSING])  # why the shard ended early
         return check
     check.label, check.reason, check.detail = parse_label(sample, num_classes)
     if check.reason:
@@ -222,8 +222,8 @@ class FaultWarnings:
         if check.reason == "truncated":  # one line per shard, not per missing sample
             if check.url not in self.truncated_shards:
                 self.truncated_shards.add(check.url)
-                warn(f"{self.prefix}data: shard {check.url.rsplit('/', 1)[-1]} is truncated: {check.detail}; "
-                     f"its missing samples are {action} and counted as 'truncated'")
+                warn(f"{self.prefix}shard {check.url.rsplit('/', 1)[-1]} ends before the manifest's sample count "
+                     f"({check.detail}); its missing samples are {action} and counted as 'truncated'")
             return
         kind = "skip" if check.reason else "convert"
         if not check.reason and not check.converted:

@@ -138,6 +138,14 @@ def verify_shards(root: str | Path, show_progress: bool = True) -> VerifyReport:
     return VerifyReport(root, reports)
 
 
+def _file_status(problem: str) -> str:
+    """A short word for the table (the 'problem:' line has the whole story)."""
+    if not problem:
+        return "ok"
+    return {"file missing": "missing", "sha256 differs from the manifest's": "sha256 differs"}.get(
+        problem, "size, sha256 differ")
+
+
 def print_report(report: VerifyReport) -> None:
     """A rich table (one row per shard), one 'problem:' line per bad shard, and a verdict line."""
     from rich.markup import escape
@@ -147,14 +155,14 @@ def print_report(report: VerifyReport) -> None:
 
     table = Table(title=f"shards in {report.root}", title_justify="left")
     for name, kwargs in (("split", {}), ("shard", {"no_wrap": True}), ("samples", {"justify": "right"}),
-                         ("file", {}), ("bad", {"justify": "right"}), ("converted on load", {})):
+                         ("file", {}), ("bad", {"justify": "right"}), ("converted", {})):
         table.add_column(name, **kwargs)
     for shard in report.shards:
         samples = f"{shard.found}/{shard.expected}" if shard.found != shard.expected else str(shard.found)
         bad = sum(shard.skipped.values())
         converted = ", ".join(f"{kind} {n}" for kind, n in sorted(shard.converted.items()))
         style = "" if shard.ok else "red"
-        table.add_row(shard.split, shard.name, samples, escape(shard.file_problem or "ok"),
+        table.add_row(shard.split, shard.name, samples, _file_status(shard.file_problem),
                       str(bad) if bad else "", converted, style=style)
     console.print(table)
     for shard in report.shards:
