@@ -220,11 +220,11 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
     counts = np.zeros(3, dtype=int)
     for epoch in range(3):
         balanced.set_position(epoch, 0)
-        batches = [y.numpy() for _, y in balanced]
+        batches = [y.numpy() for _, y, _ in balanced]
         assert len(batches) == 13
         counts += np.bincount(np.concatenate(batches), minlength=3)
         balanced.set_position(epoch, 5)  # resume inside the epoch: the same remaining batches
-        assert all(np.array_equal(a, b.numpy()) for a, (_, b) in zip(batches[5:], balanced))
+        assert all(np.array_equal(a, b.numpy()) for a, (_, b, _) in zip(batches[5:], balanced))
     assert counts.sum() == 390 and counts.min() > 100  # unbalanced: 270 / 90 / 30
     run = build_run(load_config(BASE, [*overrides, "imbalance.class_weights=auto", f"run.output_dir={tmp_path}"]))
     assert run.trainer.loss_fn.weight.tolist() == pytest.approx([130 / 270, 130 / 90, 130 / 30])

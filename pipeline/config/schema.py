@@ -86,6 +86,9 @@ class DataConfig:
     """Drop each worker's final partial batch (all ranks always run the same number of steps)."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    max_bad_fraction: float = 0.01
+    """Stop (exit 65) when more than this fraction of an epoch's train or val samples were skipped as bad
+    (undecodable, unlabelled, truncated shard; see README "Bad data"); 0: any bad sample stops the run, 1: never."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
 
@@ -96,6 +99,7 @@ class DataConfig:
         _check_choice("data.channels", self.channels, (1, 3))
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 1)
+        _check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
             if len(values) not in (1, self.channels):
                 raise ValueError(f"{key} has {len(values)} values; give 1 or data.channels={self.channels}")

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader
 
 from pipeline.config.schema import Config
+from pipeline.data import faults
 from pipeline.data.manifest import Manifest
 from pipeline.data.stream import ShardStream, make_loader, shard_paths
 from pipeline.data.transforms import build_transform
 
 
-@dataclass
 class SplitLoader:
-    """A split's stream (for position and counts) and the DataLoader that iterates it."""
+    """A split's stream (for position and counts) and the DataLoader that iterates it.
 
-    stream: ShardStream
-    loader: object
+    Iterating `loader` gives (images, labels) batches; the fault counts each batch carries (see
+    `pipeline.data.faults`) are added to `faults`, this rank's total over the batches consumed.
+    """
+
+    def __init__(self, stream: ShardStream, dataloader: DataLoader):
+        self.stream, self.dataloader = stream, dataloader
+        self.faults = faults.empty_counts()
 
     def set_position(self, epoch: int, step: int = 0) -> None:
         self.stream.set_position(epoch, step)
+
+    @property
+    def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, counts in self.dataloader:
+            self.faults += counts
+            if labels.numel():  # an empty batch only carries counts (evaluation)
+                yield images, labels
 
 
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
@@ -34,7 +49,9 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
         batch_size=batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size),
         transform=build_transform(cfg.data, train=train), channels=cfg.data.channels, rank=rank,
         world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
-        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train, **extra)
+        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train,
+        num_classes=manifest.num_classes, image_mode=manifest.image_mode or None, image_size=manifest.image_size,
+        **extra)
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,

@@ -16,11 +16,17 @@ How an epoch is laid out (the contract the resume logic relies on):
 4. The DataLoader takes batches from its workers round-robin, and every worker holds the same number
    of batches, so rank-local step `s` comes from worker `s mod workers`. To restart at step `s`,
    physical worker p plays slot v = (p + s) mod workers; see `set_position`.
+5. Bad samples (see `pipeline.data.faults`) never change a slot's length in training: a bad sample
+   is replaced by the next good sample of the same shard slice (or, at the slice's end, by its
+   first good one; failing that, by the first good sample of the split), transformed with the bad
+   sample's own seed. The choice depends only on the data from that position on, so a restart
+   makes the same choices without re-reading what it skips. Evaluation leaves bad samples out, so
+   every good sample is counted exactly once. Each batch carries the fault counts of the positions
+   it covers; a final empty batch carries any counts not yet delivered (evaluation only).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass
@@ -33,7 +39,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif", "ppm")
+from pipeline.data import faults
+from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
 
 
 @dataclass(frozen=True)
@@ -80,14 +87,25 @@ def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
-def decode_image(sample: dict, mode: str) -> Image.Image:
-    """The sample's image as a PIL image in `mode` (L or RGB); palette/alpha/gray are converted."""
-    for key in IMAGE_KEYS:
-        if key in sample:
-            image = Image.open(io.BytesIO(sample[key]))
-            image.draft(mode, image.size)  # cheap for JPEG, ignored otherwise
-            return image.convert(mode)
-    raise ValueError(f"sample {sample.get('__key__')} has no image (keys: {sorted(sample)})")
+def shard_slice(url: str, start: int, stop: int) -> Iterator[dict]:
+    """Raw samples [start, stop) of a shard, always stop - start of them: where the shard ends early
+    (truncated, unreadable), the missing ones are stand-ins (`faults.missing_sample`)."""
+    index = 0
+    raw = tarfile_samples([{"url": url}])
+    try:
+        for sample in raw:
+            if index >= start:
+                yield sample
+            index += 1
+            if index >= stop:
+                break
+        error = "it has fewer samples than the manifest says"
+    except Exception as exc:  # noqa: BLE001 - any read error means the rest of the shard is lost
+        error = short_error(exc)
+    finally:
+        raw.close()
+    for missing in range(max(index, start), stop):
+        yield missing_sample(url, missing, error)
 
 
 class ShardStream(IterableDataset):
@@ -95,9 +113,15 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shard_paths: Sequence[str], shard_sizes: Sequence[int], *, batch_size: int,
                  transform: Callable, channels: int, rank: int, world_size: int, num_workers: int,
-                 seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False):
+                 seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False,
+                 num_classes: int | None = None, image_mode: str | None = None,
+                 image_size: Sequence[int] | None = None):
         if len(shard_paths) != len(shard_sizes):
             raise ValueError("shard_paths and shard_sizes differ in length")
+        # What a good sample looks like (from the manifest); see pipeline.data.faults.
+        self.num_classes, self.image_mode, self.image_size = num_classes, image_mode, image_size
+        self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")
+        self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
         self.batch_size, self.transform = batch_size, transform
         self.mode = "L" if channels == 1 else "RGB"
@@ -150,7 +174,8 @@ class ShardStream(IterableDataset):
         return total
 
     # ---- iteration ------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(images, labels, fault counts) batches of this worker's slot; see the module docstring."""
         info = get_worker_info()
         physical = info.id if info is not None else 0
         epoch, step = int(self._position[0]), int(self._position[1])
@@ -160,33 +185,88 @@ class ShardStream(IterableDataset):
         yield from self._slot_batches(epoch, slot, done_batches, in_main=info is None)
 
     def _slot_batches(self, epoch: int, slot: int, done_batches: int, in_main: bool) -> Iterator:
+        images, labels, counts = [], [], [0] * len(faults.FIELDS)
+        for position, check, source in self._slot_samples(epoch, slot, done_batches * self.batch_size):
+            faults.count(counts, check)
+            if source is None:  # evaluation: a bad sample is left out
+                continue
+            images.append(self._transform(source.image, epoch, slot, position, in_main))
+            labels.append(source.label)
+            if len(images) == self.batch_size:
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
+                images, labels, counts = [], [], [0] * len(faults.FIELDS)
+        if images and not self.drop_last:
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
+        elif counts[0]:  # counts of samples that made no batch (evaluation: all bad, or after the last batch)
+            yield torch.empty(0), torch.empty(0, dtype=torch.long), torch.tensor(counts)
+
+    def _slot_samples(self, epoch: int, slot: int, skip: int) -> Iterator[tuple[int, SampleCheck, SampleCheck | None]]:
+        """(position, inspection, what to feed) for every position of the slot from `skip` on."""
         start, stop = self.slot_range(slot)
+        limit = stop - start
+        if self.train and self.drop_last:  # the tail that makes no full batch is not even read
+            limit = self.batches_in_slot(slot) * self.batch_size
         order = epoch_shard_order(len(self.shard_paths), self.seed, epoch, self.train)
         segments = slot_segments(self.shard_sizes, order, start, stop)
-        skip = done_batches * self.batch_size
         position = skip  # index of the next sample within this slot's stream
-        images, labels = [], []
         for number, segment in enumerate(segments):
             length = segment.stop - segment.start
             if skip >= length:  # finished before the restart: not even opened
                 skip -= length
                 continue
-            for sample in self._segment_samples(epoch, slot, number, segment, skip):
-                images.append(self._transform(sample, epoch, slot, position, in_main))
-                labels.append(int(sample["cls"]))
+            for check, source in self._resolved(epoch, slot, number, segment, skip):
+                if position >= limit:
+                    return
+                yield position, check, source
                 position += 1
-                if len(images) == self.batch_size:
-                    yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-                    images, labels = [], []
             skip = 0
-        if images and not self.drop_last:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+    def _resolved(self, epoch: int, slot: int, number: int, segment: Segment,
+                  skip: int) -> Iterator[tuple[SampleCheck, SampleCheck | None]]:
+        """(inspection, what to feed) per sample of a segment from `skip` on; see rule 5 above."""
+        action = "replaced by another sample of the same shard" if self.train else "left out of evaluation"
+        pending: list[SampleCheck] = []  # bad samples waiting for the next good one (training)
+        for sample in self._segment_samples(epoch, slot, number, segment, skip):
+            check = self._inspect(sample)
+            for bad in check.undrawn:  # carried by a resampling stream (balance.py): never drawn
+                self.warnings(bad, "never drawn")
+            if check.reason or check.converted:
+                self.warnings(check, action)
+            if check.ok:
+                yield from ((bad, check) for bad in pending)
+                pending = []
+                yield check, check
+            elif self.train:
+                pending.append(check)
+            else:
+                yield check, None
+        if pending:
+            fill = self._first_good(epoch, slot, number, segment)
+            yield from ((bad, fill) for bad in pending)
+
+    def _inspect(self, sample: dict) -> SampleCheck:
+        return inspect_sample(sample, self.mode, self.num_classes, self.image_mode, self.image_size)
+
+    def _first_good(self, epoch: int, slot: int, number: int, segment: Segment) -> SampleCheck:
+        """The segment's first good sample; if it has none, the split's (shards in order)."""
+        for sample in self._segment_samples(epoch, slot, number, segment, 0):
+            check = self._inspect(sample)
+            if check.ok:
+                return check
+        if self._fallback is None:
+            for path, size in zip(self.shard_paths, self.shard_sizes):
+                self._fallback = next((c for c in map(self._inspect, shard_slice(path, 0, size)) if c.ok), None)
+                if self._fallback is not None:
+                    break
+            else:
+                raise ValueError(f"no readable sample in any of the {len(self.shard_paths)} shard(s) "
+                                 f"starting with '{self.shard_paths[0]}'; check them with `pipeline data verify`")
+        return self._fallback
 
     def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
-        """Raw (undecoded) samples of a segment, shuffled, minus the first `skip` of them."""
-        url = self.shard_paths[segment.shard]
-        raw = tarfile_samples([{"url": url}])
-        raw = (s for i, s in enumerate(raw) if segment.start <= i < segment.stop)
+        """Raw (undecoded) samples of a segment, shuffled, minus the first `skip` of them; always
+        `segment.stop - segment.start - skip` of them (missing ones are stand-ins, see `shard_slice`)."""
+        raw = shard_slice(self.shard_paths[segment.shard], segment.start, segment.stop)
         if self.train:
             rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard)))
             raw = _shuffled(raw, self.shuffle_buffer, rng)
@@ -194,8 +274,7 @@ class ShardStream(IterableDataset):
             if index >= skip:
                 yield sample
 
-    def _transform(self, sample: dict, epoch: int, slot: int, position: int, in_main: bool) -> torch.Tensor:
-        image = decode_image(sample, self.mode)
+    def _transform(self, image: Image.Image, epoch: int, slot: int, position: int, in_main: bool) -> torch.Tensor:
         if not self.train:
             return self.transform(image)
         # Seed augmentation by the sample's place in the epoch, so a restart reproduces it exactly.

@@ -58,6 +58,13 @@ class Dist:
         value = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         return [bool(v > 0) for v in self.accelerator.reduce(value, reduction="sum").tolist()]
 
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D `values` as the rows of a (world_size, n) CPU tensor, on every rank (one all-gather)."""
+        if self.world_size == 1:
+            return values.detach().cpu().clone().unsqueeze(0)
+        gathered = self.accelerator.gather(values.detach().to(self.device).unsqueeze(0))
+        return gathered.reshape(self.world_size, -1).cpu()
+
     def broadcast_object(self, obj: object) -> object:
         """`obj` from the main process, on every rank."""
         if self.world_size == 1:
