@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipeline.checkpointing import Checkpointer, CheckpointWriteError, verify
+from pipeline.checkpointing.checkpointer import _tensor_bytes, model_state
 from pipeline.config import load_config
 from pipeline.distributed import Dist
 from pipeline.tracking import wandb_logger
@@ -307,13 +308,17 @@ def test_real_full_disk_keeps_previous_checkpoint(small_disk: Path) -> None:
                               f"left on device") and "\n" not in message
     assert checkpointer.latest() == first and verify(first) is None
     assert sorted(p.name for p in checkpointer.directory.iterdir()) == ["last", "step-00000001"]
-    # The size check passes (just) but the files do not fit: the write itself fails, just as cleanly.
+    # The size check passes (just) but the files, rounded up to whole pages, do not fit: the write itself fails.
     (small_disk / "filler").unlink()
+    needed = _tensor_bytes(model_state(model)) + _tensor_bytes(optimizer.state_dict())
     free = shutil.disk_usage(small_disk).free
-    estimate = sum(p.numel() * p.element_size() for p in model.state_dict().values()) * 3
-    (small_disk / "filler").write_bytes(b"\0" * (free - estimate - 4096))
-    with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*step-00000003'"):
+    (small_disk / "filler").write_bytes(b"\0" * (free - needed - 3 * 4096))  # the rank file takes one page first
+    with pytest.raises(CheckpointWriteError) as info:
         _save(checkpointer, 3, model, optimizer, scheduler)
+    message = str(info.value)
+    assert message.startswith(f"cannot write checkpoint '{small_disk}/checkpoints/step-00000003': [Errno 28] No "
+                              f"space left on device")
+    assert "the checkpoint needs about" not in message and "\n" not in message  # not the early refusal
     assert checkpointer.latest() == first and verify(first) is None
     assert sorted(p.name for p in checkpointer.directory.iterdir()) == ["last", "step-00000001"]
     fresh, fresh_opt, fresh_sched = _tiny_training_state()

@@ -124,6 +124,9 @@ def _torch_save(obj: object, path: Path) -> None:
         torch.save(obj, path)
     except RuntimeError as exc:
         free = shutil.disk_usage(path.parent).free
+        if free < 2**16:  # what it almost always is
+            raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free): torch.save could not write "
+                                        f"{path.name}") from None
         raise OSError(errno.EIO, f"torch.save could not write {path.name} ({free / 2**20:.1f} MiB free on the "
                                  f"device): {_one_line(exc)}") from None
 
