@@ -6,7 +6,8 @@
 # Environment: PIPELINE_PYTHON (or PYTHON) picks the interpreter (default .venv/bin/python), NPROC the ranks per
 # machine, MAIN_PORT the rendezvous port (default: derived from SLURM_JOB_ID, else a free one).
 # The exit code is training's own: 0 done, 75 (EX_TEMPFAIL) stopped by SIGUSR1/SIGTERM after a checkpoint, so
-# run it again (or requeue the job) to resume; 2 bad config.
+# run it again (or requeue the job) to resume; 2 bad config; 70 stopped on non-finite loss/gradients; 74 a
+# checkpoint (or another file) could not be written.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PIPELINE_PYTHON:-${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}}

@@ -1,7 +1,8 @@
 """Command line: `pipeline train|tune|evaluate|predict|diagnose|visualize|report|data ...`.
 
-Bad input ends with one line and exit code 2; too many bad samples in training data
-(data.max_bad_fraction) with one line and exit code 65.
+Bad input ends with one line and exit code 2; too many bad samples in the training data
+(data.max_bad_fraction) with 65; non-finite training stops with 70 (see pipeline.training.nonfinite),
+a write failure with 74, a preempted run with 75.
 """
 
 from __future__ import annotations
@@ -12,19 +13,21 @@ import os
 import sys
 from typing import Sequence
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: config, files, values
+EXIT_IO = 74  # EX_IOERR: a file could not be written (disk full, permissions)
 
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.training.run import train
 
     config_path = args.config
     overrides = list(args.overrides)
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
         overrides.insert(0, config_path)  # `pipeline train key=value` with no YAML
         config_path = None
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides)  # before importing torch: a bad config fails in a fraction of a second
+    from pipeline.training.run import train
+
     metrics = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({"test": metrics}, indent=None))
@@ -209,25 +212,49 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
-    from pipeline.data.faults import EXIT_BAD_DATA, DataQualityError
     from pipeline.training.preemption import Preempted
 
     try:
         return args.func(args)
     except Preempted as exc:
         return exc.exit_code
-    except DataQualityError as exc:
-        if os.environ.get("PIPELINE_DEBUG"):
+    except Exception as exc:
+        # Bad input (2), and failures that carry their own code: DataQualityError (65), NonFiniteStop (70),
+        # CheckpointWriteError (74).
+        # Matched by attribute, so this module never imports torch before the config is read.
+        code = getattr(exc, "exit_code", None)
+        if isinstance(exc, (ConfigError, FileNotFoundError, ValueError, KeyError)) and code is None:
+            code = EXIT_USAGE
+        elif isinstance(exc, OSError) and code is None:  # disk full, permissions... outside checkpoints
+            code = EXIT_IO
+        if code is None or os.environ.get("PIPELINE_DEBUG"):
             raise
-        if os.environ.get("RANK", "0") == "0":  # every rank stops with the same totals; one line is enough
-            print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_DATA
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
-        if os.environ.get("PIPELINE_DEBUG"):
-            raise
+        _leave_process_group()
+        if getattr(exc, "same_on_every_rank", False) and os.environ.get("RANK", "0") != "0":
+            return code  # every rank stops with this very message; rank 0 says it
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(message, code)
+
+
+def _leave_process_group() -> None:
+    """After a failure that every rank agreed on, leave the process group before exiting: a rank that exits
+    with gloo's threads still running can abort ('terminate called without an active exception', SIGABRT)
+    and hide the real exit code."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        try:
+            distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def _fail(message: object, code: int) -> int:
+    """The one line a failed command prints (secrets masked), and its exit code."""
+    from pipeline.config.loader import one_line
+    from pipeline.config.secrets import mask_text
+
+    print(f"error: {one_line(mask_text(str(message)))}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ symbolic link to it for people); `best` holds the best weights by the monitored 
 hidden temporary folder, every file is fsynced, `COMPLETE` (a JSON list of file sizes and sha256
 digests) is written last, and only then is the folder renamed into place. A folder without a valid
 `COMPLETE`, or whose files no longer match it, is never loaded. Nothing here unpickles objects:
-tensors load from safetensors or `torch.load(weights_only=True)`.
+tensors load from safetensors or `torch.load(weights_only=True)` (`safe_load.load_tensors`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.checkpointing.safe_load import load_tensors
 from pipeline.distributed import Dist
 
 MARKER = "COMPLETE"
@@ -82,6 +85,59 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True):
 
 
 STEP_PREFIX = "step-"
+EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions...); the message is one line naming the folder."""
+
+    exit_code = EXIT_CHECKPOINT_WRITE
+    same_on_every_rank = True
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _tensor_bytes(obj: object) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    """Refuse early, with a clear message, a checkpoint that cannot fit (torch.save would fail cryptically)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: the checkpoint needs about {needed / 2**20:.1f} MiB, "
+                                    f"{free / 2**20:.1f} MiB are free")
+
+
+def _torch_save(obj: object, path: Path) -> None:
+    """torch.save, whose write errors (a RuntimeError 'enforce fail ... unexpected pos') get a readable cause."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        free = shutil.disk_usage(path.parent).free
+        if free < 2**16:  # what it almost always is
+            raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free): torch.save could not write "
+                                        f"{path.name}") from None
+        raise OSError(errno.EIO, f"torch.save could not write {path.name} ({free / 2**20:.1f} MiB free on the "
+                                 f"device): {_one_line(exc)}") from None
+
+
+def maybe_fail_write(state: dict) -> None:
+    """Test hook: `PIPELINE_FAIL_SAVE_AT_STEP=N[,M...]` makes saves at those global steps fail with ENOSPC,
+    after the weights file is written (so a partial folder exists and must be cleaned up)."""
+    target = os.environ.get("PIPELINE_FAIL_SAVE_AT_STEP")
+    step = state.get("train", {}).get("global_step")
+    if target and step in {int(s) for s in target.split(",") if s.strip()}:
+        raise OSError(errno.ENOSPC, "No space left on device (injected by PIPELINE_FAIL_SAVE_AT_STEP)")
 
 
 class Checkpointer:
@@ -98,37 +154,74 @@ class Checkpointer:
 
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
              scaler: Optional[object], state: dict, rank_state: dict) -> Path:
-        """Collective: every rank calls it (each writes its own RNG state and partial sums)."""
+        """Collective: every rank calls it (each writes its own RNG state and partial sums).
+
+        If any rank cannot write its part (disk full, permissions...), every rank raises the same
+        `CheckpointWriteError`; the temporary folder is removed and earlier checkpoints, `last` and
+        `best` are left exactly as they were.
+        """
         final, tmp = self.directory / name, self.directory / f".{name}.tmp"
-        if self.dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        self.dist.barrier()
-        torch.save(rank_state, tmp / "rng" / f"rank{self.dist.rank}.pt")
-        self.dist.barrier()
-        if self.dist.is_main:
-            save_weights(model, tmp / "model.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
-            (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.dist.world_size}, indent=2))
-            _fsync_tree(tmp)
-            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1))
-            _fsync_tree(tmp)
-            old = self.directory / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.replace(old)
-            tmp.replace(final)
-            shutil.rmtree(old, ignore_errors=True)
-            if name.startswith(STEP_PREFIX):
+        main = self.dist.is_main
+        stages = [(main, lambda: self._begin(tmp)),
+                  (True, lambda: _torch_save(rank_state, tmp / "rng" / f"rank{self.dist.rank}.pt")),
+                  (main, lambda: self._write_and_swap(name, tmp, final, model, optimizer, scheduler, scaler, state))]
+        error: Optional[BaseException] = None
+        for runs_here, stage in stages:
+            if runs_here:
+                try:
+                    stage()
+                except (OSError, RuntimeError, SafetensorError) as exc:
+                    error = exc
+            if self.dist.any(error is not None):  # also the barrier between stages
+                raise self._abandon(name, tmp, final, error)
+        return final
+
+    def _begin(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+
+    def _write_and_swap(self, name: str, tmp: Path, final: Path, model: nn.Module, optimizer, scheduler,
+                        scaler: Optional[object], state: dict) -> None:
+        weights, optimizer_state = model_state(model), optimizer.state_dict()
+        _check_free_space(self.directory, _tensor_bytes(weights) + _tensor_bytes(optimizer_state))
+        save_file(weights, str(tmp / "model.safetensors"))
+        maybe_fail_write(state)
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            _torch_save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.dist.world_size}, indent=2))
+        _fsync_tree(tmp)
+        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MARKER).write_text(json.dumps({"files": files}, indent=1))
+        _fsync_tree(tmp)
+        old = self.directory / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.replace(old)
+        tmp.replace(final)
+        shutil.rmtree(old, ignore_errors=True)
+        if name.startswith(STEP_PREFIX):
+            try:
                 self._point_last_at(final)
                 self._prune()
-        self.dist.barrier()
-        return final
+            except OSError as exc:  # the checkpoint itself is complete; only the convenience link/pruning failed
+                from pipeline.tracking.console import warn
+
+                warn(f"checkpoint '{final}' is complete, but updating 'last' or pruning failed: {exc}")
+
+    def _abandon(self, name: str, tmp: Path, final: Path, error: Optional[BaseException]) -> "CheckpointWriteError":
+        """Remove the partial folder (an interrupted swap is undone); the error every rank raises."""
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            old = self.directory / f".{name}.old"
+            if old.is_dir() and not final.exists():
+                old.replace(final)
+        reasons = self.dist.gather_object(None if error is None else _one_line(error))
+        rank, reason = next((r, m) for r, m in enumerate(reasons) if m is not None)
+        where = f" (rank {rank})" if self.dist.world_size > 1 else ""
+        return CheckpointWriteError(f"cannot write checkpoint '{final}'{where}: {reason}")
 
     def _point_last_at(self, folder: Path) -> None:
         link, tmp_link = self.directory / "last", self.directory / ".last.tmp"
@@ -137,10 +230,13 @@ class Checkpointer:
         tmp_link.replace(link)
 
     def _prune(self) -> None:
-        """Delete step checkpoints beyond the newest `keep_last` complete ones."""
+        """Delete step checkpoints beyond the newest `keep_last` complete ones, and partial folders left by
+        saves that were killed."""
         complete = [p for p in self.step_folders() if verify(p) is None]
         for folder in complete[self.keep_last:]:
             shutil.rmtree(folder, ignore_errors=True)
+        for partial in self.directory.glob(f".{STEP_PREFIX}*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def step_folders(self) -> list[Path]:
         """step-* folders, newest first."""
@@ -172,11 +268,11 @@ class Checkpointer:
              scaler: Optional[object]) -> tuple[dict, Optional[dict]]:
         """Restore everything; return (state, this rank's saved state or None if it was not saved)."""
         load_weights(model, folder / "model.safetensors")
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        optimizer.load_state_dict(load_tensors(folder / "optimizer.pt"))
+        scheduler.load_state_dict(load_tensors(folder / "scheduler.pt", map_location=None))
         if scaler is not None and (folder / "scaler.pt").is_file():
-            scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+            scaler.load_state_dict(load_tensors(folder / "scaler.pt", map_location=None))
         state = json.loads((folder / "state.json").read_text())
         rank_path = folder / "rng" / f"rank{self.dist.rank}.pt"
-        rank_state = torch.load(rank_path, weights_only=True) if rank_path.is_file() else None
+        rank_state = load_tensors(rank_path, map_location=None) if rank_path.is_file() else None
         return state, rank_state

@@ -8,6 +8,8 @@ into these dataclasses (see `pipeline.config.loader`).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,6 +21,30 @@ MODES = ("min", "max")
 WANDB_MODES = ("offline", "online", "disabled")
 FREEZE_STRATEGIES = ("full", "feature_extraction", "partial", "gradual")
 CLASS_WEIGHT_MODES = ("none", "auto")
+NONFINITE_POLICIES = ("skip", "halt")
+
+
+MAX_INT = 2**63 - 1  # what torch and numpy can hold
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
+
+def _check_values(key: str, value: Any) -> None:
+    """Every number finite and storable, no NUL in text: for all fields, whatever their own checks say."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_values(f"{key}.{f.name}" if key else f.name, getattr(value, f.name))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_values(f"{key}[{index}]", item)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_values(f"{key}.{name}", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value!r} is not a finite number")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ValueError(f"{key}={value} is too large (the limit is {MAX_INT})")
+    elif isinstance(value, str) and "\0" in value:
+        raise ValueError(f"{key} contains a NUL character")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -28,6 +54,8 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value!r} is not a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
@@ -103,6 +131,8 @@ class DataConfig:
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
             if len(values) not in (1, self.channels):
                 raise ValueError(f"{key} has {len(values)} values; give 1 or data.channels={self.channels}")
+        if any(not math.isfinite(v) for v in [*self.mean, *self.std]):
+            raise ValueError(f"data.mean={list(self.mean)} and data.std={list(self.std)} must be finite numbers")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"data.std={list(self.std)} must be positive")
 
@@ -162,12 +192,12 @@ class OptimConfig:
         _check_range("optim.lr", self.lr, 0.0, low_open=True)
         _check_range("optim.weight_decay", self.weight_decay, 0.0)
         _check_range("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):  # NaN fails this too
             raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
         _check_choice("optim.loss", self.loss, LOSSES)
         _check_range("optim.label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
-        if self.class_weights is not None and any(w < 0 for w in self.class_weights):
-            raise ValueError(f"optim.class_weights={list(self.class_weights)} must be non-negative")
+        if self.class_weights is not None and any(not w >= 0 or math.isinf(w) for w in self.class_weights):
+            raise ValueError(f"optim.class_weights={list(self.class_weights)} must be finite and non-negative")
 
 
 @dataclass
@@ -229,6 +259,10 @@ class TrainConfig:
     """Optimizer steps between progress/loss updates (the only host syncs in the loop)."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
+    nonfinite: str = "skip"
+    """A NaN/inf loss or gradient: skip (drop that update, count it, warn) or halt (write nonfinite.json, exit 70)."""
+    max_nonfinite_steps: int = 10
+    """skip: stop (exit 70) after this many non-finite optimizer steps in a row."""
 
     def __post_init__(self) -> None:
         _check_range("train.epochs", self.epochs, 1)
@@ -244,6 +278,9 @@ class TrainConfig:
         _check_range("train.early_stopping_patience", self.early_stopping_patience, 0)
         _check_range("train.early_stopping_min_delta", self.early_stopping_min_delta, 0.0)
         _check_range("train.log_every_steps", self.log_every_steps, 1)
+        _check_range("train.seed", self.seed, 0, MAX_SEED)
+        _check_choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _check_range("train.max_nonfinite_steps", self.max_nonfinite_steps, 1)
 
 
 SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -295,9 +332,17 @@ class LoggingConfig:
     """Show rich progress bars (main process only)."""
     training_signals: bool = True
     """Add gradient/weight norms, lr per param group, non-finite step fraction and images/s to metrics.jsonl."""
+    wandb_base_url: Optional[str] = None
+    """online: the W&B server (e.g. https://wandb.example.com); null: $WANDB_BASE_URL, else https://api.wandb.ai."""
+    wandb_init_timeout: float = 60.0
+    """online: seconds for the server to answer (probed before wandb.init) and the run to start; else offline."""
+    wandb_finish_timeout: float = 600.0
+    """online: seconds the end of the run may spend uploading; the rest stays on disk for `wandb sync` (0: wait)."""
 
     def __post_init__(self) -> None:
         _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
+        _check_range("logging.wandb_init_timeout", self.wandb_init_timeout, 0.0, low_open=True)
+        _check_range("logging.wandb_finish_timeout", self.wandb_finish_timeout, 0.0)
 
 
 @dataclass
@@ -331,8 +376,10 @@ class RunConfig:
     """Run folder name (and W&B run name)."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"run.name={self.name!r} must be a non-empty folder name without '/'")
+        if (not self.name or "/" in self.name or self.name in (".", "..") or len(self.name.encode()) > 255
+                or any(ord(c) < 32 for c in self.name)):
+            raise ValueError(f"run.name={self.name!r} must be a folder name: not empty, '.' or '..', without '/' or "
+                             "control characters, at most 255 bytes")
         if not self.output_dir:
             raise ValueError("run.output_dir is empty; give a folder for run folders")
 
@@ -371,8 +418,8 @@ class FinetuneConfig:
         _check_range("finetune.unfreeze_every", self.unfreeze_every, 1)
         _check_range("finetune.layer_decay", self.layer_decay, 0.0, 1.0, low_open=True)
         for pattern, mult in self.lr_mult.items():
-            if mult < 0:
-                raise ValueError(f"finetune.lr_mult.{pattern}={mult} must be >= 0")
+            if not 0 <= mult < math.inf:
+                raise ValueError(f"finetune.lr_mult.{pattern}={mult} must be a finite number >= 0")
 
 
 @dataclass
@@ -403,6 +450,7 @@ class CVConfig:
 
     def __post_init__(self) -> None:
         _check_range("cv.folds", self.folds, 2)
+        _check_range("cv.seed", self.seed, 0, MAX_SEED)
         _check_range("cv.fold", self.fold, -1)
         if self.fold >= self.folds:
             raise ValueError(f"cv.fold={self.fold} must be < cv.folds={self.folds} (or -1 for all folds)")
@@ -438,6 +486,7 @@ class Config:
     """k-fold cross-validation."""
 
     def __post_init__(self) -> None:
+        _check_values("", self)
         if self.train.precision == "fp16" and self.train.cpu:
             raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 with train.cpu=true")
         if self.imbalance.class_weights == "auto" and self.optim.class_weights is not None:

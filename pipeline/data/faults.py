@@ -52,6 +52,9 @@ def short_error(exc: BaseException, limit: int = 120) -> str:
 class DataQualityError(ValueError):
     """Too many bad samples (data.max_bad_fraction exceeded); the message is one line."""
 
+    exit_code = EXIT_BAD_DATA
+    same_on_every_rank = True  # every rank stops with the same totals; rank 0 says it
+
 
 @dataclass
 class SampleCheck:

@@ -99,6 +99,14 @@ class Dist:
             raise error
         return result
 
+    def gather_object(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order, on every rank (for rare paths: failures, diagnostics)."""
+        if self.world_size == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([obj]))
+
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[None]:
         """The main process runs the block first (e.g. to create files), then the others."""
@@ -123,11 +131,12 @@ class Dist:
         return model, optimizer
 
     def print(self, *args, **kwargs) -> None:
-        """Print on the main process only."""
+        """Print on the main process only (secrets masked)."""
         if self.is_main:
+            from pipeline.config.secrets import mask_text
             from pipeline.tracking.console import console
 
-            console.print(*args, **kwargs)
+            console.print(*(mask_text(a) if isinstance(a, str) else a for a in args), **kwargs)
 
 
 def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameters: bool = False) -> Dist:

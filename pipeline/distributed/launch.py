@@ -45,11 +45,16 @@ def _forward(signum: int, _frame: object) -> None:
 
 
 def exit_code_of(failures: dict) -> int:
-    """One exit code for a set of failed ranks: 75 if any rank asked to be resumed, else the first failure's."""
+    """One exit code for a set of failed ranks: 75 if any rank asked to be resumed, else the first failure's.
+
+    Once one rank exits, torchrun sends SIGTERM to the others; a rank still finishing its own exit then
+    reads as killed by SIGTERM. Such victims do not hide the code of the rank that really failed.
+    """
     codes = [failure.exitcode for _, failure in sorted(failures.items())]
     if EX_TEMPFAIL in codes:
         return EX_TEMPFAIL
-    first = codes[0] if codes else 1
+    causes = [code for code in codes if code != -signal.SIGTERM] or codes
+    first = causes[0] if causes else 1
     return 128 - first if first < 0 else first  # a rank killed by signal N reads as 128+N, as in a shell
 
 

@@ -89,9 +89,11 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    from pipeline.checkpointing.safe_load import load_tensors
+
     try:
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
-    except (RuntimeError, EOFError, OSError) as exc:  # not a torch file, truncated, unpicklable objects...
+        return _unwrap(load_tensors(path), str(path))
+    except OSError as exc:
         raise ValueError(f"cannot read '{path}' as a state dict: {str(exc).splitlines()[0]}") from None
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # a warning stays one line
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line
 
 
 class NullProgress:
@@ -45,6 +45,9 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress | NullProgress]:
 
 
 def warn(message: str) -> None:
+    """One line on stderr; secrets in it are masked, brackets in it are text (not rich markup)."""
     from rich.markup import escape
 
-    err_console.print(f"[yellow]warning:[/yellow] {escape(message)}")
+    from pipeline.config.secrets import mask_text
+
+    err_console.print(f"[yellow]warning:[/yellow] {escape(mask_text(message))}")

@@ -6,10 +6,14 @@ import json
 import math
 from pathlib import Path
 
+from pipeline.config.secrets import mask_text
+
 
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return mask_text(value)
     return value
 
 

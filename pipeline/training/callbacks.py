@@ -22,7 +22,8 @@ class Callback:
         """Before epoch `epoch` (0-based) starts or resumes."""
 
     def on_before_optimizer_step(self, trainer: "Trainer") -> None:
-        """Gradients are complete (and unscaled/clipped); the optimizer is about to step."""
+        """Gradients are complete (and unscaled/clipped); the optimizer is about to step (unless they are
+        non-finite: then the non-finite guard, which runs next, skips or halts)."""
 
     def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
         """`record` is the epoch's metrics.jsonl entry; add keys to it here. Raise to stop the run."""

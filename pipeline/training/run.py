@@ -96,8 +96,10 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
     loss_fn = build_loss(cfg.optim, manifest.num_classes, loss_class_weights(cfg, manifest)).to(dist.device)
-    tracker = build_tracker(run_dir, cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.logging.wandb_entity,
-                            cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main)
+    log_cfg = cfg.logging
+    tracker = build_tracker(run_dir, log_cfg.wandb_mode, log_cfg.wandb_project, log_cfg.wandb_entity, cfg.run.name,
+                            OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main, log_cfg.wandb_base_url,
+                            log_cfg.wandb_init_timeout, log_cfg.wandb_finish_timeout)
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
                       ClassificationMetrics(manifest.num_classes, dist.device),
                       Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last),

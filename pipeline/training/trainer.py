@@ -13,17 +13,18 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline.checkpointing import Checkpointer, load_weights
+from pipeline.checkpointing import Checkpointer, CheckpointWriteError, load_weights
 from pipeline.config.schema import Config
 from pipeline.data import SplitLoader
 from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
-from pipeline.tracking.console import NullProgress, progress_bar
+from pipeline.tracking.console import NullProgress, progress_bar, warn
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.training.bad_data import BadDataMonitor
 from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
+from pipeline.training.nonfinite import NonFiniteGuard
 from pipeline.training.preemption import PREEMPTED_MARKER, Preempted, StopRequest, maybe_inject_fault
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import rng_state, set_rng_state
@@ -36,7 +37,7 @@ class TrainState:
     epoch: int = 0
     """Epochs completed."""
     global_step: int = 0
-    """Optimizer steps taken."""
+    """Optimizer steps taken (including updates skipped for non-finite values: a step of the data stream)."""
     step_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed by this rank."""
     stopped_early: bool = False
@@ -60,7 +61,9 @@ class Trainer:
         self.steps_per_epoch = train.stream.steps_per_epoch()
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.progress = NullProgress()
-        self.callbacks = CallbackList(callbacks)
+        self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_steps,
+                                        check_grads=cfg.train.precision != "fp16", rank=dist.rank)
+        self.callbacks = CallbackList([*(callbacks or []), self.nonfinite])
         self.stop = StopRequest(cfg.checkpoint.signals)
         self.epoch_totals = torch.zeros(3, device=dist.device)  # loss sum, correct, samples of this epoch
         self.bad_data = BadDataMonitor(cfg.data, dist)  # skipped/converted samples per epoch, max_bad_fraction
@@ -100,9 +103,10 @@ class Trainer:
             window = min(accum, self.steps_per_epoch - window_start)
             last_in_window = micro - window_start == window - 1
             loss, correct = self.train_step(images, labels, window, last_in_window)
-            # Sums stay on the device: no host sync per step.
-            self.epoch_totals += torch.stack([loss.detach() * labels.numel(), correct,
-                                              torch.tensor(float(labels.numel()), device=correct.device)])
+            # Sums stay on the device: no host sync per step. Non-finite losses are counted by the guard instead.
+            self.epoch_totals += torch.where(torch.isfinite(loss.detach()), torch.stack([
+                loss.detach() * labels.numel(), correct, torch.tensor(float(labels.numel()), device=correct.device)]),
+                0.0)
             self.state.step_in_epoch += 1
             if last_in_window:
                 self.state.global_step += 1
@@ -128,7 +132,7 @@ class Trainer:
             flags = self.dist.agree([self.stop.requested, timed])  # one all-reduce for both questions
             stop, due = flags[0], due or flags[1]
         if due or stop:
-            self.save(self.checkpointer.step_name(step))
+            self.save(self.checkpointer.step_name(step), final=stop)
         maybe_inject_fault(step, due or stop, self.dist.rank)
         if stop:
             self.preempt()
@@ -154,15 +158,18 @@ class Trainer:
             with accelerator.autocast():
                 logits = self.model(images)
                 loss = self.loss_fn(logits.float(), labels)
+            loss = self.nonfinite.observe_loss(self, loss)
             accelerator.backward(loss / window)
         if last_in_window:
+            self.nonfinite.measure(self)  # before clipping, which would turn a non-finite norm into NaN everywhere
             if self.cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
             self.callbacks.on_before_optimizer_step(self)
-            self.optimizer.step()
+            if self.nonfinite.update_allowed(self):  # skip (counted) or raise NonFiniteStop; one host sync
+                self.optimizer.step()
+                if self.nonfinite.stepped(self):  # not skipped by the fp16 GradScaler
+                    self.schedule.after_optimizer_step()
             self.optimizer.zero_grad(set_to_none=True)
-            if not accelerator.optimizer_step_was_skipped:
-                self.schedule.after_optimizer_step()
         correct = (logits.detach().argmax(dim=-1) == labels).sum().float()
         return loss, correct
 
@@ -191,10 +198,11 @@ class Trainer:
                 f"epoch {self.state.epoch}/{self.cfg.train.epochs}  train/loss {record['train/loss']:.4f}  "
                 f"val/loss {record['val/loss']:.4f}  val/accuracy {record['val/accuracy']:.4f}  "
                 f"lr {record['lr']:.2e}  {seconds:.1f}s" + ("  *best*" if improved else ""))
+        final = self.state.epoch >= self.cfg.train.epochs or self.state.stopped_early
         if improved and self.cfg.checkpoint.save_best:
-            self.save("best")
+            self.save("best", final)
         if self.cfg.checkpoint.save_last:
-            self.save(self.checkpointer.step_name(self.state.global_step))
+            self.save(self.checkpointer.step_name(self.state.global_step), final)
             maybe_inject_fault(self.state.global_step, True, self.dist.rank)
         if self.state.stopped_early:
             self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
@@ -207,14 +215,27 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.dist.accelerator.unwrap_model(self.model)
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, final: bool = False) -> Optional[Path]:
+        """Checkpoint (never non-finite weights). A save that cannot be written is a warning while training goes
+        on (the previous checkpoint stays; the next save retries), and an error when it is the run's last one."""
+        self.nonfinite.check_weights(self)
         state = {"train": asdict(self.state), "early_stopping": self.early.state_dict(),
                  "callbacks": self.callbacks.state_dict()}
         rank_state = {"rng": rng_state(), "epoch_totals": self.epoch_totals.detach().cpu(),
                       "data_faults": self.train_data.faults.clone()}
         self.last_save_time = time.monotonic()
-        return self.checkpointer.save(name, self.unwrapped, self.optimizer, self.schedule,
-                                      self.dist.accelerator.scaler, state, rank_state)
+        try:
+            return self.checkpointer.save(name, self.unwrapped, self.optimizer, self.schedule,
+                                          self.dist.accelerator.scaler, state, rank_state)
+        except CheckpointWriteError as exc:
+            if final:
+                raise CheckpointWriteError(f"{exc}; this was the run's last save: it resumes from "
+                                           f"{self.checkpointer.latest() or 'the start'} (free space and rerun the "
+                                           f"same command)") from None
+            kept = self.checkpointer.find(name) if name == "best" else self.checkpointer.latest()
+            if self.dist.is_main:
+                warn(f"{exc}; kept {kept or 'no earlier checkpoint'}; training goes on and the next save retries")
+            return None
 
     def maybe_resume(self) -> Optional[Path]:
         """Continue from the newest complete checkpoint (resume=auto) or a given folder; else start fresh."""

@@ -19,18 +19,12 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
+from pipeline.config.secrets import mask_url
+
 # Heartbeats, stale-trial failing and retries are "experimental" in Optuna, and it expects heartbeats
 # only under Study.optimize; we drive them ourselves (ask/tell under the budget lock) on purpose.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and saved files."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: show only the scheme
-        return url.split("://", 1)[0] + "://***"
 
 
 def check_url(url: str) -> None:

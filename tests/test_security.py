@@ -1,0 +1,154 @@
+"""Security: no tensor file can run code when loaded, and secrets never reach saved configs, logs or W&B."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.checkpointing import Checkpointer
+from pipeline.checkpointing.safe_load import load_tensors
+from pipeline.config import load_config, to_yaml
+from pipeline.config.secrets import mask, mask_text, mask_url
+from pipeline.distributed import Dist
+from tests.conftest import ROOT, TINY, run_cli
+
+
+class _Exploit:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _write_exploit(path: Path, marker: Path, torch_format: bool = True) -> None:
+    if torch_format:  # a real torch zip file whose data.pkl holds the payload
+        torch.save({"state": {}, "param_groups": [], "payload": _Exploit(marker)}, path)
+    else:  # a bare pickle, as an old-style .pt would be
+        path.write_bytes(pickle.dumps(_Exploit(marker)))
+
+
+@pytest.mark.parametrize("torch_format", [True, False])
+def test_load_tensors_refuses_pickled_code(tmp_path: Path, torch_format: bool) -> None:
+    marker = tmp_path / "pwned"
+    _write_exploit(tmp_path / "evil.pt", marker, torch_format)
+    with pytest.raises(ValueError) as info:
+        load_tensors(tmp_path / "evil.pt")
+    message = str(info.value)
+    assert not marker.exists()
+    assert message.startswith(f"refusing to load '{tmp_path / 'evil.pt'}': it holds pickled objects other than "
+                              "tensors, which could run code (torch.load weights_only=True)") and "\n" not in message
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    """The only torch.load call in the package is the one in safe_load, with weights_only=True; no pickle.load."""
+    calls = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            func = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and isinstance(func, ast.Attribute) and func.attr in ("load", "loads") \
+                    and isinstance(func.value, ast.Name) and func.value.id in ("torch", "pickle"):
+                safe = any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
+                calls.append((str(path.relative_to(ROOT)), func.value.id, safe))
+    assert calls == [("pipeline/checkpointing/safe_load.py", "torch", True)]
+
+
+def _reseal(folder: Path) -> None:
+    """Rewrite COMPLETE so the tampered folder passes the integrity check (as a careful attacker would)."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size,
+                                          "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "COMPLETE"}
+    (folder / "COMPLETE").write_text(json.dumps({"files": files}))
+
+
+def test_resuming_from_a_poisoned_checkpoint_is_refused(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", Dist(Accelerator(cpu=True)))
+    folder = checkpointer.save("step-00000001", model, optimizer, scheduler, None, {"train": {}}, {"rng": None})
+    marker = tmp_path / "pwned"
+    _write_exploit(folder / "optimizer.pt", marker)
+    _reseal(folder)
+    assert checkpointer.latest() == folder  # it looks complete and intact...
+    with pytest.raises(ValueError, match=r"refusing to load '.*optimizer\.pt': it holds pickled objects"):
+        checkpointer.load(folder, model, optimizer, scheduler, None)
+    assert not marker.exists()  # ...but its code never ran
+
+
+def test_cli_refuses_poisoned_pretrained_weights(tmp_path: Path, digits_root: Path) -> None:
+    marker = tmp_path / "pwned"
+    _write_exploit(tmp_path / "weights.pt", marker)
+    result = run_cli(["train", "configs/default.yaml", f"data.root={digits_root}", f"run.output_dir={tmp_path}",
+                      "run.name=p", *TINY, "train.epochs=1", f"finetune.weights={tmp_path / 'weights.pt'}"],
+                     check=False, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: refusing to load '{tmp_path / 'weights.pt'}'"), lines
+    assert not marker.exists()
+
+
+# ---- secrets -------------------------------------------------------------------------------------------
+def test_masking_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("PIPELINE_TUNE_STORAGE", "postgresql://bob:dbpass123@db:5432/optuna")
+    assert mask_url("postgresql://alice:s3cret@db:5432/x") == "postgresql://alice:***@db:5432/x"
+    assert mask_url("postgresql://alice:p@ss@db/x") == "postgresql://alice:***@db/x"  # '@' inside the password
+    assert mask_url("sqlite:////tmp/a/study.db") == "sqlite:////tmp/a/study.db"
+    assert mask_text("key " + "k" * 40 + " and dbpass123 and token=abc&x=1 password: hunter2") == \
+        "key *** and *** and token=***&x=1 password: ***"
+    assert mask({"tune": {"storage": "postgresql://u:pw@h/db", "db_password": "p", "api_key": 12,
+                          "use_auth_key": True, "n_trials": 3, "tokenizer": "bert"}}) == \
+        {"tune": {"storage": "postgresql://u:***@h/db", "db_password": "***", "api_key": "***",
+                  "use_auth_key": True, "n_trials": 3, "tokenizer": "bert"}}
+
+
+def test_saved_config_masks_url_passwords() -> None:
+    cfg = load_config(None, ["logging.wandb_base_url=https://me:hunter2@wandb.example.com"])
+    assert "hunter2" not in to_yaml(cfg) and "https://me:***@wandb.example.com" in to_yaml(cfg)
+    assert cfg.logging.wandb_base_url == "https://me:hunter2@wandb.example.com"  # the run itself still has it
+
+
+def _grep_tree(folder: Path, needles: list[str]) -> list[str]:
+    hits = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            hits += [f"{path}: {n}" for n in needles if n.encode() in data]
+    return hits
+
+
+def test_secrets_never_reach_the_run_folder_or_the_console(tmp_path: Path, digits_root: Path) -> None:
+    """A secret in an override (a W&B URL password) and in the environment (WANDB_API_KEY): after a whole run,
+    including W&B's offline fallback, neither appears in any file of the run folder or in stdout/stderr."""
+    api_key, password, db_password = "SeCrEtApIkEy" + "0" * 28, "PaSsW0rdInUrL", "DbPaSsInEnV"
+    with socket.socket() as server:  # a W&B server that never answers: the run falls back to offline
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        url = f"http://wandbuser:{password}@127.0.0.1:{server.getsockname()[1]}"
+        result = run_cli(["train", "configs/default.yaml", f"data.root={digits_root}", f"run.output_dir={tmp_path}",
+                          "run.name=s", *TINY, "train.epochs=1", "logging.wandb_mode=online",
+                          f"logging.wandb_base_url={url}", "logging.wandb_init_timeout=2", "report.enabled=true"],
+                         env={"WANDB_API_KEY": api_key, "NETRC": str(tmp_path / "none"),
+                              "PIPELINE_TUNE_STORAGE": f"postgresql://u:{db_password}@db/x"}, timeout=300)
+    run = tmp_path / "s"
+    assert list((run / "wandb").glob("offline-run-*")), "W&B fell back to offline and kept its data"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any("W&B server http://wandbuser:***@127.0.0.1" in w and "logging offline" in w for w in warnings)
+    assert "wandbuser:***@" in (run / "config.yaml").read_text()
+    secrets = [api_key, password, db_password]
+    assert _grep_tree(run, secrets) == []
+    assert not [s for s in secrets if s in result.stdout or s in result.stderr]
