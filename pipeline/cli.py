@@ -215,8 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.training.preemption import Preempted
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        _leave_process_group()
+        return code
     except Preempted as exc:
+        _leave_process_group()
         return exc.exit_code
     except Exception as exc:
         # Bad input (2), and failures that carry their own code: DataQualityError (65), NonFiniteStop (70),
@@ -237,9 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _leave_process_group() -> None:
-    """After a failure that every rank agreed on, leave the process group before exiting: a rank that exits
-    with gloo's threads still running can abort ('terminate called without an active exception', SIGABRT)
-    and hide the real exit code."""
+    """At the end of a command (after its final barrier) or a failure that every rank agreed on, leave the
+    process group before exiting: a rank that exits with gloo's threads still running can abort ('terminate
+    called without an active exception', SIGABRT) and hide the real exit code."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         try:
