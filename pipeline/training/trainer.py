@@ -98,9 +98,10 @@ class Trainer:
             window = min(accum, self.steps_per_epoch - window_start)
             last_in_window = micro - window_start == window - 1
             loss, correct = self.train_step(images, labels, window, last_in_window)
-            # Sums stay on the device: no host sync per step.
-            self.epoch_totals += torch.stack([loss.detach() * labels.numel(), correct,
-                                              torch.tensor(float(labels.numel()), device=correct.device)])
+            # Sums stay on the device and nothing is copied from the host (torch.full is a fill kernel,
+            # torch.tensor would be a synchronising copy): no host sync per step.
+            count = float(labels.numel())
+            self.epoch_totals += torch.stack([loss.detach() * count, correct, correct.new_full((), count)])
             self.state.step_in_epoch += 1
             if last_in_window:
                 self.state.global_step += 1
@@ -152,13 +153,12 @@ class Trainer:
             with accelerator.autocast():
                 logits = self.model(images)
                 loss = self.loss_fn(logits.float(), labels)
-            accelerator.backward(loss / window)
+            self.dist.backward(loss / window if window > 1 else loss)
         if last_in_window:
             if self.cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
             self.callbacks.on_before_optimizer_step(self)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.dist.optimizer_step(self.optimizer)
             if not accelerator.optimizer_step_was_skipped:
                 self.schedule.after_optimizer_step()
         correct = (logits.detach().argmax(dim=-1) == labels).sum().float()
