@@ -82,7 +82,7 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
     finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main, dist.world_size)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
-    optimizer = build_optimizer(cfg.optim, model, finetune.param_groups)
+    optimizer = build_optimizer(cfg.optim, model, finetune.param_groups, fused=dist.device.type == "cuda")
     model, optimizer = dist.accelerator.prepare(model, optimizer)
     if cfg.model.compile:
         import torch
