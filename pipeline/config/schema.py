@@ -19,6 +19,7 @@ MODES = ("min", "max")
 WANDB_MODES = ("offline", "online", "disabled")
 FREEZE_STRATEGIES = ("full", "feature_extraction", "partial", "gradual")
 CLASS_WEIGHT_MODES = ("none", "auto")
+DECODE_DEVICES = ("workers", "cpu", "cuda")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -86,6 +87,12 @@ class DataConfig:
     """Drop each worker's final partial batch (all ranks always run the same number of steps)."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    decode_device: str = "workers"
+    """workers (decode + augment per image in the loader workers), or cpu / cuda: workers only read JPEG bytes and
+    draw each image's augmentation parameters; the main process decodes the batch (torchvision decode_jpeg, nvJPEG
+    on cuda) and crops/flips/normalises it on that device, with the same parameters."""
+    jpeg_draft: bool = True
+    """Decode JPEGs at 1/2, 1/4 or 1/8 size (PIL draft) when the crop still covers image_size pixels (workers)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
 
@@ -96,6 +103,7 @@ class DataConfig:
         _check_choice("data.channels", self.channels, (1, 3))
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 1)
+        _check_choice("data.decode_device", self.decode_device, DECODE_DEVICES)
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
             if len(values) not in (1, self.channels):
                 raise ValueError(f"{key} has {len(values)} values; give 1 or data.channels={self.channels}")

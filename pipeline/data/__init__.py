@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
 
 from pipeline.config.schema import Config
+from pipeline.data.decode import DeviceBatches, build_decoding
 from pipeline.data.manifest import Manifest
 from pipeline.data.stream import ShardStream, make_loader, shard_paths
 from pipeline.data.transforms import build_transform
@@ -12,17 +16,19 @@ from pipeline.data.transforms import build_transform
 
 @dataclass
 class SplitLoader:
-    """A split's stream (for position and counts) and the DataLoader that iterates it."""
+    """A split's stream (for position and counts) and the loader that iterates it (batches on the device)."""
 
     stream: ShardStream
-    loader: object
+    loader: Iterable
 
     def set_position(self, epoch: int, step: int = 0) -> None:
         self.stream.set_position(epoch, step)
 
 
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
-                 train: bool, batch_size: int | None = None) -> ShardStream:
+                 train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
+    """The split's stream for one rank; `codec` (default: decode and normalise in the workers) turns samples
+    into batch items, see `pipeline.data.decode`."""
     info = manifest.split(split)
     kind, extra = ShardStream, {}
     if train and cfg.imbalance.balanced_sampling:
@@ -32,17 +38,18 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
     return kind(
         shard_paths(cfg.data.root, [s.name for s in info.shards]), [s.num_samples for s in info.shards],
         batch_size=batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size),
-        transform=build_transform(cfg.data, train=train), channels=cfg.data.channels, rank=rank,
+        codec=codec or build_decoding(cfg.data, train)[0], rank=rank,
         world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train, **extra)
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
-                 train: bool, pin_memory: bool = False) -> SplitLoader:
-    """The loader for one split on one rank."""
-    stream = build_stream(cfg, manifest, split, rank, world_size, train)
-    workers = cfg.data.num_workers
-    return SplitLoader(stream, make_loader(stream, workers, pin_memory and cfg.data.pin_memory))
+                 train: bool, pin_memory: bool = False, device: Optional[torch.device] = None) -> SplitLoader:
+    """The loader for one split on one rank; its batches are ready for the model on `device` (None: CPU)."""
+    codec, finish = build_decoding(cfg.data, train, device)
+    stream = build_stream(cfg, manifest, split, rank, world_size, train, codec=codec)
+    loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory)
+    return SplitLoader(stream, loader if finish is None else DeviceBatches(loader, finish))
 
 
 __all__ = ["Manifest", "ShardStream", "SplitLoader", "build_loader", "build_stream", "build_transform"]

@@ -20,20 +20,16 @@ How an epoch is laid out (the contract the resume logic relies on):
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
-
-IMAGE_KEYS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif", "ppm")
 
 
 @dataclass(frozen=True)
@@ -80,27 +76,24 @@ def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
-def decode_image(sample: dict, mode: str) -> Image.Image:
-    """The sample's image as a PIL image in `mode` (L or RGB); palette/alpha/gray are converted."""
-    for key in IMAGE_KEYS:
-        if key in sample:
-            image = Image.open(io.BytesIO(sample[key]))
-            image.draft(mode, image.size)  # cheap for JPEG, ignored otherwise
-            return image.convert(mode)
-    raise ValueError(f"sample {sample.get('__key__')} has no image (keys: {sorted(sample)})")
+class SampleCodec(Protocol):
+    """What a stream does with each raw sample and each batch (see `pipeline.data.decode`)."""
+
+    def sample(self, sample: dict, seed: int | None) -> object: ...
+
+    def batch(self, items: list, labels: list[int]) -> tuple: ...
 
 
 class ShardStream(IterableDataset):
     """Batches of (images, labels) from one split's shards for one rank; see the module docstring."""
 
     def __init__(self, shard_paths: Sequence[str], shard_sizes: Sequence[int], *, batch_size: int,
-                 transform: Callable, channels: int, rank: int, world_size: int, num_workers: int,
+                 codec: SampleCodec, rank: int, world_size: int, num_workers: int,
                  seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False):
         if len(shard_paths) != len(shard_sizes):
             raise ValueError("shard_paths and shard_sizes differ in length")
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
-        self.batch_size, self.transform = batch_size, transform
-        self.mode = "L" if channels == 1 else "RGB"
+        self.batch_size, self.codec = batch_size, codec
         self.rank, self.world_size = rank, world_size
         self.workers = max(1, num_workers)
         self.seed, self.train = seed, train
@@ -157,30 +150,32 @@ class ShardStream(IterableDataset):
         virtual = (physical + step) % self.workers
         done_batches = step // self.workers + (1 if virtual < step % self.workers else 0)
         slot = self.rank * self.workers + virtual
-        yield from self._slot_batches(epoch, slot, done_batches, in_main=info is None)
+        yield from self._slot_batches(epoch, slot, done_batches)
 
-    def _slot_batches(self, epoch: int, slot: int, done_batches: int, in_main: bool) -> Iterator:
+    def _slot_batches(self, epoch: int, slot: int, done_batches: int) -> Iterator:
         start, stop = self.slot_range(slot)
         order = epoch_shard_order(len(self.shard_paths), self.seed, epoch, self.train)
         segments = slot_segments(self.shard_sizes, order, start, stop)
         skip = done_batches * self.batch_size
         position = skip  # index of the next sample within this slot's stream
-        images, labels = [], []
+        items, labels = [], []
         for number, segment in enumerate(segments):
             length = segment.stop - segment.start
             if skip >= length:  # finished before the restart: not even opened
                 skip -= length
                 continue
             for sample in self._segment_samples(epoch, slot, number, segment, skip):
-                images.append(self._transform(sample, epoch, slot, position, in_main))
+                # Augmentation is seeded by the sample's place in the epoch, so a restart reproduces it exactly.
+                seed = hash((self.seed, epoch, slot, position)) & 0x7FFF_FFFF_FFFF_FFFF if self.train else None
+                items.append(self.codec.sample(sample, seed))
                 labels.append(int(sample["cls"]))
                 position += 1
-                if len(images) == self.batch_size:
-                    yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-                    images, labels = [], []
+                if len(items) == self.batch_size:
+                    yield self.codec.batch(items, labels)
+                    items, labels = [], []
             skip = 0
-        if images and not self.drop_last:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+        if items and not self.drop_last:
+            yield self.codec.batch(items, labels)
 
     def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
         """Raw (undecoded) samples of a segment, shuffled, minus the first `skip` of them."""
@@ -193,19 +188,6 @@ class ShardStream(IterableDataset):
         for index, sample in enumerate(raw):
             if index >= skip:
                 yield sample
-
-    def _transform(self, sample: dict, epoch: int, slot: int, position: int, in_main: bool) -> torch.Tensor:
-        image = decode_image(sample, self.mode)
-        if not self.train:
-            return self.transform(image)
-        # Seed augmentation by the sample's place in the epoch, so a restart reproduces it exactly.
-        sample_seed = hash((self.seed, epoch, slot, position)) & 0x7FFF_FFFF_FFFF_FFFF
-        if in_main:  # do not disturb the training process's own RNG (dropout etc.)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                return self.transform(image)
-        torch.manual_seed(sample_seed)
-        return self.transform(image)
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -77,8 +77,10 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     dist.barrier()
     pin = dist.device.type == "cuda"
-    train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin)
-    val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin)
+    train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin,
+                         device=dist.device)
+    val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin,
+                       device=dist.device)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
     finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main, dist.world_size)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
@@ -103,7 +105,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
 def test_split(run: Run, split: str = "test") -> dict:
     """Evaluate the trainer's current (best) weights on a split; counts every sample once."""
     cfg, dist = run.cfg, run.dist
-    data = build_loader(cfg, run.manifest, split, dist.rank, dist.world_size, train=False)
+    data = build_loader(cfg, run.manifest, split, dist.rank, dist.world_size, train=False,
+                        pin_memory=dist.device.type == "cuda", device=dist.device)
     data.set_position(0, 0)
     trainer = run.trainer
     metrics = evaluate(trainer.unwrapped, data.loader, trainer.loss_fn, trainer.metrics, dist.device,
