@@ -233,6 +233,8 @@ class TrainConfig:
     """Optimizer steps between progress/loss updates (the only host syncs in the loop)."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
+    cudnn_benchmark: bool = True
+    """GPU: let cuDNN time its convolution algorithms for the input shapes once (faster for fixed image sizes)."""
 
     def __post_init__(self) -> None:
         _check_range("train.epochs", self.epochs, 1)

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from pipeline.checkpointing import Checkpointer
@@ -69,6 +70,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     if cfg.logging.training_signals:
         callbacks = [TrainingSignals(), *(callbacks or [])]
     dist = build_dist(cfg.train.precision, cfg.train.cpu)
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)
     run_dir = run_dir_of(cfg)
     manifest = load_manifest(cfg, dist)
@@ -87,8 +90,6 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     optimizer = build_optimizer(cfg.optim, model, finetune.param_groups, fused=dist.device.type == "cuda")
     model, optimizer = dist.accelerator.prepare(model, optimizer)
     if cfg.model.compile:
-        import torch
-
         model = torch.compile(model)
     steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
