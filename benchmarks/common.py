@@ -22,11 +22,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fresh_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so the next Accelerator may use another precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def alternate(contenders: dict[str, Callable[[], int]], repeats: int, device: torch.device,
               log: Callable[[str], None] = print) -> dict[str, list[float]]:
     """Run each contender once per repeat, in an order that flips every repeat; return seconds per unit.
 
-    A contender returns how many units (steps, images) it processed. Alternating in one process means
+    A contender returns how many units (steps, images) it processed, or (units, seconds) when it times
+    itself (to leave out set-up that is not part of what is compared). Alternating in one process means
     a noisy neighbour slows all contenders alike, so medians of the per-repeat ratios stay meaningful.
     """
     names = list(contenders)
@@ -38,6 +47,8 @@ def alternate(contenders: dict[str, Callable[[], int]], repeats: int, device: to
             units = contenders[name]()
             sync(device)
             seconds = time.perf_counter() - started
+            if isinstance(units, tuple):
+                units, seconds = units
             per_unit[name].append(seconds / units)
             log(f"  repeat {repeat + 1}/{repeats}  {name:28s} {units:6d} units  {seconds / units * 1e3:9.3f} ms/unit")
     return per_unit

@@ -18,16 +18,26 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import logging
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import alternate, environment, ratios, table, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    alternate,
+    environment,
+    fresh_accelerate_state,
+    ratios,
+    sync,
+    table,
+    write_json,
+)
 
 # A step that is not trivially small: SimpleCNN [32, 64, 128] on 64 RGB images of 32x32 (~25 ms on a CPU core).
 BASE = ["model.name=simple_cnn", "model.channels=[32,64,128]", "data.image_size=32", "data.channels=3",
@@ -75,6 +85,7 @@ class PipelineLoop:
     def __init__(self, cfg):
         from pipeline.training.run import build_run
 
+        fresh_accelerate_state()  # each case may use another precision
         self.run = build_run(cfg)
         self.trainer = self.run.trainer
         self.device = self.trainer.dist.device
@@ -142,6 +153,9 @@ def lightning_loop(cfg, pipeline: PipelineLoop, batches):
     """The same model/optimizer/settings under Lightning; None (with the reason printed) if it is not installed."""
     try:
         import lightning as L  # noqa: N812
+
+        for name in ("lightning.pytorch", "lightning.fabric"):  # its start-up banners, per fit() call
+            logging.getLogger(name).setLevel(logging.ERROR)
     except ImportError:
         try:
             import pytorch_lightning as L  # noqa: N812
@@ -163,21 +177,33 @@ def lightning_loop(cfg, pipeline: PipelineLoop, batches):
         def configure_optimizers(self):
             return {"optimizer": bare.optimizer, "lr_scheduler": {"scheduler": bare.scheduler, "interval": "step"}}
 
-    module = Module()
-    precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[cfg.train.precision]
-    accelerator = "gpu" if pipeline.trainer.dist.device.type == "cuda" else "cpu"
-    state = {"fits": 0}
+    class Clock(L.Callback):
+        """Times from the first batch's start to the last batch's end: Trainer/fit set-up is left out."""
 
-    def block() -> int:
-        # Each block continues training: max_steps grows by the block's optimizer steps.
-        state["fits"] += 1
+        def on_train_batch_start(self, trainer, module, batch, batch_index):
+            if batch_index == 0:
+                sync(device)
+                self.started = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_index):
+            if batch_index == len(batches) - 1:
+                sync(device)
+                self.seconds = time.perf_counter() - self.started
+
+    module, clock = Module(), Clock()
+    precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[cfg.train.precision]
+    device = pipeline.trainer.dist.device
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+
+    def block() -> tuple[int, float]:
+        # One fit() of one epoch over the batches; the module, optimizer and schedule carry on between blocks.
         trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             max_epochs=1, accumulate_grad_batches=cfg.train.grad_accum_steps,
                             gradient_clip_val=cfg.train.max_grad_norm or None, num_sanity_val_steps=0,
-                            log_every_n_steps=cfg.train.log_every_steps)
+                            log_every_n_steps=cfg.train.log_every_steps, callbacks=[clock])
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-        return len(batches)
+        return len(batches), clock.seconds
 
     return block
 
