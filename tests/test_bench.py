@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_loop_overhead_runs_the_real_trainer_and_a_bare_loop(tmp_path: Path, digits_root: Path) -> None:
     out = tmp_path / "loop.json"
     result = loop_overhead.main(["--steps", "4", "--repeats", "2", "--cases", "bf16_accum2_clip", "--no-lightning",
+                                 "--threads", "0",
                                  "--out", str(out), "model.channels=[8,16]", "data.image_size=8",
                                  "train.batch_size=8", f"data.root={digits_root}"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     case = result["cases"]["bf16_accum2_clip"]
     loops = {"bare PyTorch", "pipeline", "pipeline (no training signals)"}
-    assert set(case["ms_per_step"]) == set(case["ratio_to_bare"]) == loops
+    assert set(case["ms_per_step"]) == set(case["ratio_to_bare"]) == set(case["ratio_of_fastest_blocks"]) == loops
     assert case["precision"] == "bf16" and case["grad_accum_steps"] == 2 and case["max_grad_norm"] == 1.0
     assert all(len(times) == 2 and min(times) > 0 for times in case["ms_per_step_all"].values())
     assert case["ratio_to_bare"]["bare PyTorch"] == 1.0

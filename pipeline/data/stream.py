@@ -29,7 +29,8 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+
+from pipeline.data.tar import tar_samples
 
 
 @dataclass(frozen=True)
@@ -180,8 +181,9 @@ class ShardStream(IterableDataset):
     def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
         """Raw (undecoded) samples of a segment, shuffled, minus the first `skip` of them."""
         url = self.shard_paths[segment.shard]
-        raw = tarfile_samples([{"url": url}])
-        raw = (s for i, s in enumerate(raw) if segment.start <= i < segment.stop)
+        if not self.train:  # no shuffle: the skipped samples are not even read
+            segment, skip = Segment(segment.shard, segment.start + skip, segment.stop), 0
+        raw = tar_samples(url, segment.start, segment.stop)
         if self.train:
             rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard)))
             raw = _shuffled(raw, self.shuffle_buffer, rng)
