@@ -152,7 +152,10 @@ class DeviceDecode:
         images: list[Optional[torch.Tensor]] = [None] * len(encoded)
         jpegs = [i for i, flag in enumerate(is_jpeg) if flag]
         if jpegs:  # one batched call: nvJPEG decodes the whole list on a GPU
-            decoded = decode_jpeg([encoded[i] for i in jpegs], mode=self.read_mode, device=self.decode_device)
+            try:
+                decoded = decode_jpeg([encoded[i] for i in jpegs], mode=self.read_mode, device=self.decode_device)
+            except RuntimeError:  # a JPEG the device decoder does not take (e.g. CMYK): those go to the CPU
+                decoded = [self._decode_one(encoded[i]) for i in jpegs]
             for index, image in zip(jpegs, decoded):
                 images[index] = image
         for index, flag in enumerate(is_jpeg):
@@ -161,6 +164,13 @@ class DeviceDecode:
         augmented = torch.stack([self.augment.apply(image, p) for image, p in zip(images, params)])
         images_out = self.normalize(augmented).to(self.output_device, non_blocking=True)
         return images_out, labels.to(self.output_device, non_blocking=True)
+
+
+    def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
+        try:
+            return decode_jpeg(data, mode=self.read_mode, device=self.decode_device)
+        except RuntimeError:
+            return decode_image(data, mode=self.read_mode).to(self.decode_device)
 
 
 class DeviceBatches:
