@@ -91,8 +91,9 @@ def shard_config(shards: Path, args, *overrides: str):
 class Epochs:
     """One call = one epoch of a loader; returns the images it delivered (and checks the first batch)."""
 
-    def __init__(self, name: str, loader, shape: tuple, set_epoch=None, dtype: torch.dtype = torch.float32):
-        self.name, self.loader, self.shape, self.set_epoch, self.dtype = name, loader, shape, set_epoch, dtype
+    def __init__(self, name: str, batches, shape: tuple, set_epoch=None, dtype: torch.dtype = torch.float32):
+        """`batches()` gives a new iterator over one epoch's (images, labels)."""
+        self.name, self.batches, self.shape, self.set_epoch, self.dtype = name, batches, shape, set_epoch, dtype
         self.epoch = 0
         self.images: list[int] = []
 
@@ -100,14 +101,14 @@ class Epochs:
         """Start the (persistent) workers and read one batch, so the first timed epoch is not the first."""
         if self.set_epoch is not None:
             self.set_epoch(0)
-        next(iter(self.loader))
+        next(iter(self.batches()))
 
     def __call__(self) -> int:
         if self.set_epoch is not None:
             self.set_epoch(self.epoch)
         self.epoch += 1
         count = 0
-        for index, (images, labels) in enumerate(self.loader):
+        for index, (images, labels) in enumerate(self.batches()):
             if index == 0 and (tuple(images.shape[1:]) != self.shape or images.dtype != self.dtype):
                 raise AssertionError(f"{self.name}: batch {tuple(images.shape)} {images.dtype}, expected "
                                      f"(N, {', '.join(map(str, self.shape))}) {self.dtype}")
@@ -117,31 +118,32 @@ class Epochs:
 
 
 def build_contenders(folder: Path, shards: Path, args) -> dict[str, Epochs]:
-    from pipeline.data import Manifest, build_loader, build_stream
+    from pipeline.data import Manifest, SplitLoader, build_loader, build_stream
     from pipeline.data.decode import WorkerDecode
     from pipeline.data.stream import make_loader
     from pipeline.data.transforms import SampleAugment, build_transform
 
     shape = (3, args.image_size, args.image_size)
     manifest = Manifest.read(shards)
+    classic = imagefolder_loader(folder, args, classic_transform(args.image_size))
+    v2 = imagefolder_loader(folder, args, build_transform(shard_config(shards, args).data, train=True))
     contenders = {
-        "ImageFolder + transforms (classic)": Epochs("classic", imagefolder_loader(
-            folder, args, classic_transform(args.image_size)), shape),
-        "ImageFolder + transforms.v2 (ours)": Epochs("v2", imagefolder_loader(
-            folder, args, build_transform(shard_config(shards, args).data, train=True)), shape),
+        "ImageFolder + transforms (classic)": Epochs("classic", lambda: classic, shape),
+        "ImageFolder + transforms.v2 (ours)": Epochs("v2", lambda: v2, shape),
     }
     variants = {"shards": ["data.jpeg_draft=false"], "shards + draft": ["data.jpeg_draft=true"]}
     if args.main_process_decode:
         variants["shards, decode_device=cpu"] = ["data.decode_device=cpu", "data.jpeg_draft=false"]
     for name, overrides in variants.items():
         split = build_loader(shard_config(shards, args, *overrides), manifest, "train", 0, 1, train=True)
-        contenders[name] = Epochs(name, split.loader, shape, split.set_position)
+        contenders[name] = Epochs(name, lambda split=split: split.loader, shape, split.set_position)
     # What the workers send when training on a GPU: uint8 batches, normalised there (not timed here).
     cfg = shard_config(shards, args, "data.jpeg_draft=true")
     codec = WorkerDecode(SampleAugment(cfg.data, train=True), 3, None, draft=True)
     stream = build_stream(cfg, manifest, "train", 0, 1, train=True, codec=codec)
-    contenders["shards + draft, uint8 out (GPU mode)"] = Epochs(
-        "uint8", make_loader(stream, args.workers, pin_memory=False), shape, stream.set_position, torch.uint8)
+    uint8_split = SplitLoader(stream, make_loader(stream, args.workers, pin_memory=False))
+    contenders["shards + draft, uint8 out (GPU mode)"] = Epochs("uint8", lambda: uint8_split.loader, shape,
+                                                                stream.set_position, torch.uint8)
     return contenders
 
 

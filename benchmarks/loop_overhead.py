@@ -68,7 +68,10 @@ class InMemorySplit:
             return self.samples
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        from pipeline.data import faults
+
         self.loader = batches
+        self.faults = faults.empty_counts()  # no bad samples in memory
         self.stream = self._Stream(len(batches), sum(len(labels) for _, labels in batches))
 
     def set_position(self, epoch: int, step: int = 0) -> None:

@@ -1,6 +1,7 @@
 """Command line: `pipeline train|tune|evaluate|predict|diagnose|visualize|report|data ...`.
 
-Bad input ends with one line and exit code 2.
+Bad input ends with one line and exit code 2; too many bad samples in training data
+(data.max_bad_fraction) with one line and exit code 65.
 """
 
 from __future__ import annotations
@@ -111,14 +112,24 @@ def _data_shards(args: argparse.Namespace) -> int:
 
     fractions = [float(x) for x in args.split.split(",")]
     manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,
-                            max_bytes=int(args.max_bytes), seed=args.seed)
+                            max_bytes=int(args.max_bytes), seed=args.seed, skip_bad=args.skip_bad)
     for name, info in manifest.splits.items():
         print(f"{name:5s}: {info.num_samples:7d} samples in {len(info.shards)} shard(s)")
+    for line in manifest.skipped_sources:
+        print(f"skipped (cannot be decoded): {line}")
     print(f"{manifest.num_classes} classes; manifest: {args.out}/manifest.json")
     from pipeline.data.balance import imbalance_summary
 
     print("\n".join(imbalance_summary(manifest)))
     return 0
+
+
+def _data_verify(args: argparse.Namespace) -> int:
+    from pipeline.data.verify import print_report, verify_shards
+
+    report = verify_shards(args.root, show_progress=not args.no_progress)
+    print_report(report)
+    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--max-samples", type=int, default=1000, help="samples per shard at most (default 1000)")
     shards.add_argument("--max-bytes", type=float, default=float(1 << 30), help="bytes per shard at most (1 GiB)")
     shards.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    shards.add_argument("--skip-bad", action="store_true",
+                        help="leave out images that cannot be decoded (listed) instead of refusing to write")
     shards.set_defaults(func=_data_shards)
+    verify = data.add_parser("verify", help="check shards against manifest.json (sha256, counts) and decode "
+                             "every sample; exit 1 if anything is wrong")
+    verify.add_argument("root", metavar="SHARDS_DIR")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    verify.set_defaults(func=_data_verify)
     summary = data.add_parser("summary", help="class counts and imbalance of a shard folder's manifest")
     summary.add_argument("root")
     summary.set_defaults(func=_data_summary)
@@ -191,12 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
+    from pipeline.data.faults import EXIT_BAD_DATA, DataQualityError
     from pipeline.training.preemption import Preempted
 
     try:
         return args.func(args)
     except Preempted as exc:
         return exc.exit_code
+    except DataQualityError as exc:
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        if os.environ.get("RANK", "0") == "0":  # every rank stops with the same totals; one line is enough
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_DATA
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         if os.environ.get("PIPELINE_DEBUG"):
             raise

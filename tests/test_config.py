@@ -63,7 +63,7 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
     (["train", "configs/default.yaml", "train.epochs=-1"], "train.epochs=-1 is out of range"),
     (["train", "configs/default.yaml", "model.nme=x"], "unknown config key 'model.nme'"),
     (["train", "configs/default.yaml", "model.name=resnet9000", "data.root=/nonexistent/x",
-      "data.auto_prepare_digits=false"], "no manifest.json in '/nonexistent/x'"),
+      "data.auto_prepare_digits=false"], "data.root='/nonexistent/x' does not exist"),
     (["evaluate", "/nonexistent/run"], "run folder '/nonexistent/run' does not exist"),
     (["data", "shards", "/nonexistent/src", "/tmp/out"], "source '/nonexistent/src' does not exist"),
 ])

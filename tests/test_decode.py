@@ -116,8 +116,8 @@ def test_uint8_batches_are_normalised_on_the_device_like_in_the_workers(jpeg_roo
     stream = build_stream(cfg, Manifest.read(jpeg_root), "train", 0, 1, train=True, codec=codec)
     stream.set_position(1)
     finish = DeviceNormalize(BatchNormalize(cfg.data), torch.device("cpu"))
-    batches = list(make_loader(stream, 2, pin_memory=False))
+    batches = list(make_loader(stream, 2, pin_memory=False))  # (images, labels, fault counts)
     assert len(batches) == len(reference) and batches[0][0].dtype == torch.uint8
-    for (a, la), (raw, lb) in zip(reference, batches):
-        b, lb = finish((raw, lb))
+    for (a, la), (raw, lb, _) in zip(reference, batches):
+        b, lb = finish(raw, lb)
         assert torch.equal(a, b) and torch.equal(la, lb)

@@ -48,3 +48,28 @@ def test_long_names_prefixes_and_other_members(tmp_path: Path, format: int) -> N
     assert [s["__key__"] for s in ours] == [f"{deep}/a", "b", "c"] and ours[1] == {"__key__": "b", "jpg": b"",
                                                                                    "cls": b"2"}
     assert ours[2]["seg.png"] == b"y" * 513
+
+
+def test_a_cut_shard_fails_where_tarfile_fails(digits_root: Path, tmp_path: Path) -> None:
+    shard = sorted(digits_root.glob("train-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        member = tar.getmember("00000010.png")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[:member.offset_data + member.size // 2])
+    for read in (lambda: list(tarfile_samples([{"url": str(cut)}])), lambda: list(tar_samples(str(cut)))):
+        with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+            read()
+    assert [s["__key__"] for s in _prefix(tar_samples(str(cut)))] == [f"{i:08d}" for i in range(10)]
+    with pytest.raises(tarfile.ReadError):  # skipping past the cut (not reading it) fails too
+        list(tar_samples(str(cut), 20))
+
+
+def _prefix(samples) -> list[dict]:
+    """The samples read before an error."""
+    out = []
+    try:
+        for sample in samples:
+            out.append(sample)
+    except tarfile.ReadError:
+        pass
+    return out

@@ -15,7 +15,7 @@ from pipeline.training.schedulers import warmup_cosine
 from tests.conftest import TINY, read_jsonl, run_cli
 
 TEST_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix", "num_samples",
-             "loss"}
+             "loss", "num_skipped", "skipped"}
 
 
 def _args(digits_root: Path, out: Path, name: str, *extra: str) -> list[str]:

@@ -286,3 +286,25 @@ def test_trials_under_accelerate_launch_get_one_set_of_parameters(tmp_path, shar
         assert "2 process(es) on cpu" in done.stdout
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert str(saved["model"]["channels"]).replace(" ", "") == trial.params["model.channels"].replace(" ", "")
+
+
+@pytest.mark.distributed
+def test_unreachable_storage_under_accelerate_launch_stops_every_rank_with_one_line(tmp_path, shards):
+    # Only rank 0 opens the study; when it cannot, rank 1 must not wait for it in a collective until a timeout.
+    password = "s3cret-pw"
+    tune = {"n_trials": 1, "storage": f"postgresql://pipeline:{password}@127.0.0.1:1/nowhere",
+            "space": {"optim.lr": {"low": 1e-3, "high": 0.05}}}
+    path = tiny_tuning_file(tmp_path, shards, tune)
+    from tests.conftest import free_port
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--main_process_port", str(free_port()), "-m", "pipeline", "tune",
+                           str(path)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and time.monotonic() - started < 60
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, done.stderr[-2000:]  # one line from each rank
+    assert all("cannot open study storage postgresql://pipeline:***@127.0.0.1:1/nowhere" in e for e in errors)
+    # accelerate's launcher prints its own traceback (CalledProcessError) when a rank fails; none from our code.
+    assert password not in done.stderr + done.stdout and "pipeline/" not in done.stderr

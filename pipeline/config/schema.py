@@ -93,6 +93,9 @@ class DataConfig:
     on cuda) and crops/flips/normalises it on that device, with the same parameters."""
     jpeg_draft: bool = True
     """Decode JPEGs at 1/2, 1/4 or 1/8 size (PIL draft) when the crop still covers image_size pixels (workers)."""
+    max_bad_fraction: float = 0.01
+    """Stop (exit 65) when more than this fraction of an epoch's train or val samples were skipped as bad
+    (undecodable, unlabelled, truncated shard; see README "Bad data"); 0: any bad sample stops the run, 1: never."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
 
@@ -104,6 +107,7 @@ class DataConfig:
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 1)
         _check_choice("data.decode_device", self.decode_device, DECODE_DEVICES)
+        _check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
             if len(values) not in (1, self.channels):
                 raise ValueError(f"{key} has {len(values)} values; give 1 or data.channels={self.channels}")

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
+from torch.utils.data import DataLoader
 
 from pipeline.config.schema import Config
-from pipeline.data.decode import DeviceBatches, build_decoding
+from pipeline.data import faults
+from pipeline.data.decode import build_decoding
 from pipeline.data.manifest import Manifest
 from pipeline.data.stream import ShardStream, make_loader, shard_paths
 from pipeline.data.transforms import build_transform
 
 
-@dataclass
 class SplitLoader:
-    """A split's stream (for position and counts) and the loader that iterates it (batches on the device)."""
+    """A split's stream (for position and counts) and the DataLoader that iterates it.
 
-    stream: ShardStream
-    loader: Iterable
+    Iterating `loader` gives (images, labels) batches, ready on the training device: `finish` (see
+    `pipeline.data.decode`) turns what the workers sent into them, in the main process. The fault
+    counts each batch carries (see `pipeline.data.faults`) are added to `faults`, this rank's total
+    over the batches consumed.
+    """
+
+    def __init__(self, stream: ShardStream, dataloader: DataLoader, finish: Optional[Callable] = None):
+        self.stream, self.dataloader, self.finish = stream, dataloader, finish
+        self.faults = faults.empty_counts()
 
     def set_position(self, epoch: int, step: int = 0) -> None:
         self.stream.set_position(epoch, step)
+
+    @property
+    def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, counts in self.dataloader:
+            self.faults += counts
+            if labels.numel():  # an empty batch only carries counts (evaluation)
+                yield (images, labels) if self.finish is None else self.finish(images, labels)
 
 
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
@@ -38,9 +52,11 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
     return kind(
         shard_paths(cfg.data.root, [s.name for s in info.shards]), [s.num_samples for s in info.shards],
         batch_size=batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size),
-        codec=codec or build_decoding(cfg.data, train)[0], rank=rank,
+        codec=codec or build_decoding(cfg.data, train)[0], channels=cfg.data.channels, rank=rank,
         world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
-        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train, **extra)
+        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train,
+        num_classes=manifest.num_classes, image_mode=manifest.image_mode or None, image_size=manifest.image_size,
+        **extra)
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
@@ -49,7 +65,7 @@ def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
     codec, finish = build_decoding(cfg.data, train, device)
     stream = build_stream(cfg, manifest, split, rank, world_size, train, codec=codec)
     loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory)
-    return SplitLoader(stream, loader if finish is None else DeviceBatches(loader, finish))
+    return SplitLoader(stream, loader, finish)
 
 
 __all__ = ["Manifest", "ShardStream", "SplitLoader", "build_loader", "build_stream", "build_transform"]

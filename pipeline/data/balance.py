@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+from pipeline.data.faults import MISSING, UNDRAWN, parse_label
 from pipeline.data.manifest import Manifest
 from pipeline.data.stream import Segment, ShardStream
 
@@ -41,7 +42,10 @@ class BalancedShardStream(ShardStream):
 
     The slice keeps its length, so steps per epoch, the rank/worker layout and exact resume (which
     counts samples per slice) are unchanged; the draw is seeded like the shuffle buffer. A class
-    absent from a slice cannot be drawn from it, so shards should mix classes (ours do).
+    absent from a slice cannot be drawn from it, so shards should mix classes (ours do). Samples
+    without a usable label, or missing from a truncated shard, are never drawn; they ride along
+    with the slice's first drawn sample (`faults.UNDRAWN`), so they are still counted and warned
+    about. Undecodable images are drawn, then replaced and counted as in ShardStream.
     """
 
     def __init__(self, *args, class_counts: list[int], **kwargs):
@@ -51,8 +55,23 @@ class BalancedShardStream(ShardStream):
     def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
         samples = list(super()._segment_samples(epoch, slot, number, segment, 0))
         rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard, "balanced")))
-        weights = [self.class_weight[int(s["cls"])] for s in samples]
-        if not samples or sum(weights) == 0:
+        weights = [self._weight(s) for s in samples]
+        # A slice with nothing drawable (all labels bad, shard truncated) yields its samples as they
+        # are: the stream replaces and counts them, and the slice keeps its length.
+        if sum(weights) == 0:
+            yield from samples[skip:]
             return
         drawn = rng.choices(samples, weights=weights, k=len(samples))
+        # Samples that can never be drawn still get counted (and warned about), at the slice's first position.
+        undrawable = [s for s in samples if self._is_bad(s)]
+        if undrawable:
+            drawn[0] = {**drawn[0], UNDRAWN: undrawable}
         yield from drawn[skip:]
+
+    def _is_bad(self, sample: dict) -> bool:
+        return MISSING in sample or bool(parse_label(sample, len(self.class_weight))[1])
+
+    def _weight(self, sample: dict) -> float:
+        """Draw weight of a raw sample: 1/count of its class; 0 for one without a usable label."""
+        label, reason, _ = parse_label(sample, len(self.class_weight))
+        return 0.0 if reason or MISSING in sample else self.class_weight[label]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Iterable, Iterator, Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 from PIL import Image
@@ -29,18 +30,11 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.faults import DataQualityError, SampleCheck, short_error
+from pipeline.data.stream import NO_POSITION
 from pipeline.data.transforms import BatchNormalize, SampleAugment
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif", "ppm")
 JPEG_KEYS = ("jpg", "jpeg")
-
-
-def image_entry(sample: dict) -> tuple[str, bytes]:
-    """The (extension, bytes) of the sample's image."""
-    for key in IMAGE_KEYS:
-        if key in sample:
-            return key, sample[key]
-    raise ValueError(f"sample {sample.get('__key__')} has no image (keys: {sorted(sample)})")
 
 
 def _draw(augment: SampleAugment, seed: Optional[int], height: int, width: int) -> list:
@@ -59,40 +53,60 @@ def _draw(augment: SampleAugment, seed: Optional[int], height: int, width: int) 
         torch.set_rng_state(state)
 
 
+@dataclass
+class Decoded:
+    """An image decoded (maybe at reduced size) for the augmentation parameters of one position."""
+
+    image: torch.Tensor
+    params: Optional[list]
+    seed: Optional[int]
+
+
 class WorkerDecode:
-    """Decode and augment each sample where it is read (a DataLoader worker); batches of (images, labels)."""
+    """Decode and augment each sample where it is read (a DataLoader worker); batches of images."""
 
     def __init__(self, augment: SampleAugment, channels: int, normalize: Optional[BatchNormalize], draft: bool):
         self.augment, self.normalize, self.draft = augment, normalize, draft
         self.mode = "L" if channels == 1 else "RGB"
         self.read_mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
 
-    def sample(self, sample: dict, seed: Optional[int]) -> torch.Tensor:
-        key, data = image_entry(sample)
-        image = Image.open(io.BytesIO(data))  # reads the header only
+    def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> Decoded:
+        """Decode for the position with `seed` (the stream's inspection calls this; bad data raises)."""
         width, height = image.size
-        params = _draw(self.augment, seed, height, width)
-        reduction = self.augment.max_reduction(params, height, width) if self.draft else 1.0
+        known = seed != NO_POSITION
+        params = _draw(self.augment, seed, height, width) if known else None
+        reduction = self.augment.max_reduction(params, height, width) if self.draft and known else 1.0
         if key in JPEG_KEYS and image.format == "JPEG" and reduction < 2:
             # torchvision's libjpeg-turbo decoder straight into a tensor: the same pixels as PIL's, without
-            # PIL's two copies into a tensor (~30% of the per-image time at 224 px).
-            tensor = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self.read_mode)
-            return self.augment.apply(tensor, params)
+            # PIL's two copies into a tensor (~30% of the per-image time at 224 px). What it refuses goes
+            # to PIL below, which then raises (or not) exactly as `pipeline data verify` does.
+            try:
+                tensor = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self.read_mode)
+                return Decoded(tensor, params, seed)
+            except RuntimeError:
+                pass
         if image.format == "JPEG":
             # draft() makes libjpeg decode straight to the target mode and, where the crop allows, at 1/2,
             # 1/4 or 1/8 size (DCT scaling): less to decode and less to resize.
             image.draft(self.mode, (math.ceil(width / reduction), math.ceil(height / reduction)))
             if image.size != (width, height):
                 params = self.augment.rescale(params, (height, width), (image.size[1], image.size[0]))
-        return self.augment.apply(F.pil_to_tensor(image.convert(self.mode)), params)
+        return Decoded(F.pil_to_tensor(image.convert(self.mode)), params, seed)
 
-    def batch(self, images: list[torch.Tensor], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, source: SampleCheck, seed: Optional[int]) -> torch.Tensor:
+        decoded = source.image
+        if not isinstance(decoded, Decoded) or decoded.seed != seed or decoded.params is None:
+            # Fed at another position than it was inspected for (it stands in for a bad sample): again.
+            decoded = self.decode(Image.open(io.BytesIO(source.data)), source.data, source.ext, seed)
+        return self.augment.apply(decoded.image, decoded.params)
+
+    def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
         if self.normalize is None:
-            return default_collate(images), torch.tensor(labels, dtype=torch.long)  # uint8, in shared memory
+            return default_collate(images)  # uint8, in shared memory
         out = _empty_batch((len(images), *images[0].shape), torch.float32)
         for index, image in enumerate(images):
             self.normalize(image, out=out[index])
-        return out, torch.tensor(labels, dtype=torch.long)
+        return out
 
 
 def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -105,23 +119,41 @@ def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class EncodedBatch:
-    """Read each sample's bytes and draw its parameters; decoding is left to `DeviceDecode`."""
+    """Read each sample's bytes and draw its parameters; decoding is left to `DeviceDecode`.
+
+    The workers do not decode, so an image whose header reads but whose data is broken is not caught
+    by the stream's inspection (run `pipeline data verify` on new data); the main process then stops
+    with a one-line error naming the sample.
+    """
 
     def __init__(self, augment: SampleAugment):
         self.augment = augment
 
-    def sample(self, sample: dict, seed: Optional[int]) -> tuple[bytes, bool, list]:
-        key, data = image_entry(sample)
-        width, height = Image.open(io.BytesIO(data)).size  # reads the header only
-        return data, key in JPEG_KEYS, _draw(self.augment, seed, height, width)
+    def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> tuple[int, int]:
+        return image.size[1], image.size[0]  # the header has been read: (height, width)
 
-    def batch(self, items: list[tuple[bytes, bool, list]], labels: list[int]) -> tuple:
-        """(all bytes in one uint8 tensor, offsets, is-JPEG flags, labels, parameters)."""
-        datas = [data for data, _, _ in items]
+    def sample(self, source: SampleCheck, seed: Optional[int]) -> tuple[bytes, bool, list, str]:
+        if isinstance(source.image, tuple):
+            height, width = source.image
+        else:  # a PIL image (inspected elsewhere)
+            width, height = source.image.size
+        return source.data, source.ext in JPEG_KEYS, _draw(self.augment, seed, height, width), source.where()
+
+    def batch(self, items: list[tuple[bytes, bool, list, str]]) -> "EncodedImages":
+        datas = [data for data, _, _, _ in items]
         offsets = torch.tensor([0, *(len(d) for d in datas)], dtype=torch.long).cumsum(0)
         joined = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
-        return (joined, offsets, [jpeg for _, jpeg, _ in items], torch.tensor(labels, dtype=torch.long),
-                [params for _, _, params in items])
+        return EncodedImages(joined, offsets, [i[1] for i in items], [i[2] for i in items], [i[3] for i in items])
+
+
+class EncodedImages(NamedTuple):
+    """A batch's encoded images: all bytes in one uint8 tensor, offsets, is-JPEG flags, parameters, names."""
+
+    data: torch.Tensor
+    offsets: torch.Tensor
+    is_jpeg: list
+    params: list
+    names: list
 
 
 class DeviceNormalize:
@@ -130,8 +162,7 @@ class DeviceNormalize:
     def __init__(self, normalize: BatchNormalize, device: torch.device):
         self.normalize, self.device = normalize, device
 
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = batch
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
         return self.normalize(images), labels.to(self.device, non_blocking=True)
 
@@ -145,8 +176,8 @@ class DeviceDecode:
         self.read_mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         self.decode_device, self.output_device = decode_device, output_device
 
-    def __call__(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        joined, offsets, is_jpeg, labels, params = batch
+    def __call__(self, batch: EncodedImages, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        joined, offsets, is_jpeg, params, names = batch
         bounds = offsets.tolist()
         encoded = [joined[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
         images: list[Optional[torch.Tensor]] = [None] * len(encoded)
@@ -155,36 +186,29 @@ class DeviceDecode:
             try:
                 decoded = decode_jpeg([encoded[i] for i in jpegs], mode=self.read_mode, device=self.decode_device)
             except RuntimeError:  # a JPEG the device decoder does not take (e.g. CMYK): those go to the CPU
-                decoded = [self._decode_one(encoded[i]) for i in jpegs]
+                decoded = [self._decode_one(encoded[i], names[i], jpeg=True) for i in jpegs]
             for index, image in zip(jpegs, decoded):
                 images[index] = image
         for index, flag in enumerate(is_jpeg):
             if not flag:
-                images[index] = decode_image(encoded[index], mode=self.read_mode).to(self.decode_device)
+                images[index] = self._decode_one(encoded[index], names[index])
         augmented = torch.stack([self.augment.apply(image, p) for image, p in zip(images, params)])
         images_out = self.normalize(augmented).to(self.output_device, non_blocking=True)
         return images_out, labels.to(self.output_device, non_blocking=True)
 
 
-    def _decode_one(self, data: torch.Tensor) -> torch.Tensor:
+    def _decode_one(self, data: torch.Tensor, name: str, jpeg: bool = False) -> torch.Tensor:
+        if jpeg:
+            try:
+                return decode_jpeg(data, mode=self.read_mode, device=self.decode_device)
+            except RuntimeError:
+                pass
         try:
-            return decode_jpeg(data, mode=self.read_mode, device=self.decode_device)
-        except RuntimeError:
             return decode_image(data, mode=self.read_mode).to(self.decode_device)
-
-
-class DeviceBatches:
-    """Iterates a DataLoader and finishes each batch in the main process (decode/normalise on the device)."""
-
-    def __init__(self, loader: Iterable, finish):
-        self.loader, self.finish = loader, finish
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.loader:
-            yield self.finish(batch)
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
+        except RuntimeError as exc:
+            raise DataQualityError(f"{name} does not decode ({short_error(exc)}); check the shards with "
+                                   "`pipeline data verify`, or use data.decode_device=workers (which skips such "
+                                   "samples)") from None
 
 
 def build_decoding(cfg: DataConfig, train: bool, device: Optional[torch.device] = None) -> tuple[object, object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -39,6 +40,14 @@ class Manifest:
     seed: int = 0
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     version: int = 1
+    image_mode: str = ""
+    """The most common PIL mode of the written images (e.g. RGB); others are converted on load and
+    counted. Empty in manifests written before it was recorded: then nothing is counted."""
+    image_size: Optional[list[int]] = None
+    """[width, height] when every written image has that size; a sample of another size is resized
+    by the transforms like any other, and counted as converted. None: sizes vary (or unknown)."""
+    skipped_sources: list[str] = field(default_factory=list)
+    """Source images the writer could not decode and left out (`--skip-bad`): 'path: reason'."""
 
     @property
     def num_classes(self) -> int:
@@ -66,7 +75,8 @@ class Manifest:
             }
             return cls(classes=list(data["classes"]), splits=splits, source=data.get("source", ""),
                        seed=data.get("seed", 0), split_fractions=data.get("split_fractions", []),
-                       version=data.get("version", 1))
+                       version=data.get("version", 1), image_mode=data.get("image_mode", ""),
+                       image_size=data.get("image_size"), skipped_sources=data.get("skipped_sources", []))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"'{path}' is not a valid manifest ({type(exc).__name__}: {exc})") from None
 

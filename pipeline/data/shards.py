@@ -17,7 +17,7 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, SplitInfo
-from pipeline.tracking.console import progress_bar
+from pipeline.tracking.console import progress_bar, warn
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
 
@@ -57,6 +57,58 @@ def scan_csv(csv_path: Path) -> tuple[list[SourceImage], list[str]]:
         path = Path(row[0].strip())
         images.append(SourceImage(path if path.is_absolute() else csv_path.parent / path, index[row[1].strip()]))
     return images, classes
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """A source image as decoded by the writer: its mode and size, or why it could not be read."""
+
+    mode: str = ""
+    size: tuple[int, int] = (0, 0)
+    error: str = ""
+
+
+def check_image(path: Path) -> ImageCheck:
+    """Decode the whole image (PIL `load`), as the loader will; never raises."""
+    from PIL import Image
+
+    from pipeline.data.faults import short_error
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageCheck(image.mode, image.size)
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files; all mean "unreadable"
+        return ImageCheck(error=short_error(exc, limit=100))
+
+
+def check_images(images: Sequence[SourceImage], show_progress: bool) -> list[ImageCheck]:
+    """`check_image` for every source image, in order (threads: PIL releases the GIL while decoding)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    checks = []
+    with progress_bar(enabled=show_progress) as progress, \
+            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        task = progress.add_task("checking images", total=len(images))
+        for check in pool.map(check_image, [im.path for im in images], chunksize=64):
+            checks.append(check)
+            progress.advance(task)
+    return checks
+
+
+def unreadable_message(src: Path, bad: list[tuple[SourceImage, ImageCheck]], total: int) -> str:
+    """One line: how many images cannot be decoded, the first few by name with the reason."""
+    shown = "; ".join(f"{im.path} ({check.error})" for im, check in bad[:3])
+    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"{len(bad)} of {total} image(s) in '{src}' cannot be decoded: {shown}{more}"
+
+
+def _most_common(values: Sequence) -> tuple:
+    from collections import Counter
+
+    counts = Counter(values)
+    return counts.most_common(1)[0] if counts else (None, 0)
 
 
 def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -120,8 +172,13 @@ class _RollingTarWriter:
 
 def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[float] = (0.7, 0.15, 0.15),
                  max_samples: int = 1000, max_bytes: int = 1 << 30, seed: int = 0,
-                 show_progress: bool = True) -> Manifest:
-    """Write train/val/test shards of the ImageFolder or CSV at `src` into `out_dir`."""
+                 show_progress: bool = True, skip_bad: bool = False) -> Manifest:
+    """Write train/val/test shards of the ImageFolder or CSV at `src` into `out_dir`.
+
+    Every image is decoded first. Unreadable ones stop the writer before anything is written (a
+    ValueError naming them), or with `skip_bad` are left out, listed in `manifest.skipped_sources`
+    and warned about.
+    """
     src, out = Path(src), Path(out_dir)
     if not src.exists():
         raise FileNotFoundError(f"source '{src}' does not exist; give an ImageFolder root or a CSV of path,label")
@@ -135,6 +192,18 @@ def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[fl
     missing = [str(im.path) for im in images if not im.path.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} listed image(s) do not exist, first: {missing[0]}")
+    checks = check_images(images, show_progress)
+    bad = [(im, check) for im, check in zip(images, checks) if check.error]
+    if bad and not skip_bad:
+        raise ValueError(unreadable_message(src, bad, len(images)) + "; fix or remove them, or pass --skip-bad")
+    if bad:
+        warn(unreadable_message(src, bad, len(images)) + "; skipped (--skip-bad)")
+        good = [i for i, check in enumerate(checks) if not check.error]
+        images, checks = [images[i] for i in good], [checks[i] for i in good]
+        if not images:
+            raise ValueError(f"no image in '{src}' can be decoded")
+    image_mode = _most_common([c.mode for c in checks])[0]
+    size, same_size = _most_common([c.size for c in checks])
     out.mkdir(parents=True, exist_ok=True)
     labels = [im.label for im in images]
     split_indices = stratified_split(labels, fractions, seed)
@@ -153,7 +222,9 @@ def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[fl
                 progress.advance(task)
             writer.close()
             splits[split] = SplitInfo(num_samples=len(indices), class_counts=counts, shards=writer.shards)
-    manifest = Manifest(classes=classes, splits=splits, source=str(src), seed=seed, split_fractions=list(fractions))
+    manifest = Manifest(classes=classes, splits=splits, source=str(src), seed=seed, split_fractions=list(fractions),
+                        image_mode=image_mode, image_size=list(size) if same_size == len(checks) else None,
+                        skipped_sources=[f"{im.path}: {check.error}" for im, check in bad])
     manifest.write(out)
     return manifest
 

@@ -10,7 +10,9 @@ first dot of the file name form one sample, keyed by the rest of the name (lower
 
 from __future__ import annotations
 
+import os
 import re
+import tarfile
 from typing import BinaryIO, Iterator, Optional
 
 BLOCK = 512
@@ -42,14 +44,22 @@ def _pax_path(data: bytes) -> Optional[str]:
 
 
 def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
-    """(name, size, offset of the data) of each regular file; the caller may read the data in between."""
+    """(name, size, offset of the data) of each regular file; the caller may read the data in between.
+
+    A file cut short raises tarfile.ReadError("unexpected end of data"), as tarfile does.
+    """
+    file_size = os.fstat(handle.fileno()).st_size
     long_name: Optional[str] = None
     while True:
         header = handle.read(BLOCK)
-        if len(header) < BLOCK or not header.strip(b"\0"):
+        if not header or not header.strip(b"\0"):
             return
+        if len(header) < BLOCK:
+            raise tarfile.ReadError("unexpected end of data")
         size, kind = _number(header[124:136]), header[156:157]
         start = handle.tell()
+        if start + size > file_size:
+            raise tarfile.ReadError("unexpected end of data")
         padded = size + (-size) % BLOCK
         if kind in (b"x", b"L"):  # PAX extended header / GNU long name: they name the next member
             data = handle.read(padded)[:size]

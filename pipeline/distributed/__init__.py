@@ -7,12 +7,15 @@ stop?") and never touches torch.distributed or environment variables itself.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
+T = TypeVar("T")
+# Errors re-raised as themselves on the other ranks by `Dist.on_main` (the CLI turns them into one line).
+SHAREABLE_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, KeyError, TimeoutError)}
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -80,6 +83,13 @@ class Dist:
         value = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
         return [bool(v > 0) for v in self.accelerator.reduce(value, reduction="sum").tolist()]
 
+    def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D `values` as the rows of a (world_size, n) CPU tensor, on every rank (one all-gather)."""
+        if self.world_size == 1:
+            return values.detach().cpu().clone().unsqueeze(0)
+        gathered = self.accelerator.gather(values.detach().to(self.device).unsqueeze(0))
+        return gathered.reshape(self.world_size, -1).cpu()
+
     def broadcast_object(self, obj: object) -> object:
         """`obj` from the main process, on every rank."""
         if self.world_size == 1:
@@ -90,11 +100,52 @@ class Dist:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
+    def on_main(self, fn: Callable[[], T], share: bool = True) -> T | None:
+        """`fn()` on the main process only; every rank gets its result (None off the main process unless
+        `share`), or raises if it failed there.
+
+        For work only rank 0 may do (talking to a study database): if it fails, the other ranks learn
+        it at once and raise too, instead of waiting at the next collective for the rank that left."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                error = exc
+        if self.world_size > 1:
+            # The error travels as (type name, text): an exception object might not pickle.
+            failure = (type(error).__name__, str(error)) if error is not None else None
+            shared, failure = self.broadcast_object((result if share and error is None else None, failure))
+            result = result if self.is_main else shared
+            if failure is not None and error is None:
+                kind = SHAREABLE_ERRORS.get(failure[0], RuntimeError)
+                raise kind(failure[1] if kind is not RuntimeError else f"the main process failed: {failure[1]}")
+        if error is not None:
+            raise error
+        return result
+
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[None]:
         """The main process runs the block first (e.g. to create files), then the others."""
         with self.accelerator.main_process_first():
             yield
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                register_frozen: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Wrap for the launch (DDP when several ranks). DDP all-reduces only the parameters that require grad
+        when it wraps the model; with `register_frozen` (gradual unfreezing) every parameter is registered, so
+        one unfrozen later is all-reduced too. A frozen one gets no gradient, and DDP (built with
+        find_unused_parameters, see `build_dist`) leaves its grad None, so the optimizer skips it."""
+        if not (register_frozen and self.world_size > 1):
+            return self.accelerator.prepare(model, optimizer)
+        params = list(model.parameters())
+        trainable = [p.requires_grad for p in params]
+        for param in params:
+            param.requires_grad_(True)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        for param, flag in zip(params, trainable):
+            param.requires_grad_(flag)
+        return model, optimizer
 
     def print(self, *args, **kwargs) -> None:
         """Print on the main process only."""
@@ -104,14 +155,18 @@ class Dist:
             console.print(*args, **kwargs)
 
 
-def build_dist(precision: str = "fp32", cpu: bool = False) -> Dist:
-    """Create the Accelerator. Without CUDA the CPU is used (gloo when several ranks are launched)."""
+def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameters: bool = False) -> Dist:
+    """Create the Accelerator. Without CUDA the CPU is used (gloo when several ranks are launched).
+
+    `find_unused_parameters` is for models whose trainable set changes during training (gradual
+    unfreezing): DDP then tolerates parameters that get no gradient in a step."""
     use_cpu = cpu or not torch.cuda.is_available()
     if precision == "fp16" and use_cpu:
         raise ValueError("train.precision=fp16 needs a CUDA GPU (none is in use); use bf16 or fp32")
     if precision == "bf16" and not use_cpu and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32")
-    return Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision]))
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision], kwargs_handlers=handlers))
 
 
 __all__ = ["Dist", "build_dist"]

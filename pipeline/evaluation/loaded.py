@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.checkpointing import Checkpointer, load_weights
 from pipeline.config import Config, config_from_dict
-from pipeline.data import Manifest, build_loader
+from pipeline.data import Manifest, SplitLoader, build_loader
 from pipeline.distributed import Dist, build_dist
 from pipeline.models import create_model
 
@@ -45,10 +45,14 @@ class LoadedRun:
     def classes(self) -> list[str]:
         return list(self.manifest.classes)
 
-    def loader(self, split: str):
+    def split_loader(self, split: str) -> SplitLoader:
+        """The split's loader on this rank, at its start; its `faults` count the bad samples left out."""
         data = build_loader(self.cfg, self.manifest, split, self.dist.rank, self.dist.world_size, train=False)
         data.set_position(0, 0)
-        return data.loader
+        return data
+
+    def loader(self, split: str):
+        return self.split_loader(split).loader
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:

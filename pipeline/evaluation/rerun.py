@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data import faults
 from pipeline.evaluation.analysis import analyse, collect_predictions
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.loaded import load_run, load_run_config
@@ -31,12 +32,16 @@ def _gather(probs: torch.Tensor, labels: torch.Tensor, world_size: int) -> tuple
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
     run = load_run(run_dir)
     num_classes = run.manifest.num_classes
-    metrics = evaluate(run.model, run.loader(split), build_loss(run.cfg.optim, num_classes).to(run.device),
+    data = run.split_loader(split)
+    metrics = evaluate(run.model, data.loader, build_loss(run.cfg.optim, num_classes).to(run.device),
                        ClassificationMetrics(num_classes, run.device), run.device,
                        run.dist.accelerator.autocast, run.cfg.model.channels_last)
+    counts = run.dist.gather_rows(data.faults).sum(dim=0)  # bad samples are left out of the metrics
     probs, labels = _gather(*collect_predictions(run.model, run.loader(split), run.device,
                                                  run.dist.accelerator.autocast), run.dist.world_size)
-    return {**{k: metrics[k] for k in (*KEYS, "loss")}, **analyse(probs, labels, run.classes)}
+    skipped = faults.as_dict(counts)
+    return {**{k: metrics[k] for k in (*KEYS, "loss")}, "num_skipped": faults.num_skipped(counts),
+            "skipped": {r: skipped[r] for r in faults.SKIP_REASONS}, **analyse(probs, labels, run.classes)}
 
 
 __all__ = ["evaluate_run", "load_run_config"]

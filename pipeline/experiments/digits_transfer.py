@@ -1,14 +1,15 @@
-"""Digits transfer experiment: pretrain on digits 0-4, fine-tune on 5-9 with 20 training images per class.
+"""Digits transfer experiment: pretrain on digits 0-4, fine-tune on 5-9 with few training images per class.
 
-    python -m pipeline.experiments.digits_transfer --seeds 0 1 2
+    python -m pipeline.experiments.digits_transfer --seeds 0 1 2 --shots 20 5 2
 
 1. Shards: digits 0-4 (70/15/15 split; pretraining uses all its training images) and digits 5-9
-   with exactly `--shots` training and `--val-shots` validation images per class, every other
-   5-9 image in the test split.
+   with exactly `shots` training and 10 validation images per class (for each `--shots` value), every
+   other 5-9 image in the test split.
 2. Pretrain `configs/digits_transfer.yaml`'s network on 0-4 once.
 3. For each seed, on 5-9: (a) scratch, (b) feature extraction (frozen pretrained backbone, new
    head), (c) gradual unfreezing with layer-wise learning-rate decay; same epochs and batch size.
-4. Print and write `<out>/transfer_results.json` and a markdown table of test accuracy mean ± std.
+4. Print and write `<out>/transfer_results.json`, a markdown table of test accuracy mean ± std and
+   `<out>/transfer_results.png` (accuracy against images per class, one line per method).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -28,10 +30,10 @@ from pipeline.data.subsets import write_split_shards
 FROM_SCRATCH = ["finetune.weights=''", "finetune.freeze=full", "finetune.layer_decay=1.0"]
 METHODS = {
     "scratch": FROM_SCRATCH,
-    # A linear probe on frozen features needs a larger step than training everything from scratch.
-    "feature_extraction": ["finetune.freeze=feature_extraction", "finetune.layer_decay=1.0", "optim.lr=0.03"],
-    # Head at 0.01; each group nearer the input gets 0.3x the lr of the next; one more group every 5 epochs.
-    "gradual_unfreezing": ["finetune.freeze=gradual", "finetune.unfreeze_every=5", "finetune.layer_decay=0.3",
+    # A linear probe on frozen features needs a much larger step than training everything from scratch.
+    "feature_extraction": ["finetune.freeze=feature_extraction", "finetune.layer_decay=1.0", "optim.lr=0.1"],
+    # Head at 0.01; each group nearer the input gets half the lr of the next; one more group every 2 epochs.
+    "gradual_unfreezing": ["finetune.freeze=gradual", "finetune.unfreeze_every=2", "finetune.layer_decay=0.5",
                            "optim.lr=0.01"],
 }
 
@@ -92,42 +94,76 @@ def method_config(base: str, method: str, target: Path, pretrained: Path, out: P
                               *overrides])
 
 
-def run_experiment(base: str, out: Path, seeds: Sequence[int], shots: int = 20, pretrain_epochs: int = 6,
-                   epochs: int = 20, methods: Sequence[str] = tuple(METHODS), overrides: Sequence[str] = ()) -> dict:
-    """Everything above; returns {method: {"accuracy": [...], "mean", "std", "seconds"}}."""
+def run_experiment(base: str, out: Path, seeds: Sequence[int], shots: Sequence[int] = (20,), pretrain_epochs: int = 6,
+                   epochs: int = 30, methods: Sequence[str] = tuple(METHODS), overrides: Sequence[str] = ()) -> dict:
+    """Everything above; returns {"shots": {n: {method: {"accuracy": [...], "mean", "std", ...}}}, ...}."""
     from pipeline.training.run import train
 
     out.mkdir(parents=True, exist_ok=True)
-    source, target = build_transfer_shards(out / "data", shots)
+    source, _ = build_transfer_shards(out / "data", shots[0])
     started = time.perf_counter()
     train(pretrain_config(base, source, out, [f"train.epochs={pretrain_epochs}", *overrides]))
-    pretrain_seconds = time.perf_counter() - started
     pretrained = out / "pretrain_0to4"
-    results: dict = {"shots": shots, "epochs": epochs, "pretrain_epochs": pretrain_epochs,
-                     "pretrain_seconds": round(pretrain_seconds, 1), "methods": {}}
-    for method in methods:
-        accuracies, seconds = [], []
-        for seed in seeds:
-            started = time.perf_counter()
-            cfg = method_config(base, method, target, pretrained, out, seed, [f"train.epochs={epochs}", *overrides])
-            accuracies.append(float(train(cfg)["accuracy"]))
-            seconds.append(time.perf_counter() - started)
-        results["methods"][method] = {
-            "accuracy": accuracies, "mean": statistics.fmean(accuracies),
-            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "seconds_per_run": round(statistics.fmean(seconds), 1)}
+    results: dict = {"epochs": epochs, "pretrain_epochs": pretrain_epochs, "seeds": list(seeds),
+                     "pretrain_seconds": round(time.perf_counter() - started, 1), "shots": {}}
+    for n in shots:
+        _, target = build_transfer_shards(out / "data", n)
+        results["shots"][n] = {}
+        for method in methods:
+            accuracies, seconds = [], []
+            for seed in seeds:
+                started = time.perf_counter()
+                cfg = method_config(base, method, target, pretrained, out, seed,
+                                    [f"train.epochs={epochs}", f"run.name={method}-{n}shot-seed{seed}", *overrides])
+                accuracies.append(float(train(cfg)["accuracy"]))
+                seconds.append(time.perf_counter() - started)
+            results["shots"][n][method] = {
+                "accuracy": accuracies, "mean": statistics.fmean(accuracies),
+                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "seconds_per_run": round(statistics.fmean(seconds), 1)}
     (out / "transfer_results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "transfer_results.md").write_text("\n".join(table(results)) + "\n")
+    plot(results, out / "transfer_results.png")
     return results
 
 
 def table(results: dict) -> list[str]:
-    rows = ["| method | test accuracy (mean ± std) | per seed | s/run |", "|---|---|---|---|"]
-    for method, r in results["methods"].items():
-        per_seed = ", ".join(f"{a:.3f}" for a in r["accuracy"])
-        rows.append(f"| {method} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} % | {per_seed} | "
-                    f"{r['seconds_per_run']} |")
+    rows = ["| images/class | method | test accuracy (mean ± std) | vs scratch | per seed | s/run |",
+            "|---|---|---|---|---|---|"]
+    for n, methods in results["shots"].items():
+        scratch = methods.get("scratch", {}).get("mean")
+        for method, r in methods.items():
+            per_seed = ", ".join(f"{a:.3f}" for a in r["accuracy"])
+            gain = f"{100 * (r['mean'] - scratch):+.1f}" if scratch is not None and method != "scratch" else ""
+            rows.append(f"| {n} | {method} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} % | {gain} | {per_seed} | "
+                        f"{r['seconds_per_run']} |")
     return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    """Test accuracy against training images per class, mean ± std over seeds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = sorted(results["shots"], key=int)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in results["shots"][shots[0]]:
+        means = [100 * results["shots"][n][method]["mean"] for n in shots]
+        stds = [100 * results["shots"][n][method]["std"] for n in shots]
+        ax.errorbar([int(n) for n in shots], means, yerr=stds, marker="o", capsize=3, label=method.replace("_", " "))
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks([int(n) for n in shots], [str(n) for n in shots])
+    ax.set_xlabel("training images per class (digits 5-9)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Transfer from digits 0-4, {len(results['seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,11 +171,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/digits_transfer.yaml")
     parser.add_argument("--out", default="runs/digits_transfer")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--shots", type=int, default=20)
+    parser.add_argument("--shots", type=int, nargs="+", default=[20], help="training images per class (several: "
+                                                                          "one table row group each)")
     parser.add_argument("--pretrain-epochs", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    args = parser.parse_args(argv)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run (key=value, anywhere)")
+    # key=value tokens are overrides wherever they stand, so they never land in --seeds/--shots.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    if any(n < 1 for n in args.shots):
+        parser.error("--shots: every value must be at least 1")
     results = run_experiment(args.config, Path(args.out), args.seeds, args.shots, args.pretrain_epochs, args.epochs,
                              overrides=args.overrides)
     print("\n".join(table(results)))

@@ -60,16 +60,11 @@ class Finetune:
 
 
 def build_finetune(cfg: Config, model: nn.Module, run_dir: Path | None = None, printer=print,
-                   is_main: bool = True, world_size: int = 1) -> Finetune:
+                   is_main: bool = True) -> Finetune:
     """Load pretrained weights into `model`, freeze it per the config, and build its param groups."""
     if not uses_finetuning(cfg):
         return Finetune()
     f = cfg.finetune
-    if f.freeze == "gradual" and world_size > 1:
-        # DDP registers the parameters that require grad when the model is wrapped; ones unfrozen later would
-        # never be all-reduced. Until that is handled (and tested on 2 ranks), refuse rather than diverge.
-        raise ValueError("finetune.freeze=gradual runs on one process only for now; use feature_extraction or "
-                         "partial with several ranks")
     report = None
     if f.weights:
         state = read_pretrained_state(f.weights, cfg.model.name)

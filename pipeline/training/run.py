@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pipeline.checkpointing import Checkpointer
 from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
+from pipeline.data.faults import SKIP_REASONS
 from pipeline.data.shards import ensure_digits_shards
 from pipeline.distributed import Dist, build_dist
 from pipeline.evaluation.evaluate import evaluate
@@ -22,6 +23,7 @@ from pipeline.tracking.wandb_logger import build_tracker
 from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
 from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
+from pipeline.training.preflight import check_data_root, preflight
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
 from pipeline.training.signals import TrainingSignals
@@ -38,6 +40,7 @@ def run_dir_of(cfg: Config) -> Path:
 def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
     """The data manifest; the bundled digits shards are built first if allowed and missing."""
     root = Path(cfg.data.root)
+    check_data_root(cfg)
     if not (root / "manifest.json").is_file() and cfg.data.auto_prepare_digits:
         if dist is None:
             return ensure_digits_shards(root)
@@ -50,7 +53,8 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
         if split not in manifest.splits:
             raise ValueError(f"manifest in '{root}' has no '{split}' split")
     if manifest.num_classes < 2:
-        raise ValueError(f"manifest in '{root}' has {manifest.num_classes} class(es); at least 2 are needed")
+        raise ValueError(f"data.root='{root}': its manifest has {manifest.num_classes} class(es) "
+                         f"({', '.join(manifest.classes) or 'none'}); a classifier needs at least 2")
     return manifest
 
 
@@ -69,14 +73,15 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     cfg = match_input(cfg)
     if cfg.logging.training_signals:
         callbacks = [TrainingSignals(), *(callbacks or [])]
-    dist = build_dist(cfg.train.precision, cfg.train.cpu)
+    gradual = cfg.finetune.freeze == "gradual"  # its trainable set grows during training: see Dist.prepare
+    dist = build_dist(cfg.train.precision, cfg.train.cpu, find_unused_parameters=gradual)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)
     run_dir = run_dir_of(cfg)
     manifest = load_manifest(cfg, dist)
+    preflight(cfg, dist, manifest)  # shards present, batch fits, run folder writable (created here)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     dist.barrier()
     pin = dist.device.type == "cuda"
@@ -85,10 +90,10 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin,
                        device=dist.device)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
-    finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main, dist.world_size)
+    finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
     optimizer = build_optimizer(cfg.optim, model, finetune.param_groups, fused=dist.device.type == "cuda")
-    model, optimizer = dist.accelerator.prepare(model, optimizer)
+    model, optimizer = dist.prepare(model, optimizer, register_frozen=gradual)
     if cfg.model.compile:
         model = torch.compile(model)
     steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
@@ -112,7 +117,9 @@ def test_split(run: Run, split: str = "test") -> dict:
     trainer = run.trainer
     metrics = evaluate(trainer.unwrapped, data.loader, trainer.loss_fn, trainer.metrics, dist.device,
                        dist.accelerator.autocast, cfg.model.channels_last)
-    return {k: metrics[k] for k in (*TEST_METRIC_KEYS, "loss")}
+    skipped = trainer.bad_data.collect(data, split)  # summed over ranks; bad samples are left out, not padded
+    return {**{k: metrics[k] for k in (*TEST_METRIC_KEYS, "loss")}, "num_skipped": skipped[f"data/{split}/skipped"],
+            "skipped": {r: skipped[f"data/{split}/skipped/{r}"] for r in SKIP_REASONS}}
 
 
 def train(cfg: Config, callbacks: list | None = None) -> dict:
@@ -126,6 +133,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         metrics = test_split(run)
         if dist.is_main:
             (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        run.trainer.bad_data.check()  # the test split too (the same totals, hence decision, on every rank)
+        if dist.is_main:
             run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
             if cfg.report.enabled:
                 from pipeline.reporting import write_report

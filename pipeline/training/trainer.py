@@ -21,6 +21,7 @@ from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.tracking.console import NullProgress, progress_bar
 from pipeline.tracking.metrics_log import MetricsLog
+from pipeline.training.bad_data import BadDataMonitor
 from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.preemption import PREEMPTED_MARKER, Preempted, StopRequest, maybe_inject_fault
@@ -62,6 +63,7 @@ class Trainer:
         self.callbacks = CallbackList(callbacks)
         self.stop = StopRequest(cfg.checkpoint.signals)
         self.epoch_totals = torch.zeros(3, device=dist.device)  # loss sum, correct, samples of this epoch
+        self.bad_data = BadDataMonitor(cfg.data, dist)  # skipped/converted samples per epoch, max_bad_fraction
         self.last_save_time = time.monotonic()
         self.announce_first_step = False  # after a resume, say when training really continues
 
@@ -175,7 +177,8 @@ class Trainer:
         record = {"epoch": self.state.epoch, "step": self.state.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                   **{f"train/{k}": v for k, v in train_metrics.items()},
                   **{f"val/{k}": v for k, v in val_metrics.items() if k != "confusion_matrix"},
-                  "epoch_seconds": round(seconds, 3)}
+                  "epoch_seconds": round(seconds, 3),
+                  **self.bad_data.epoch_record(self.train_data, self.val_data, self.state.epoch)}
         self.callbacks.on_epoch_end(self, record)
         monitor = record[self.cfg.train.monitor]
         self.schedule.after_epoch(monitor)
@@ -197,6 +200,7 @@ class Trainer:
             self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
                             f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} "
                             f"at epoch {self.early.best_epoch})")
+        self.bad_data.check(self.state.epoch)  # after logging and saving: the epoch's counts are on record
 
     # ---- checkpoints ----------------------------------------------------------------------------
     @property
@@ -206,7 +210,8 @@ class Trainer:
     def save(self, name: str) -> Path:
         state = {"train": asdict(self.state), "early_stopping": self.early.state_dict(),
                  "callbacks": self.callbacks.state_dict()}
-        rank_state = {"rng": rng_state(), "epoch_totals": self.epoch_totals.detach().cpu()}
+        rank_state = {"rng": rng_state(), "epoch_totals": self.epoch_totals.detach().cpu(),
+                      "data_faults": self.train_data.faults.clone()}
         self.last_save_time = time.monotonic()
         return self.checkpointer.save(name, self.unwrapped, self.optimizer, self.schedule,
                                       self.dist.accelerator.scaler, state, rank_state)
@@ -234,6 +239,9 @@ class Trainer:
         if rank_state is not None and state.get("world_size") == self.dist.world_size:
             set_rng_state(rank_state["rng"])
             self.epoch_totals = rank_state["epoch_totals"].to(self.dist.device)
+            faults = rank_state.get("data_faults")  # counts of the bad samples this rank met so far this epoch
+            if faults is not None and faults.shape == self.train_data.faults.shape:
+                self.train_data.faults = faults.clone()
         elif self.state.step_in_epoch:
             self.dist.print(f"the checkpoint was written by {state.get('world_size')} rank(s), this run has "
                             f"{self.dist.world_size}: restarting epoch {self.state.epoch + 1} from its beginning")

@@ -8,6 +8,7 @@ process talks to the database and broadcasts the trial's parameters to the other
 
 from __future__ import annotations
 
+import functools
 import shutil
 import threading
 import time
@@ -184,17 +185,12 @@ def tune_study(config_path: str | Path, overrides: Sequence[str] = ()) -> dict:
     tune, base = load_tune_config(config_path, overrides)
     space = SearchSpace(tune.space, base)
     dist = build_dist(base.train.precision, base.train.cpu)
-    worker = None
-    if dist.is_main:
-        tune.study_dir.mkdir(parents=True, exist_ok=True)
-        worker = StudyWorker(tune, base, space)
-        _save_settings(tune, base)
-        print(f"study '{tune.study_name}' in {mask_url(worker.url)}: folder {tune.study_dir}, "
-              f"sampler {tune.sampler}, pruner {tune.pruner}, worker {tune.worker_index}", flush=True)
+    # Only the main process talks to the study; `dist.on_main` makes its failures every rank's failure (no rank
+    # is left waiting in a collective for one that has gone).
+    worker = dist.on_main(lambda: _open_worker(tune, base, space), share=False)
     failures = 0
     while True:
-        job = worker.next_job() if worker is not None else None
-        job = dist.broadcast_object(job)
+        job = dist.on_main(worker.next_job if worker is not None else lambda: None)
         if job is None:
             break
         if dist.is_main:
@@ -222,8 +218,9 @@ def tune_study(config_path: str | Path, overrides: Sequence[str] = ()) -> dict:
         finally:
             if heartbeat:
                 heartbeat.__exit__()
+        dist.on_main(functools.partial(worker.tell, state, value, time.monotonic() - started, error)
+                     if worker is not None else lambda: None)
         if worker is not None:
-            worker.tell(state, value, time.monotonic() - started, error)
             print(f"trial {job.number}: {state.name.lower()}" + (f" {tune.metric}={value:.4f}" if value is not None
                                                                   else f" {error}" if error else ""), flush=True)
         failures = failures + 1 if state == TrialState.FAIL else 0
@@ -236,6 +233,15 @@ def tune_study(config_path: str | Path, overrides: Sequence[str] = ()) -> dict:
             summary = write_report(worker.study, tune, base)
     dist.barrier()
     return summary
+
+
+def _open_worker(tune: TuneConfig, base: Config, space: SearchSpace) -> "StudyWorker":
+    tune.study_dir.mkdir(parents=True, exist_ok=True)
+    worker = StudyWorker(tune, base, space)
+    _save_settings(tune, base)
+    print(f"study '{tune.study_name}' in {mask_url(worker.url)}: folder {tune.study_dir}, "
+          f"sampler {tune.sampler}, pruner {tune.pruner}, worker {tune.worker_index}", flush=True)
+    return worker
 
 
 def _save_settings(tune: TuneConfig, base: Config) -> None:

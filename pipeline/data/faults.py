@@ -1,0 +1,249 @@
+"""Bad and odd samples: what is checked, what is fixed, what is skipped, and how skips are counted.
+
+Every sample the stream reads is inspected once, as a pure function of its bytes and the manifest:
+
+- fixed (counted as *converted*, still used): an image whose mode differs from the dataset's
+  (`manifest.image_mode`, e.g. an RGBA or grayscale picture in an RGB set) is converted; an image
+  whose size differs from the dataset's (`manifest.image_size`, when all written images shared one
+  size) is resized by the transforms like every other image.
+- skipped (counted by reason): `truncated` (the manifest promises the sample but its shard ends
+  before it), `undecodable` (no image, or the image bytes do not decode), `no_label` (no `.cls`, or
+  not an integer), `bad_label` (an integer outside the manifest's classes).
+
+Counts travel with the batches (one small int64 tensor per batch, laid out as `FIELDS`), so they
+cross DataLoader worker processes, survive persistent workers, and a rank's total is the sum over
+the batches it consumed: exactly what a checkpoint at that step has seen.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif", "ppm")
+SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label")
+CONVERSIONS = ("mode", "size")
+FIELDS = ("seen", *SKIP_REASONS, *(f"converted_{c}" for c in CONVERSIONS))
+"""Layout of a counts tensor: samples inspected, skips per reason, conversions per kind."""
+
+MISSING = "__missing__"
+"""Key of the stand-in the stream yields for a sample its shard does not deliver (truncated shard)."""
+UNDRAWN = "__undrawn__"
+"""Key under which a resampling stream hands over samples it cannot draw (no usable label), so
+they are inspected and counted at the position that carries them."""
+
+EXIT_BAD_DATA = 65
+"""Exit code when data.max_bad_fraction is exceeded (EX_DATAERR, as 75 = EX_TEMPFAIL for preemption)."""
+
+
+def short_error(exc: BaseException, limit: int = 120) -> str:
+    """'Type: first line of the message', without the object reprs PIL and webdataset add."""
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    text = re.sub(r"\s*@ <.*", "", text.splitlines()[0] if text else "")  # webdataset: ' @ <file object>'
+    text = re.sub(r"\s*<_io\.\w+ (object at 0x[0-9a-f]+|name=[^>]*)>", "", text)  # PIL: '<_io.BytesIO object ...>'
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
+class DataQualityError(ValueError):
+    """Too many bad samples (data.max_bad_fraction exceeded); the message is one line."""
+
+
+@dataclass
+class SampleCheck:
+    """The outcome of inspecting one raw sample: an image and label, or the reason it was skipped."""
+
+    key: str
+    url: str
+    label: int = -1
+    image: Optional[object] = None
+    """The decoded image: a PIL image, or what the loader's decoder made of it."""
+    reason: str = ""
+    """Empty when the sample is usable, else one of SKIP_REASONS."""
+    detail: str = ""
+    """What was wrong, for the console warning."""
+    converted: tuple[str, ...] = ()
+    """The CONVERSIONS applied (mode, size)."""
+    undrawn: tuple["SampleCheck", ...] = ()
+    """Bad samples a resampling stream could not draw, counted along with this one (see UNDRAWN)."""
+    data: bytes = b""
+    """The image's bytes, and `ext` its key in the sample (so a loader can decode it again)."""
+    ext: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+    def where(self) -> str:
+        shard = self.url.rsplit("/", 1)[-1]
+        return f"sample '{self.key}' of shard {shard}"
+
+
+def missing_sample(url: str, index: int, error: str) -> dict:
+    """The stand-in for sample `index` of a shard that ended before it (see `MISSING`)."""
+    return {"__key__": f"#{index}", "__url__": url, MISSING: error}
+
+
+def parse_label(sample: dict, num_classes: int | None) -> tuple[int, str, str]:
+    """(label, reason, detail): reason is '' for a usable label, else no_label or bad_label."""
+    raw = sample.get("cls")
+    if raw is None:
+        return -1, "no_label", f"no label (keys: {', '.join(sorted(k for k in sample if not k.startswith('__')))})"
+    try:
+        label = int(raw)
+    except (TypeError, ValueError):
+        return -1, "no_label", f"label {bytes(raw)[:20]!r} is not an integer"
+    if num_classes is not None and not 0 <= label < num_classes:
+        return label, "bad_label", f"label {label} is outside the {num_classes} classes (0..{num_classes - 1})"
+    return label, "", ""
+
+
+def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, image_mode: str | None = None,
+                   image_size: Sequence[int] | None = None,
+                   decode: Optional[Callable[[Image.Image, bytes, str], object]] = None) -> SampleCheck:
+    """Check a raw sample and decode its image to `mode` (L or RGB); never raises.
+
+    The label is checked first (cheap), so a sample with a bad label is not decoded. `decode(opened
+    image, its bytes, its key)` replaces the decoding to a PIL image (the loader decodes its own way,
+    see `pipeline.data.decode`); whatever it returns becomes `check.image`, and raising means undecodable.
+    """
+    check = SampleCheck(key=str(sample.get("__key__", "?")), url=str(sample.get("__url__", "")))
+    if UNDRAWN in sample:
+        check.undrawn = tuple(inspect_sample(s, mode, num_classes, image_mode, image_size) for s in sample[UNDRAWN])
+    if MISSING in sample:
+        check.reason, check.detail = "truncated", str(sample[MISSING])  # why the shard ended early
+        return check
+    check.label, check.reason, check.detail = parse_label(sample, num_classes)
+    if check.reason:
+        return check
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        check.reason, check.detail = "undecodable", "no image in the sample"
+        return check
+    check.data, check.ext = sample[key], key
+    try:
+        image = Image.open(io.BytesIO(sample[key]))
+        source_mode, source_size = image.mode, image.size
+        if decode is not None:
+            check.image = decode(image, sample[key], key)
+        else:
+            image.draft(mode, image.size)  # cheap for JPEG, ignored otherwise
+            check.image = image.convert(mode)  # decodes: broken data raises here
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes; all mean "undecodable"
+        check.reason, check.detail = "undecodable", short_error(exc)
+        return check
+    converted = []
+    if image_mode and source_mode != image_mode:
+        converted.append("mode")
+        check.detail = f"{source_mode} image in a dataset of {image_mode} images"
+    if image_size and tuple(source_size) != tuple(image_size):
+        converted.append("size")
+        size = f"{source_size[0]}x{source_size[1]} image where the dataset's are {image_size[0]}x{image_size[1]}"
+        check.detail = f"{check.detail}; {size}" if check.detail else size
+    check.converted = tuple(converted)
+    return check
+
+
+def empty_counts() -> torch.Tensor:
+    return torch.zeros(len(FIELDS), dtype=torch.int64)
+
+
+def count(counts: list[int] | torch.Tensor, check: SampleCheck) -> None:
+    """Add one inspected sample (and any it carries, see UNDRAWN) to `counts` (laid out as FIELDS)."""
+    for other in check.undrawn:
+        count(counts, other)
+    counts[0] += 1
+    if check.reason:
+        counts[FIELDS.index(check.reason)] += 1
+    for kind in check.converted:
+        counts[FIELDS.index(f"converted_{kind}")] += 1
+
+
+def as_dict(counts: torch.Tensor) -> dict[str, int]:
+    return dict(zip(FIELDS, (int(v) for v in counts.tolist())))
+
+
+def num_skipped(counts: torch.Tensor) -> int:
+    return sum(as_dict(counts)[r] for r in SKIP_REASONS)
+
+
+def bad_fraction(counts: torch.Tensor) -> float:
+    seen = int(counts[0])
+    return num_skipped(counts) / seen if seen else 0.0
+
+
+def counts_record(counts: torch.Tensor, split: str) -> dict:
+    """Flat metrics.jsonl / W&B keys: data/<split>/seen, .../skipped, .../skipped/<reason>, ...
+
+    W&B groups charts by the first path segment, so all data-quality charts sit together under "data".
+    """
+    values, prefix = as_dict(counts), f"data/{split}"
+    record = {f"{prefix}/seen": values["seen"], f"{prefix}/skipped": num_skipped(counts)}
+    record.update({f"{prefix}/skipped/{r}": values[r] for r in SKIP_REASONS})
+    record.update({f"{prefix}/converted/{c}": values[f"converted_{c}"] for c in CONVERSIONS})
+    record[f"{prefix}/bad_fraction"] = round(bad_fraction(counts), 6)
+    return record
+
+
+def describe(counts: torch.Tensor) -> str:
+    """'undecodable 3, no_label 1' (non-zero reasons only); with conversions appended."""
+    values = as_dict(counts)
+    reasons = ", ".join(f"{r} {values[r]}" for r in SKIP_REASONS if values[r])
+    converted = ", ".join(f"{c} {values[f'converted_{c}']}" for c in CONVERSIONS if values[f"converted_{c}"])
+    return (reasons or "none") + (f"; converted: {converted}" if converted else "")
+
+
+def summary_line(counts: torch.Tensor, split_name: str, epoch: int | None = None) -> str:
+    """One console line about a split's bad samples (for the main process)."""
+    skipped, seen = num_skipped(counts), int(counts[0])
+    when = f" in epoch {epoch}" if epoch is not None else ""
+    return (f"data: {skipped} of {seen} {split_name} samples skipped{when} "
+            f"({100 * bad_fraction(counts):.2f}%): {describe(counts)}")
+
+
+def check_threshold(counts: torch.Tensor, split_name: str, max_bad_fraction: float, root: str,
+                    epoch: int | None = None) -> None:
+    """Raise DataQualityError when more than `max_bad_fraction` of the samples were skipped.
+
+    `counts` must be summed over all ranks, so every rank takes the same decision (no hang).
+    """
+    if num_skipped(counts) and bad_fraction(counts) > max_bad_fraction:
+        when = f" in epoch {epoch}" if epoch is not None else ""
+        raise DataQualityError(
+            f"data.max_bad_fraction={max_bad_fraction} exceeded: {num_skipped(counts)} of {int(counts[0])} "
+            f"{split_name} samples ({100 * bad_fraction(counts):.2f}%) were skipped{when} ({describe(counts)}); "
+            f"find them with `pipeline data verify {root}`, or raise data.max_bad_fraction")
+
+
+class FaultWarnings:
+    """Console warnings for the first few bad or converted samples a stream meets (then only counts)."""
+
+    def __init__(self, limit: int = 3, prefix: str = ""):
+        self.limit, self.prefix = limit, prefix
+        self.shown = {"skip": 0, "convert": 0}
+        self.truncated_shards: set[str] = set()
+
+    def __call__(self, check: SampleCheck, action: str) -> None:
+        from pipeline.tracking.console import warn
+
+        if check.reason == "truncated":  # one line per shard, not per missing sample
+            if check.url not in self.truncated_shards:
+                self.truncated_shards.add(check.url)
+                warn(f"{self.prefix}shard {check.url.rsplit('/', 1)[-1]} ends before the manifest's sample count "
+                     f"({check.detail}); its missing samples are {action} and counted as 'truncated'")
+            return
+        kind = "skip" if check.reason else "convert"
+        if not check.reason and not check.converted:
+            return
+        self.shown[kind] += 1
+        if self.shown[kind] > self.limit:
+            return
+        what = f"skipping {check.where()} ({check.reason}: {check.detail}); it is {action}" if check.reason else \
+            f"converting {check.where()} ({check.detail})"
+        more = f" (further {'bad' if check.reason else 'converted'} samples this worker meets are only counted)" \
+            if self.shown[kind] == self.limit else ""
+        warn(f"{self.prefix}{what}{more}")

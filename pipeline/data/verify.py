@@ -1,0 +1,178 @@
+"""`pipeline data verify SHARDS_DIR`: check every shard against manifest.json and decode every sample.
+
+Per shard: the file exists, its size and sha256 match the manifest, it holds the number of samples
+the manifest says, and every sample passes the same inspection the training stream applies
+(`pipeline.data.faults.inspect_sample`: label present and in range, image decodes). Images whose
+mode or size differ from the dataset's are reported as "converted on load" (not a problem: the
+loader fixes them). Exit code 0 when nothing is wrong, 1 when something is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.data.faults import MISSING, inspect_sample, missing_sample, short_error
+from pipeline.data.manifest import Manifest, ShardInfo
+
+EXAMPLES_PER_SHARD = 3
+
+
+@dataclass
+class ShardReport:
+    """What verification found in one shard."""
+
+    split: str
+    name: str
+    expected: int
+    found: int = 0
+    file_problem: str = ""
+    """Missing file, size or sha256 mismatch, a read error: empty when the file itself is fine."""
+    skipped: Counter = field(default_factory=Counter)
+    """Bad samples by reason (truncated, undecodable, no_label, bad_label)."""
+    converted: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    """The first few bad samples: 'key (reason: detail)'."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.file_problem and not self.skipped and self.found == self.expected
+
+    def problems(self) -> str:
+        parts = [self.file_problem] if self.file_problem else []
+        if self.found > self.expected:
+            parts.append(f"{self.found} samples where the manifest says {self.expected}")
+        if self.skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+            parts.append(f"{sum(self.skipped.values())} bad sample(s): {reasons}; first: {'; '.join(self.examples)}")
+        return "; ".join(parts)
+
+
+@dataclass
+class VerifyReport:
+    root: Path
+    shards: list[ShardReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.shards)
+
+    def totals(self) -> tuple[int, int, Counter, Counter]:
+        """(samples expected, samples read, bad by reason, converted by kind) over all shards."""
+        skipped, converted = Counter(), Counter()
+        for shard in self.shards:
+            skipped.update(shard.skipped)
+            converted.update(shard.converted)
+        return sum(s.expected for s in self.shards), sum(s.found for s in self.shards), skipped, converted
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _file_problem(path: Path, info: ShardInfo) -> str:
+    if not path.is_file():
+        return "file missing"
+    size = path.stat().st_size
+    if info.num_bytes and size != info.num_bytes:
+        return f"size {size} bytes, manifest says {info.num_bytes}; sha256 differs"
+    if info.sha256 and _sha256(path) != info.sha256:
+        return "sha256 differs from the manifest's"
+    return ""
+
+
+def _samples(path: Path, expected: int):
+    """Every raw sample of the shard, then stand-ins for those the manifest promises but the shard lacks."""
+    from webdataset.tariterators import tarfile_samples
+
+    found, error = 0, "it has fewer samples than the manifest says"
+    raw = tarfile_samples([{"url": str(path)}])
+    try:
+        for sample in raw:
+            found += 1
+            yield sample
+    except Exception as exc:  # noqa: BLE001 - any read error: the rest of the shard is lost
+        error = short_error(exc)
+    for index in range(found, expected):
+        yield missing_sample(str(path), index, error)
+
+
+def verify_shard(root: Path, split: str, info: ShardInfo, manifest: Manifest, advance=lambda n: None) -> ShardReport:
+    path = root / info.name
+    report = ShardReport(split, info.name, info.num_samples, file_problem=_file_problem(path, info))
+    if report.file_problem == "file missing":
+        advance(info.num_samples)
+        return report
+    for sample in _samples(path, info.num_samples):
+        check = inspect_sample(sample, "RGB", manifest.num_classes, manifest.image_mode or None, manifest.image_size)
+        if MISSING not in sample:
+            report.found += 1
+        report.converted.update(check.converted)
+        if check.reason:
+            report.skipped[check.reason] += 1
+            if len(report.examples) < EXAMPLES_PER_SHARD and check.reason != "truncated":
+                report.examples.append(f"{check.key} ({check.reason}: {check.detail})")
+            elif check.reason == "truncated" and not any(e.startswith("shard ends") for e in report.examples):
+                report.examples.append(f"shard ends after {report.found} samples ({check.detail})")
+        advance(1)
+    return report
+
+
+def verify_shards(root: str | Path, show_progress: bool = True) -> VerifyReport:
+    """Verify every shard of every split; raises FileNotFoundError/ValueError for a bad folder or manifest."""
+    from pipeline.tracking.console import progress_bar
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"shard folder '{root}' does not exist")
+    manifest = Manifest.read(root)
+    shards = [(split, info) for split, s in manifest.splits.items() for info in s.shards]
+    reports = []
+    with progress_bar(enabled=show_progress) as progress:
+        task = progress.add_task("verifying", total=sum(info.num_samples for _, info in shards))
+        for split, info in shards:
+            reports.append(verify_shard(root, split, info, manifest, lambda n: progress.advance(task, n)))
+    return VerifyReport(root, reports)
+
+
+def _file_status(problem: str) -> str:
+    """A short word for the table (the 'problem:' line has the whole story)."""
+    if not problem:
+        return "ok"
+    return {"file missing": "missing", "sha256 differs from the manifest's": "sha256 differs"}.get(
+        problem, "size, sha256 differ")
+
+
+def print_report(report: VerifyReport) -> None:
+    """A rich table (one row per shard), one 'problem:' line per bad shard, and a verdict line."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pipeline.tracking.console import console
+
+    table = Table(title=f"shards in {report.root}", title_justify="left")
+    for name, kwargs in (("split", {}), ("shard", {"no_wrap": True}), ("samples", {"justify": "right"}),
+                         ("file", {}), ("bad", {"justify": "right"}), ("converted", {})):
+        table.add_column(name, **kwargs)
+    for shard in report.shards:
+        samples = f"{shard.found}/{shard.expected}" if shard.found != shard.expected else str(shard.found)
+        bad = sum(shard.skipped.values())
+        converted = ", ".join(f"{kind} {n}" for kind, n in sorted(shard.converted.items()))
+        style = "" if shard.ok else "red"
+        table.add_row(shard.split, shard.name, samples, _file_status(shard.file_problem),
+                      str(bad) if bad else "", converted, style=style)
+    console.print(table)
+    for shard in report.shards:
+        if not shard.ok:
+            console.print(escape(f"problem: {shard.split} shard {shard.name}: {shard.problems()}"))
+    expected, found, skipped, converted = report.totals()
+    bad_shards = sum(not s.ok for s in report.shards)
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items())) or "none"
+    conversions = ", ".join(f"{kind} {n}" for kind, n in sorted(converted.items())) or "none"
+    verdict = "OK" if report.ok else "PROBLEMS"
+    console.print(escape(f"{verdict}: {len(report.shards)} shard(s), {found} of {expected} samples read, "
+                         f"{sum(skipped.values())} bad ({reasons}) in {bad_shards} shard(s); "
+                         f"converted on load: {conversions}"))

@@ -1,0 +1,49 @@
+"""Bad samples per epoch: summed over ranks into the epoch record, reported, and held to data.max_bad_fraction.
+
+The streams count every sample they inspect (`pipeline.data.faults`); each rank's counts arrive with
+its batches. At the end of an epoch one all-gather brings every rank's counts to every rank, so all
+ranks see the same totals and take the same stop decision: a threshold breach never leaves one
+rank waiting for another.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config.schema import DataConfig
+from pipeline.data import SplitLoader, faults
+from pipeline.distributed import Dist
+
+SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
+class BadDataMonitor:
+    """Collects the splits' fault counts, adds them to records, prints a line, and enforces the threshold."""
+
+    def __init__(self, cfg: DataConfig, dist: Dist):
+        self.max_bad_fraction, self.root, self.dist = cfg.max_bad_fraction, cfg.root, dist
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def collect(self, data: SplitLoader, split: str, epoch: int | None = None) -> dict:
+        """The split's counts summed over ranks as record keys (`data/<split>/...`); resets the split's counts."""
+        per_rank = self.dist.gather_rows(data.faults)
+        data.faults.zero_()
+        total = per_rank.sum(dim=0)
+        self.totals[split] = total
+        record = faults.counts_record(total, split)
+        if self.dist.world_size > 1:
+            skipped = [int(r) for r in per_rank[:, 1:1 + len(faults.SKIP_REASONS)].sum(dim=1)]
+            record[f"data/{split}/skipped_per_rank"] = skipped
+        if faults.num_skipped(total) or any(total[1 + len(faults.SKIP_REASONS):]):
+            from rich.markup import escape
+
+            self.dist.print(escape(faults.summary_line(total, SPLIT_NAMES.get(split, split), epoch)))
+        return record
+
+    def epoch_record(self, train: SplitLoader, val: SplitLoader, epoch: int) -> dict:
+        return {**self.collect(train, "train", epoch), **self.collect(val, "val", epoch)}
+
+    def check(self, epoch: int | None = None) -> None:
+        """Raise DataQualityError (on every rank alike) if a collected split exceeds data.max_bad_fraction."""
+        for split, total in self.totals.items():
+            faults.check_threshold(total, SPLIT_NAMES.get(split, split), self.max_bad_fraction, self.root, epoch)

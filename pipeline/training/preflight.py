@@ -1,0 +1,84 @@
+"""Checks before any heavy work: the data folder, its manifest and shards, the output folder, the batch size.
+
+Each failure is one line naming the config key, its value and what would be valid (a ValueError or
+FileNotFoundError: the CLI prints it and exits with code 2). The precision check lives with the
+device choice in `pipeline.distributed.build_dist`. File-system checks run on the main process and
+its verdict is broadcast, so every rank stops alike instead of one rank waiting for the others.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from pipeline.config.schema import Config
+from pipeline.data.manifest import MANIFEST_NAME, Manifest
+from pipeline.distributed import Dist
+
+
+def check_data_root(cfg: Config) -> None:
+    """data.root exists and holds a manifest (when the digits demo will not be built there)."""
+    root = Path(cfg.data.root)
+    if (root / MANIFEST_NAME).is_file() or cfg.data.auto_prepare_digits:
+        return
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root='{root}' does not exist; give the folder written by "
+                                f"`pipeline data shards SRC OUT`")
+    raise FileNotFoundError(f"data.root='{root}' has no {MANIFEST_NAME}; build shards there with "
+                            f"`pipeline data shards SRC {root}`")
+
+
+def missing_shards(cfg: Config, manifest: Manifest) -> str:
+    root = Path(cfg.data.root)
+    names = [s.name for split in manifest.splits.values() for s in split.shards]
+    missing = [name for name in names if not (root / name).is_file()]
+    if not missing:
+        return ""
+    return (f"data.root='{root}': {len(missing)} of {len(names)} shard file(s) listed in {MANIFEST_NAME} are "
+            f"missing (first: {missing[0]}); rebuild with `pipeline data shards` or check with "
+            f"`pipeline data verify {root}`")
+
+
+def unwritable_output(cfg: Config) -> str:
+    """'' if the run folder can be created and written, else the one-line reason."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return (f"run.output_dir='{cfg.run.output_dir}' is not writable: cannot create '{run_dir}' "
+                f"({type(exc).__name__}: {exc.strerror or exc}); choose another run.output_dir")
+    return ""
+
+
+def batch_too_large(cfg: Config, manifest: Manifest, world_size: int) -> str:
+    """'' if the training split holds at least one full global batch, else the one-line reason."""
+    train = cfg.train
+    samples = manifest.split("train").num_samples
+    per_step = train.batch_size * world_size * train.grad_accum_steps
+    if per_step > samples:
+        return (f"train.batch_size={train.batch_size} x {world_size} rank(s) x train.grad_accum_steps="
+                f"{train.grad_accum_steps} = {per_step} samples per optimizer step, but data.root='{cfg.data.root}' "
+                f"has only {samples} training samples; lower train.batch_size to at most "
+                f"{max(1, samples // (world_size * train.grad_accum_steps))}")
+    slots = world_size * max(1, cfg.data.num_workers)
+    if cfg.data.drop_last and samples // slots < train.batch_size:
+        return (f"data.drop_last=true with train.batch_size={train.batch_size} leaves no full batch: each of the "
+                f"{slots} rank x worker slot(s) reads {samples // slots} of the {samples} training samples; "
+                f"lower train.batch_size or data.num_workers, or set data.drop_last=false")
+    return ""
+
+
+def preflight(cfg: Config, dist: Dist, manifest: Manifest) -> None:
+    """Raise the first problem found (the same on every rank); create the run folder."""
+    problem = ""
+    if dist.is_main:
+        problem = missing_shards(cfg, manifest) or batch_too_large(cfg, manifest, dist.world_size) \
+            or unwritable_output(cfg)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+
+
+__all__ = ["check_data_root", "preflight"]
