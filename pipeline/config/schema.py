@@ -46,6 +46,8 @@ def _check_values(key: str, value: Any) -> None:
     elif isinstance(value, str) and "\0" in value:
         raise ValueError(f"{key} contains a NUL character")
 
+DECODE_DEVICES = ("workers", "cpu", "cuda")
+
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
@@ -114,6 +116,12 @@ class DataConfig:
     """Drop each worker's final partial batch (all ranks always run the same number of steps)."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    decode_device: str = "workers"
+    """workers (decode + augment per image in the loader workers), or cpu / cuda: workers only read JPEG bytes and
+    draw each image's augmentation parameters; the main process decodes the batch (torchvision decode_jpeg, nvJPEG
+    on cuda) and crops/flips/normalises it on that device, with the same parameters."""
+    jpeg_draft: bool = True
+    """Decode JPEGs at 1/2, 1/4 or 1/8 size (PIL draft) when the crop still covers image_size pixels (workers)."""
     max_bad_fraction: float = 0.01
     """Stop (exit 65) when more than this fraction of an epoch's train or val samples were skipped as bad
     (undecodable, unlabelled, truncated shard; see README "Bad data"); 0: any bad sample stops the run, 1: never."""
@@ -127,6 +135,7 @@ class DataConfig:
         _check_choice("data.channels", self.channels, (1, 3))
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 1)
+        _check_choice("data.decode_device", self.decode_device, DECODE_DEVICES)
         _check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
             if len(values) not in (1, self.channels):
@@ -263,6 +272,8 @@ class TrainConfig:
     """A NaN/inf loss or gradient: skip (drop that update, count it, warn) or halt (write nonfinite.json, exit 70)."""
     max_nonfinite_steps: int = 10
     """skip: stop (exit 70) after this many non-finite optimizer steps in a row."""
+    cudnn_benchmark: bool = True
+    """GPU: let cuDNN time its convolution algorithms for the input shapes once (faster for fixed image sizes)."""
 
     def __post_init__(self) -> None:
         _check_range("train.epochs", self.epochs, 1)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config.schema import Config
 from pipeline.data import faults
+from pipeline.data.decode import build_decoding
 from pipeline.data.manifest import Manifest
 from pipeline.data.stream import ShardStream, make_loader, shard_paths
 from pipeline.data.transforms import build_transform
@@ -17,12 +18,14 @@ from pipeline.data.transforms import build_transform
 class SplitLoader:
     """A split's stream (for position and counts) and the DataLoader that iterates it.
 
-    Iterating `loader` gives (images, labels) batches; the fault counts each batch carries (see
-    `pipeline.data.faults`) are added to `faults`, this rank's total over the batches consumed.
+    Iterating `loader` gives (images, labels) batches, ready on the training device: `finish` (see
+    `pipeline.data.decode`) turns what the workers sent into them, in the main process. The fault
+    counts each batch carries (see `pipeline.data.faults`) are added to `faults`, this rank's total
+    over the batches consumed.
     """
 
-    def __init__(self, stream: ShardStream, dataloader: DataLoader):
-        self.stream, self.dataloader = stream, dataloader
+    def __init__(self, stream: ShardStream, dataloader: DataLoader, finish: Optional[Callable] = None):
+        self.stream, self.dataloader, self.finish = stream, dataloader, finish
         self.faults = faults.empty_counts()
 
     def set_position(self, epoch: int, step: int = 0) -> None:
@@ -33,11 +36,13 @@ class SplitLoader:
         for images, labels, counts in self.dataloader:
             self.faults += counts
             if labels.numel():  # an empty batch only carries counts (evaluation)
-                yield images, labels
+                yield (images, labels) if self.finish is None else self.finish(images, labels)
 
 
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
-                 train: bool, batch_size: int | None = None) -> ShardStream:
+                 train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
+    """The split's stream for one rank; `codec` (default: decode and normalise in the workers) turns samples
+    into batch items, see `pipeline.data.decode`."""
     info = manifest.split(split)
     kind, extra = ShardStream, {}
     if train and cfg.imbalance.balanced_sampling:
@@ -47,7 +52,7 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
     return kind(
         shard_paths(cfg.data.root, [s.name for s in info.shards]), [s.num_samples for s in info.shards],
         batch_size=batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size),
-        transform=build_transform(cfg.data, train=train), channels=cfg.data.channels, rank=rank,
+        codec=codec or build_decoding(cfg.data, train)[0], channels=cfg.data.channels, rank=rank,
         world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train,
         num_classes=manifest.num_classes, image_mode=manifest.image_mode or None, image_size=manifest.image_size,
@@ -55,11 +60,12 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
-                 train: bool, pin_memory: bool = False) -> SplitLoader:
-    """The loader for one split on one rank."""
-    stream = build_stream(cfg, manifest, split, rank, world_size, train)
-    workers = cfg.data.num_workers
-    return SplitLoader(stream, make_loader(stream, workers, pin_memory and cfg.data.pin_memory))
+                 train: bool, pin_memory: bool = False, device: Optional[torch.device] = None) -> SplitLoader:
+    """The loader for one split on one rank; its batches are ready for the model on `device` (None: CPU)."""
+    codec, finish = build_decoding(cfg.data, train, device)
+    stream = build_stream(cfg, manifest, split, rank, world_size, train, codec=codec)
+    loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory)
+    return SplitLoader(stream, loader, finish)
 
 
 __all__ = ["Manifest", "ShardStream", "SplitLoader", "build_loader", "build_stream", "build_transform"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -63,7 +63,8 @@ class SampleCheck:
     key: str
     url: str
     label: int = -1
-    image: Optional[Image.Image] = None
+    image: Optional[object] = None
+    """The decoded image: a PIL image, or what the loader's decoder made of it."""
     reason: str = ""
     """Empty when the sample is usable, else one of SKIP_REASONS."""
     detail: str = ""
@@ -72,6 +73,9 @@ class SampleCheck:
     """The CONVERSIONS applied (mode, size)."""
     undrawn: tuple["SampleCheck", ...] = ()
     """Bad samples a resampling stream could not draw, counted along with this one (see UNDRAWN)."""
+    data: bytes = b""
+    """The image's bytes, and `ext` its key in the sample (so a loader can decode it again)."""
+    ext: str = ""
 
     @property
     def ok(self) -> bool:
@@ -102,10 +106,13 @@ def parse_label(sample: dict, num_classes: int | None) -> tuple[int, str, str]:
 
 
 def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, image_mode: str | None = None,
-                   image_size: Sequence[int] | None = None) -> SampleCheck:
+                   image_size: Sequence[int] | None = None,
+                   decode: Optional[Callable[[Image.Image, bytes, str], object]] = None) -> SampleCheck:
     """Check a raw sample and decode its image to `mode` (L or RGB); never raises.
 
-    The label is checked first (cheap), so a sample with a bad label is not decoded.
+    The label is checked first (cheap), so a sample with a bad label is not decoded. `decode(opened
+    image, its bytes, its key)` replaces the decoding to a PIL image (the loader decodes its own way,
+    see `pipeline.data.decode`); whatever it returns becomes `check.image`, and raising means undecodable.
     """
     check = SampleCheck(key=str(sample.get("__key__", "?")), url=str(sample.get("__url__", "")))
     if UNDRAWN in sample:
@@ -120,11 +127,15 @@ def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, imag
     if key is None:
         check.reason, check.detail = "undecodable", "no image in the sample"
         return check
+    check.data, check.ext = sample[key], key
     try:
         image = Image.open(io.BytesIO(sample[key]))
         source_mode, source_size = image.mode, image.size
-        image.draft(mode, image.size)  # cheap for JPEG, ignored otherwise
-        check.image = image.convert(mode)  # decodes: broken data raises here
+        if decode is not None:
+            check.image = decode(image, sample[key], key)
+        else:
+            image.draft(mode, image.size)  # cheap for JPEG, ignored otherwise
+            check.image = image.convert(mode)  # decodes: broken data raises here
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes; all mean "undecodable"
         check.reason, check.detail = "undecodable", short_error(exc)
         return check

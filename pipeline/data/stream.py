@@ -23,6 +23,10 @@ How an epoch is laid out (the contract the resume logic relies on):
    makes the same choices without re-reading what it skips. Evaluation leaves bad samples out, so
    every good sample is counted exactly once. Each batch carries the fault counts of the positions
    it covers; a final empty batch carries any counts not yet delivered (evaluation only).
+
+What a batch holds is the codec's business (`pipeline.data.decode`): decoded, augmented images, or
+the encoded bytes and augmentation parameters for decoding in the main process. Either way the
+parameters come from the position's seed, so both give the same batches.
 """
 
 from __future__ import annotations
@@ -30,17 +34,21 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
+from pipeline.data.tar import tar_samples
+
+NO_POSITION = -1
+"""The seed given when inspecting a sample whose position is not known yet (a fill-in for bad ones)."""
 
 
 @dataclass(frozen=True)
@@ -90,29 +98,39 @@ def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator
 def shard_slice(url: str, start: int, stop: int) -> Iterator[dict]:
     """Raw samples [start, stop) of a shard, always stop - start of them: where the shard ends early
     (truncated, unreadable), the missing ones are stand-ins (`faults.missing_sample`)."""
-    index = 0
-    raw = tarfile_samples([{"url": url}])
+    index = start
+    raw = tar_samples(url, start, stop)  # samples before `start` are seeked past, not read
     try:
         for sample in raw:
-            if index >= start:
-                yield sample
+            yield sample
             index += 1
-            if index >= stop:
-                break
         error = "it has fewer samples than the manifest says"
     except Exception as exc:  # noqa: BLE001 - any read error means the rest of the shard is lost
         error = short_error(exc)
     finally:
         raw.close()
-    for missing in range(max(index, start), stop):
+    for missing in range(index, stop):
         yield missing_sample(url, missing, error)
 
 
+class SampleCodec(Protocol):
+    """What a stream does with each sample and batch (see `pipeline.data.decode`)."""
+
+    def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> object:
+        """The inspection's decoding (raise if the image is bad), for the position with `seed`."""
+
+    def sample(self, source: SampleCheck, seed: Optional[int]) -> object:
+        """The batch item of a good sample fed at the position with `seed`."""
+
+    def batch(self, items: list) -> object:
+        """The batch's images (or what stands for them) from its items."""
+
+
 class ShardStream(IterableDataset):
-    """Batches of (images, labels) from one split's shards for one rank; see the module docstring."""
+    """Batches of (images, labels, fault counts) from one split's shards for one rank; see the module docstring."""
 
     def __init__(self, shard_paths: Sequence[str], shard_sizes: Sequence[int], *, batch_size: int,
-                 transform: Callable, channels: int, rank: int, world_size: int, num_workers: int,
+                 codec: SampleCodec, channels: int, rank: int, world_size: int, num_workers: int,
                  seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False,
                  num_classes: int | None = None, image_mode: str | None = None,
                  image_size: Sequence[int] | None = None):
@@ -123,7 +141,7 @@ class ShardStream(IterableDataset):
         self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")
         self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
-        self.batch_size, self.transform = batch_size, transform
+        self.batch_size, self.codec = batch_size, codec
         self.mode = "L" if channels == 1 else "RGB"
         self.rank, self.world_size = rank, world_size
         self.workers = max(1, num_workers)
@@ -182,21 +200,27 @@ class ShardStream(IterableDataset):
         virtual = (physical + step) % self.workers
         done_batches = step // self.workers + (1 if virtual < step % self.workers else 0)
         slot = self.rank * self.workers + virtual
-        yield from self._slot_batches(epoch, slot, done_batches, in_main=info is None)
+        yield from self._slot_batches(epoch, slot, done_batches)
 
-    def _slot_batches(self, epoch: int, slot: int, done_batches: int, in_main: bool) -> Iterator:
-        images, labels, counts = [], [], [0] * len(faults.FIELDS)
+    def _seed(self, epoch: int, slot: int, position: int) -> Optional[int]:
+        """Augmentation is seeded by the sample's place in the epoch, so a restart reproduces it exactly."""
+        if not self.train:
+            return None
+        return hash((self.seed, epoch, slot, position)) & 0x7FFF_FFFF_FFFF_FFFF
+
+    def _slot_batches(self, epoch: int, slot: int, done_batches: int) -> Iterator:
+        items, labels, counts = [], [], [0] * len(faults.FIELDS)
         for position, check, source in self._slot_samples(epoch, slot, done_batches * self.batch_size):
             faults.count(counts, check)
             if source is None:  # evaluation: a bad sample is left out
                 continue
-            images.append(self._transform(source.image, epoch, slot, position, in_main))
+            items.append(self.codec.sample(source, self._seed(epoch, slot, position)))
             labels.append(source.label)
-            if len(images) == self.batch_size:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
-                images, labels, counts = [], [], [0] * len(faults.FIELDS)
-        if images and not self.drop_last:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
+            if len(items) == self.batch_size:
+                yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
+                items, labels, counts = [], [], [0] * len(faults.FIELDS)
+        if items and not self.drop_last:
+            yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
         elif counts[0]:  # counts of samples that made no batch (evaluation: all bad, or after the last batch)
             yield torch.empty(0), torch.empty(0, dtype=torch.long), torch.tensor(counts)
 
@@ -214,48 +238,56 @@ class ShardStream(IterableDataset):
             if skip >= length:  # finished before the restart: not even opened
                 skip -= length
                 continue
-            for check, source in self._resolved(epoch, slot, number, segment, skip):
+            for check, source in self._resolved(epoch, slot, number, segment, skip, position):
                 if position >= limit:
                     return
                 yield position, check, source
                 position += 1
             skip = 0
 
-    def _resolved(self, epoch: int, slot: int, number: int, segment: Segment,
-                  skip: int) -> Iterator[tuple[SampleCheck, SampleCheck | None]]:
-        """(inspection, what to feed) per sample of a segment from `skip` on; see rule 5 above."""
+    def _resolved(self, epoch: int, slot: int, number: int, segment: Segment, skip: int,
+                  position: int) -> Iterator[tuple[SampleCheck, SampleCheck | None]]:
+        """(inspection, what to feed) per sample of a segment from `skip` on; see rule 5 above.
+
+        `position` is that of the first pair; a sample is inspected (decoded) for its own position,
+        which follows the bad samples still waiting for it.
+        """
         action = "replaced by another sample of the same shard" if self.train else "left out of evaluation"
         pending: list[SampleCheck] = []  # bad samples waiting for the next good one (training)
         for sample in self._segment_samples(epoch, slot, number, segment, skip):
-            check = self._inspect(sample)
+            check = self._inspect(sample, self._seed(epoch, slot, position + len(pending)))
             for bad in check.undrawn:  # carried by a resampling stream (balance.py): never drawn
                 self.warnings(bad, "never drawn")
             if check.reason or check.converted:
                 self.warnings(check, action)
             if check.ok:
                 yield from ((bad, check) for bad in pending)
+                position += len(pending) + 1
                 pending = []
                 yield check, check
             elif self.train:
                 pending.append(check)
             else:
+                position += 1
                 yield check, None
         if pending:
             fill = self._first_good(epoch, slot, number, segment)
             yield from ((bad, fill) for bad in pending)
 
-    def _inspect(self, sample: dict) -> SampleCheck:
-        return inspect_sample(sample, self.mode, self.num_classes, self.image_mode, self.image_size)
+    def _inspect(self, sample: dict, seed: Optional[int]) -> SampleCheck:
+        return inspect_sample(sample, self.mode, self.num_classes, self.image_mode, self.image_size,
+                              decode=partial(self.codec.decode, seed=seed))
 
     def _first_good(self, epoch: int, slot: int, number: int, segment: Segment) -> SampleCheck:
         """The segment's first good sample; if it has none, the split's (shards in order)."""
         for sample in self._segment_samples(epoch, slot, number, segment, 0):
-            check = self._inspect(sample)
+            check = self._inspect(sample, NO_POSITION)
             if check.ok:
                 return check
         if self._fallback is None:
+            inspect = partial(self._inspect, seed=NO_POSITION)
             for path, size in zip(self.shard_paths, self.shard_sizes):
-                self._fallback = next((c for c in map(self._inspect, shard_slice(path, 0, size)) if c.ok), None)
+                self._fallback = next((c for c in map(inspect, shard_slice(path, 0, size)) if c.ok), None)
                 if self._fallback is not None:
                     break
             else:
@@ -266,6 +298,8 @@ class ShardStream(IterableDataset):
     def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
         """Raw (undecoded) samples of a segment, shuffled, minus the first `skip` of them; always
         `segment.stop - segment.start - skip` of them (missing ones are stand-ins, see `shard_slice`)."""
+        if not self.train:  # no shuffle: the skipped samples are not even read
+            segment, skip = Segment(segment.shard, segment.start + skip, segment.stop), 0
         raw = shard_slice(self.shard_paths[segment.shard], segment.start, segment.stop)
         if self.train:
             rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard)))
@@ -273,18 +307,6 @@ class ShardStream(IterableDataset):
         for index, sample in enumerate(raw):
             if index >= skip:
                 yield sample
-
-    def _transform(self, image: Image.Image, epoch: int, slot: int, position: int, in_main: bool) -> torch.Tensor:
-        if not self.train:
-            return self.transform(image)
-        # Seed augmentation by the sample's place in the epoch, so a restart reproduces it exactly.
-        sample_seed = hash((self.seed, epoch, slot, position)) & 0x7FFF_FFFF_FFFF_FFFF
-        if in_main:  # do not disturb the training process's own RNG (dropout etc.)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                return self.transform(image)
-        torch.manual_seed(sample_seed)
-        return self.transform(image)
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:

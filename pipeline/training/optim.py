@@ -25,12 +25,17 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_norm_and_bias: b
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """`groups` (e.g. per-layer learning rates from fine-tuning) replaces the default decay/no-decay split."""
+def build_optimizer(cfg: OptimConfig, model: nn.Module, groups: list[dict] | None = None,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """`groups` (e.g. per-layer learning rates from fine-tuning) replaces the default decay/no-decay split.
+
+    `fused`: the single-kernel implementation (for training on CUDA) where torch has one (SGD, Adam, AdamW);
+    otherwise torch's default (multi-tensor on CUDA, per-tensor on CPU).
+    """
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay, cfg.exclude_norm_and_bias)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    fused = {"foreach": None}
+    fused = {"fused": True} if fused and cfg.name in ("sgd", "adam", "adamw") else {"foreach": None}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                **fused)

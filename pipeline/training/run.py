@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from pipeline.checkpointing import Checkpointer
@@ -74,6 +75,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
         callbacks = [TrainingSignals(), *(callbacks or [])]
     gradual = cfg.finetune.freeze == "gradual"  # its trainable set grows during training: see Dist.prepare
     dist = build_dist(cfg.train.precision, cfg.train.cpu, find_unused_parameters=gradual)
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)
     run_dir = run_dir_of(cfg)
     manifest = load_manifest(cfg, dist)
@@ -82,16 +85,16 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     dist.barrier()
     pin = dist.device.type == "cuda"
-    train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin)
-    val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin)
+    train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin,
+                         device=dist.device)
+    val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin,
+                       device=dist.device)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
     finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
-    optimizer = build_optimizer(cfg.optim, model, finetune.param_groups)
+    optimizer = build_optimizer(cfg.optim, model, finetune.param_groups, fused=dist.device.type == "cuda")
     model, optimizer = dist.prepare(model, optimizer, register_frozen=gradual)
     if cfg.model.compile:
-        import torch
-
         model = torch.compile(model)
     steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
@@ -110,7 +113,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
 def test_split(run: Run, split: str = "test") -> dict:
     """Evaluate the trainer's current (best) weights on a split; counts every sample once."""
     cfg, dist = run.cfg, run.dist
-    data = build_loader(cfg, run.manifest, split, dist.rank, dist.world_size, train=False)
+    data = build_loader(cfg, run.manifest, split, dist.rank, dist.world_size, train=False,
+                        pin_memory=dist.device.type == "cuda", device=dist.device)
     data.set_position(0, 0)
     trainer = run.trainer
     metrics = evaluate(trainer.unwrapped, data.loader, trainer.loss_fn, trainer.metrics, dist.device,

@@ -29,6 +29,10 @@ class LRSchedule:
     def __init__(self, cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int,
                  monitor_mode: str):
         self.name = cfg.name
+        # Schedule the torch optimizer inside Accelerate's wrapper: that is the object whose step() runs
+        # (see Dist.optimizer_step), so the scheduler's "step() before optimizer.step()" check watches it.
+        inner = getattr(optimizer, "optimizer", None)
+        optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
         total = steps_per_epoch * epochs
         warmup = cfg.warmup_steps + int(round(cfg.warmup_epochs * steps_per_epoch))
         if cfg.name in ("cosine", "constant"):

@@ -54,6 +54,7 @@ class TrainingSignals(Callback):
         self.sums: torch.Tensor | None = None  # [sum of group norms..., sum global, max global, nonfinite, steps]
         self.started = 0.0
         self.last_step = 0.0
+        self._matrices: dict[tuple[int, ...], torch.Tensor] = {}
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         grouped = layer_groups(trainer.unwrapped)
@@ -78,24 +79,39 @@ class TrainingSignals(Callback):
     def on_before_optimizer_step(self, trainer: "Trainer") -> None:
         if self.sums is None:
             return
-        squares = []
+        # One norm kernel over every gradient, then a [groups x grads] 0/1 matrix sums the squares per
+        # group (deterministic, unlike index_add_ on CUDA); a few kernels per step whatever the model.
+        grads, counts = [], []
         for name in self.names:
-            grads = [p.grad.detach().float() for p in self.groups[name] if p.grad is not None]
-            if grads:
-                squares.append(torch.stack(torch._foreach_norm(grads)).square().sum())
-            else:
-                squares.append(torch.zeros((), device=self.sums.device))
-        squares_t = torch.stack(squares)
+            group = [p.grad for p in self.groups[name] if p.grad is not None]
+            grads += group
+            counts.append(len(group))
+        n = len(self.names)
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
+            squares_t = self._group_matrix(tuple(counts), norms.device) @ norms.square()
+        else:
+            squares_t = torch.zeros(n, device=self.sums.device)
         global_norm = squares_t.sum().sqrt()
         finite = torch.isfinite(global_norm)
-        n = len(self.names)
         # Non-finite steps are counted, not averaged in, so one NaN step does not hide the epoch's norms.
-        self.sums[:n] += torch.where(finite, squares_t.sqrt(), 0.0)
-        self.sums[n] += torch.where(finite, global_norm, 0.0)
+        update = torch.cat([torch.where(finite, squares_t.sqrt(), 0.0), torch.where(finite, global_norm, 0.0)[None]])
+        self.sums[:n + 1] += update
         self.sums[n + 1] = torch.maximum(self.sums[n + 1], torch.where(finite, global_norm, self.sums[n + 1]))
-        self.sums[n + 2] += (~finite).float()
-        self.sums[n + 3] += 1
+        self.sums[n + 2:] += torch.stack([(~finite).float(), torch.ones_like(global_norm)])
         self.last_step = time.perf_counter()
+
+    def _group_matrix(self, counts: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Row g has ones at the positions of group g's gradients; cached per set of present gradients."""
+        cache = self._matrices
+        if counts not in cache:
+            matrix = torch.zeros(len(counts), sum(counts))
+            start = 0
+            for row, count in enumerate(counts):
+                matrix[row, start:start + count] = 1.0
+                start += count
+            cache[counts] = matrix.to(device)
+        return cache[counts]
 
     def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
         if self.sums is None:

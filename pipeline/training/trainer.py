@@ -103,10 +103,12 @@ class Trainer:
             window = min(accum, self.steps_per_epoch - window_start)
             last_in_window = micro - window_start == window - 1
             loss, correct = self.train_step(images, labels, window, last_in_window)
-            # Sums stay on the device: no host sync per step. Non-finite losses are counted by the guard instead.
-            self.epoch_totals += torch.where(torch.isfinite(loss.detach()), torch.stack([
-                loss.detach() * labels.numel(), correct, torch.tensor(float(labels.numel()), device=correct.device)]),
-                0.0)
+            # Sums stay on the device and nothing is copied from the host (torch.full is a fill kernel,
+            # torch.tensor would be a synchronising copy): no host sync per step. Non-finite losses are left out
+            # (the guard counts them).
+            count = float(labels.numel())
+            row = torch.stack([loss.detach() * count, correct, correct.new_full((), count)])
+            self.epoch_totals += torch.where(torch.isfinite(loss.detach()), row, 0.0)
             self.state.step_in_epoch += 1
             if last_in_window:
                 self.state.global_step += 1
@@ -159,17 +161,18 @@ class Trainer:
                 logits = self.model(images)
                 loss = self.loss_fn(logits.float(), labels)
             loss = self.nonfinite.observe_loss(self, loss)
-            accelerator.backward(loss / window)
+            self.dist.backward(loss / window if window > 1 else loss)
         if last_in_window:
             self.nonfinite.measure(self)  # before clipping, which would turn a non-finite norm into NaN everywhere
             if self.cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
             self.callbacks.on_before_optimizer_step(self)
             if self.nonfinite.update_allowed(self):  # skip (counted) or raise NonFiniteStop; one host sync
-                self.optimizer.step()
+                self.dist.optimizer_step(self.optimizer)
                 if self.nonfinite.stepped(self):  # not skipped by the fp16 GradScaler
                     self.schedule.after_optimizer_step()
-            self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
         correct = (logits.detach().argmax(dim=-1) == labels).sum().float()
         return loss, correct
 

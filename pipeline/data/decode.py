@@ -1,0 +1,231 @@
+"""Where a shard sample becomes a model input: decoding and augmentation in workers or on a device.
+
+`data.decode_device=workers` (default): each DataLoader worker decodes its samples with PIL (JPEGs
+at 1/2, 1/4 or 1/8 size when the crop still covers the output size, `data.jpeg_draft`) and applies
+the augmentation. When training on the CPU the workers also normalise (the main process is busy
+training); when training on a GPU they send uint8 batches (4x less to copy, pinned) and the batch is
+normalised on the GPU.
+
+`data.decode_device=cpu|cuda`: the workers only read each sample's bytes and draw its augmentation
+parameters from its seed; the main process decodes the whole batch with
+`torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on a GPU), then crops, flips and normalises
+it there with those parameters. For when the CPU cannot decode as fast as the GPU trains.
+Non-JPEG images (PNG, ...) are decoded on the CPU in that path and moved to the device.
+
+Both paths draw the same parameters from the same per-sample seed (`SampleAugment`), so they give
+the same crops, flips and batches; pixels differ only as much as the two JPEG decoders do.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import default_collate, get_worker_info
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.transforms.v2 import functional as F
+
+from pipeline.config.schema import DataConfig
+from pipeline.data.faults import DataQualityError, SampleCheck, short_error
+from pipeline.data.stream import NO_POSITION
+from pipeline.data.transforms import BatchNormalize, SampleAugment
+
+JPEG_KEYS = ("jpg", "jpeg")
+
+
+def _draw(augment: SampleAugment, seed: Optional[int], height: int, width: int) -> list:
+    """The sample's augmentation parameters: from its seed (training) or fixed (evaluation).
+
+    Only the CPU generator is seeded (`torch.manual_seed` would also queue CUDA seeding, recording a
+    stack trace per call) and it is restored afterwards, so the caller's own randomness is untouched.
+    """
+    if seed is None:
+        return augment.draw(height, width)
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        return augment.draw(height, width)
+    finally:
+        torch.set_rng_state(state)
+
+
+@dataclass
+class Decoded:
+    """An image decoded (maybe at reduced size) for the augmentation parameters of one position."""
+
+    image: torch.Tensor
+    params: Optional[list]
+    seed: Optional[int]
+
+
+class WorkerDecode:
+    """Decode and augment each sample where it is read (a DataLoader worker); batches of images."""
+
+    def __init__(self, augment: SampleAugment, channels: int, normalize: Optional[BatchNormalize], draft: bool):
+        self.augment, self.normalize, self.draft = augment, normalize, draft
+        self.mode = "L" if channels == 1 else "RGB"
+        self.read_mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+
+    def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> Decoded:
+        """Decode for the position with `seed` (the stream's inspection calls this; bad data raises)."""
+        width, height = image.size
+        known = seed != NO_POSITION
+        params = _draw(self.augment, seed, height, width) if known else None
+        reduction = self.augment.max_reduction(params, height, width) if self.draft and known else 1.0
+        if key in JPEG_KEYS and image.format == "JPEG" and reduction < 2:
+            # torchvision's libjpeg-turbo decoder straight into a tensor: the same pixels as PIL's, without
+            # PIL's two copies into a tensor (~30% of the per-image time at 224 px). What it refuses goes
+            # to PIL below, which then raises (or not) exactly as `pipeline data verify` does.
+            try:
+                tensor = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=self.read_mode)
+                return Decoded(tensor, params, seed)
+            except RuntimeError:
+                pass
+        if image.format == "JPEG":
+            # draft() makes libjpeg decode straight to the target mode and, where the crop allows, at 1/2,
+            # 1/4 or 1/8 size (DCT scaling): less to decode and less to resize.
+            image.draft(self.mode, (math.ceil(width / reduction), math.ceil(height / reduction)))
+            if image.size != (width, height):
+                params = self.augment.rescale(params, (height, width), (image.size[1], image.size[0]))
+        return Decoded(F.pil_to_tensor(image.convert(self.mode)), params, seed)
+
+    def sample(self, source: SampleCheck, seed: Optional[int]) -> torch.Tensor:
+        decoded = source.image
+        if not isinstance(decoded, Decoded) or decoded.seed != seed or decoded.params is None:
+            # Fed at another position than it was inspected for (it stands in for a bad sample): again.
+            decoded = self.decode(Image.open(io.BytesIO(source.data)), source.data, source.ext, seed)
+        return self.augment.apply(decoded.image, decoded.params)
+
+    def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        if self.normalize is None:
+            return default_collate(images)  # uint8, in shared memory
+        out = _empty_batch((len(images), *images[0].shape), torch.float32)
+        for index, image in enumerate(images):
+            self.normalize(image, out=out[index])
+        return out
+
+
+def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch; in a DataLoader worker, in shared memory (as default_collate allocates it),
+    so sending it to the main process costs no copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    return elem.new(elem._typed_storage()._new_shared(math.prod(shape))).view(shape)
+
+
+class EncodedBatch:
+    """Read each sample's bytes and draw its parameters; decoding is left to `DeviceDecode`.
+
+    The workers do not decode, so an image whose header reads but whose data is broken is not caught
+    by the stream's inspection (run `pipeline data verify` on new data); the main process then stops
+    with a one-line error naming the sample.
+    """
+
+    def __init__(self, augment: SampleAugment):
+        self.augment = augment
+
+    def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> tuple[int, int]:
+        return image.size[1], image.size[0]  # the header has been read: (height, width)
+
+    def sample(self, source: SampleCheck, seed: Optional[int]) -> tuple[bytes, bool, list, str]:
+        if isinstance(source.image, tuple):
+            height, width = source.image
+        else:  # a PIL image (inspected elsewhere)
+            width, height = source.image.size
+        return source.data, source.ext in JPEG_KEYS, _draw(self.augment, seed, height, width), source.where()
+
+    def batch(self, items: list[tuple[bytes, bool, list, str]]) -> "EncodedImages":
+        datas = [data for data, _, _, _ in items]
+        offsets = torch.tensor([0, *(len(d) for d in datas)], dtype=torch.long).cumsum(0)
+        joined = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
+        return EncodedImages(joined, offsets, [i[1] for i in items], [i[2] for i in items], [i[3] for i in items])
+
+
+class EncodedImages(NamedTuple):
+    """A batch's encoded images: all bytes in one uint8 tensor, offsets, is-JPEG flags, parameters, names."""
+
+    data: torch.Tensor
+    offsets: torch.Tensor
+    is_jpeg: list
+    params: list
+    names: list
+
+
+class DeviceNormalize:
+    """Main process: a uint8 batch from the workers -> normalised floats on the device (non-blocking copy)."""
+
+    def __init__(self, normalize: BatchNormalize, device: torch.device):
+        self.normalize, self.device = normalize, device
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        return self.normalize(images), labels.to(self.device, non_blocking=True)
+
+
+class DeviceDecode:
+    """Main process: decode a batch of encoded images on `decode_device`, augment and normalise it there."""
+
+    def __init__(self, augment: SampleAugment, normalize: BatchNormalize, channels: int,
+                 decode_device: torch.device, output_device: torch.device):
+        self.augment, self.normalize = augment, normalize
+        self.read_mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        self.decode_device, self.output_device = decode_device, output_device
+
+    def __call__(self, batch: EncodedImages, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        joined, offsets, is_jpeg, params, names = batch
+        bounds = offsets.tolist()
+        encoded = [joined[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+        images: list[Optional[torch.Tensor]] = [None] * len(encoded)
+        jpegs = [i for i, flag in enumerate(is_jpeg) if flag]
+        if jpegs:  # one batched call: nvJPEG decodes the whole list on a GPU
+            try:
+                decoded = decode_jpeg([encoded[i] for i in jpegs], mode=self.read_mode, device=self.decode_device)
+            except RuntimeError:  # a JPEG the device decoder does not take (e.g. CMYK): those go to the CPU
+                decoded = [self._decode_one(encoded[i], names[i], jpeg=True) for i in jpegs]
+            for index, image in zip(jpegs, decoded):
+                images[index] = image
+        for index, flag in enumerate(is_jpeg):
+            if not flag:
+                images[index] = self._decode_one(encoded[index], names[index])
+        augmented = torch.stack([self.augment.apply(image, p) for image, p in zip(images, params)])
+        images_out = self.normalize(augmented).to(self.output_device, non_blocking=True)
+        return images_out, labels.to(self.output_device, non_blocking=True)
+
+
+    def _decode_one(self, data: torch.Tensor, name: str, jpeg: bool = False) -> torch.Tensor:
+        if jpeg:
+            try:
+                return decode_jpeg(data, mode=self.read_mode, device=self.decode_device)
+            except RuntimeError:
+                pass
+        try:
+            return decode_image(data, mode=self.read_mode).to(self.decode_device)
+        except RuntimeError as exc:
+            raise DataQualityError(f"{name} does not decode ({short_error(exc)}); check the shards with "
+                                   "`pipeline data verify`, or use data.decode_device=workers (which skips such "
+                                   "samples)") from None
+
+
+def build_decoding(cfg: DataConfig, train: bool, device: Optional[torch.device] = None) -> tuple[object, object]:
+    """(what the workers do per sample/batch, what the main process does per batch or None) for `device`.
+
+    `device` is where batches must end up (the training device; None: the CPU).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    augment, normalize = SampleAugment(cfg, train), BatchNormalize(cfg)
+    if cfg.decode_device == "workers":
+        if device.type == "cpu":
+            return WorkerDecode(augment, cfg.channels, normalize, cfg.jpeg_draft), None
+        return WorkerDecode(augment, cfg.channels, None, cfg.jpeg_draft), DeviceNormalize(normalize, device)
+    if cfg.decode_device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("data.decode_device=cuda but no CUDA GPU is available here; use workers or cpu")
+        decode_device = device if device.type == "cuda" else torch.device("cuda")
+    else:
+        decode_device = torch.device("cpu")
+    return EncodedBatch(augment), DeviceDecode(augment, normalize, cfg.channels, decode_device, device)

@@ -1,0 +1,73 @@
+"""CPU smoke runs of the benchmark scripts at tiny sizes: the JSON they write and the work they did."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_throughput, loader_throughput, loop_overhead
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_loop_overhead_runs_the_real_trainer_and_a_bare_loop(tmp_path: Path, digits_root: Path) -> None:
+    out = tmp_path / "loop.json"
+    result = loop_overhead.main(["--steps", "4", "--repeats", "2", "--cases", "bf16_accum2_clip", "--no-lightning",
+                                 "--threads", "0",
+                                 "--out", str(out), "model.channels=[8,16]", "data.image_size=8",
+                                 "train.batch_size=8", f"data.root={digits_root}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    case = result["cases"]["bf16_accum2_clip"]
+    loops = {"bare PyTorch", "pipeline", "pipeline (no training signals)"}
+    assert set(case["ms_per_step"]) == set(case["ratio_to_bare"]) == set(case["ratio_of_fastest_blocks"]) == loops
+    assert case["precision"] == "bf16" and case["grad_accum_steps"] == 2 and case["max_grad_norm"] == 1.0
+    assert all(len(times) == 2 and min(times) > 0 for times in case["ms_per_step_all"].values())
+    assert case["ratio_to_bare"]["bare PyTorch"] == 1.0
+    # Every loop really trained: (1 warm-up + 2 timed blocks) x 4 micro-batches / 2 accumulated = 6 optimizer steps.
+    assert case["optimizer_steps"] == {name: 6 for name in loops}
+    assert {"commit", "torch", "cpus"} <= result["environment"].keys()
+
+
+def test_loader_throughput_reads_every_image_once_per_epoch(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    result = loader_throughput.main(["--images", "40", "--workers", "1", "--batch-size", "8", "--image-size", "32",
+                                     "--source-size", "32", "--repeats", "2", "--work", str(tmp_path / "work"),
+                                     "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    names = {"ImageFolder + transforms (classic)", "ImageFolder + transforms.v2 (ours)", "shards", "shards + draft",
+             "shards + draft, uint8 out (GPU mode)"}
+    assert set(result["images_per_epoch"]) == set(result["images_per_second"]) == names
+    assert all(counts == [40, 40] for counts in result["images_per_epoch"].values())  # one slot: nothing dropped
+    assert all(rate > 0 for rate in result["images_per_second"].values())
+    assert result["speedup_vs"]["ImageFolder + transforms.v2 (ours)"]["ImageFolder + transforms.v2 (ours)"] == 1.0
+    assert len(list((tmp_path / "work" / "imagefolder").rglob("*.jpg"))) == 40
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the script would run for real")
+def test_gpu_throughput_refuses_without_cuda_in_one_line() -> None:
+    result = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("gpu_throughput: no CUDA device here")
+
+
+def test_gpu_throughput_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    result = gpu_throughput.main(["--allow-cpu", "--models", "resnet18", "--compile", "off", "--sources", "synthetic",
+                                  "shards-gpu-decode", "--batch-size", "4", "--image-size", "32", "--steps", "2",
+                                  "--warmup", "1", "--repeats", "1", "--shard-images", "12", "--workers", "0",
+                                  "--matmul-size", "64", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    synthetic, shards = result["runs"]
+    assert (synthetic["source"], shards["source"]) == ("synthetic", "shards-gpu-decode")
+    assert shards["decode_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert synthetic["images_per_block"] == [2 * 4] and shards["images_per_block"] == [12]
+    # ResNet-18 trains with ~3 x 1.8 GMAC = 10.9 GFLOP per 224 px image; 32 px has 49x fewer pixels.
+    assert synthetic["flops_per_image"] == pytest.approx(10.9e9 / 49, rel=0.05)
+    assert all(run["images_per_second"] > 0 and 0 < run["mfu"] for run in result["runs"])
+    assert result["bf16_matmul_tflops"] > 0
