@@ -54,3 +54,14 @@ def read_jsonl(path: Path, drop: tuple[str, ...] = ("epoch_seconds", "images_per
     """metrics.jsonl without wall-clock fields (which differ between any two runs)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [{k: v for k, v in row.items() if k not in drop and k != "images_per_second"} for row in rows]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Tests that build an Accelerator in-process (with different precisions) must not inherit one another's:
+    Accelerate keeps one state per process and refuses a different mixed_precision afterwards."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

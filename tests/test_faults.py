@@ -58,15 +58,10 @@ def _checkpointer(run_dir: Path) -> Checkpointer:
     return Checkpointer(run_dir / "checkpoints", _single_dist())
 
 
-_DIST: list[Dist] = []
-
-
 def _single_dist() -> Dist:
-    if not _DIST:
-        from accelerate import Accelerator
+    from accelerate import Accelerator
 
-        _DIST.append(Dist(Accelerator(cpu=True)))
-    return _DIST[0]
+    return Dist(Accelerator(cpu=True))  # Accelerate's state is reset after each test (conftest)
 
 
 # ---- non-finite losses and gradients -------------------------------------------------------------------
@@ -222,7 +217,7 @@ def test_batch_sample_keys_name_the_batch(digits_root: Path) -> None:
                     labels[f"{shard.name}/{member.name[:-4]}"] = int(tar.extractfile(member).read())
     stream.set_position(epoch=1, step=0)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
-    for step, (_, batch_labels) in enumerate(loader):
+    for step, (_, batch_labels, _) in enumerate(loader):
         if step in (0, 3, 7, 12):
             keys = batch_sample_keys(stream, 1, step)
             assert [labels[k] for k in keys] == batch_labels.tolist()

@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.config import load_config
@@ -48,13 +49,15 @@ def test_direct_step_is_accelerates_step_and_keeps_the_schedule_order() -> None:
     assert schedule.scheduler.last_epoch == 3 and fast_opt.param_groups[0]["lr"] == 0.0
 
 
-def test_no_host_sync_between_log_steps(digits_root: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("nonfinite, guard_reads", [("ignore", 0), ("skip", 6)])
+def test_no_host_sync_between_log_steps(digits_root: Path, tmp_path: Path, monkeypatch, nonfinite: str,
+                                        guard_reads: int) -> None:
     from benchmarks.loop_overhead import PipelineLoop, make_batches
 
     cfg = load_config(None, [f"data.root={digits_root}", f"run.output_dir={tmp_path}", "model.channels=[4]",
                              "data.image_size=8", "train.batch_size=4", "logging.wandb_mode=disabled",
                              "logging.progress=false", "train.log_every_steps=3", "train.grad_accum_steps=2",
-                             "train.max_grad_norm=1.0"])
+                             "train.max_grad_norm=1.0", f"train.nonfinite={nonfinite}"])
     loop = PipelineLoop(cfg)
     loop.use(make_batches(cfg, 12, loop.device))
     calls = []  # host reads of tensors made by our code (torch's CPU-side optimizer step counters are not ours)
@@ -69,9 +72,11 @@ def test_no_host_sync_between_log_steps(digits_root: Path, tmp_path: Path, monke
         monkeypatch.setattr(torch.Tensor, name, spy)
     loop.block()
     # 12 micro-batches = 6 optimizer steps; the loss is read at steps 3 and 6 only. (The epoch-end reduction
-    # and the training signals' epoch summary read the device once each, outside the step loop.)
+    # and the training signals' epoch summary read the device once each, outside the step loop.) The non-finite
+    # check, unless it is ignore, reads its two flags once per optimizer step: the update must not happen on NaN.
     assert calls.count("item") == 2 and loop.trainer.state.global_step == 6
-    assert calls.count("tolist") == calls.count("cpu") == calls.count("numpy") == 0
+    assert calls.count("tolist") == guard_reads
+    assert calls.count("cpu") == calls.count("numpy") == 0
     loop.trainer.stop.uninstall()
 
 

@@ -303,8 +303,7 @@ def test_unreachable_storage_under_accelerate_launch_stops_every_rank_with_one_l
                            str(path)], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0 and time.monotonic() - started < 60
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2, done.stderr[-2000:]  # one line from each rank
-    assert all("cannot open study storage postgresql://pipeline:***@127.0.0.1:1/nowhere" in e for e in errors)
+    # One line from each rank (they may interleave on the shared stderr).
+    assert done.stderr.count("error: cannot open study storage postgresql://pipeline:***@127.0.0.1:1/nowhere") == 2
     # accelerate's launcher prints its own traceback (CalledProcessError) when a rank fails; none from our code.
     assert password not in done.stderr + done.stdout and "pipeline/" not in done.stderr

@@ -21,7 +21,7 @@ MODES = ("min", "max")
 WANDB_MODES = ("offline", "online", "disabled")
 FREEZE_STRATEGIES = ("full", "feature_extraction", "partial", "gradual")
 CLASS_WEIGHT_MODES = ("none", "auto")
-NONFINITE_POLICIES = ("skip", "halt")
+NONFINITE_POLICIES = ("skip", "halt", "ignore")
 
 
 MAX_INT = 2**63 - 1  # what torch and numpy can hold
@@ -269,7 +269,8 @@ class TrainConfig:
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
     nonfinite: str = "skip"
-    """A NaN/inf loss or gradient: skip (drop that update, count it, warn) or halt (write nonfinite.json, exit 70)."""
+    """A NaN/inf loss or gradient: skip (drop that update, count it, warn), halt (write nonfinite.json, exit 70),
+    or ignore (no check: saves the one host sync per optimizer step the check costs; NaNs reach the weights)."""
     max_nonfinite_steps: int = 10
     """skip: stop (exit 70) after this many non-finite optimizer steps in a row."""
     cudnn_benchmark: bool = True

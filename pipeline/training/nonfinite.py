@@ -138,6 +138,8 @@ class NonFiniteGuard(Callback):
     # ---- per micro-batch and per optimizer step (the hot path) ------------------------------------
     def observe_loss(self, trainer: "Trainer", loss: torch.Tensor) -> torch.Tensor:
         """Fold this micro-batch's loss into the window's flag (no sync); applies the NaN test hook."""
+        if self.policy == "ignore":
+            return loss
         if self._nan_steps and trainer.state.global_step + 1 in self._nan_steps:
             loss = loss * float("nan") if self._nan_grads else loss + float("nan")
         bad = ~torch.isfinite(loss.detach())
@@ -148,6 +150,8 @@ class NonFiniteGuard(Callback):
 
     def measure(self, trainer: "Trainer") -> None:
         """Before clipping: [non-finite loss, non-finite gradients] summed over ranks (all on the device)."""
+        if self.policy == "ignore":
+            return
         device = trainer.dist.device
         loss_bad = self._window_bad.float() if self._window_bad is not None else torch.zeros((), device=device)
         grad_bad = torch.zeros((), device=device)
@@ -163,7 +167,10 @@ class NonFiniteGuard(Callback):
         self._flags = flags
 
     def update_allowed(self, trainer: "Trainer") -> bool:
-        """True: take the optimizer step. False: skip it (counted, warned). Raises NonFiniteStop. One host sync."""
+        """True: take the optimizer step. False: skip it (counted, warned). Raises NonFiniteStop. One host sync
+        (none with train.nonfinite=ignore)."""
+        if self.policy == "ignore":
+            return True
         loss_ranks, grad_bad = self._flags.tolist()
         window_losses, window_micro = self._window_losses, self._window_micro
         self._window_bad, self._window_losses, self._window_micro = None, [], []
