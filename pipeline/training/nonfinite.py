@@ -38,6 +38,7 @@ micro-batches by NaN (so its gradients are NaN too); `PIPELINE_NAN_RANK=1` limit
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -81,26 +82,13 @@ def _number(value: float) -> float | str:
 
 
 def batch_sample_keys(stream, epoch: int, step: int) -> list[str]:
-    """`shard/key` of the samples in rank-local micro-batch `step` of `epoch`, replaying the stream's layout
-    (see pipeline.data.stream: step s comes from slot s mod workers, batch s // workers). Reads the shards."""
-    from pipeline.data.stream import epoch_shard_order, slot_segments
-
+    """`shard/key` of the samples in rank-local micro-batch `step` of `epoch`: the stream's own sample sequence
+    for that slot (step s comes from slot s mod workers, batch s // workers; see pipeline.data.stream), replayed
+    from the batch's first position, with bad samples replaced exactly as the loader replaced them."""
     slot = stream.rank * stream.workers + step % stream.workers
-    skip = step // stream.workers * stream.batch_size
-    start, stop = stream.slot_range(slot)
-    order = epoch_shard_order(len(stream.shard_paths), stream.seed, epoch, stream.train)
-    keys: list[str] = []
-    for number, segment in enumerate(slot_segments(stream.shard_sizes, order, start, stop)):
-        length = segment.stop - segment.start
-        if skip >= length:
-            skip -= length
-            continue
-        for sample in stream._segment_samples(epoch, slot, number, segment, skip):
-            keys.append(f"{Path(stream.shard_paths[segment.shard]).name}/{sample.get('__key__')}")
-            if len(keys) == stream.batch_size:
-                return keys
-        skip = 0
-    return keys
+    first = step // stream.workers * stream.batch_size
+    fed = (source for _, _, source in stream._slot_samples(epoch, slot, first) if source is not None)
+    return [f"{Path(source.url).name}/{source.key}" for source in itertools.islice(fed, stream.batch_size)]
 
 
 class NonFiniteGuard(Callback):
