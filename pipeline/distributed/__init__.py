@@ -71,10 +71,7 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on at least one rank."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+        return self.agree([flag])[0]
 
     def agree(self, flags: list[bool]) -> list[bool]:
         """Element-wise OR of `flags` across ranks, in one all-reduce."""
