@@ -11,10 +11,12 @@ float + normalise), batch size, worker count, prefetching and persistent workers
 
 - ImageFolder + the classic torchvision.transforms (PIL crop/resize, ToTensor, Normalize);
 - ImageFolder + our own transforms.v2 pipeline (`build_transform`, the fairer baseline);
-- our shard loader as training uses it on a CPU (decode + augment + normalise in the workers), with
-  and without decoding at reduced size (`data.jpeg_draft`);
-- the same, sending uint8 batches as it does when training on a GPU (normalised on the GPU, so not
-  timed here: a like-for-like figure only for GPU training);
+- our shard loader as training uses it on a CPU (decode + augment in the workers, uint8 batches,
+  normalised in the main process into recycled memory), with and without decoding at reduced size
+  (`data.jpeg_draft`);
+- the same normalising in the workers (float batches through shared memory: the loader before);
+- the workers' uint8 batches as training on a GPU receives them (normalised on the GPU, so not timed
+  here: a like-for-like figure only for GPU training);
 - with --main-process-decode, `data.decode_device=cpu` (workers read bytes; the main process decodes).
 
 Images/s is images delivered per second of wall time; the ratio is the median over repeats of the
@@ -117,11 +119,23 @@ class Epochs:
         return count
 
 
-def build_contenders(folder: Path, shards: Path, args) -> dict[str, Epochs]:
-    from pipeline.data import Manifest, SplitLoader, build_loader, build_stream
+def _raw_contender(name: str, shards: Path, manifest, args, normalize, dtype: torch.dtype) -> Epochs:
+    """Our shard stream's batches exactly as the workers send them (no main-process step)."""
+    from pipeline.data import SplitLoader, build_stream
     from pipeline.data.decode import WorkerDecode
     from pipeline.data.stream import make_loader
-    from pipeline.data.transforms import SampleAugment, build_transform
+    from pipeline.data.transforms import SampleAugment
+
+    cfg = shard_config(shards, args, "data.jpeg_draft=true")
+    codec = WorkerDecode(SampleAugment(cfg.data, train=True), 3, normalize, draft=True)
+    stream = build_stream(cfg, manifest, "train", 0, 1, train=True, codec=codec)
+    split = SplitLoader(stream, make_loader(stream, args.workers, pin_memory=False))
+    return Epochs(name, lambda: split.loader, (3, args.image_size, args.image_size), stream.set_position, dtype)
+
+
+def build_contenders(folder: Path, shards: Path, args) -> dict[str, Epochs]:
+    from pipeline.data import Manifest, build_loader
+    from pipeline.data.transforms import BatchNormalize, build_transform
 
     shape = (3, args.image_size, args.image_size)
     manifest = Manifest.read(shards)
@@ -137,13 +151,12 @@ def build_contenders(folder: Path, shards: Path, args) -> dict[str, Epochs]:
     for name, overrides in variants.items():
         split = build_loader(shard_config(shards, args, *overrides), manifest, "train", 0, 1, train=True)
         contenders[name] = Epochs(name, lambda split=split: split.loader, shape, split.set_position)
+    # Normalising in the workers, as the loader did before: float batches through shared memory.
+    contenders["shards, float batches from the workers"] = _raw_contender(
+        "float", shards, manifest, args, BatchNormalize(shard_config(shards, args).data), torch.float32)
     # What the workers send when training on a GPU: uint8 batches, normalised there (not timed here).
-    cfg = shard_config(shards, args, "data.jpeg_draft=true")
-    codec = WorkerDecode(SampleAugment(cfg.data, train=True), 3, None, draft=True)
-    stream = build_stream(cfg, manifest, "train", 0, 1, train=True, codec=codec)
-    uint8_split = SplitLoader(stream, make_loader(stream, args.workers, pin_memory=False))
-    contenders["shards + draft, uint8 out (GPU mode)"] = Epochs("uint8", lambda: uint8_split.loader, shape,
-                                                                stream.set_position, torch.uint8)
+    contenders["shards + draft, uint8 out (GPU mode)"] = _raw_contender("uint8", shards, manifest, args, None,
+                                                                        torch.uint8)
     return contenders
 
 

@@ -40,7 +40,7 @@ def test_loader_throughput_reads_every_image_once_per_epoch(tmp_path: Path) -> N
                                      "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     names = {"ImageFolder + transforms (classic)", "ImageFolder + transforms.v2 (ours)", "shards", "shards + draft",
-             "shards + draft, uint8 out (GPU mode)"}
+             "shards, float batches from the workers", "shards + draft, uint8 out (GPU mode)"}
     assert set(result["images_per_epoch"]) == set(result["images_per_second"]) == names
     assert all(counts == [40, 40] for counts in result["images_per_epoch"].values())  # one slot: nothing dropped
     assert all(rate > 0 for rate in result["images_per_second"].values())

@@ -104,20 +104,66 @@ def test_cuda_decode_without_a_gpu_is_one_clear_line(jpeg_root: Path) -> None:
         build_loader(_cfg(jpeg_root, "data.decode_device=cuda"), Manifest.read(jpeg_root), "train", 0, 1, train=True)
 
 
-def test_uint8_batches_are_normalised_on_the_device_like_in_the_workers(jpeg_root: Path) -> None:
-    """What training on a GPU does (uint8 from the workers, normalised on the device), checked on the CPU."""
+def test_normalising_in_the_main_process_equals_normalising_in_the_workers(jpeg_root: Path) -> None:
+    """The workers send uint8 batches; normalised in the main process (recycled host memory on a CPU, the
+    device on a GPU: `DeviceNormalize`, checked here on the CPU) they are the bits the workers would send."""
     from pipeline.data import build_stream
     from pipeline.data.decode import DeviceNormalize, WorkerDecode
     from pipeline.data.stream import make_loader
 
     cfg = _cfg(jpeg_root, "data.num_workers=2")
-    reference, _ = _epoch(cfg)
-    codec = WorkerDecode(SampleAugment(cfg.data, train=True), 3, None, draft=True)
-    stream = build_stream(cfg, Manifest.read(jpeg_root), "train", 0, 1, train=True, codec=codec)
-    stream.set_position(1)
-    finish = DeviceNormalize(BatchNormalize(cfg.data), torch.device("cpu"))
-    batches = list(make_loader(stream, 2, pin_memory=False))  # (images, labels, fault counts)
-    assert len(batches) == len(reference) and batches[0][0].dtype == torch.uint8
-    for (a, la), (raw, lb, _) in zip(reference, batches):
-        b, lb = finish(raw, lb)
-        assert torch.equal(a, b) and torch.equal(la, lb)
+    in_main, _ = _epoch(cfg)  # what build_loader gives for CPU training
+
+    def raw_epoch(normalize):
+        codec = WorkerDecode(SampleAugment(cfg.data, train=True), 3, normalize, draft=True)
+        stream = build_stream(cfg, Manifest.read(jpeg_root), "train", 0, 1, train=True, codec=codec)
+        stream.set_position(1)
+        return list(make_loader(stream, 2, pin_memory=False))  # (images, labels, fault counts)
+
+    in_workers, uint8 = raw_epoch(BatchNormalize(cfg.data)), raw_epoch(None)
+    assert len(in_main) == len(in_workers) == len(uint8) > 1
+    assert in_workers[0][0].dtype == torch.float32 and uint8[0][0].dtype == torch.uint8
+    on_device = DeviceNormalize(BatchNormalize(cfg.data), torch.device("cpu"))
+    for (a, la), (b, lb, _), (raw, lc, _) in zip(in_main, in_workers, uint8):
+        c, lc = on_device(raw, lc)
+        assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(a, c)
+        assert torch.equal(la, lb) and torch.equal(la, lc)
+
+
+def test_host_normalize_recycles_only_memory_nobody_holds(jpeg_root: Path) -> None:
+    from pipeline.data.decode import HostNormalize
+
+    normalize = BatchNormalize(_cfg(jpeg_root).data)
+    finish, labels = HostNormalize(normalize), torch.arange(6)
+    generator = torch.Generator().manual_seed(0)
+    raw = [torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8, generator=generator) for _ in range(6)]
+
+    def batch(index: int) -> torch.Tensor:
+        images, out_labels = finish(raw[index], labels)
+        assert out_labels is labels and torch.equal(images, normalize(raw[index]))  # exact, chunked or not
+        return images
+
+    kept = batch(0)  # the caller keeps it: its memory is never written again
+    second = batch(1)
+    assert second.data_ptr() != kept.data_ptr()
+    recycled = second.data_ptr()
+    del second
+    third = batch(2)
+    assert third.data_ptr() == recycled  # released: the next batch reuses the memory, no page faults
+    view = third[2:]
+    del third
+    fourth = batch(3)  # a view of the third batch keeps its memory busy
+    assert fourth.data_ptr() not in (kept.data_ptr(), recycled)
+    weight = torch.ones(1, requires_grad=True)
+    graph = (fourth * weight).sum()  # autograd saves the batch for the weight's gradient
+    busy = fourth.data_ptr()
+    del fourth
+    fifth = batch(4)
+    assert fifth.data_ptr() not in (kept.data_ptr(), recycled, busy)
+    assert torch.equal(kept, normalize(raw[0])) and torch.equal(view, normalize(raw[2])[2:])
+    graph.backward()
+    assert weight.grad.item() == pytest.approx(normalize(raw[3]).sum().item(), rel=1e-5)
+    last = fifth.data_ptr()
+    del graph, fifth
+    assert batch(5).data_ptr() == last  # the newest free buffer first
+    assert finish(raw[0][:2], labels[:2])[0].shape == (2, 3, 5, 7)  # another shape: its own buffer
