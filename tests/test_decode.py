@@ -28,6 +28,25 @@ def jpeg_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def broken_root(tmp_path_factory) -> Path:
+    """48 training and 16 validation JPEGs in shards of 16; training samples 5, 6 and 30 and validation
+    sample 3 are cut in half: their headers read, their data does not decode."""
+    from pipeline.data.subsets import write_split_shards
+
+    folder = tmp_path_factory.mktemp("broken_jpegs")
+    write_digits_jpeg_imagefolder(folder, 64, size=40)
+    files = sorted(folder.rglob("*.jpg"), key=lambda f: f.stem)
+    samples = [({"jpg": f.read_bytes()}, int(f.parent.name)) for f in files]
+    for index in (5, 6, 30, 48 + 3):
+        data = samples[index][0]["jpg"]
+        samples[index] = ({"jpg": data[:len(data) // 2]}, samples[index][1])
+    root = folder.parent / (folder.name + "_shards")
+    write_split_shards(root, [str(c) for c in range(10)], {"train": samples[:48], "val": samples[48:],
+                                                           "test": samples[48:]}, "test", max_samples=16)
+    return root
+
+
 def _cfg(root: Path, *overrides: str):
     return load_config(None, [f"data.root={root}", "data.image_size=24", "train.batch_size=16",
                               "train.eval_batch_size=16", *AUGMENT, *overrides])
@@ -167,3 +186,61 @@ def test_host_normalize_recycles_only_memory_nobody_holds(jpeg_root: Path) -> No
     del graph, fifth
     assert batch(5).data_ptr() == last  # the newest free buffer first
     assert finish(raw[0][:2], labels[:2])[0].shape == (2, 3, 5, 7)  # another shape: its own buffer
+
+
+def _loaded(cfg, split: str) -> tuple[list, dict]:
+    from pipeline.data.faults import as_dict
+
+    data = build_loader(cfg, Manifest.read(cfg.data.root), split, 0, 1, train=split == "train")
+    data.set_position(1)
+    batches = [(images.clone(), labels.clone()) for images, labels in data.loader]
+    assert len(batches) == data.stream.steps_per_epoch()
+    return batches, as_dict(data.faults)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_broken_jpegs_decoded_in_the_main_process_are_replaced_and_counted(broken_root: Path, workers: int,
+                                                                           capsys) -> None:
+    """decode_device=cpu|cuda: an image whose header reads but whose data does not decode is met by the main
+    process; it is counted and warned about as in the workers, replaced in training, left out in evaluation."""
+    base = [f"data.num_workers={workers}", "data.jpeg_draft=false", "train.eval_batch_size=8"]
+    counts = {"seen": 48, "truncated": 0, "undecodable": 3, "no_label": 0, "bad_label": 0, "converted_mode": 0,
+              "converted_size": 0}
+    sizes = []
+    for decode in ("workers", "cpu"):
+        batches, faults = _loaded(_cfg(broken_root, *base, f"data.decode_device={decode}"), "train")
+        assert faults == counts
+        sizes.append([len(labels) for _, labels in batches])
+    assert sizes[0] == sizes[1] and sum(sizes[1]) == 48  # the batches keep their size
+    err = capsys.readouterr().err
+    assert ("warning: skipping sample '00000005' of shard train-000000.tar (undecodable: RuntimeError: Image is "
+            "incomplete or truncated); it is replaced by another sample of the same batch") in err
+    duplicates = 0
+    for images, labels in batches:  # decode_device=cpu: each broken image became a copy of a good one, label too
+        same = [(i, j) for i in range(len(images)) for j in range(i) if torch.equal(images[i], images[j])]
+        assert all(labels[i] == labels[j] for i, j in same)
+        duplicates += len({i for i, _ in same})
+    assert duplicates == 3
+
+    (in_workers, faults_w), (in_main, faults_m) = (
+        _loaded(_cfg(broken_root, *base, f"data.decode_device={decode}"), "val") for decode in ("workers", "cpu"))
+    assert faults_w == faults_m == {**counts, "seen": 16, "undecodable": 1}
+    # Evaluation leaves the broken image out in both paths: the same 15 images and labels, in order.
+    assert torch.equal(torch.cat([x for x, _ in in_workers]), torch.cat([x for x, _ in in_main]))
+    assert torch.cat([y for _, y in in_main]).tolist() == torch.cat([y for _, y in in_workers]).tolist()
+    assert sum(len(y) for _, y in in_main) == 15
+
+
+def test_a_training_batch_with_no_decodable_image_stops_in_one_line() -> None:
+    from pipeline.data.decode import DeviceDecode, EncodedImages
+    from pipeline.data.faults import DataQualityError
+
+    cfg = load_config(None, ["data.image_size=8"]).data
+    finish = DeviceDecode(SampleAugment(cfg, True), BatchNormalize(cfg), 3, torch.device("cpu"), torch.device("cpu"))
+    broken = torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 not a jpeg"), dtype=torch.uint8)
+    batch = EncodedImages(torch.cat([broken, broken]), torch.tensor([0, len(broken), 2 * len(broken)]), [True, True],
+                          [None, None], [("k1", "/x/train-000003.tar"), ("k2", "/x/train-000003.tar")])
+    with pytest.raises(DataQualityError, match=r"^no image of a training batch decodes \(sample 'k1' of shard "
+                                               r"train-000003.tar: RuntimeError: .*; and 1 more\); check the shards "
+                                               r"with `pipeline data verify`$"):
+        finish(batch, torch.tensor([1, 2]), torch.zeros(7, dtype=torch.long))

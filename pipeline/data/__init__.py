@@ -34,9 +34,11 @@ class SplitLoader:
     @property
     def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, counts in self.dataloader:
+            if labels.numel() and self.finish is not None:  # (it may find and count more bad samples)
+                images, labels = self.finish(images, labels, counts)
             self.faults += counts
             if labels.numel():  # an empty batch only carries counts (evaluation)
-                yield (images, labels) if self.finish is None else self.finish(images, labels)
+                yield images, labels
 
 
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
@@ -62,7 +64,7 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                  train: bool, pin_memory: bool = False, device: Optional[torch.device] = None) -> SplitLoader:
     """The loader for one split on one rank; its batches are ready for the model on `device` (None: CPU)."""
-    codec, finish = build_decoding(cfg.data, train, device)
+    codec, finish = build_decoding(cfg.data, train, device, warn_prefix=f"rank {rank}: " if world_size > 1 else "")
     stream = build_stream(cfg, manifest, split, rank, world_size, train, codec=codec)
     loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory)
     return SplitLoader(stream, loader, finish)

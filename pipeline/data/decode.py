@@ -15,6 +15,12 @@ Non-JPEG images (PNG, ...) are decoded on the CPU in that path and moved to the 
 
 Both paths draw the same parameters from the same per-sample seed (`SampleAugment`), so they give
 the same crops, flips and batches; pixels differ only as much as the two JPEG decoders do.
+
+Bad samples: the workers' inspection catches what does not even open (and bad labels, truncated
+shards) in both paths. An image whose header reads but whose data does not decode is found by the
+workers in the first path (replaced by another sample of the same shard), by the main process in the
+second: in training it is replaced by the next good image of the same batch (its image, crop and
+label), in evaluation left out; it is counted as `undecodable` either way, with the same warning.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.faults import DataQualityError, SampleCheck, short_error
+from pipeline.data.faults import FIELDS, DataQualityError, FaultWarnings, SampleCheck, short_error
 from pipeline.data.stream import NO_POSITION
 from pipeline.data.transforms import BatchNormalize, SampleAugment
 
@@ -123,8 +129,7 @@ class EncodedBatch:
     """Read each sample's bytes and draw its parameters; decoding is left to `DeviceDecode`.
 
     The workers do not decode, so an image whose header reads but whose data is broken is not caught
-    by the stream's inspection (run `pipeline data verify` on new data); the main process then stops
-    with a one-line error naming the sample.
+    by the stream's inspection; `DeviceDecode` replaces (training) or drops (evaluation) it and counts it.
     """
 
     def __init__(self, augment: SampleAugment):
@@ -133,14 +138,15 @@ class EncodedBatch:
     def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> tuple[int, int]:
         return image.size[1], image.size[0]  # the header has been read: (height, width)
 
-    def sample(self, source: SampleCheck, seed: Optional[int]) -> tuple[bytes, bool, list, str]:
+    def sample(self, source: SampleCheck, seed: Optional[int]) -> tuple[bytes, bool, list, tuple[str, str]]:
         if isinstance(source.image, tuple):
             height, width = source.image
         else:  # a PIL image (inspected elsewhere)
             width, height = source.image.size
-        return source.data, source.ext in JPEG_KEYS, _draw(self.augment, seed, height, width), source.where()
+        params = _draw(self.augment, seed, height, width)
+        return source.data, source.ext in JPEG_KEYS, params, (source.key, source.url)
 
-    def batch(self, items: list[tuple[bytes, bool, list, str]]) -> "EncodedImages":
+    def batch(self, items: list[tuple[bytes, bool, list, tuple[str, str]]]) -> "EncodedImages":
         datas = [data for data, _, _, _ in items]
         offsets = torch.tensor([0, *(len(d) for d in datas)], dtype=torch.long).cumsum(0)
         joined = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
@@ -148,7 +154,8 @@ class EncodedBatch:
 
 
 class EncodedImages(NamedTuple):
-    """A batch's encoded images: all bytes in one uint8 tensor, offsets, is-JPEG flags, parameters, names."""
+    """A batch's encoded images: all bytes in one uint8 tensor, offsets, is-JPEG flags, parameters, and each
+    sample's (key, shard url)."""
 
     data: torch.Tensor
     offsets: torch.Tensor
@@ -163,7 +170,8 @@ class DeviceNormalize:
     def __init__(self, normalize: BatchNormalize, device: torch.device):
         self.normalize, self.device = normalize, device
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 counts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
         return self.normalize(images), labels.to(self.device, non_blocking=True)
 
@@ -183,7 +191,8 @@ class HostNormalize:
         self.normalize = normalize
         self._ring: list[tuple[torch.Tensor, int]] = []  # (buffer, its storage's use count when idle)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 counts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._buffer(tuple(images.shape))
         # One thread, a few images at a time (each pass stays in the cache): the loader workers hold the other
         # cores, and torch's thread pool spinning against them made this 3-4x slower on a busy 2-core machine.
@@ -211,36 +220,61 @@ def _storage_users(tensor: torch.Tensor) -> int:
     return counter(tensor.untyped_storage()._cdata) if counter is not None else -1
 
 
+class UndecodableBatch(DataQualityError):
+    """A training batch in which no image decodes (met by one rank's main process: that rank says it)."""
+
+    same_on_every_rank = False
+
+
 class DeviceDecode:
-    """Main process: decode a batch of encoded images on `decode_device`, augment and normalise it there."""
+    """Main process: decode a batch of encoded images on `decode_device`, augment and normalise it there.
+
+    An image that does not decode is counted as undecodable in the batch's fault counts and warned
+    about (first few); in training its place takes the next good image of the batch (with that image's
+    crop and label, so the batch keeps its size and every rank its step count), in evaluation it is left
+    out. A training batch with no image that decodes stops the run with one line.
+    """
 
     def __init__(self, augment: SampleAugment, normalize: BatchNormalize, channels: int,
-                 decode_device: torch.device, output_device: torch.device):
-        self.augment, self.normalize = augment, normalize
+                 decode_device: torch.device, output_device: torch.device, train: bool = True,
+                 warnings: Optional[FaultWarnings] = None):
+        self.augment, self.normalize, self.train = augment, normalize, train
         self.read_mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
         self.decode_device, self.output_device = decode_device, output_device
+        self.warnings = warnings or FaultWarnings()
 
-    def __call__(self, batch: EncodedImages, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        joined, offsets, is_jpeg, params, names = batch
+    def __call__(self, batch: EncodedImages, labels: torch.Tensor,
+                 counts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        joined, offsets, is_jpeg, params, sources = batch
         bounds = offsets.tolist()
         encoded = [joined[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
-        images: list[Optional[torch.Tensor]] = [None] * len(encoded)
+        images = self._decode_all(encoded, is_jpeg)
+        keep = self._resolve_failures(images, sources, counts)
+        augmented = [self.augment.apply(images[i], params[i]) for i in keep]
+        if keep != list(range(len(labels))):
+            labels = labels[keep]
+        if not augmented:  # evaluation, nothing decoded: only the counts go on
+            return torch.empty(0), labels[:0]
+        images_out = self.normalize(torch.stack(augmented)).to(self.output_device, non_blocking=True)
+        return images_out, labels.to(self.output_device, non_blocking=True)
+
+    def _decode_all(self, encoded: list[torch.Tensor], is_jpeg: list) -> list[torch.Tensor | str]:
+        """Each image decoded, or the error (one line) that decoding it raised."""
+        images: list[torch.Tensor | str] = [""] * len(encoded)
         jpegs = [i for i, flag in enumerate(is_jpeg) if flag]
         if jpegs:  # one batched call: nvJPEG decodes the whole list on a GPU
             try:
                 decoded = decode_jpeg([encoded[i] for i in jpegs], mode=self.read_mode, device=self.decode_device)
-            except RuntimeError:  # a JPEG the device decoder does not take (e.g. CMYK): those go to the CPU
-                decoded = [self._decode_one(encoded[i], names[i], jpeg=True) for i in jpegs]
+            except RuntimeError:  # one bad image fails the call; one by one (a CMYK JPEG then goes to the CPU)
+                decoded = [self._decode_one(encoded[i], jpeg=True) for i in jpegs]
             for index, image in zip(jpegs, decoded):
                 images[index] = image
         for index, flag in enumerate(is_jpeg):
             if not flag:
-                images[index] = self._decode_one(encoded[index], names[index])
-        augmented = torch.stack([self.augment.apply(image, p) for image, p in zip(images, params)])
-        images_out = self.normalize(augmented).to(self.output_device, non_blocking=True)
-        return images_out, labels.to(self.output_device, non_blocking=True)
+                images[index] = self._decode_one(encoded[index])
+        return images
 
-    def _decode_one(self, data: torch.Tensor, name: str, jpeg: bool = False) -> torch.Tensor:
+    def _decode_one(self, data: torch.Tensor, jpeg: bool = False) -> torch.Tensor | str:
         if jpeg:
             try:
                 return decode_jpeg(data, mode=self.read_mode, device=self.decode_device)
@@ -249,15 +283,39 @@ class DeviceDecode:
         try:
             return decode_image(data, mode=self.read_mode).to(self.decode_device)
         except RuntimeError as exc:
-            raise DataQualityError(f"{name} does not decode ({short_error(exc)}); check the shards with "
-                                   "`pipeline data verify`, or use data.decode_device=workers (which skips such "
-                                   "samples)") from None
+            return short_error(exc)
+
+    def _resolve_failures(self, images: list, sources: list, counts: Optional[torch.Tensor]) -> list[int]:
+        """Indices of the images that make the batch: failed ones counted, warned about, replaced or left out."""
+        good = [i for i, image in enumerate(images) if isinstance(image, torch.Tensor)]
+        if len(good) == len(images):
+            return good
+        action = "replaced by another sample of the same batch" if self.train else "left out of evaluation"
+        for index, image in enumerate(images):
+            if isinstance(image, str):
+                key, url = sources[index]
+                self.warnings(SampleCheck(key, url, reason="undecodable", detail=image), action)
+                if counts is not None:
+                    counts[FIELDS.index("undecodable")] += 1
+        if not self.train:
+            return good
+        if not good:
+            key, url = sources[0]
+            raise UndecodableBatch(f"no image of a training batch decodes ({SampleCheck(key, url).where()}: "
+                                   f"{images[0]}; and {len(images) - 1} more); check the shards with "
+                                   "`pipeline data verify`") from None
+        # Each failed image takes the next good one of the batch (cyclically): deterministic, so a resumed
+        # run builds the same batch.
+        return [i if isinstance(images[i], torch.Tensor) else next((g for g in good if g > i), good[0])
+                for i in range(len(images))]
 
 
-def build_decoding(cfg: DataConfig, train: bool, device: Optional[torch.device] = None) -> tuple[object, object]:
-    """(what the workers do per sample/batch, what the main process does per batch or None) for `device`.
+def build_decoding(cfg: DataConfig, train: bool, device: Optional[torch.device] = None,
+                   warn_prefix: str = "") -> tuple[object, object]:
+    """(what the workers do per sample/batch, what the main process does per batch) for `device`.
 
-    `device` is where batches must end up (the training device; None: the CPU).
+    `device` is where batches must end up (the training device; None: the CPU). The main-process step
+    is called as `finish(images, labels, fault_counts)` and may add to the batch's fault counts.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     augment, normalize = SampleAugment(cfg, train), BatchNormalize(cfg)
@@ -270,4 +328,5 @@ def build_decoding(cfg: DataConfig, train: bool, device: Optional[torch.device] 
         decode_device = device if device.type == "cuda" else torch.device("cuda")
     else:
         decode_device = torch.device("cpu")
-    return EncodedBatch(augment), DeviceDecode(augment, normalize, cfg.channels, decode_device, device)
+    warnings = FaultWarnings(prefix=warn_prefix)
+    return EncodedBatch(augment), DeviceDecode(augment, normalize, cfg.channels, decode_device, device, train, warnings)

@@ -46,6 +46,7 @@ def short_error(exc: BaseException, limit: int = 120) -> str:
     text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
     text = re.sub(r"\s*@ <.*", "", text.splitlines()[0] if text else "")  # webdataset: ' @ <file object>'
     text = re.sub(r"\s*<_io\.\w+ (object at 0x[0-9a-f]+|name=[^>]*)>", "", text)  # PIL: '<_io.BytesIO object ...>'
+    text = re.sub(r"^\w+, \S+\.(cpp|cu|h):\d+, ", "", text)  # torch ops: 'decode_jpeg, /build/path.cpp:171, '
     return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
