@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -193,8 +194,25 @@ def test_max_bad_fraction_stops_the_run_with_one_line(faulty_root: Path, tmp_pat
     assert "skipping sample '00000003' of shard val-000000.tar (undecodable: " in result.stderr
 
 
+def test_max_bad_fraction_stops_mid_epoch_once_the_epoch_cannot_pass(faulty_root: Path, tmp_path: Path) -> None:
+    # 5 of the 40 samples are bad; at 0.05 the epoch may skip 2. Checked at every step (log_every_steps=1).
+    result = run_cli(_train_args(faulty_root, tmp_path, "early", "data.max_bad_fraction=0.05",
+                                 "train.log_every_steps=1"), check=False)
+    assert result.returncode == 65
+    last = result.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"error: data.max_bad_fraction=0.05 cannot hold in epoch 1: 3 of its 40 training samples "
+                         r"\(7.50%\) were already skipped by step (\d+) of 10 \((.*)\); find them with "
+                         rf"`pipeline data verify {re.escape(str(faulty_root))}`, or raise data.max_bad_fraction", last)
+    assert match, last
+    assert int(match[1]) < 10 and not (tmp_path / "early" / "metrics.jsonl").exists()  # stopped inside the epoch
+    # The counts it names are those of the first steps: each bad sample the stream met by then, by reason.
+    reasons = match[2].split("; ")[0]  # e.g. 'undecodable 2, bad_label 1'
+    assert sum(int(part.rsplit(" ", 1)[1]) for part in reasons.split(", ")) == 3
+
+
 def test_bad_samples_are_reported_in_metrics_console_and_test_metrics(faulty_root: Path, tmp_path: Path) -> None:
-    result = run_cli(_train_args(faulty_root, tmp_path, "r", "data.max_bad_fraction=0.2"))
+    # Checked at every step too: 5 bad of 40 stay within 0.2, so nothing stops early.
+    result = run_cli(_train_args(faulty_root, tmp_path, "r", "data.max_bad_fraction=0.2", "train.log_every_steps=1"))
     row = read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]
     for split in ("train", "val"):
         assert {k.rsplit("/", 1)[1]: row[k] for k in row if k.startswith(f"data/{split}/skipped/")} == \

@@ -328,5 +328,5 @@ def build_decoding(cfg: DataConfig, train: bool, device: Optional[torch.device] 
         decode_device = device if device.type == "cuda" else torch.device("cuda")
     else:
         decode_device = torch.device("cpu")
-    warnings = FaultWarnings(prefix=warn_prefix)
+    warnings = FaultWarnings(prefix=warn_prefix, who="the main process")
     return EncodedBatch(augment), DeviceDecode(augment, normalize, cfg.channels, decode_device, device, train, warnings)

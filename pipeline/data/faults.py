@@ -226,8 +226,8 @@ def check_threshold(counts: torch.Tensor, split_name: str, max_bad_fraction: flo
 class FaultWarnings:
     """Console warnings for the first few bad or converted samples a stream meets (then only counts)."""
 
-    def __init__(self, limit: int = 3, prefix: str = ""):
-        self.limit, self.prefix = limit, prefix
+    def __init__(self, limit: int = 3, prefix: str = "", who: str = "this worker"):
+        self.limit, self.prefix, self.who = limit, prefix, who
         self.shown = {"skip": 0, "convert": 0}
         self.truncated_shards: set[str] = set()
 
@@ -248,6 +248,6 @@ class FaultWarnings:
             return
         what = f"skipping {check.where()} ({check.reason}: {check.detail}); it is {action}" if check.reason else \
             f"converting {check.where()} ({check.detail})"
-        more = f" (further {'bad' if check.reason else 'converted'} samples this worker meets are only counted)" \
+        more = f" (further {'bad' if check.reason else 'converted'} samples {self.who} meets are only counted)" \
             if self.shown[kind] == self.limit else ""
         warn(f"{self.prefix}{what}{more}")

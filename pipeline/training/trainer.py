@@ -114,6 +114,8 @@ class Trainer:
                 self.state.global_step += 1
                 if self.state.global_step % self.cfg.train.log_every_steps == 0:
                     self.progress.update(task, info=f"loss {loss.item():.4f}")
+                    self.bad_data.check_running(self.train_data, epoch + 1, self.state.step_in_epoch,
+                                                self.steps_per_epoch)
                 self.after_optimizer_step()
             self.progress.advance(task)
         self.progress.remove_task(task)
