@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _leave_process_group()
         return code
     except Preempted as exc:
-        _leave_process_group()
+        _leave_process_group(failed=True)
         return exc.exit_code
     except Exception as exc:
         # Bad input (2), and failures that carry their own code: DataQualityError (65), NonFiniteStop (70),
@@ -232,23 +232,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = EXIT_IO
         if code is None or os.environ.get("PIPELINE_DEBUG"):
             raise
-        _leave_process_group()
+        _leave_process_group(failed=True)
         if getattr(exc, "same_on_every_rank", False) and os.environ.get("RANK", "0") != "0":
             return code  # every rank stops with this very message; rank 0 says it
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         return _fail(message, code)
 
 
-def _leave_process_group() -> None:
+_EXIT_AT_ONCE = False
+"""Set when a command failed after this process had joined a process group (see `entry`)."""
+
+
+def _leave_process_group(failed: bool = False) -> None:
     """At the end of a command (after its final barrier) or a failure that every rank agreed on, leave the
     process group before exiting: a rank that exits with gloo's threads still running can abort ('terminate
     called without an active exception', SIGABRT) and hide the real exit code."""
+    global _EXIT_AT_ONCE
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        _EXIT_AT_ONCE = _EXIT_AT_ONCE or failed
         try:
             distributed.destroy_process_group()
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
+
+
+def entry() -> None:
+    """The `pipeline` command: `main()`, then exit with its code.
+
+    A rank that stopped on a failure after joining a process group (its files are written and closed, W&B
+    finished, its message printed) leaves with `os._exit` once stdout and stderr are flushed: even after
+    leaving the group, the interpreter's normal teardown could still abort on gloo's threads now and then
+    (SIGABRT; seen once, in a CI run of the 2-rank halt test), which would replace the exit code the launcher
+    reports. The heartbeat thread of `pipeline tune` is a daemon and has nothing to finish.
+    """
+    code = main()
+    if _EXIT_AT_ONCE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _fail(message: object, code: int) -> int:
@@ -261,4 +284,4 @@ def _fail(message: object, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
