@@ -69,24 +69,39 @@ def training_flops_per_image(cfg, num_classes: int) -> float:
     return counter.get_total_flops() / 2
 
 
+def jpeg_strokes() -> tuple | None:
+    """None (scikit-learn's digits) where scikit-learn is installed; else, as on a GPU machine's bare Python,
+    1,797 random 8x8 strokes in 10 classes: JPEGs of the same sizes and statistics, for a throughput benchmark."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        print("scikit-learn is not installed: the JPEGs are drawn from random 8x8 strokes instead of the digits")
+        return rng.integers(0, 17, size=(1797, 8, 8)).astype(np.float64), np.arange(1797) % 10
+    return None
+
+
 def make_shards(work: Path, images: int, source_size: int) -> Path:
     from pipeline.data.digits import write_digits_jpeg_imagefolder
     from pipeline.data.shards import write_shards
 
-    shards = work / "shards"
+    shards = work / f"shards-{images}"
     if not (shards / "manifest.json").is_file():
         started = time.perf_counter()
-        write_digits_jpeg_imagefolder(work / "jpegs", images, size=source_size)
-        write_shards(work / "jpegs", shards, fractions=(1.0, 0.0, 0.0), max_samples=512, show_progress=False)
+        folder = work / f"jpegs-{images}"
+        write_digits_jpeg_imagefolder(folder, images, size=source_size, strokes=jpeg_strokes())
+        write_shards(folder, shards, fractions=(1.0, 0.0, 0.0), max_samples=512, show_progress=False)
         print(f"wrote {images} JPEG shards in {time.perf_counter() - started:.0f}s")
     return shards
 
 
-def overrides_for(args, model: str, compiled: bool, source: str, work: Path, shards: Path | None) -> list[str]:
+def overrides_for(args, model: str, compiled: bool, source: str, work: Path, shards: Path) -> list[str]:
     decode = {"synthetic": "workers", "shards-gpu-decode": "cuda", "shards-cpu-decode": "workers"}[source]
     if decode == "cuda" and args.allow_cpu and not torch.cuda.is_available():
         decode = "cpu"  # the smoke run exercises the same main-process decode path on the CPU
-    root = shards if shards is not None else work / "digits"  # synthetic data only needs a manifest
+    root = shards  # (synthetic data only needs their manifest)
     return [f"model.name={model}", f"model.compile={str(compiled).lower()}", "model.channels_last=true",
             f"data.root={root}", f"data.image_size={args.image_size}", "data.channels=3",
             "data.augment.random_resized_crop=true", "data.augment.hflip=0.5", f"data.decode_device={decode}",
@@ -99,7 +114,7 @@ def overrides_for(args, model: str, compiled: bool, source: str, work: Path, sha
             f"train.log_every_steps={args.steps}", *args.overrides]
 
 
-def measure(args, model: str, compiled: bool, source: str, work: Path, shards: Path | None) -> dict:
+def measure(args, model: str, compiled: bool, source: str, work: Path, shards: Path) -> dict:
     from pipeline.config import load_config
 
     cfg = load_config(None, overrides_for(args, model, compiled, source, work, shards))
@@ -168,9 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result["bf16_matmul_tflops"] = matmul_tflops(device, args.matmul_size, 50 if device.type == "cuda" else 3)
         print(f"bf16 matmul {args.matmul_size}^3: {result['bf16_matmul_tflops']:.1f} TFLOP/s")
-        shards = None
-        if any(s != "synthetic" for s in args.sources):
-            shards = make_shards(work, args.shard_images, args.image_size)
+        # Synthetic data needs only a manifest (the classes): a small set is enough.
+        shards = make_shards(work, args.shard_images if set(args.sources) != {"synthetic"} else 64, args.image_size)
         for model in args.models:
             for compiled in (c == "on" for c in args.compile):
                 for source in args.sources:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import gpu_throughput, loader_throughput, loop_overhead
 
@@ -71,3 +72,15 @@ def test_gpu_throughput_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
     assert synthetic["flops_per_image"] == pytest.approx(10.9e9 / 49, rel=0.05)
     assert all(run["images_per_second"] > 0 and 0 < run["mfu"] for run in result["runs"])
     assert result["bf16_matmul_tflops"] > 0
+
+
+def test_gpu_benchmark_jpegs_need_no_scikit_learn(tmp_path: Path, monkeypatch) -> None:
+    """A GPU machine's bare Python has no scikit-learn: the benchmark's JPEGs then come from random strokes."""
+    from pipeline.data import Manifest
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
+    shards = gpu_throughput.make_shards(tmp_path, 30, 32)
+    manifest = Manifest.read(shards)
+    assert manifest.splits["train"].num_samples == 30 and len(manifest.classes) == 10
+    jpegs = sorted((tmp_path / "jpegs-30").rglob("*.jpg"))
+    assert len(jpegs) == 30 and all(32 <= side <= 40 for j in jpegs for side in Image.open(j).size)

@@ -24,24 +24,28 @@ def write_digits_imagefolder(out_dir: str | Path) -> int:
 
 
 def write_digits_jpeg_imagefolder(out_dir: str | Path, num_images: int, size: int = 224, seed: int = 0,
-                                  quality: int = 90) -> int:
+                                  quality: int = 90, strokes: tuple[np.ndarray, np.ndarray] | None = None) -> int:
     """Write `num_images` colour JPEGs of about `size` px made from the digits: `out_dir/<class>/<index>.jpg`.
 
     For loader benchmarks and tests that need realistic JPEGs without downloading any: each digit is
     upscaled (bicubic) to a random width and height in [size, 1.25 x size], drawn in one random
     colour over a random two-colour gradient, with Gaussian noise so the JPEG has a photo-like size
-    (about 30-40 kB at 224-280 px, quality 90). Deterministic given `seed`.
+    (about 30-40 kB at 224-280 px, quality 90). Deterministic given `seed`. `strokes` (8x8 images
+    with values 0..16, and their labels) replaces scikit-learn's digits.
     """
-    from sklearn.datasets import load_digits
+    if strokes is None:
+        from sklearn.datasets import load_digits
 
-    digits = load_digits()
+        digits = load_digits()
+        strokes = (digits.images, digits.target)
+    images, targets = strokes
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     for index in range(num_images):
-        source = index % len(digits.images)
-        label = int(digits.target[source])
+        source = index % len(images)
+        label = int(targets[source])
         width, height = (int(v) for v in rng.integers(size, int(size * 1.25) + 1, size=2))
-        stroke = Image.fromarray(np.uint8(digits.images[source] * (255.0 / 16.0)), mode="L")
+        stroke = Image.fromarray(np.uint8(images[source] * (255.0 / 16.0)), mode="L")
         stroke = np.asarray(stroke.resize((width, height), Image.BICUBIC), dtype=np.float32)[..., None] / 255.0
         ys = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
         xs = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]

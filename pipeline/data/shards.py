@@ -113,14 +113,14 @@ def _most_common(values: Sequence) -> tuple:
 
 def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Indices of train/val/test, stratified by label (scikit-learn), each shuffled."""
-    from sklearn.model_selection import train_test_split
-
     train_f, val_f, test_f = fractions
     indices = np.arange(len(labels))
     labels = np.asarray(labels)
     holdout = val_f + test_f
     if holdout == 0:
         return [np.random.default_rng(seed).permutation(indices), indices[:0], indices[:0]]
+    from sklearn.model_selection import train_test_split
+
     train_idx, rest_idx = train_test_split(indices, test_size=holdout, stratify=labels, random_state=seed)
     if val_f == 0 or test_f == 0:
         empty = indices[:0]
