@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, TINY, read_jsonl, run_cli
+from tests.conftest import ROOT, TINY, free_port, read_jsonl, run_cli
 
 pytestmark = pytest.mark.distributed
 
@@ -100,3 +100,39 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes(digits_root: Path, tmp_pa
     assert _same(tmp_path / "sigref/checkpoints/best/model.safetensors",
                  tmp_path / "sig/checkpoints/best/model.safetensors")
     assert read_jsonl(tmp_path / "sigref/metrics.jsonl") == read_jsonl(tmp_path / "sig/metrics.jsonl")
+
+
+AGREE_SCRIPT = '''
+import json, os, sys
+import torch
+import torch.distributed as distributed
+from pipeline.distributed import build_dist
+
+dist = build_dist()
+calls = []
+original = distributed.all_reduce
+def spy(tensor, *args, group=None, **kwargs):
+    calls.append({"device": tensor.device.type, "host_group": group is dist.host_group,
+                  "backend": distributed.get_backend(group)})
+    return original(tensor, *args, group=group, **kwargs)
+distributed.all_reduce = spy
+answers = [dist.agree([dist.rank == 0, False, dist.rank == 1]), dist.any(False), dist.any(dist.rank == 1)]
+with open(os.path.join(sys.argv[1], f"rank{dist.rank}.json"), "w") as out:
+    json.dump({"answers": answers, "calls": calls}, out)
+distributed.destroy_process_group()
+'''
+
+
+def test_ranks_agree_on_host_flags_over_a_gloo_group_with_cpu_tensors(tmp_path: Path) -> None:
+    """Stop requests and save errors are agreed on over a gloo group with CPU tensors: under NCCL this never
+    waits for the GPU's queued work (a device tensor would mean a full host sync at every checked step)."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(free_port()), str(script), str(tmp_path)], cwd=ROOT, env=env, check=True, timeout=120,
+                   capture_output=True)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["answers"] == [[True, False, True], False, True]
+        assert result["calls"] == [{"device": "cpu", "host_group": True, "backend": "gloo"}] * 3

@@ -317,7 +317,8 @@ class CheckpointConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     """Signals that make every rank finish the current step, checkpoint, and exit with code 75."""
     check_every_steps: int = 1
-    """Optimizer steps between the ranks' agreement on stop signals and time-based saves (one all-reduce)."""
+    """Optimizer steps between the ranks' agreement on stop signals and time-based saves (one all-reduce of CPU
+    flags over a gloo group: it does not wait for the GPU)."""
 
     def __post_init__(self) -> None:
         if not self.resume:

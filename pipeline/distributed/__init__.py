@@ -24,6 +24,7 @@ class Dist:
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
+        self._host_group = None
 
     @property
     def rank(self) -> int:
@@ -74,11 +75,27 @@ class Dist:
         return self.agree([flag])[0]
 
     def agree(self, flags: list[bool]) -> list[bool]:
-        """Element-wise OR of `flags` across ranks, in one all-reduce."""
+        """Element-wise OR of host-side `flags` across ranks, in one all-reduce over the host group."""
         if self.world_size == 1:
             return list(flags)
-        value = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
-        return [bool(v > 0) for v in self.accelerator.reduce(value, reduction="sum").tolist()]
+        import torch.distributed as distributed
+
+        value = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+        distributed.all_reduce(value, group=self.host_group)
+        return [v > 0 for v in value.tolist()]
+
+    @property
+    def host_group(self):
+        """A gloo process group over every rank, for agreeing on host-side flags (stop requests, save errors).
+
+        Its all-reduce takes CPU tensors, so asking it never waits for the GPU: over NCCL the flags would
+        have to go to the device and back, a full synchronisation of the training stream at every step that
+        checks for a stop. Made by `build_dist` on every rank (creating a group is itself collective)."""
+        if self._host_group is None:
+            import torch.distributed as distributed
+
+            self._host_group = distributed.new_group(backend="gloo")
+        return self._host_group
 
     def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-D `values` as the rows of a (world_size, n) CPU tensor, on every rank (one all-gather)."""
@@ -172,7 +189,10 @@ def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameter
     if precision == "bf16" and not use_cpu and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32")
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-    return Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision], kwargs_handlers=handlers))
+    dist = Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision], kwargs_handlers=handlers))
+    if dist.world_size > 1:
+        dist.host_group  # noqa: B018 - created now, at the same point on every rank
+    return dist
 
 
 __all__ = ["Dist", "build_dist"]
