@@ -20,8 +20,8 @@ class SplitLoader:
 
     Iterating `loader` gives (images, labels) batches, ready on the training device: `finish` (see
     `pipeline.data.decode`) turns what the workers sent into them, in the main process. The fault
-    counts each batch carries (see `pipeline.data.faults`) are added to `faults`, this rank's total
-    over the batches consumed.
+    counts each batch carries (see `pipeline.data.faults`; `finish` adds the images it could not
+    decode) are added to `faults`, this rank's total over the batches consumed.
     """
 
     def __init__(self, stream: ShardStream, dataloader: DataLoader, finish: Optional[Callable] = None):
