@@ -9,9 +9,9 @@ set -euo pipefail
 part=${1:-synthetic}
 shift || true
 case $part in
-  synthetic) args=(--sources synthetic) ;;
-  shards) args=(--models resnet50 --compile on --sources shards-gpu-decode shards-cpu-decode) ;;
-  all) args=() ;;
+  synthetic) args=(--sources synthetic --profile) ;;
+  shards) args=(--models resnet50 --compile on --sources shards-gpu-decode shards-cpu-decode --profile) ;;
+  all) args=(--profile) ;;
   *) echo "gpu_session: unknown part '$part' (synthetic, shards or all)" >&2; exit 2 ;;
 esac
 out=${OUT:-benchmarks/results}

@@ -16,8 +16,11 @@ times `Trainer.train_epoch`:
 
 Reports images/s, step time, peak GPU memory, training FLOPs per image (forward + backward, counted
 by torch.utils.flop_counter.FlopCounterMode on the meta device) and MFU = FLOPs/s over the measured
-matmul rate. Without CUDA it refuses, unless --allow-cpu (a smoke run at tiny sizes: ImageNet figures
-need a GPU). Writes JSON to benchmarks/results/gpu_throughput.json.
+matmul rate. With --profile, one more block per configuration runs under torch.profiler: the top
+operators go to a table next to the JSON, and the JSON gets the fraction of the wall time the GPU was
+busy (the union of its kernels and copies) and the main process's CPU time: where the time goes when a
+target is missed. Without CUDA it refuses, unless --allow-cpu (a smoke run at tiny sizes: ImageNet
+figures need a GPU). Writes JSON to benchmarks/results/gpu_throughput.json.
 """
 
 from __future__ import annotations
@@ -136,6 +139,9 @@ def measure(args, model: str, compiled: bool, source: str, work: Path, shards: P
         seconds.append(time.perf_counter() - started)
         images.append(steps * cfg.train.batch_size if source == "synthetic"
                       else loop.trainer.train_data.stream.samples_per_epoch())
+    if args.profile:
+        result_profile = profile_block(loop, device, Path(args.out).with_name(
+            f"{Path(args.out).stem}_{model}_{'compiled' if compiled else 'eager'}_{source}_profile.txt"))
     loop.trainer.stop.uninstall()
     rates = [n / s for n, s in zip(images, seconds)]
     result = {"model": model, "compile": compiled, "source": source, "decode_device": cfg.data.decode_device,
@@ -144,11 +150,47 @@ def measure(args, model: str, compiled: bool, source: str, work: Path, shards: P
               "images_per_block": images, "step_ms": cfg.train.batch_size / statistics.median(rates) * 1e3,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
               "flops_per_image": training_flops_per_image(cfg, loop.run.manifest.num_classes)}
+    if args.profile:
+        result["profile"] = result_profile
     del loop
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def profile_block(loop, device: torch.device, path: Path) -> dict:
+    """One more block under torch.profiler: where the time goes. Writes the top operators by device time (by
+    CPU time without CUDA) to `path`; returns the wall time, the time the device was busy (the union of its
+    kernels and copies; without CUDA, of the main process's torch operators) and the main process's CPU time,
+    so an input- or launch-bound run shows as a busy fraction well below 1."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    cpu_started, started = time.process_time(), time.perf_counter()
+    with profile(activities=activities) as prof:
+        loop.block()
+        sync(device)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    busy = busy_seconds([(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == kind])
+    return {"wall_s": wall, "busy_s": busy, "busy_fraction": busy / wall, "busy_device": device.type,
+            "main_process_cpu_s": cpu, "table": path.name}
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) spans in microseconds, in seconds (overlaps and nesting once)."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e6
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--no-signals", dest="signals", action="store_false",
                         help="logging.training_signals=false (per-step gradient norms off)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more block per configuration (tables next to the JSON; GPU busy fraction)")
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (smoke test; use tiny sizes)")
     parser.add_argument("--work", default=None, help="folder for shards and run folders (default: a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/gpu_throughput.json")
@@ -192,8 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
                     run["mfu"] = run["flops_per_image"] * run["images_per_second"] / (
                         result["bf16_matmul_tflops"] * 1e12)
                     result["runs"].append(run)
+                    busy = run.get("profile", {}).get("busy_fraction")
                     print(f"{model} compile={compiled} {source}: {run['images_per_second']:.0f} img/s, "
-                          f"MFU {run['mfu']:.1%}", flush=True)
+                          f"MFU {run['mfu']:.1%}" + (f", {device.type} busy {busy:.0%} of the time" if busy else ""),
+                          flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

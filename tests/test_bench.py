@@ -62,7 +62,8 @@ def test_gpu_throughput_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
     result = gpu_throughput.main(["--allow-cpu", "--models", "resnet18", "--compile", "off", "--sources", "synthetic",
                                   "shards-gpu-decode", "--batch-size", "4", "--image-size", "32", "--steps", "2",
                                   "--warmup", "1", "--repeats", "1", "--shard-images", "12", "--workers", "0",
-                                  "--matmul-size", "64", "--work", str(tmp_path / "work"), "--out", str(out)])
+                                  "--matmul-size", "64", "--profile", "--work", str(tmp_path / "work"),
+                                  "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     synthetic, shards = result["runs"]
     assert (synthetic["source"], shards["source"]) == ("synthetic", "shards-gpu-decode")
@@ -72,6 +73,10 @@ def test_gpu_throughput_smoke_runs_on_the_cpu(tmp_path: Path) -> None:
     assert synthetic["flops_per_image"] == pytest.approx(10.9e9 / 49, rel=0.05)
     assert all(run["images_per_second"] > 0 and 0 < run["mfu"] for run in result["runs"])
     assert result["bf16_matmul_tflops"] > 0
+    for run in result["runs"]:  # --profile: one more block each, its operator table beside the JSON
+        profile = run["profile"]
+        assert profile["wall_s"] > 0 and profile["main_process_cpu_s"] > 0 and 0 < profile["busy_fraction"] <= 1
+        assert "aten::convolution" in (tmp_path / profile["table"]).read_text()
 
 
 def test_gpu_benchmark_jpegs_need_no_scikit_learn(tmp_path: Path, monkeypatch) -> None:
@@ -84,3 +89,9 @@ def test_gpu_benchmark_jpegs_need_no_scikit_learn(tmp_path: Path, monkeypatch) -
     assert manifest.splits["train"].num_samples == 30 and len(manifest.classes) == 10
     jpegs = sorted((tmp_path / "jpegs-30").rglob("*.jpg"))
     assert len(jpegs) == 30 and all(32 <= side <= 40 for j in jpegs for side in Image.open(j).size)
+
+
+def test_busy_time_counts_overlapping_and_nested_spans_once() -> None:
+    spans = [(0.0, 10.0), (2.0, 5.0), (8.0, 12.0), (20.0, 25.0), (25.0, 26.0)]  # microseconds
+    assert gpu_throughput.busy_seconds(spans) == pytest.approx(18e-6)
+    assert gpu_throughput.busy_seconds([]) == 0.0
