@@ -104,9 +104,8 @@ def overrides_for(args, model: str, compiled: bool, source: str, work: Path, sha
     decode = {"synthetic": "workers", "shards-gpu-decode": "cuda", "shards-cpu-decode": "workers"}[source]
     if decode == "cuda" and args.allow_cpu and not torch.cuda.is_available():
         decode = "cpu"  # the smoke run exercises the same main-process decode path on the CPU
-    root = shards  # (synthetic data only needs their manifest)
     return [f"model.name={model}", f"model.compile={str(compiled).lower()}", "model.channels_last=true",
-            f"data.root={root}", f"data.image_size={args.image_size}", "data.channels=3",
+            f"data.root={shards}", f"data.image_size={args.image_size}", "data.channels=3",
             "data.augment.random_resized_crop=true", "data.augment.hflip=0.5", f"data.decode_device={decode}",
             f"data.num_workers={args.workers}", "data.shuffle_buffer=256", "data.drop_last=true",
             f"train.batch_size={args.batch_size}",
@@ -139,9 +138,9 @@ def measure(args, model: str, compiled: bool, source: str, work: Path, shards: P
         seconds.append(time.perf_counter() - started)
         images.append(steps * cfg.train.batch_size if source == "synthetic"
                       else loop.trainer.train_data.stream.samples_per_epoch())
-    if args.profile:
-        result_profile = profile_block(loop, device, Path(args.out).with_name(
-            f"{Path(args.out).stem}_{model}_{'compiled' if compiled else 'eager'}_{source}_profile.txt"))
+    table = Path(args.out).with_name(
+        f"{Path(args.out).stem}_{model}_{'compiled' if compiled else 'eager'}_{source}_profile.txt")
+    profiled = profile_block(loop, device, table) if args.profile else None
     loop.trainer.stop.uninstall()
     rates = [n / s for n, s in zip(images, seconds)]
     result = {"model": model, "compile": compiled, "source": source, "decode_device": cfg.data.decode_device,
@@ -150,8 +149,8 @@ def measure(args, model: str, compiled: bool, source: str, work: Path, shards: P
               "images_per_block": images, "step_ms": cfg.train.batch_size / statistics.median(rates) * 1e3,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
               "flops_per_image": training_flops_per_image(cfg, loop.run.manifest.num_classes)}
-    if args.profile:
-        result["profile"] = result_profile
+    if profiled is not None:
+        result["profile"] = profiled
     del loop
     gc.collect()
     if device.type == "cuda":

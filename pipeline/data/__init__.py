@@ -43,8 +43,8 @@ class SplitLoader:
 
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                  train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
-    """The split's stream for one rank; `codec` (default: decode and normalise in the workers) turns samples
-    into batch items, see `pipeline.data.decode`."""
+    """The split's stream for one rank; `codec` (default: decode and augment in the workers, uint8 batches)
+    turns samples into batch items, see `pipeline.data.decode`."""
     info = manifest.split(split)
     kind, extra = ShardStream, {}
     if train and cfg.imbalance.balanced_sampling:

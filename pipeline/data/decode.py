@@ -70,7 +70,12 @@ class Decoded:
 
 
 class WorkerDecode:
-    """Decode and augment each sample where it is read (a DataLoader worker); batches of images."""
+    """Decode and augment each sample where it is read (a DataLoader worker); batches of images.
+
+    The loader always sends uint8 batches (`normalize=None`; see the module docstring). Normalising in
+    the workers, as the loader once did, stays as an option: the loader benchmark's reference, and the
+    test that the main process's normalising gives the same bits.
+    """
 
     def __init__(self, augment: SampleAugment, channels: int, normalize: Optional[BatchNormalize], draft: bool):
         self.augment, self.normalize, self.draft = augment, normalize, draft

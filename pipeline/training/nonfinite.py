@@ -10,8 +10,7 @@ is a NaN gradient everywhere, but a loss is local and must be shared explicitly.
 What it costs. `update_allowed` reads that flag on the host: one sync per optimizer step. It is
 the price of an exact skip: without it `optimizer.step()` would already have written NaN into the
 weights and the optimizer's moments by the time anyone looked, and undoing that needs a copy of
-both. GradScaler pays the same sync in fp16, and the loop's stop-signal agreement
-(`checkpoint.check_every_steps`) pays one per step by default anyway.
+both. GradScaler pays the same sync in fp16. `train.nonfinite=ignore` removes it.
 
 Policy (`train.nonfinite`):
 - `skip`: drop that update (gradients zeroed, learning-rate schedule not advanced, the step still
