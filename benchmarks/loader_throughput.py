@@ -63,8 +63,11 @@ def prepare(work: Path, images: int, source_size: int) -> tuple[Path, Path]:
 
 
 def _loader_kwargs(args) -> dict:
+    from pipeline.data.stream import worker_context
+
     workers = args.workers
-    return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None}
+    return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,
+            "multiprocessing_context": worker_context(args.worker_start) if workers else None}
 
 
 def imagefolder_loader(folder: Path, args, transform) -> torch.utils.data.DataLoader:
@@ -85,6 +88,7 @@ def shard_config(shards: Path, args, *overrides: str):
     from pipeline.config import load_config
 
     return load_config(None, [f"data.root={shards}", f"data.image_size={args.image_size}", "data.channels=3",
+                              f"data.worker_start={args.worker_start}",
                               f"data.mean={MEAN}", f"data.std={STD}", f"data.num_workers={args.workers}",
                               "data.augment.random_resized_crop=true", "data.augment.hflip=0.5",
                               f"train.batch_size={args.batch_size}", *overrides])
@@ -129,7 +133,7 @@ def _raw_contender(name: str, shards: Path, manifest, args, normalize, dtype: to
     cfg = shard_config(shards, args, "data.jpeg_draft=true")
     codec = WorkerDecode(SampleAugment(cfg.data, train=True), 3, normalize, draft=True)
     stream = build_stream(cfg, manifest, "train", 0, 1, train=True, codec=codec)
-    split = SplitLoader(stream, make_loader(stream, args.workers, pin_memory=False))
+    split = SplitLoader(stream, make_loader(stream, args.workers, pin_memory=False, start_method=args.worker_start))
     return Epochs(name, lambda: split.loader, (3, args.image_size, args.image_size), stream.set_position, dtype)
 
 
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000, help="JPEGs to generate (default 5000)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for every contender (default 2)")
+    parser.add_argument("--worker-start", default="forkserver", choices=("forkserver", "fork", "spawn"),
+                        help="how every contender's workers start (default forkserver, the pipeline's default)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224, help="RandomResizedCrop output side (default 224)")
     parser.add_argument("--source-size", type=int, default=224, help="smallest JPEG side (default 224)")
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         contenders = build_contenders(folder, shards, args)
         print(f"{args.images} JPEGs ({args.source_size}-{int(args.source_size * 1.25)} px) -> "
               f"RandomResizedCrop({args.image_size}) + flip + normalise, batch {args.batch_size}, "
-              f"{args.workers} worker(s), {args.repeats} epochs each")
+              f"{args.workers} worker(s) ({args.worker_start}), {args.repeats} epochs each")
         for contender in contenders.values():
             contender.warm_up()
         per_image = alternate(contenders, args.repeats, torch.device("cpu"))
@@ -191,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     classic = "ImageFolder + transforms (classic)"
     result = {
         "benchmark": "loader_throughput", "images_generated": args.images, "workers": args.workers,
+        "worker_start": args.worker_start,
         "batch_size": args.batch_size, "image_size": args.image_size,
         "source_sides": [args.source_size, int(args.source_size * 1.25)], "repeats": args.repeats,
         "images_per_epoch": {name: c.images for name, c in contenders.items()},

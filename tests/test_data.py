@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +123,66 @@ def test_grayscale_digits_convert_to_rgb(digits_root: Path) -> None:
     images, labels = next(iter(split.loader))
     assert images.shape[1:] == (3, 8, 8) and labels.dtype == torch.long
     assert torch.equal(images[:, 0], images[:, 1])  # gray replicated to RGB
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_workers_start_from_a_forkserver_and_give_the_batches_fork_and_spawn_give(digits_root: Path) -> None:
+    """By default the workers are forked from a single-threaded server, never from the main process (whose
+    W&B, pin-memory and progress threads may hold a lock at the moment of a fork); the batches do not change."""
+    manifest = Manifest.read(digits_root)
+    epochs, parents = {}, {}
+    for method in ("forkserver", "fork", "spawn"):
+        cfg = _cfg(digits_root, "data.num_workers=2", "train.batch_size=32", "data.augment.rotation=15",
+                   f"data.worker_start={method}")
+        split = build_loader(cfg, manifest, "train", 0, 1, train=True)
+        split.set_position(1, 3)
+        epochs[method] = list(split.loader)
+        workers = split.dataloader._iterator._workers  # persistent: still alive after the epoch
+        parents[method] = {_parent_pid(w.pid) for w in workers}
+        assert len(workers) == 2
+    assert load_config(None, []).data.worker_start == "forkserver"
+    assert parents["fork"] == parents["spawn"] == {os.getpid()}
+    (server,) = parents["forkserver"]
+    assert server != os.getpid() and _parent_pid(server) == os.getpid()
+    assert len(epochs["fork"]) == len(epochs["spawn"]) == len(epochs["forkserver"]) > 10
+    for (a, la), (b, lb), (c, lc) in zip(epochs["forkserver"], epochs["fork"], epochs["spawn"]):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(la, lb) and torch.equal(la, lc)
+
+
+def test_workers_and_their_server_end_when_the_main_process_is_killed(digits_root: Path, tmp_path: Path) -> None:
+    """A forkserver's workers are not children of the main process, so DataLoader's own parent check
+    cannot see it die: `end_with_process` must end them (and then the server) after a SIGKILL."""
+    script = f"""
+import os, signal
+from pipeline.config import load_config
+from pipeline.data import Manifest, build_loader
+cfg = load_config(None, ["data.root={digits_root}", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]",
+                         "data.image_size=8", "data.num_workers=2"])
+split = build_loader(cfg, Manifest.read("{digits_root}"), "train", 0, 1, train=True)
+split.set_position(0)
+next(iter(split.loader))
+workers = [w.pid for w in split.dataloader._iterator._workers]
+server = int(open(f"/proc/{{workers[0]}}/stat").read().rsplit(")", 1)[1].split()[1])
+print(server, *workers, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    out, err = tmp_path / "out", tmp_path / "err"  # not pipes: surviving workers would hold them open (a hang)
+    with out.open("w") as stdout, err.open("w") as stderr:
+        done = subprocess.run([sys.executable, "-c", script], stdout=stdout, stderr=stderr, timeout=120)
+    assert done.returncode == -signal.SIGKILL, err.read_text()
+    server, *workers = [int(pid) for pid in out.read_text().split()]
+    assert len(workers) == 2 and server not in (1, os.getpid(), *workers)  # the forkserver
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in (*workers, server)):
+        assert time.monotonic() < deadline, f"workers {workers} or their server {server} outlived the main process"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "Z"

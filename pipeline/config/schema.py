@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -110,6 +111,9 @@ class DataConfig:
     """Per-channel normalisation standard deviation (one value per channel, or one for all)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 reads in the main process)."""
+    worker_start: str = "forkserver"
+    """How workers start: forkserver (forked from a clean single-threaded server; immune to the fork deadlocks a
+    multi-threaded main process can cause, e.g. CPython < 3.11.8's gh-112275), fork (fastest start), or spawn."""
     shuffle_buffer: int = 1000
     """Samples held in each worker's shuffle buffer; the buffer is refilled per shard."""
     drop_last: bool = False
@@ -136,6 +140,7 @@ class DataConfig:
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 1)
         _check_choice("data.decode_device", self.decode_device, DECODE_DEVICES)
+        _check_choice("data.worker_start", self.worker_start, tuple(multiprocessing.get_all_start_methods()))
         _check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
             if len(values) not in (1, self.channels):

@@ -66,7 +66,7 @@ def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
     """The loader for one split on one rank; its batches are ready for the model on `device` (None: CPU)."""
     codec, finish = build_decoding(cfg.data, train, device, warn_prefix=f"rank {rank}: " if world_size > 1 else "")
     stream = build_stream(cfg, manifest, split, rank, world_size, train, codec=codec)
-    loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory)
+    loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory, cfg.data.worker_start)
     return SplitLoader(stream, loader, finish)
 
 

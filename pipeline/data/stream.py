@@ -32,7 +32,13 @@ parameters come from the position's seed, so both give the same batches.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import multiprocessing.context
+import os
 import random
+import select
+import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -309,16 +315,63 @@ class ShardStream(IterableDataset):
                 yield sample
 
 
-def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
+                start_method: str = "forkserver") -> DataLoader:
     """A DataLoader over a ShardStream (batches are formed in the workers).
 
     The loader gets its own generator: otherwise each `iter(loader)` draws the workers' base seed
     from the global torch RNG, and a resumed run (which creates its iterator at a different moment)
     would see different dropout masks. The stream seeds its own randomness per sample anyway.
     """
+    workers = {}
+    if num_workers > 0:
+        workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True,
+                   "prefetch_factor": 4, "worker_init_fn": partial(end_with_process, os.getpid())}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(stream.seed))
+                      generator=torch.Generator().manual_seed(stream.seed), **workers)
+
+
+def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context loader workers start in. A forkserver's workers are forked from a
+    single-threaded server that has already imported this module, so they start quickly and cannot
+    inherit a lock held by one of the main process's threads (W&B, pin-memory, progress bar)."""
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        context.set_forkserver_preload([__name__])
+    return context
+
+
+def end_with_process(pid: int, worker_id: int = 0) -> None:
+    """Worker init: leave as soon as process `pid` (the main process) has ended, however it ended.
+
+    DataLoader's workers watch their parent, which for a forkserver's worker is the server, not the
+    main process: without this, a SIGKILLed (preempted, OOM-killed) run would leave them, and the
+    server, waiting forever.
+    """
+    threading.Thread(target=_exit_after, args=(pid,), name="main-process-watch", daemon=True).start()
+
+
+def _exit_after(pid: int) -> None:
+    try:
+        handle = os.pidfd_open(pid)  # readable once the process has ended
+    except ProcessLookupError:
+        os._exit(0)
+    except OSError:  # no pidfd (Linux < 5.3): poll
+        while _alive(pid):
+            time.sleep(1.0)
+        os._exit(0)
+    select.select([handle], [], [])
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else (our pid was reused): ours has ended
+        return False
+    return True
 
 
 def shard_paths(root: str | Path, names: Sequence[str]) -> list[str]:
