@@ -154,7 +154,7 @@ def test_workers_start_from_a_forkserver_and_give_the_batches_fork_and_spawn_giv
 
 def test_workers_and_their_server_end_when_the_main_process_is_killed(digits_root: Path, tmp_path: Path) -> None:
     """A forkserver's workers are not children of the main process, so DataLoader's own parent check
-    cannot see it die: `end_with_process` must end them (and then the server) after a SIGKILL."""
+    cannot see it die: `init_worker` must end them (and then the server) after a SIGKILL."""
     script = f"""
 import os, signal
 from pipeline.config import load_config

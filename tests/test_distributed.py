@@ -78,17 +78,24 @@ def test_torn_newest_checkpoint_falls_back_to_previous(digits_root: Path, tmp_pa
     assert "resumed from" in resumed.stdout and "step-00000020" in resumed.stdout
 
 
-def test_sigusr1_checkpoints_and_exits_75_then_resumes(digits_root: Path, tmp_path: Path) -> None:
-    args = _args(digits_root, tmp_path, "sig", "train.epochs=2", "data.num_workers=0")
-    run_cli(_args(digits_root, tmp_path, "sigref", "train.epochs=2", "data.num_workers=0"))
+@pytest.mark.parametrize("workers, whole_group", [(0, False), (2, True)])
+def test_sigusr1_checkpoints_and_exits_75_then_resumes(digits_root: Path, tmp_path: Path, workers: int,
+                                                       whole_group: bool) -> None:
+    """`whole_group`: the signal reaches the loader workers too, as when SLURM signals every process of a job
+    step; they must ignore it and keep serving the main process until it has saved its checkpoint."""
+    args = _args(digits_root, tmp_path, "sig", "train.epochs=2", f"data.num_workers={workers}")
+    run_cli(_args(digits_root, tmp_path, "sigref", "train.epochs=2", f"data.num_workers={workers}"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "sig" / "metrics.jsonl"
     deadline = time.time() + 120
     while not log.is_file() and time.time() < deadline:  # wait for epoch 1 to finish: now mid-epoch 2
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGUSR1)
+    else:
+        proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     marker = tmp_path / "sig" / "PREEMPTED"

@@ -37,6 +37,7 @@ import multiprocessing.context
 import os
 import random
 import select
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -326,7 +327,7 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
     workers = {}
     if num_workers > 0:
         workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True,
-                   "prefetch_factor": 4, "worker_init_fn": partial(end_with_process, os.getpid())}
+                   "prefetch_factor": 4, "worker_init_fn": partial(init_worker, os.getpid())}
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(stream.seed), **workers)
 
@@ -341,14 +342,24 @@ def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
     return context
 
 
-def end_with_process(pid: int, worker_id: int = 0) -> None:
-    """Worker init: leave as soon as process `pid` (the main process) has ended, however it ended.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+"""Signals a loader worker ignores: stopping is the main process's decision (see `init_worker`)."""
 
-    DataLoader's workers watch their parent, which for a forkserver's worker is the server, not the
-    main process: without this, a SIGKILLed (preempted, OOM-killed) run would leave them, and the
-    server, waiting forever.
+
+def init_worker(main_pid: int, worker_id: int = 0) -> None:
+    """Worker init, whatever the start method: ignore `STOP_SIGNALS`, and leave as soon as process
+    `main_pid` (the main process) has ended, however it ended.
+
+    Schedulers signal every process of a job (SLURM: each one of the step), but the main process decides
+    what a signal means: it finishes its step and saves a checkpoint, maybe still reading batches, then
+    shuts its workers down. A forkserver's worker would die of the default action instead. And DataLoader's
+    workers watch their parent, which for a forkserver's worker is the server, not the main process:
+    without the watch here, a SIGKILLed (preempted, OOM-killed) run would leave them, and the server,
+    waiting forever.
     """
-    threading.Thread(target=_exit_after, args=(pid,), name="main-process-watch", daemon=True).start()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    threading.Thread(target=_exit_after, args=(main_pid,), name="main-process-watch", daemon=True).start()
 
 
 def _exit_after(pid: int) -> None:
