@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +216,8 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
 
     overrides = [f"data.root={tmp_path / 'imb'}", "train.batch_size=10", *FROM_SCRATCH, *FAST]
     plain = build_stream(load_config(BASE, overrides), manifest, "train", 0, 1, train=True)
-    cfg = load_config(BASE, [*overrides, "imbalance.balanced_sampling=true", "imbalance.class_weights=auto"])
+    cfg_overrides = [*overrides, "imbalance.balanced_sampling=true", "imbalance.class_weights=auto"]
+    cfg = load_config(BASE, cfg_overrides)
     balanced = build_stream(cfg, manifest, "train", 0, 1, train=True)
     assert balanced.steps_per_epoch() == plain.steps_per_epoch() == 13
     counts = np.zeros(3, dtype=int)
@@ -226,6 +229,18 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
         balanced.set_position(epoch, 5)  # resume inside the epoch: the same remaining batches
         assert all(np.array_equal(a, b.numpy()) for a, (_, b, _) in zip(batches[5:], balanced))
     assert counts.sum() == 390 and counts.min() > 100  # unbalanced: 270 / 90 / 30
+    # The draw is the same in any process (a resumed run, a forkserver's workers): none of its seed is a str,
+    # whose hash changes with PYTHONHASHSEED.
+    script = ("import json, sys\nfrom pipeline.config import load_config\nfrom pipeline.data import build_stream\n"
+              "from pipeline.data.manifest import Manifest\ncfg = load_config(sys.argv[1], json.loads(sys.argv[2]))\n"
+              "stream = build_stream(cfg, Manifest.read(cfg.data.root), 'train', 0, 1, train=True)\n"
+              "stream.set_position(2, 0)\nprint(json.dumps([y.tolist() for _, y, _ in stream]))\n")
+    balanced.set_position(2, 0)
+    here = [y.tolist() for _, y, _ in balanced]
+    for hash_seed in ("1", "2"):
+        other = subprocess.run([sys.executable, "-c", script, BASE, json.dumps(cfg_overrides)], cwd=ROOT, text=True,
+                               capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True)
+        assert json.loads(other.stdout) == here
     run = build_run(load_config(BASE, [*overrides, "imbalance.class_weights=auto", f"run.output_dir={tmp_path}"]))
     assert run.trainer.loss_fn.weight.tolist() == pytest.approx([130 / 270, 130 / 90, 130 / 30])
 

@@ -37,6 +37,11 @@ def imbalance_summary(manifest: Manifest) -> list[str]:
     return lines
 
 
+BALANCED_DRAW = 0xBA1A
+"""Mixed into the seed of the balanced draw (an int: a str's hash differs between processes, which made the
+draw differ between a run and its resumption, and between workers started apart)."""
+
+
 class BalancedShardStream(ShardStream):
     """A training stream that draws each shard slice's samples with replacement, weighted 1/count(class).
 
@@ -54,7 +59,7 @@ class BalancedShardStream(ShardStream):
 
     def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
         samples = list(super()._segment_samples(epoch, slot, number, segment, 0))
-        rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard, "balanced")))
+        rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard, BALANCED_DRAW)))
         weights = [self._weight(s) for s in samples]
         # A slice with nothing drawable (all labels bad, shard truncated) yields its samples as they
         # are: the stream replaces and counts them, and the slice keeps its length.
