@@ -152,11 +152,13 @@ def test_workers_start_from_a_forkserver_and_give_the_batches_fork_and_spawn_giv
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(la, lb) and torch.equal(la, lc)
 
 
-def test_workers_and_their_server_end_when_the_main_process_is_killed(digits_root: Path, tmp_path: Path) -> None:
-    """A forkserver's workers are not children of the main process, so DataLoader's own parent check
-    cannot see it die: `init_worker` must end them (and then the server) after a SIGKILL."""
+def test_loader_processes_ignore_stop_signals_and_end_when_the_main_process_is_killed(digits_root: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Stop signals sent to the workers, their server and the resource tracker end none of them (the main
+    process decides); a forkserver's workers are not children of the main process, so DataLoader's own
+    parent check cannot see it die: `init_worker` must end them (and then the server) after a SIGKILL."""
     script = f"""
-import os, signal
+import os, signal, time
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
 cfg = load_config(None, ["data.root={digits_root}", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]",
@@ -167,6 +169,14 @@ next(iter(split.loader))
 workers = [w.pid for w in split.dataloader._iterator._workers]
 server = int(open(f"/proc/{{workers[0]}}/stat").read().rsplit(")", 1)[1].split()[1])
 print(server, *workers, flush=True)
+from multiprocessing import resource_tracker
+helpers = [server, *workers, resource_tracker._resource_tracker._pid]
+for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    for pid in helpers:  # as a scheduler signals every process of a job: the main process decides
+        os.kill(pid, signum)
+time.sleep(6)  # more than DataLoader's 5 s check of the parent
+assert [p for p in helpers if open(f"/proc/{{p}}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"] == []
+assert len(list(split.loader)) > 10  # the rest of the epoch
 os.kill(os.getpid(), signal.SIGKILL)
 """
     out, err = tmp_path / "out", tmp_path / "err"  # not pipes: surviving workers would hold them open (a hang)

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -335,15 +335,36 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
 def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
     """The multiprocessing context loader workers start in. A forkserver's workers are forked from a
     single-threaded server that has already imported this module, so they start quickly and cannot
-    inherit a lock held by one of the main process's threads (W&B, pin-memory, progress bar)."""
+    inherit a lock held by one of the main process's threads (W&B, pin-memory, progress bar).
+
+    The helper processes multiprocessing needs besides the workers (the server, the resource tracker)
+    are started here, deaf to `STOP_SIGNALS`: a scheduler that signals every process of a job would
+    otherwise end them, and DataLoader's workers leave when their parent, the server, is gone.
+    """
     context = multiprocessing.get_context(start_method)
     if start_method == "forkserver":
         context.set_forkserver_preload([__name__])
+    if start_method != "fork":
+        from multiprocessing import forkserver, resource_tracker
+
+        _start_deaf(resource_tracker.ensure_running)  # before the server, which would start it hearing
+        if start_method == "forkserver":
+            _start_deaf(forkserver.ensure_running)
     return context
 
 
+def _start_deaf(start: Callable[[], None]) -> None:
+    """Run `start` with `STOP_SIGNALS` blocked: a process it starts inherits the mask (across exec too) and
+    never receives them; any sent meanwhile reach this process once they are unblocked."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
-"""Signals a loader worker ignores: stopping is the main process's decision (see `init_worker`)."""
+"""Signals the loader's processes ignore: stopping is the main process's decision (see `init_worker`)."""
 
 
 def init_worker(main_pid: int, worker_id: int = 0) -> None:
