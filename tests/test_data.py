@@ -125,8 +125,16 @@ def test_grayscale_digits_convert_to_rgb(digits_root: Path) -> None:
     assert torch.equal(images[:, 0], images[:, 1])  # gray replicated to RGB
 
 
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name: [state, ppid, ...]; a vanished process reads as a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return ["Z"]
+
+
 def _parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return int(_proc_stat(pid)[1])
 
 
 def test_workers_start_from_a_forkserver_and_give_the_batches_fork_and_spawn_give(digits_root: Path) -> None:
@@ -186,13 +194,6 @@ os.kill(os.getpid(), signal.SIGKILL)
     server, *workers = [int(pid) for pid in out.read_text().split()]
     assert len(workers) == 2 and server not in (1, os.getpid(), *workers)  # the forkserver
     deadline = time.monotonic() + 20
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in (*workers, server)):
+    while any(_proc_stat(pid)[0] != "Z" for pid in (*workers, server)):
         assert time.monotonic() < deadline, f"workers {workers} or their server {server} outlived the main process"
         time.sleep(0.1)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "Z"

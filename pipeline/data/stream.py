@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.config.schema import SIGNAL_NAMES
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
 from pipeline.data.tar import tar_samples
@@ -332,6 +333,11 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
                       generator=torch.Generator().manual_seed(stream.seed), **workers)
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in SIGNAL_NAMES)
+"""Signals the loader's processes ignore: every one `checkpoint.signals` may name, since stopping is the main
+process's decision (see `init_worker`)."""
+
+
 def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
     """The multiprocessing context loader workers start in. A forkserver's workers are forked from a
     single-threaded server that has already imported this module, so they start quickly and cannot
@@ -361,10 +367,6 @@ def _start_deaf(start: Callable[[], None]) -> None:
         start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
-"""Signals the loader's processes ignore: stopping is the main process's decision (see `init_worker`)."""
 
 
 def init_worker(main_pid: int, worker_id: int = 0) -> None:
@@ -399,9 +401,7 @@ def _exit_after(pid: int) -> None:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else (our pid was reused): ours has ended
+    except (ProcessLookupError, PermissionError):  # gone, or reused by another user's process: ours has ended
         return False
     return True
 
