@@ -63,7 +63,7 @@ def prepare(work: Path, images: int, source_size: int) -> tuple[Path, Path]:
 
 
 def _loader_kwargs(args) -> dict:
-    from pipeline.data.stream import worker_context
+    from pipeline.data.workers import worker_context
 
     workers = args.workers
     return {"num_workers": workers, "persistent_workers": workers > 0, "prefetch_factor": 4 if workers else None,

@@ -2,7 +2,7 @@
 
 Bad input ends with one line and exit code 2; too many bad samples in the training data
 (data.max_bad_fraction) with 65; non-finite training stops with 70 (see pipeline.training.nonfinite),
-a write failure with 74, a preempted run with 75.
+a write failure with 74, a preempted run with 75, a lost rank or distributed timeout with 76, Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Sequence
 
 EXIT_USAGE = 2  # bad input: config, files, values
 EXIT_IO = 74  # EX_IOERR: a file could not be written (disk full, permissions)
+EXIT_DISTRIBUTED = 76  # EX_PROTOCOL: a rank was lost, a collective timed out, the process group did not form
+# (the same value as pipeline.distributed.EXIT_DISTRIBUTED; this module must not import torch before the config)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -209,27 +211,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_COMMANDS = ("train", "cv")
+"""Commands whose preemption signals (SIGTERM, SIGUSR1) mean "stop, resume later" (exit 75) in every phase."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every way it can end gives its documented exit code and ends the processes it started
+    (the loader's workers) before returning. See README "Faults and failures"."""
     args = build_parser().parse_args(argv)
+    from pipeline.training.preemption import CommandSignals
+
+    signals = ("SIGINT", "SIGTERM", "SIGUSR1") if args.command in TRAINING_COMMANDS else ("SIGINT",)
+    with CommandSignals(signals) as handling:
+        try:
+            code = _run(args)
+        finally:
+            _end_workers()
+        handling.ended(code)  # after a stop (75, 130), a repeated signal must not change the exit code
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
-    from pipeline.training.preemption import Preempted
+    from pipeline.training.preemption import EXIT_INTERRUPTED, Preempted, SignalStop
 
     try:
         code = args.func(args)
         _leave_process_group()
         return code
-    except Preempted as exc:
+    except Preempted as exc:  # the checkpoint is written and the way to resume printed
         _leave_process_group(failed=True)
         return exc.exit_code
+    except (SignalStop, KeyboardInterrupt) as exc:
+        _end_workers()
+        _leave_process_group(failed=True)
+        name, code = (exc.signal_name, exc.exit_code) if isinstance(exc, SignalStop) else ("SIGINT", EXIT_INTERRUPTED)
+        return _fail(f"stopped by {name} outside the training loop (nothing new to checkpoint); rerun the same "
+                     "command to continue from the last complete checkpoint", code)
     except Exception as exc:
         # Bad input (2), and failures that carry their own code: DataQualityError (65), NonFiniteStop (70),
-        # CheckpointWriteError (74).
+        # CheckpointWriteError (74), a lost rank or a collective that timed out (76).
         # Matched by attribute, so this module never imports torch before the config is read.
         code = getattr(exc, "exit_code", None)
-        if isinstance(exc, (ConfigError, FileNotFoundError, ValueError, KeyError)) and code is None:
+        lost = _distributed_failure(exc) if code is None else None
+        if lost is not None:
+            code, exc = EXIT_DISTRIBUTED, lost
+        elif isinstance(exc, (ConfigError, FileNotFoundError, ValueError, KeyError)) and code is None:
             code = EXIT_USAGE
         elif isinstance(exc, OSError) and code is None:  # disk full, permissions... outside checkpoints
             code = EXIT_IO
+        _end_workers()  # before a traceback too: the workers ignore SIGTERM, nothing else would end them
         if code is None or os.environ.get("PIPELINE_DEBUG"):
             raise
         _leave_process_group(failed=True)
@@ -237,6 +268,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code  # every rank stops with this very message; rank 0 says it
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         return _fail(message, code)
+
+
+def _end_workers() -> None:
+    """End the loader's worker processes, if any were started (see pipeline.data.workers)."""
+    workers = sys.modules.get("pipeline.data.workers")
+    if workers is not None:
+        workers.shutdown_workers()
+
+
+def _distributed_failure(exc: BaseException) -> str | None:
+    """The one line for an error of the process group (a rank that died, a collective that timed out), else None."""
+    distributed = sys.modules.get("pipeline.distributed")
+    return distributed.describe_failure(exc) if distributed is not None else None
 
 
 _EXIT_AT_ONCE = False
@@ -267,6 +311,10 @@ def entry() -> None:
     reports. The heartbeat thread of `pipeline tune` is a daemon and has nothing to finish.
     """
     code = main()
+    from pipeline.training.preemption import STOP_CODES, ignore_stop_signals
+
+    if code in STOP_CODES:
+        ignore_stop_signals()
     if _EXIT_AT_ONCE:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -475,6 +475,22 @@ class CVConfig:
 
 
 @dataclass
+class DistConfig:
+    """Several ranks: how long they wait for one another before a wait is an error (exit 76, one line)."""
+
+    timeout_s: float = 600.0
+    """Seconds a collective (gradient all-reduce, barrier, agreement on a stop) may wait for the other ranks; the
+    longest legitimate wait is rank 0 writing a checkpoint or report while the others wait (torch's default: 1800)."""
+    init_timeout_s: float = 120.0
+    """Seconds for every rank to join the process group at start (a rank that never started, a port still held by
+    an earlier run) before the run stops with one line."""
+
+    def __post_init__(self) -> None:
+        _check_range("dist.timeout_s", self.timeout_s, 0.0, low_open=True)
+        _check_range("dist.init_timeout_s", self.init_timeout_s, 0.0, low_open=True)
+
+
+@dataclass
 class Config:
     """The whole run. Merge order: these defaults <- YAML file <- command-line dotted overrides."""
 
@@ -502,6 +518,8 @@ class Config:
     """Class imbalance handling."""
     cv: CVConfig = field(default_factory=CVConfig)
     """k-fold cross-validation."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Several ranks: timeouts."""
 
     def __post_init__(self) -> None:
         _check_values("", self)

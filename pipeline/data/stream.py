@@ -32,28 +32,23 @@ parameters come from the position's seed, so both give the same batches.
 from __future__ import annotations
 
 import math
-import multiprocessing
-import multiprocessing.context
 import os
 import random
-import select
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config.schema import SIGNAL_NAMES
+from pipeline import fault_injection
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
 from pipeline.data.tar import tar_samples
+from pipeline.data.workers import init_worker, track, worker_context
 
 NO_POSITION = -1
 """The seed given when inspecting a sample whose position is not known yet (a fill-in for bad ones)."""
@@ -218,6 +213,7 @@ class ShardStream(IterableDataset):
 
     def _slot_batches(self, epoch: int, slot: int, done_batches: int) -> Iterator:
         items, labels, counts = [], [], [0] * len(faults.FIELDS)
+        fault_injection.in_worker(done_batches, self.train)
         for position, check, source in self._slot_samples(epoch, slot, done_batches * self.batch_size):
             faults.count(counts, check)
             if source is None:  # evaluation: a bad sample is left out
@@ -227,6 +223,8 @@ class ShardStream(IterableDataset):
             if len(items) == self.batch_size:
                 yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
                 items, labels, counts = [], [], [0] * len(faults.FIELDS)
+                done_batches += 1
+                fault_injection.in_worker(done_batches, self.train)
         if items and not self.drop_last:
             yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
         elif counts[0]:  # counts of samples that made no batch (evaluation: all bad, or after the last batch)
@@ -329,81 +327,8 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
     if num_workers > 0:
         workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True,
                    "prefetch_factor": 4, "worker_init_fn": partial(init_worker, os.getpid())}
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(stream.seed), **workers)
-
-
-STOP_SIGNALS = tuple(getattr(signal, name) for name in SIGNAL_NAMES)
-"""Signals the loader's processes ignore: every one `checkpoint.signals` may name, since stopping is the main
-process's decision (see `init_worker`)."""
-
-
-def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context loader workers start in. A forkserver's workers are forked from a
-    single-threaded server that has already imported this module, so they start quickly and cannot
-    inherit a lock held by one of the main process's threads (W&B, pin-memory, progress bar).
-
-    The helper processes multiprocessing needs besides the workers (the server, the resource tracker)
-    are started here, deaf to `STOP_SIGNALS`: a scheduler that signals every process of a job would
-    otherwise end them, and DataLoader's workers leave when their parent, the server, is gone.
-    """
-    context = multiprocessing.get_context(start_method)
-    if start_method == "forkserver":
-        context.set_forkserver_preload([__name__])
-    if start_method != "fork":
-        from multiprocessing import forkserver, resource_tracker
-
-        _start_deaf(resource_tracker.ensure_running)  # before the server, which would start it hearing
-        if start_method == "forkserver":
-            _start_deaf(forkserver.ensure_running)
-    return context
-
-
-def _start_deaf(start: Callable[[], None]) -> None:
-    """Run `start` with `STOP_SIGNALS` blocked: a process it starts inherits the mask (across exec too) and
-    never receives them; any sent meanwhile reach this process once they are unblocked."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def init_worker(main_pid: int, worker_id: int = 0) -> None:
-    """Worker init, whatever the start method: ignore `STOP_SIGNALS`, and leave as soon as process
-    `main_pid` (the main process) has ended, however it ended.
-
-    Schedulers signal every process of a job (SLURM: each one of the step), but the main process decides
-    what a signal means: it finishes its step and saves a checkpoint, maybe still reading batches, then
-    shuts its workers down. A forkserver's worker would die of the default action instead. And DataLoader's
-    workers watch their parent, which for a forkserver's worker is the server, not the main process:
-    without the watch here, a SIGKILLed (preempted, OOM-killed) run would leave them, and the server,
-    waiting forever.
-    """
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    threading.Thread(target=_exit_after, args=(main_pid,), name="main-process-watch", daemon=True).start()
-
-
-def _exit_after(pid: int) -> None:
-    try:
-        handle = os.pidfd_open(pid)  # readable once the process has ended
-    except ProcessLookupError:
-        os._exit(0)
-    except OSError:  # no pidfd (Linux < 5.3): poll
-        while _alive(pid):
-            time.sleep(1.0)
-        os._exit(0)
-    select.select([handle], [], [])
-    os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or reused by another user's process: ours has ended
-        return False
-    return True
+    return track(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                            generator=torch.Generator().manual_seed(stream.seed), **workers))
 
 
 def shard_paths(root: str | Path, names: Sequence[str]) -> list[str]:

@@ -7,6 +7,9 @@ stop?") and never touches torch.distributed or environment variables itself.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+from datetime import timedelta
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -178,21 +181,91 @@ class Dist:
             console.print(*(mask_text(a) if isinstance(a, str) else a for a in args), **kwargs)
 
 
-def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameters: bool = False) -> Dist:
+EXIT_DISTRIBUTED = 76
+"""Exit code when a rank was lost, a collective timed out, or the process group did not form (EX_PROTOCOL)."""
+
+
+def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameters: bool = False,
+               timeout_s: float = 600.0, init_timeout_s: float = 120.0) -> Dist:
     """Create the Accelerator. Without CUDA the CPU is used (gloo when several ranks are launched).
 
     `find_unused_parameters` is for models whose trainable set changes during training (gradual
-    unfreezing): DDP then tolerates parameters that get no gradient in a step."""
+    unfreezing): DDP then tolerates parameters that get no gradient in a step. Collectives wait at most
+    `timeout_s` for the other ranks; forming the process group at most `init_timeout_s` (see `init_watchdog`)."""
     use_cpu = cpu or not torch.cuda.is_available()
     if precision == "fp16" and use_cpu:
         raise ValueError("train.precision=fp16 needs a CUDA GPU (none is in use); use bf16 or fp32")
     if precision == "bf16" and not use_cpu and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32")
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-    dist = Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision], kwargs_handlers=handlers))
-    if dist.world_size > 1:
-        dist.host_group  # noqa: B018 - created now, at the same point on every rank
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    with init_watchdog(init_timeout_s):
+        dist = Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision], kwargs_handlers=handlers))
+        if dist.world_size > 1:
+            dist.host_group  # noqa: B018 - created now, at the same point on every rank
+            dist.barrier()  # every rank has joined: the group is formed
     return dist
 
 
-__all__ = ["Dist", "build_dist"]
+@contextlib.contextmanager
+def init_watchdog(seconds: float) -> Iterator[None]:
+    """End the process with one line and `EXIT_DISTRIBUTED` if the block (forming the process group) takes
+    longer than `seconds`: a rank that never started, or a rendezvous port still held by an earlier run, would
+    otherwise keep the others waiting silently (torch's own timeout is 30 minutes). A no-op for one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield
+        return
+    rank = os.environ.get("RANK", "?")
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+    def expire() -> None:
+        from pipeline.training.preemption import exit_now
+
+        exit_now(EXIT_DISTRIBUTED, f"error: rank {rank}: the {world} ranks did not all join the process group at "
+                 f"{where} within dist.init_timeout_s={seconds:g} s (a rank that failed to start, or the port held "
+                 "by an earlier run); check the other ranks' output, or raise dist.init_timeout_s")
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+_LOST_PEER = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
+              "socket closed", "recv from", "send to")
+
+
+def describe_failure(exc: BaseException) -> str | None:
+    """One line for an error of the process group, else None: a rank that ended (its sockets closed: gloo reads
+    'Connection reset/closed by peer') or a collective that waited longer than dist.timeout_s."""
+    import torch.distributed as distributed
+
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return None
+    text = str(exc).lower()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if "timed out" in text or "timeout" in text:
+        return (f"rank {rank}: a collective waited longer than dist.timeout_s for the other ranks of {world} (one "
+                "is stuck or gone); see their output (raise dist.timeout_s if a rank is legitimately slow)")
+    marker = next((m for m in _LOST_PEER if m in text), None)
+    if marker is not None or isinstance(exc, distributed.DistError):
+        cause = marker or _first_line(exc)
+        return (f"rank {rank}: lost contact with another of the {world} ranks ({cause}: it ended, or its machine "
+                "went away); the launcher names it; rerun the same command to resume from the last complete "
+                "checkpoint")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:160] if lines else type(exc).__name__
+
+
+__all__ = ["EXIT_DISTRIBUTED", "Dist", "build_dist", "describe_failure"]

@@ -18,9 +18,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EX_TEMPFAIL = 75
-TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+EX_INTERRUPTED = 130
+EX_LOST_RANK = 76  # what a rank says when another one ended under it (pipeline.distributed.EXIT_DISTRIBUTED)
+TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
 
 
 def _child_pids(parent: int) -> list[int]:
@@ -45,17 +47,37 @@ def _forward(signum: int, _frame: object) -> None:
 
 
 def exit_code_of(failures: dict) -> int:
-    """One exit code for a set of failed ranks: 75 if any rank asked to be resumed, else the first failure's.
+    """One exit code for a set of failed ranks: 75 if any rank asked to be resumed, 130 if they stopped for
+    Ctrl-C, else the first failure's.
 
-    Once one rank exits, torchrun sends SIGTERM to the others; a rank still finishing its own exit then
-    reads as killed by SIGTERM. Such victims do not hide the code of the rank that really failed.
+    Once one rank exits, torchrun sends SIGTERM to the others, and the others may notice it first as a lost
+    peer (exit 76); a rank still finishing its own exit then reads as killed by SIGTERM. Such victims do not
+    hide the code of the rank that really failed (137 for one killed by SIGKILL, e.g. the OOM killer).
     """
-    codes = [failure.exitcode for _, failure in sorted(failures.items())]
-    if EX_TEMPFAIL in codes:
-        return EX_TEMPFAIL
-    causes = [code for code in codes if code != -signal.SIGTERM] or codes
-    first = causes[0] if causes else 1
-    return 128 - first if first < 0 else first  # a rank killed by signal N reads as 128+N, as in a shell
+    return _shell_code(_cause(failures)[1])
+
+
+def _cause(failures: dict) -> tuple[int, int]:
+    """(rank, exit code) of the failure that explains the others; see `exit_code_of`."""
+    ranked = sorted((rank, failure.exitcode) for rank, failure in failures.items())
+    for wanted in (EX_TEMPFAIL, EX_INTERRUPTED):
+        if any(code == wanted for _, code in ranked):
+            return next(item for item in ranked if item[1] == wanted)
+    causes = [item for item in ranked if item[1] not in (-signal.SIGTERM, EX_LOST_RANK)] or ranked
+    return causes[0] if causes else (0, 1)
+
+
+def _shell_code(code: int) -> int:
+    return 128 - code if code < 0 else code  # a rank killed by signal N reads as 128+N, as in a shell
+
+
+def describe(failures: dict) -> str:
+    """One line naming the rank whose failure ended the job."""
+    rank, code = _cause(failures)
+    if code in (EX_TEMPFAIL, EX_INTERRUPTED):
+        return ""
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    return f"launch: rank {rank} {how}; the job ends with exit code {_shell_code(code)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         launch_command(args)
     except ChildFailedError as error:
+        line = describe(error.failures)
+        if line:
+            print(line, file=sys.stderr, flush=True)
         return exit_code_of(error.failures)
     return 0
 

@@ -1,8 +1,13 @@
-"""Stop requests: signals (SLURM preemption, time limits), fault injection for tests.
+"""Stop requests: signals (SLURM preemption, time limits, Ctrl-C), and what a repeated signal does.
 
-A signal only sets a flag; the loop asks `StopRequest.agreed()` at optimizer-step boundaries, which
-all-reduces the flag so every rank stops after the *same* step, then checkpoints and exits with
-`EXIT_PREEMPTED`. Job schedulers treat that code as "requeue me".
+Inside the training loop a signal only sets a flag; the loop asks at optimizer-step boundaries and after each
+epoch, all-reducing the flags so every rank stops after the *same* step, then checkpoints and exits: with
+`EXIT_PREEMPTED` (75, "requeue me") for the signals in `checkpoint.signals`, with `EXIT_INTERRUPTED` (130, as a
+shell reports Ctrl-C) for SIGINT. Outside the loop (setup, the final test) there is nothing to checkpoint: the
+first signal stops the command at once with the same codes (`CommandSignals`).
+
+Whatever the phase, once a stop is under way a further stop signal never changes the exit code: SIGTERM or
+SIGUSR1 again is ignored, and SIGINT again ends the process at once with the code the first request chose.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import signal
 from typing import Sequence
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later; resume=auto continues from the checkpoint
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 PREEMPTED_MARKER = "PREEMPTED"
 
 
@@ -21,17 +27,72 @@ class Preempted(Exception):
     exit_code = EXIT_PREEMPTED
 
 
+class Interrupted(Preempted):
+    """Raised after the checkpoint that Ctrl-C asked for is written; exit code 130."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class SignalStop(BaseException):
+    """A stop signal outside the training loop: nothing to checkpoint, the command ends now (a BaseException,
+    like KeyboardInterrupt, so that no `except Exception` on the way swallows it)."""
+
+    def __init__(self, signal_name: str, exit_code: int):
+        super().__init__(signal_name)
+        self.signal_name, self.exit_code = signal_name, exit_code
+
+
+def exit_now(code: int, line: str) -> None:
+    """End the process at once with `code` after one line on stderr (written directly: a signal handler may
+    interrupt a print in progress). The loader's workers and helper processes leave once this process is gone
+    (see `pipeline.data.workers`); the last complete checkpoint stays what resume continues from."""
+    os.write(2, f"{line}\n".encode())
+    os._exit(code)
+
+
+STOP_CODES = (EXIT_PREEMPTED, EXIT_INTERRUPTED)
+
+
+def ignore_stop_signals() -> None:
+    """For the last moments of a process whose exit code a stop already decided: Python's own teardown puts back
+    the default handlers of the signals it handled, so a signal repeated then would still kill the process (exit
+    143, 138). Ignored signals stay ignored through teardown."""
+    from pipeline.config.schema import SIGNAL_NAMES
+
+    for name in SIGNAL_NAMES:
+        try:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+
+
+def _code_of(name: str, preempt_names: Sequence[str]) -> int:
+    return EXIT_PREEMPTED if name in preempt_names or name != "SIGINT" else EXIT_INTERRUPTED
+
+
 class StopRequest:
-    """A flag set by signal handlers (installed on the main thread of every rank)."""
+    """The training loop's stop flags, set by signal handlers (installed on the main thread of every rank).
+
+    Handles the signals in `signal_names` (preemption: exit 75) and SIGINT (exit 130 unless it is listed)."""
 
     def __init__(self, signal_names: Sequence[str] = ()):
+        self.signal_names = list(signal_names)
         self.requested = False
         self.signal_name = ""
+        self.exit_code = EXIT_PREEMPTED
         self._previous: dict[int, object] = {}
-        self.signal_names = list(signal_names)
+
+    @property
+    def handled(self) -> list[str]:
+        return [*self.signal_names, *([] if "SIGINT" in self.signal_names else ["SIGINT"])]
+
+    @property
+    def interrupted(self) -> bool:
+        """The request is Ctrl-C's (exit 130), not a preemption signal's (exit 75)."""
+        return self.requested and self.exit_code == EXIT_INTERRUPTED
 
     def install(self) -> None:
-        for name in self.signal_names:
+        for name in self.handled:
             signum = getattr(signal, name)
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -39,21 +100,68 @@ class StopRequest:
                 pass
 
     def uninstall(self) -> None:
+        """Restore the previous handlers, unless a stop is under way: then a later signal must still find this
+        handler, which ignores it (or, for SIGINT, exits with the code already chosen)."""
+        if self.requested:
+            return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def request(self, signal_name: str, exit_code: int) -> None:
+        """Record a stop (a signal here, or another rank's, learnt by agreement); the first one decides."""
+        if not self.requested:
+            self.requested, self.signal_name, self.exit_code = True, signal_name, exit_code
+
     def _handle(self, signum: int, frame) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.requested:
+            if name == "SIGINT":
+                exit_now(self.exit_code, f"interrupted again ({name}): exiting now with code {self.exit_code}; "
+                         "resume continues from the last complete checkpoint")
+            return
+        self.request(name, _code_of(name, self.signal_names))
 
 
-def maybe_inject_fault(global_step: int, saved: bool, rank: int) -> None:
-    """Test hook: `PIPELINE_KILL_AT_STEP=N` SIGKILLs rank 0 right after optimizer step N
-    (`PIPELINE_KILL_AFTER_SAVE=1`: only once that step's checkpoint is complete)."""
-    target = os.environ.get("PIPELINE_KILL_AT_STEP")
-    if target is None or rank != 0 or global_step != int(target):
-        return
-    if os.environ.get("PIPELINE_KILL_AFTER_SAVE") == "1" and not saved:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
+class CommandSignals:
+    """Signal handling for a whole command, outside the training loop (which installs its own `StopRequest`).
+
+    The first SIGINT (or, for training commands, SIGTERM or SIGUSR1) raises `SignalStop`, which the CLI turns
+    into one line and exit 130 (SIGINT) or 75; a second one while that exit is under way ends the process at
+    once with the same code. Without this, Ctrl-C printed a KeyboardInterrupt traceback, and a SIGTERM during
+    setup or the final test killed the process without the CLI's cleanup."""
+
+    def __init__(self, signal_names: Sequence[str] = ("SIGINT",)):
+        self.signal_names = list(signal_names)
+        self.stopping: SignalStop | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "CommandSignals":
+        for name in self.signal_names:
+            signum = getattr(signal, name)
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stopping is None:  # else stay: a late signal must not kill the exit in progress
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+    def ended(self, code: int) -> None:
+        """The command is ending with `code`: if that is a stop's (75, 130), keep the handlers to the end of the
+        process, so that a signal sent again meanwhile is ignored (SIGINT: exits at once, with `code`)."""
+        if code in STOP_CODES and self.stopping is None:
+            self.stopping = SignalStop("", code)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stopping is not None:
+            if name == "SIGINT":
+                exit_now(self.stopping.exit_code, f"interrupted again ({name}): exiting now with code "
+                         f"{self.stopping.exit_code}")
+            return
+        self.stopping = SignalStop(name, _code_of(name, ()))
+        raise self.stopping

@@ -74,7 +74,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     if cfg.logging.training_signals:
         callbacks = [TrainingSignals(), *(callbacks or [])]
     gradual = cfg.finetune.freeze == "gradual"  # its trainable set grows during training: see Dist.prepare
-    dist = build_dist(cfg.train.precision, cfg.train.cpu, find_unused_parameters=gradual)
+    dist = build_dist(cfg.train.precision, cfg.train.cpu, find_unused_parameters=gradual, timeout_s=cfg.dist.timeout_s,
+                      init_timeout_s=cfg.dist.init_timeout_s)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pipeline import fault_injection
 from pipeline.checkpointing import Checkpointer, CheckpointWriteError, load_weights
 from pipeline.config.schema import Config
 from pipeline.data import SplitLoader
@@ -25,7 +26,14 @@ from pipeline.training.bad_data import BadDataMonitor
 from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.nonfinite import NonFiniteGuard
-from pipeline.training.preemption import PREEMPTED_MARKER, Preempted, StopRequest, maybe_inject_fault
+from pipeline.training.preemption import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    PREEMPTED_MARKER,
+    Interrupted,
+    Preempted,
+    StopRequest,
+)
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import rng_state, set_rng_state
 
@@ -85,6 +93,7 @@ class Trainer:
                 val_metrics = self.validate()
                 self.end_epoch(train_metrics, val_metrics, time.perf_counter() - started)
                 self.progress.advance(epochs)
+                self.stop_if_requested()  # a signal during validation: the epoch's checkpoint is written
         self.stop.uninstall()
         self.restore_best()
         return self.state
@@ -131,24 +140,47 @@ class Trainer:
         ckpt, step = self.cfg.checkpoint, self.state.global_step
         due = ckpt.every_steps > 0 and step % ckpt.every_steps == 0
         stop = False
-        if step % ckpt.check_every_steps == 0 and (ckpt.every_minutes > 0 or self.stop.signal_names):
+        if step % ckpt.check_every_steps == 0:
             timed = ckpt.every_minutes > 0 and time.monotonic() - self.last_save_time >= ckpt.every_minutes * 60
-            flags = self.dist.agree([self.stop.requested, timed])  # one all-reduce for both questions
-            stop, due = flags[0], due or flags[1]
+            stop, timed = self.agree_stop(timed)
+            due = due or timed
         if due or stop:
             self.save(self.checkpointer.step_name(step), final=stop)
-        maybe_inject_fault(step, due or stop, self.dist.rank)
+        fault_injection.after_step(step, due or stop, self.dist.rank)
         if stop:
             self.preempt()
 
+    def agree_stop(self, timed: bool = False) -> tuple[bool, bool]:
+        """(stop now, time-based save due), the same on every rank: one all-reduce of the host flags. A rank
+        that got no signal learns the other's request, and with it the exit code (75 or 130)."""
+        stop = self.stop
+        preempt, interrupt, timed = self.dist.agree([stop.requested and not stop.interrupted, stop.interrupted,
+                                                     timed])
+        if preempt or interrupt:
+            stop.request(stop.signal_name or "another rank's signal",
+                         stop.exit_code if stop.requested else (EXIT_PREEMPTED if preempt else EXIT_INTERRUPTED))
+        return preempt or interrupt, timed
+
+    def stop_if_requested(self) -> None:
+        """After an epoch (logged and checkpointed by `end_epoch`): stop if a signal came meanwhile."""
+        if self.agree_stop()[0]:
+            if not self.cfg.checkpoint.save_last:
+                self.save(self.checkpointer.step_name(self.state.global_step), final=True)
+            self.preempt()
+
     def preempt(self) -> None:
-        """Leave after a stop request: the checkpoint is written; mark the run and raise."""
+        """Leave after a stop request: the checkpoint is written; mark the run and raise.
+
+        The signal handlers stay installed until the process ends: a repeated signal changes nothing (a
+        second SIGINT exits at once, with the same code)."""
         if self.dist.is_main:
             (self.checkpointer.directory.parent / PREEMPTED_MARKER).write_text(f"{self.state.global_step}\n")
-        self.dist.print(f"stop requested ({self.stop.signal_name or 'another rank'}): checkpoint saved at step "
-                        f"{self.state.global_step}; resume with the same command (checkpoint.resume=auto)")
+        kind = Interrupted if self.stop.interrupted else Preempted
+        what = "interrupted" if self.stop.interrupted else "stop requested"
+        self.dist.print(f"{what} ({self.stop.signal_name}): checkpoint saved at step {self.state.global_step}; "
+                        f"resume with the same command (checkpoint.resume=auto)")
         self.stop.uninstall()
-        raise Preempted(self.state.global_step)
+        raise kind(self.state.global_step)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, window: int,
                    last_in_window: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +240,7 @@ class Trainer:
             self.save("best", final)
         if self.cfg.checkpoint.save_last:
             self.save(self.checkpointer.step_name(self.state.global_step), final)
-            maybe_inject_fault(self.state.global_step, True, self.dist.rank)
+            fault_injection.after_step(self.state.global_step, True, self.dist.rank)
         if self.state.stopped_early:
             self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
                             f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} "

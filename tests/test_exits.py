@@ -1,0 +1,235 @@
+"""Every way a run ends, with the loader workers users get by default: the documented exit code, in seconds,
+and no process of the run left behind (checked by PID: ranks, loader workers, forkserver, resource tracker).
+
+Each case is a real `pipeline train` (or the 2-rank launcher) in a subprocess. The processes of the run are
+collected while it runs (every descendant of the command, whatever session it moved to), and each must be
+gone shortly after the command exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY, free_port
+from tests.test_data_faults import faulty_samples, write_set
+from tests.test_faults import _checkpointer
+
+STEPS_PER_EPOCH = 20  # digits: 1257 training images, batch 64 (0 or 2 workers alike)
+EXIT_WITHIN_S = 10.0  # from the run's last message (or the first signal) to the command's exit, one rank
+EXIT_WITHIN_2_RANKS_S = 30.0
+GONE_WITHIN_S = 10.0  # from the command's exit until every process it started has ended
+
+
+@dataclass
+class Ended:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float  # from the trigger (message or first signal) to the exit
+    pids: set[int] = field(default_factory=set)  # every process of the run seen while it ran
+    left: list[int] = field(default_factory=list)  # those still alive GONE_WITHIN_S after the exit
+
+
+def _stat(pid: int) -> list[str] | None:
+    """[state, ppid, ...] of a live process, None if it is gone (or a zombie: it has ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def _descendants(root: int, known: set[int]) -> set[int]:
+    """`known` plus every live process whose parent chain reaches `root` or a process already known."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None:
+                parents[int(entry.name)] = int(fields[1])
+    found = set(known)
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parents.items():
+            if pid not in found and (ppid == root or ppid in found):
+                found.add(pid)
+                changed = True
+    return found
+
+
+def run_watched(cmd: list[str], tmp_path: Path, env: dict | None = None, signals: tuple[str, ...] = (),
+                gap_s: float = 0.3, trigger: str = "epoch 1/", message: str = "error:",
+                timeout_s: float = 240.0) -> Ended:
+    """Run `cmd`; once `trigger` is in its stdout send `signals` (`gap_s` apart) to it. `seconds` counts from
+    the first signal, or else from the moment `message` appeared in stderr, to the exit."""
+    out, err = tmp_path / "stdout", tmp_path / "stderr"  # files, not pipes: a surviving worker would hold a pipe
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    pids: set[int] = set()
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=stdout, stderr=stderr, start_new_session=True)
+    started, since, pending = time.monotonic(), None, list(signals)
+    try:
+        while proc.poll() is None:
+            assert time.monotonic() - started < timeout_s, f"no exit within {timeout_s} s:\n{err.read_text()[-3000:]}"
+            pids = _descendants(proc.pid, pids | {proc.pid})
+            if pending and trigger in out.read_text():
+                since = since or time.monotonic()
+                os.kill(proc.pid, getattr(signal, pending.pop(0)))
+                time.sleep(gap_s if pending else 0.0)
+                continue
+            if since is None and not signals and message in err.read_text():
+                since = time.monotonic()
+            time.sleep(0.05)
+        ended = time.monotonic()
+        if since is None and message in err.read_text():
+            since = ended  # the message came in the last poll interval
+        left = sorted(pids - {proc.pid})
+        while left and time.monotonic() - ended < GONE_WITHIN_S:
+            time.sleep(0.1)
+            left = [pid for pid in left if _stat(pid) is not None]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _descendants(proc.pid, pids):  # whatever happens, leave nothing running
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return Ended(proc.returncode, out.read_text(), err.read_text(), ended - (since or started), pids, left)
+
+
+@pytest.fixture(scope="module")
+def faulty_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faulty") / "shards"
+    write_set(root, faulty_samples())
+    return root
+
+
+@dataclass(frozen=True)
+class Case:
+    code: int
+    line: str  # the start of the last line on stderr
+    env: tuple[tuple[str, str], ...] = ()
+    args: tuple[str, ...] = ()
+    signals: tuple[str, ...] = ()
+
+
+CASES = {
+    "bad data (65)": Case(65, "error: data.max_bad_fraction=0.05 exceeded: 5 of 40 training samples",
+                          args=("train.batch_size=4", "data.max_bad_fraction=0.05")),
+    "non-finite (70)": Case(70, "error: non-finite loss and gradients at step 3", env=(("PIPELINE_NAN_AT_STEP", "3"),),
+                            args=("train.nonfinite=halt",)),
+    "final save fails (74)": Case(74, "error: cannot write checkpoint",
+                                  env=(("PIPELINE_FAIL_SAVE_AT_STEP", str(STEPS_PER_EPOCH)),)),
+    "exception in a worker (1)": Case(1, "RuntimeError: injected failure in a loader worker at its batch 2",
+                                      env=(("PIPELINE_WORKER_RAISE", "2"),)),
+    "exception in the main process (1)": Case(1, "RuntimeError: injected failure after step 3",
+                                              env=(("PIPELINE_RAISE_AT_STEP", "3"),)),
+    "SIGINT (130)": Case(130, "interrupted (SIGINT): checkpoint saved at step", signals=("SIGINT",)),
+    "SIGINT twice (130)": Case(130, "", signals=("SIGINT", "SIGINT")),
+    "SIGTERM twice (75)": Case(75, "stop requested (SIGTERM): checkpoint saved at step",
+                               signals=("SIGTERM", "SIGTERM")),
+    "SIGUSR1 twice (75)": Case(75, "stop requested (SIGUSR1): checkpoint saved at step",
+                               signals=("SIGUSR1", "SIGUSR1")),
+}
+SIGNAL_CASES = [name for name, case in CASES.items() if case.signals]
+
+
+def _train_args(case: Case, out: Path, workers: int, digits_root: Path, faulty_root: Path) -> list[str]:
+    root = faulty_root if case.code == 65 else digits_root
+    epochs = 30 if case.signals else 1  # a signal must find the run still training
+    return ["train", "configs/default.yaml", f"data.root={root}", f"run.output_dir={out}", "run.name=r", *TINY,
+            "train.batch_size=64", f"train.epochs={epochs}", f"data.num_workers={workers}", *case.args]
+
+
+def _check(case: Case, ended: Ended, workers: int, within_s: float, ranks: int = 1) -> None:
+    report = (f"exit {ended.code} after {ended.seconds:.1f} s\nSTDOUT:\n{ended.stdout[-2000:]}\n"
+              f"STDERR:\n{ended.stderr[-3000:]}")
+    assert ended.code == case.code, report
+    assert ended.seconds <= within_s, report
+    # ranks, and per rank with workers: 2 workers, the forkserver, the resource tracker
+    assert len(ended.pids) >= (ranks - (ranks == 1)) + ranks * (4 if workers else 0), (ended.pids, report)
+    assert ended.left == [], f"processes left: {ended.left}\n{report}"
+    assert "KeyboardInterrupt" not in ended.stderr, report
+    lines = [line for line in (ended.stdout + ended.stderr).splitlines() if line.startswith(case.line)]
+    assert lines, report
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_exit_ends_in_seconds_with_its_code_and_leaves_no_process(name: str, workers: int, digits_root: Path,
+                                                                        faulty_root: Path, tmp_path: Path) -> None:
+    case = CASES[name]
+    cmd = [sys.executable, "-m", "pipeline", *_train_args(case, tmp_path / "runs", workers, digits_root, faulty_root)]
+    ended = run_watched(cmd, tmp_path, env=dict(case.env), signals=case.signals, message=case.line or "error:")
+    _check(case, ended, workers, EXIT_WITHIN_S)
+    if case.code in (75, 130) and case.line:  # a stop that was handled: its checkpoint is complete
+        checkpoint = _checkpointer(tmp_path / "runs/r").latest()
+        assert checkpoint is not None and (tmp_path / "runs/r/PREEMPTED").is_file()
+    if case.code == 1:  # an unexpected error keeps its traceback, for the bug report
+        assert "Traceback (most recent call last)" in ended.stderr
+
+
+TWO_RANK_CASES = ["non-finite (70)", "exception in a worker (1)", "exception in the main process (1)",
+                  *SIGNAL_CASES]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("name", TWO_RANK_CASES)
+def test_two_ranks_end_in_seconds_with_the_ranks_code(name: str, workers: int, digits_root: Path, faulty_root: Path,
+                                                      tmp_path: Path) -> None:
+    """Through `pipeline.distributed.launch` (what launch.sh runs), signals sent to the launcher as Ctrl-C or a
+    scheduler would: it forwards them, and repeated ones change nothing."""
+    case = CASES[name]
+    cmd = [sys.executable, "-m", "pipeline.distributed.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "pipeline",
+           *_train_args(case, tmp_path / "runs", workers, digits_root, faulty_root)]
+    ended = run_watched(cmd, tmp_path, env={**dict(case.env), "ACCELERATE_USE_CPU": "1"}, signals=case.signals,
+                        message=case.line or "error:")
+    _check(case, ended, workers, EXIT_WITHIN_2_RANKS_S, ranks=2)
+
+
+@pytest.mark.distributed
+def test_a_killed_rank_ends_the_job_with_one_line_naming_it(digits_root: Path, tmp_path: Path) -> None:
+    """kill -9 of rank 1 mid-epoch: rank 0 says it lost a rank (one line, no gloo traceback) and the launcher
+    names the killed rank and exits with its code (137), within 60 s, leaving no process."""
+    cmd = [sys.executable, "-m", "pipeline.distributed.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "pipeline",
+           *_train_args(Case(0, ""), tmp_path / "runs", 2, digits_root, digits_root), "train.epochs=3"]
+    env = {"ACCELERATE_USE_CPU": "1", "PIPELINE_KILL_AT_STEP": "5", "PIPELINE_KILL_RANK": "1"}
+    ended = run_watched(cmd, tmp_path, env=env, message="lost contact")
+    report = f"exit {ended.code}\n{ended.stderr[-3000:]}"
+    assert ended.code == 137 and ended.seconds <= 60, report
+    assert ended.left == [] and len(ended.pids) >= 10, (ended.pids, ended.left, report)
+    errors = [line for line in ended.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0: lost contact with another of the 2 ranks"), report
+    assert "launch: rank 1 was killed by SIGKILL; the job ends with exit code 137" in ended.stderr, report
+    assert "Traceback" not in ended.stderr, report
+
+
+@pytest.mark.distributed
+def test_a_rank_that_never_joins_is_an_error_line_within_the_init_timeout(tmp_path: Path) -> None:
+    """A process group that cannot form (here: rank 1 of 2 never starts) ends with one line and exit 76 after
+    dist.init_timeout_s, instead of torch's silent 30-minute wait."""
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "pipeline", "train", *TINY, f"run.output_dir={tmp_path}", "dist.init_timeout_s=3"]
+    started = time.monotonic()
+    ended = run_watched(cmd, tmp_path, env=env, message="error:", timeout_s=120)
+    assert ended.code == 76, ended.stderr
+    assert time.monotonic() - started < 60
+    assert ended.stderr.strip().splitlines()[-1].startswith(
+        "error: rank 0: the 2 ranks did not all join the process group at 127.0.0.1:"), ended.stderr
+    assert ended.left == []
