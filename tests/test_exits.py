@@ -9,6 +9,7 @@ gone shortly after the command exits.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,7 +161,8 @@ def _check(case: Case, ended: Ended, workers: int, within_s: float, ranks: int =
     assert len(ended.pids) >= (ranks - (ranks == 1)) + ranks * (4 if workers else 0), (ended.pids, report)
     assert ended.left == [], f"processes left: {ended.left}\n{report}"
     assert "KeyboardInterrupt" not in ended.stderr, report
-    lines = [line for line in (ended.stdout + ended.stderr).splitlines() if line.startswith(case.line)]
+    lines = [line for line in (ended.stdout + ended.stderr).splitlines()
+             if re.sub(r"^\[rank\d+\]: ", "", line).startswith(case.line)]  # 2 ranks: torchrun's prefix
     assert lines, report
 
 

@@ -92,11 +92,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         launch_command(args)
     except ChildFailedError as error:
+        _ignore_forwarded()
         line = describe(error.failures)
         if line:
             print(line, file=sys.stderr, flush=True)
         return exit_code_of(error.failures)
+    _ignore_forwarded()
     return 0
+
+
+def _ignore_forwarded() -> None:
+    """The ranks have ended and the exit code is decided: a signal repeated now (a second Ctrl-C, SIGTERM) must
+    not change it, and Python's teardown would put back the default handlers, which kill (130, 143)."""
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
