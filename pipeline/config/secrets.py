@@ -96,7 +96,8 @@ def mask_value(text: str) -> str:
     known = _spaced_password(text)
     if known:
         _known_urls.add(known)
-    return mask_text(WHOLE_URL_PASSWORD.sub(lambda m: m["head"] + MASK, text, count=1))
+    match = WHOLE_URL_PASSWORD.match(text)
+    return mask_text(match["head"] + MASK + text[match.end():] if match else text)
 
 
 def mask_url(url: str) -> str:
