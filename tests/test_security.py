@@ -246,3 +246,26 @@ def test_password_free_text_and_configs_are_left_as_they_are(parts: dict, with_u
         assert mask_text(text) == text
         assert mask_value(url) == url and mask_value(f"data.root={url}") == f"data.root={url}"
         assert mask({"a": url, "b": [url], "c": f"note: {text}"}) == {"a": url, "b": [url], "c": f"note: {text}"}
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["raw", "percent-encoded"])
+def test_url_password_with_any_character_never_reaches_the_run_folder(tmp_path: Path, digits_root: Path,
+                                                                       encoded: bool) -> None:
+    """A W&B URL whose password holds / # ? @ % and a space, given on the command line (stored verbatim in the
+    config): after a whole offline run with a report, no file under the run folder (config.yaml, metrics.jsonl,
+    report.html, W&B's debug logs and binary .wandb file) and neither stdout nor stderr holds it, raw or encoded."""
+    password = "Pw/x#y?z@w%2Fq s"
+    in_url = quote(password, safe="") if encoded else password
+    url = f"https://wandbuser:{in_url}@wandb.example.com:8443/base?region=eu"
+    result = run_cli(["train", "configs/default.yaml", f"data.root={digits_root}", f"run.output_dir={tmp_path}",
+                      "run.name=s", *TINY, "train.epochs=1", "data.num_workers=0", "logging.wandb_mode=offline",
+                      f"logging.wandb_base_url={url}", "report.enabled=true"], timeout=300)
+    run = tmp_path / "s"
+    wandb_files = [p.name for p in (run / "wandb").rglob("*") if p.is_file()]
+    assert "debug.log" in wandb_files and any(n.endswith(".wandb") for n in wandb_files), wandb_files
+    assert "https://wandbuser:***@wandb.example.com:8443/base?region=eu" in (run / "config.yaml").read_text()
+    # the .wandb file holds the masked config (the run's W&B config is masked, not dropped)
+    assert b"wandbuser:***@" in next((run / "wandb").rglob("*.wandb")).read_bytes()
+    forms = [password, quote(password, safe=""), quote(quote(password, safe=""), safe="")]
+    assert _grep_tree(run, forms) == []
+    assert not [f for f in forms if f in result.stdout or f in result.stderr]
