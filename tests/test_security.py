@@ -264,8 +264,10 @@ def test_url_password_with_any_character_never_reaches_the_run_folder(tmp_path: 
     wandb_files = [p.name for p in (run / "wandb").rglob("*") if p.is_file()]
     assert "debug.log" in wandb_files and any(n.endswith(".wandb") for n in wandb_files), wandb_files
     assert "https://wandbuser:***@wandb.example.com:8443/base?region=eu" in (run / "config.yaml").read_text()
-    # the .wandb file holds the masked config (the run's W&B config is masked, not dropped)
-    assert b"wandbuser:***@" in next((run / "wandb").rglob("*.wandb")).read_bytes()
+    # the .wandb file holds the masked config and the masked command line W&B records (masked, not dropped)
+    records = next((run / "wandb").rglob("*.wandb")).read_bytes()
+    assert records.count(b"https://wandbuser:***@wandb.example.com:8443/base?region=eu") >= 2
+    assert b"logging.wandb_base_url=https://wandbuser:***@wandb.example.com" in records
     forms = [password, quote(password, safe=""), quote(quote(password, safe=""), safe="")]
     assert _grep_tree(run, forms) == []
     assert not [f for f in forms if f in result.stdout or f in result.stderr]
