@@ -71,7 +71,7 @@ def _env_secrets(environ: dict[str, str] | None = None) -> list[str]:
 
 
 _known_urls: set[tuple[str, str]] = set()
-"""(URL head, password) of passwords with whitespace seen by `mask`: free text cannot delimit them alone."""
+"""(URL head, password) of passwords with whitespace seen by `mask_value`: free text cannot delimit them."""
 
 
 def _spaced_password(text: str) -> tuple[str, str] | None:
