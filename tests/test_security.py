@@ -8,16 +8,21 @@ import json
 import os
 import pickle
 import socket
+import sys
 from pathlib import Path
+from unittest import mock
+from urllib.parse import quote
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from pipeline.checkpointing import Checkpointer
 from pipeline.checkpointing.safe_load import load_tensors
 from pipeline.config import load_config, to_yaml
-from pipeline.config.secrets import mask, mask_text, mask_url
+from pipeline.config.secrets import MASK, is_secret_name, mask, mask_text, mask_url, mask_value
 from pipeline.distributed import Dist
 from tests.conftest import ROOT, TINY, run_cli
 
@@ -152,3 +157,117 @@ def test_secrets_never_reach_the_run_folder_or_the_console(tmp_path: Path, digit
     secrets = [api_key, password, db_password]
     assert _grep_tree(run, secrets) == []
     assert not [s for s in secrets if s in result.stdout or s in result.stderr]
+
+
+# ---- URL passwords with any character (property-based) -------------------------------------------------
+_PLAIN = "abcxyz0123456789"
+"""Letters that cannot spell a secret key name (so text built from them has nothing else to mask)."""
+_plain = st.text(_PLAIN, min_size=1, max_size=8)
+_passwords = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=24)
+"""Any printable ASCII: / # ? @ % : = quotes and spaces included."""
+
+
+@st.composite
+def _url_parts(draw: st.DrawFn) -> dict[str, str]:
+    """The pieces of a URL around its userinfo: http, https, s3 or postgresql, with or without port, path, query."""
+    host = draw(_plain) + draw(st.sampled_from(["", ".com", ".example.org"]))
+    port = draw(st.sampled_from(["", ":443", ":5432", ":8080"]))
+    path = "".join("/" + segment for segment in draw(st.lists(st.text(_PLAIN + "%-._", max_size=6), max_size=3)))
+    query = draw(st.sampled_from(["", "?x=1", "?a=b&c=d0", "#frag"]))
+    return {"scheme": draw(st.sampled_from(["http", "https", "s3", "postgresql"])), "user": draw(_plain),
+            "rest": host + port + path + query}
+
+
+def _url(parts: dict[str, str], password: str | None) -> str:
+    userinfo = parts["user"] + ("" if password is None else ":" + password) + "@"
+    return f"{parts['scheme']}://{userinfo}{parts['rest']}"
+
+
+@st.composite
+def _words(draw: st.DrawFn) -> str:
+    """Password-free free text: plain words, e-mail addresses, metrics and URLs without a password."""
+    piece = st.one_of(_plain, st.builds("{}@{}.com".format, _plain, _plain), st.builds("loss={}".format, _plain),
+                      st.builds(_url, _url_parts(), st.none()),
+                      st.builds(lambda p: f"{p['scheme']}://{p['rest']}", _url_parts()))
+    return " ".join(draw(st.lists(piece, max_size=4)))
+
+
+def _no_env_secrets() -> mock._patch:
+    """The environment without secret-looking variables, so only the text under test decides what is masked."""
+    return mock.patch.dict(os.environ, {k: v for k, v in os.environ.items() if not is_secret_name(k)}, clear=True)
+
+
+def _assert_hidden(out: str, expected: str, password: str) -> None:
+    """`out` is the masked text expected, so neither the password nor its percent-encoded form is left in it
+    (unless the text around the URL happens to hold that string by itself)."""
+    assert out == expected
+    for form in {password, quote(password, safe="")}:
+        assert form in expected or form not in out
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=_url_parts(), password=_passwords, encoded=st.booleans(), data=st.data())
+def test_url_passwords_with_any_character_are_masked_in_free_text(parts: dict, password: str, encoded: bool,
+                                                                  data: st.DataObject) -> None:
+    """A URL inside a log line or error message: its password, raw or percent-encoded, is masked up to the URL's
+    last `@`; a raw password with a space is masked once the URL is known (here: a command-line argument)."""
+    in_url = quote(password, safe="") if encoded else password
+    before, after = data.draw(_words()), data.draw(_words())
+    text = f"{before} {_url(parts, in_url)} {after}"
+    argv = ["pipeline", f"logging.wandb_base_url={_url(parts, in_url)}"] if " " in in_url else ["pipeline"]
+    with _no_env_secrets(), mock.patch.object(sys, "argv", argv):
+        _assert_hidden(mask_text(text), f"{before} {_url(parts, MASK)} {after}", password)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=_url_parts(), password=_passwords, encoded=st.booleans())
+def test_url_passwords_with_any_character_are_masked_in_config_values(parts: dict, password: str,
+                                                                      encoded: bool) -> None:
+    """A config value or `key=URL` argument is one URL, raw spaces and all; once masked, the same URL is masked in
+    any later text too (an error message quoting it), even where a space splits its password."""
+    url, masked = _url(parts, quote(password, safe="") if encoded else password), _url(parts, MASK)
+    config = {"logging": {"wandb_base_url": url}, "data": {"urls": [url, url]}, "n": 3}
+    with _no_env_secrets(), mock.patch.object(sys, "argv", ["pipeline"]):
+        out = mask(config)
+        assert out == {"logging": {"wandb_base_url": masked}, "data": {"urls": [masked, masked]}, "n": 3}
+        _assert_hidden(mask_value(f"logging.wandb_base_url={url}"), f"logging.wandb_base_url={masked}", password)
+        _assert_hidden(mask_text(f"error: cannot reach '{url}' now"), f"error: cannot reach '{masked}' now",
+                       password)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=_url_parts(), with_user=st.booleans(), data=st.data())
+def test_password_free_text_and_configs_are_left_as_they_are(parts: dict, with_user: bool,
+                                                             data: st.DataObject) -> None:
+    """Masking changes nothing without a password: URLs with a user but no password, ports, paths, queries,
+    e-mail addresses, in free text and as config values (a value that starts with a URL is one URL)."""
+    text, url = data.draw(_words()), _url(parts, None) if with_user else f"{parts['scheme']}://{parts['rest']}"
+    with _no_env_secrets(), mock.patch.object(sys, "argv", ["pipeline"]):
+        assert mask_text(text) == text
+        assert mask_value(url) == url and mask_value(f"data.root={url}") == f"data.root={url}"
+        assert mask({"a": url, "b": [url], "c": f"note: {text}"}) == {"a": url, "b": [url], "c": f"note: {text}"}
+
+
+@pytest.mark.parametrize("encoded", [False, True], ids=["raw", "percent-encoded"])
+def test_url_password_with_any_character_never_reaches_the_run_folder(tmp_path: Path, digits_root: Path,
+                                                                       encoded: bool) -> None:
+    """A W&B URL whose password holds / # ? @ % and a space, given on the command line (stored verbatim in the
+    config): after a whole offline run with a report, no file under the run folder (config.yaml, metrics.jsonl,
+    report.html, W&B's debug logs and binary .wandb file) and neither stdout nor stderr holds it, raw or encoded."""
+    password = "Pw/x#y?z@w%2Fq s"
+    in_url = quote(password, safe="") if encoded else password
+    url = f"https://wandbuser:{in_url}@wandb.example.com:8443/base?region=eu"
+    result = run_cli(["train", "configs/default.yaml", f"data.root={digits_root}", f"run.output_dir={tmp_path}",
+                      "run.name=s", *TINY, "train.epochs=1", "data.num_workers=0", "logging.wandb_mode=offline",
+                      f"logging.wandb_base_url={url}", "report.enabled=true"], timeout=300)
+    run = tmp_path / "s"
+    wandb_files = [p.name for p in (run / "wandb").rglob("*") if p.is_file()]
+    assert "debug.log" in wandb_files and any(n.endswith(".wandb") for n in wandb_files), wandb_files
+    assert "https://wandbuser:***@wandb.example.com:8443/base?region=eu" in (run / "config.yaml").read_text()
+    # the .wandb file holds the masked config and the masked command line W&B records (masked, not dropped)
+    records = next((run / "wandb").rglob("*.wandb")).read_bytes()
+    assert records.count(b"https://wandbuser:***@wandb.example.com:8443/base?region=eu") >= 2
+    assert b"logging.wandb_base_url=https://wandbuser:***@wandb.example.com" in records
+    forms = [password, quote(password, safe=""), quote(quote(password, safe=""), safe="")]
+    assert _grep_tree(run, forms) == []
+    assert not [f for f in forms if f in result.stdout or f in result.stderr]

@@ -9,7 +9,21 @@ Three kinds are recognised:
 - the value of any environment variable whose name looks secret (`WANDB_API_KEY`, `HF_TOKEN`,
   `AWS_SECRET_ACCESS_KEY`, ...) and the password in `PIPELINE_TUNE_STORAGE`, wherever it appears.
 
-Every place that writes a config or a message outside the process goes through `mask` or
+Where a URL's password ends. A password may hold any character, percent-encoded or not; a raw `/ # ? @`
+makes the URL ambiguous, so the rule errs towards masking too much (like curl, and like urllib for `@`):
+
+- the userinfo runs from `scheme://` to the LAST `@` of the URL; the password is what follows the first `:`
+  in it (the user name before that `:` holds no raw `: / ? #`);
+- in free text (log lines, error messages) a URL ends at whitespace, so its last `@` is the last one before
+  the next whitespace or the end; a whole string that starts with a URL (a config value, a `key=URL`
+  command-line argument) is one URL, so its password may hold raw spaces too;
+- a password with a raw space is ambiguous in free text: it is masked there when its URL is known, i.e. it was
+  a config value passed to `mask`, a command-line argument of this process, or in PIPELINE_TUNE_STORAGE.
+
+So `https://u:a/b#c?d@e@host/x` masks `a/b#c?d@e`; the cost is that a URL without a password, followed in
+the same whitespace-free run by a `:` and an `@` (`http://host:80/p@q`), loses more than it needs to.
+
+Every place that writes a config or a message outside the process goes through `mask`, `mask_value` or
 `mask_text`: `to_yaml` (run folder config.yaml, tuning files, the report), the W&B config and
 command line, `Dist.print`, `warn`, metrics.jsonl strings and the CLI's error line.
 """
@@ -18,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any, Iterable
 
 MASK = "***"
@@ -26,7 +41,11 @@ SECRET_NAME = re.compile(r"passw(?:or)?d|pwd|token(?!iz)|secret|api[_-]?key|cred
 """Key or variable names whose values are secret."""
 NOT_SECRET_NAMES = frozenset({"PWD", "OLDPWD"})
 """Names that match SECRET_NAME by accident but hold nothing secret (never masked as environment values)."""
-URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)(?P<password>[^/?#\s]+)(?=@)")
+_URL_HEAD = r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#\s]*:"
+URL_PASSWORD = re.compile(rf"(?P<head>{_URL_HEAD})(?P<password>\S+)(?=@)")
+"""A URL password in free text: up to the last `@` before whitespace (greedy `\\S+` backs off to it)."""
+WHOLE_URL_PASSWORD = re.compile(rf"(?P<head>(?:[^=\s]*=)?{_URL_HEAD})(?P<password>.+)(?=@)", re.DOTALL)
+"""A URL password in a whole string that starts with the URL (or `key=`): up to its last `@`, spaces and all."""
 KEY_VALUE = re.compile(r"(?P<key>[A-Za-z0-9_.\-]*(?:" + SECRET_NAME.pattern + r")[A-Za-z0-9_.\-]*)"
                        r"(?P<sep>\s*[=:]\s*|=)(?P<value>[^\s&,;'\"}]+)", re.IGNORECASE)
 MIN_ENV_SECRET = 6
@@ -45,22 +64,54 @@ def _env_secrets(environ: dict[str, str] | None = None) -> list[str]:
     environ = os.environ if environ is None else environ
     values = {v for k, v in environ.items() if is_secret_name(k) and len(v) >= MIN_ENV_SECRET}
     for name in URL_ENV_NAMES:
-        match = URL_PASSWORD.search(environ.get(name, ""))
+        match = WHOLE_URL_PASSWORD.match(environ.get(name, ""))
         if match and len(match["password"]) >= 3:
             values.add(match["password"])
     return sorted(values, key=len, reverse=True)
 
 
+_known_urls: set[tuple[str, str]] = set()
+"""(URL head, password) of passwords with whitespace seen by `mask_value`: free text cannot delimit them."""
+
+
+def _spaced_password(text: str) -> tuple[str, str] | None:
+    """(URL head, password) of the URL that `text` starts with, if its password holds whitespace."""
+    match = WHOLE_URL_PASSWORD.match(text)
+    if not match or not re.search(r"\s", match["password"]):
+        return None
+    head = match["head"]
+    return head[head.index("://"):], match["password"]
+
+
+def _known_spaced_passwords() -> set[tuple[str, str]]:
+    """URL passwords with whitespace from configs masked so far, this process's arguments and the environment."""
+    found = {_spaced_password(arg) for arg in sys.argv[1:]}
+    found |= {_spaced_password(os.environ.get(name, "")) for name in URL_ENV_NAMES}
+    return (found - {None}) | _known_urls
+
+
+def mask_value(text: str) -> str:
+    """`text` masked as one value (a config value, a command-line argument): if it starts with a URL (or
+    `key=URL`), everything up to that URL's last `@` after `user:` is its password, spaces included."""
+    known = _spaced_password(text)
+    if known:
+        _known_urls.add(known)
+    match = WHOLE_URL_PASSWORD.match(text)
+    return mask_text(match["head"] + MASK + text[match.end():] if match else text)
+
+
 def mask_url(url: str) -> str:
-    """`url` with its password replaced by ***."""
-    return URL_PASSWORD.sub(lambda m: m["head"] + MASK, url)
+    """`url` (a whole URL) with its password replaced by ***."""
+    return mask_value(url)
 
 
 def mask_text(text: str, extra_secrets: Iterable[str] = ()) -> str:
     """`text` with URL passwords, secret `key=value` values and secret environment values masked."""
     if not text:
         return text
-    text = mask_url(text)
+    for head, password in _known_spaced_passwords():
+        text = text.replace(f"{head}{password}@", f"{head}{MASK}@")
+    text = URL_PASSWORD.sub(lambda m: m["head"] + MASK, text)
     text = KEY_VALUE.sub(lambda m: m["key"] + m["sep"] + (m["value"] if m["value"] == MASK else MASK), text)
     for secret in [*_env_secrets(), *extra_secrets]:
         if secret and secret in text:
@@ -78,5 +129,5 @@ def mask(value: Any, key: str = "") -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(mask(v) for v in value)
     if isinstance(value, str):
-        return mask_text(value)
+        return mask_value(value)
     return value

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 from urllib.parse import urlsplit
 
-from pipeline.config.secrets import mask, mask_text, mask_url
+from pipeline.config.secrets import mask, mask_url, mask_value
 from pipeline.tracking.console import warn
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -81,7 +81,7 @@ def _never_raises(method: Callable) -> Callable:
 def _masked_argv() -> Iterator[None]:
     """W&B records sys.argv in the run's metadata: hand it a copy with secrets masked."""
     original = sys.argv
-    sys.argv = [mask_text(arg) for arg in original]
+    sys.argv = [mask_value(arg) for arg in original]
     try:
         yield
     finally:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from pipeline.config.secrets import mask
 from pipeline.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -253,5 +254,5 @@ class NonFiniteGuard(Callback):
                 "ranks": ranks,
                 "last_good_checkpoint": str(trainer.checkpointer.latest() or ""),
             }
-            path.write_text(json.dumps(record, indent=2) + "\n")
+            path.write_text(json.dumps(mask(record), indent=2) + "\n")  # shard URLs, errors
         return path

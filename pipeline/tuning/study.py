@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.config import Config, to_yaml
+from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
 from pipeline.training.run import train
 from pipeline.tuning.config import TuneConfig, load_tune_config
@@ -250,6 +251,6 @@ def _save_settings(tune: TuneConfig, base: Config) -> None:
 
     settings = OmegaConf.to_container(OmegaConf.structured(tune))
     settings["storage"] = mask_url(tune.storage_url())
-    (tune.study_dir / "tune.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"tune": settings})))
+    (tune.study_dir / "tune.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"tune": mask(settings)})))
     (tune.study_dir / "base_config.yaml").write_text(to_yaml(base))
 
