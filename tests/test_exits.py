@@ -164,6 +164,8 @@ def _check(case: Case, ended: Ended, workers: int, within_s: float, ranks: int =
     lines = [line for line in (ended.stdout + ended.stderr).splitlines()
              if re.sub(r"^\[rank\d+\]: ", "", line).startswith(case.line)]  # 2 ranks: torchrun's prefix
     assert lines, report
+    print(f"\nexit-table | {case.code} | {ranks} rank(s) | {workers} workers | {ended.seconds:.1f} s | "
+          f"{len(ended.pids)} processes, {len(ended.left)} left | {lines[-1][:90]}")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
