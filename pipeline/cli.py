@@ -117,7 +117,13 @@ def _data_shards(args: argparse.Namespace) -> int:
 
     fractions = [float(x) for x in args.split.split(",")]
     manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,
-                            max_bytes=int(args.max_bytes), seed=args.seed, skip_bad=args.skip_bad)
+                            max_bytes=int(args.max_bytes), seed=args.seed, skip_bad=args.skip_bad,
+                            dedupe=args.dedupe, val_fraction=args.val_fraction)
+    if manifest.split_source == "folders":
+        kept = ", ".join(f"{split} <- {folder}/" for split, folder in manifest.split_folders.items())
+        carved = "".join(f"; {split} carved from train ({share:.0%}, stratified)"
+                         for split, share in manifest.carved_from_train.items())
+        print(f"kept the source's split folders: {kept}{carved}")
     for name, info in manifest.splits.items():
         print(f"{name:5s}: {info.num_samples:7d} samples in {len(info.shards)} shard(s)")
     for line in manifest.skipped_sources:
@@ -199,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     shards.add_argument("--skip-bad", action="store_true",
                         help="leave out images that cannot be decoded (listed) instead of refusing to write")
+    shards.add_argument("--dedupe", action="store_true",
+                        help="CSV source: keep one row of a path listed more than once with one label (warned)")
+    shards.add_argument("--val-fraction", type=float, default=None,
+                        help="with split folders but no val/: share of train carved into val (default: --split's)")
     shards.set_defaults(func=_data_shards)
     verify = data.add_parser("verify", help="check shards against manifest.json (sha256, counts) and decode "
                              "every sample; exit 1 if anything is wrong")

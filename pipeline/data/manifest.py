@@ -48,6 +48,15 @@ class Manifest:
     by the transforms like any other, and counted as converted. None: sizes vary (or unknown)."""
     skipped_sources: list[str] = field(default_factory=list)
     """Source images the writer could not decode and left out (`--skip-bad`): 'path: reason'."""
+    split_source: str = "stratified"
+    """'folders': the source's own split folders were kept (see split_folders); 'stratified': one seeded
+    stratified split of all images by split_fractions."""
+    split_folders: dict[str, str] = field(default_factory=dict)
+    """split -> the source folder it was read from (split_source 'folders')."""
+    carved_from_train: dict[str, float] = field(default_factory=dict)
+    """Splits with no folder, carved from the train folder (stratified, seeded): split -> share of train."""
+    duplicate_sources: list[dict] = field(default_factory=list)
+    """Groups of byte-identical source files under different paths: {sha256, files: [{path, class, split}]}."""
 
     @property
     def num_classes(self) -> int:
@@ -76,7 +85,11 @@ class Manifest:
             return cls(classes=list(data["classes"]), splits=splits, source=data.get("source", ""),
                        seed=data.get("seed", 0), split_fractions=data.get("split_fractions", []),
                        version=data.get("version", 1), image_mode=data.get("image_mode", ""),
-                       image_size=data.get("image_size"), skipped_sources=data.get("skipped_sources", []))
+                       image_size=data.get("image_size"), skipped_sources=data.get("skipped_sources", []),
+                       split_source=data.get("split_source", "stratified"),
+                       split_folders=data.get("split_folders", {}),
+                       carved_from_train=data.get("carved_from_train", {}),
+                       duplicate_sources=data.get("duplicate_sources", []))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"'{path}' is not a valid manifest ({type(exc).__name__}: {exc})") from None
 

@@ -1,14 +1,16 @@
 """Turn an ImageFolder (or a CSV of path,label) into WebDataset tar shards plus manifest.json.
 
-Samples are split train/val/test with scikit-learn's stratified split (seeded), shuffled within
-each split, and written as `<split>-NNNNNN.tar` with keys `<index>.<ext>` (original image bytes,
-never re-encoded) and `<index>.cls` (the class index).
+Samples are split train/val/test by the source's own split folders when it has them (train/, val/,
+test/ and their aliases), else with scikit-learn's stratified split (seeded); shuffled within each
+split, and written as `<split>-NNNNNN.tar` with keys `<index>.<ext>` (original image bytes, never
+re-encoded) and `<index>.cls` (the class index).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,46 +19,11 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, SplitInfo
+from pipeline.data.sources import IMAGE_EXTENSIONS, SourceImage, Sources, scan_source
 from pipeline.tracking.console import progress_bar, warn
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    path: Path
-    label: int
-
-
-def scan_imagefolder(root: Path) -> tuple[list[SourceImage], list[str]]:
-    """Class folders sorted by name, as torchvision's ImageFolder orders them."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"'{root}' has no class sub-folders; expected ROOT/<class>/<image> files")
-    images = [
-        SourceImage(path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    ]
-    return images, classes
-
-
-def scan_csv(csv_path: Path) -> tuple[list[SourceImage], list[str]]:
-    """Rows of `path,label` (header optional; relative paths are relative to the CSV's folder)."""
-    rows = [row for row in csv.reader(csv_path.read_text().splitlines()) if row]
-    if rows and rows[0][:2] == ["path", "label"]:
-        rows = rows[1:]
-    bad = [i for i, row in enumerate(rows, 1) if len(row) < 2 or not row[1].strip()]
-    if bad:
-        raise ValueError(f"'{csv_path}' row(s) {bad[:5]} are not 'path,label'")
-    classes = sorted({row[1].strip() for row in rows})
-    index = {name: i for i, name in enumerate(classes)}
-    images = []
-    for row in rows:
-        path = Path(row[0].strip())
-        images.append(SourceImage(path if path.is_absolute() else csv_path.parent / path, index[row[1].strip()]))
-    return images, classes
+SOURCES_NAME = "sources.csv"
+"""Written beside manifest.json: split, shard, key, class and source path of every sample (provenance)."""
 
 
 @dataclass(frozen=True)
@@ -66,20 +33,27 @@ class ImageCheck:
     mode: str = ""
     size: tuple[int, int] = (0, 0)
     error: str = ""
+    sha256: str = ""
+    """Of the file's bytes (empty if it cannot be read): byte-identical sources are reported."""
 
 
 def check_image(path: Path) -> ImageCheck:
-    """Decode the whole image (PIL `load`), as the loader will; never raises."""
+    """Decode the whole image (PIL `load`), as the loader will, and hash its bytes; never raises."""
+    import io
+
     from PIL import Image
 
     from pipeline.data.faults import short_error
 
+    digest = ""
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return ImageCheck(image.mode, image.size)
+            return ImageCheck(image.mode, image.size, sha256=digest)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files; all mean "unreadable"
-        return ImageCheck(error=short_error(exc, limit=100))
+        return ImageCheck(error=short_error(exc, limit=100), sha256=digest)
 
 
 def check_images(images: Sequence[SourceImage], show_progress: bool) -> list[ImageCheck]:
@@ -130,6 +104,78 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
     return [train_idx, val_idx, test_idx]
 
 
+def _carve_fractions(sources: Sources, fractions: Sequence[float], val_fraction: float | None) -> dict[str, float]:
+    """Shares of the train folder that become val / test, for the splits a source has no folder for."""
+    has = sources.split_folders
+    if val_fraction is not None and "val" in has:
+        raise ValueError(f"--val-fraction carves val from train, but the source has a val folder ({has['val']}/); "
+                         "leave it out")
+    carve = {"val": fractions[1] if val_fraction is None else val_fraction, "test": fractions[2]}
+    carve = {split: share for split, share in carve.items() if split not in has and share > 0}
+    if not 0 <= sum(carve.values()) < 1:
+        raise ValueError(f"val/test shares {carve} carved from {has['train']}/ must be at least 0 and sum below 1")
+    return carve
+
+
+def assign_splits(sources: Sources, fractions: Sequence[float], seed: int,
+                  val_fraction: float | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Indices of train/val/test (each shuffled) and the shares carved from the train folder.
+
+    Without split folders: a stratified split of all images by `fractions`. With them: each folder's
+    images stay in its split, and a split with no folder is carved from train, stratified and seeded
+    (val by `val_fraction`, else `fractions[1]`; test by `fractions[2]`), as a share of train.
+    Every image lands in exactly one split (asserted).
+    """
+    labels = np.asarray([im.label for im in sources.images])
+    if not sources.split_folders:
+        parts = stratified_split(labels, fractions, seed)
+        carve: dict[str, float] = {}
+    else:
+        rng = np.random.default_rng(seed)
+        by_split = {split: rng.permutation([i for i, im in enumerate(sources.images) if im.split == split])
+                    .astype(np.int64) for split in SPLITS}
+        carve = _carve_fractions(sources, fractions, val_fraction)
+        if carve:
+            train = by_split["train"]
+            shares = (1 - sum(carve.values()), carve.get("val", 0.0), carve.get("test", 0.0))
+            for split, part in zip(SPLITS, stratified_split(labels[train], shares, seed)):
+                if split == "train" or split in carve:
+                    by_split[split] = train[part]
+        parts = [by_split[split] for split in SPLITS]
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels))), "splits must partition the images"
+    return parts, carve
+
+
+def duplicate_groups(images: Sequence[SourceImage], checks: Sequence[ImageCheck], classes: Sequence[str],
+                     split_of: dict[int, str]) -> list[dict]:
+    """Groups of byte-identical source files under different paths: sha256 and each file's path, class, split."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, check in enumerate(checks):
+        by_hash[check.sha256].append(i)
+    return [{"sha256": digest, "files": [{"path": str(images[i].path), "class": classes[images[i].label],
+                                          "split": split_of[i]} for i in group]}
+            for digest, group in by_hash.items() if len(group) > 1]
+
+
+def duplicate_message(group: dict) -> str:
+    """One line for one group of byte-identical files, saying when they cross classes or splits."""
+    files = group["files"]
+    crosses = [what for what, key in (("classes", "class"), ("splits", "split")) if len({f[key] for f in files}) > 1]
+    across = f" across {' and '.join(crosses)}" if crosses else ""
+    shown = ", ".join(f"{f['path']} ({f['class']}, {f['split']})" for f in files[:3])
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return f"{len(files)} byte-identical source files{across} (sha256 {group['sha256'][:12]}): {shown}{more}"
+
+
+def warn_duplicates(groups: list[dict], shown: int = 5) -> None:
+    """A warning line per group of byte-identical files (the first few), then how many more there are."""
+    for group in groups[:shown]:
+        warn(duplicate_message(group))
+    if len(groups) > shown:
+        warn(f"and {len(groups) - shown} more group(s) of byte-identical source files; all are in "
+             "manifest.json's duplicate_sources")
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -170,23 +216,10 @@ class _RollingTarWriter:
             info.num_bytes, info.sha256 = path.stat().st_size, _sha256(path)
 
 
-def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                 max_samples: int = 1000, max_bytes: int = 1 << 30, seed: int = 0,
-                 show_progress: bool = True, skip_bad: bool = False) -> Manifest:
-    """Write train/val/test shards of the ImageFolder or CSV at `src` into `out_dir`.
-
-    Every image is decoded first. Unreadable ones stop the writer before anything is written (a
-    ValueError naming them), or with `skip_bad` are left out, listed in `manifest.skipped_sources`
-    and warned about.
-    """
-    src, out = Path(src), Path(out_dir)
-    if not src.exists():
-        raise FileNotFoundError(f"source '{src}' does not exist; give an ImageFolder root or a CSV of path,label")
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions {list(fractions)} must be three non-negative numbers summing to 1")
-    if max_samples < 1 or max_bytes < 1:
-        raise ValueError("max samples and max bytes per shard must be positive")
-    images, classes = scan_csv(src) if src.is_file() else scan_imagefolder(src)
+def _check_sources(src: Path, sources: Sources, skip_bad: bool,
+                   show_progress: bool) -> tuple[Sources, list[ImageCheck], list[str]]:
+    """Decode and hash every image: the readable sources, their checks, and 'path: reason' of those skipped."""
+    images = sources.images
     if len(images) == 0:
         raise ValueError(f"no images found in '{src}' (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     missing = [str(im.path) for im in images if not im.path.is_file()]
@@ -202,29 +235,80 @@ def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[fl
         images, checks = [images[i] for i in good], [checks[i] for i in good]
         if not images:
             raise ValueError(f"no image in '{src}' can be decoded")
+    kept = Sources(images, sources.classes, sources.split_folders, sources.notes)
+    return kept, checks, [f"{im.path}: {check.error}" for im, check in bad]
+
+
+def _write_split(out: Path, split: str, indices: np.ndarray, sources: Sources, limits: tuple[int, int],
+                 rows: list[list[str]], advance) -> SplitInfo:
+    """Write one split's shards in `indices` order; append each sample's provenance row to `rows`."""
+    writer = _RollingTarWriter(out, split, *limits)
+    counts = {name: 0 for name in sources.classes}
+    for position, index in enumerate(indices):
+        image = sources.images[int(index)]
+        ext = image.path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        key = f"{position:08d}"
+        writer.write({"__key__": key, ext: image.path.read_bytes(), "cls": str(image.label).encode()})
+        counts[sources.classes[image.label]] += 1
+        rows.append([split, writer.shards[-1].name, key, sources.classes[image.label], str(image.path)])
+        advance()
+    writer.close()
+    return SplitInfo(num_samples=len(indices), class_counts=counts, shards=writer.shards)
+
+
+def _write_sources_csv(out: Path, rows: list[list[str]]) -> None:
+    with open(out / SOURCES_NAME, "w", newline="") as handle:
+        table = csv.writer(handle)
+        table.writerow(["split", "shard", "key", "class", "path"])
+        table.writerows(rows)
+
+
+def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[float] = (0.7, 0.15, 0.15),
+                 max_samples: int = 1000, max_bytes: int = 1 << 30, seed: int = 0,
+                 show_progress: bool = True, skip_bad: bool = False, dedupe: bool = False,
+                 val_fraction: float | None = None) -> Manifest:
+    """Write train/val/test shards of the ImageFolder or CSV at `src` into `out_dir`.
+
+    Split folders in `src` are kept (see `assign_splits`); otherwise the split is stratified by
+    `fractions`. Every image is decoded first. Unreadable ones stop the writer before anything is
+    written (a ValueError naming them), or with `skip_bad` are left out, listed in
+    `manifest.skipped_sources` and warned about. A CSV's repeated rows are refused unless `dedupe`.
+    Byte-identical files under different paths are warned about and listed in
+    `manifest.duplicate_sources`. `sources.csv` records where each sample came from.
+    """
+    src, out = Path(src), Path(out_dir)
+    if not src.exists():
+        raise FileNotFoundError(f"source '{src}' does not exist; give an ImageFolder root or a CSV of path,label")
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions {list(fractions)} must be three non-negative numbers summing to 1")
+    if max_samples < 1 or max_bytes < 1:
+        raise ValueError("max samples and max bytes per shard must be positive")
+    sources = scan_source(src, dedupe)
+    for note in sources.notes:
+        warn(note)
+    sources, checks, skipped = _check_sources(src, sources, skip_bad, show_progress)
+    split_indices, carved = assign_splits(sources, fractions, seed, val_fraction)
+    split_of = {int(i): split for split, indices in zip(SPLITS, split_indices) for i in indices}
+    duplicates = duplicate_groups(sources.images, checks, sources.classes, split_of)
+    warn_duplicates(duplicates)
+    out.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, SplitInfo] = {}
+    rows: list[list[str]] = []
+    with progress_bar(enabled=show_progress) as progress:
+        task = progress.add_task("writing shards", total=len(sources.images))
+        for split, indices in zip(SPLITS, split_indices):
+            splits[split] = _write_split(out, split, indices, sources, (max_samples, max_bytes), rows,
+                                         lambda: progress.advance(task))
+    _write_sources_csv(out, rows)
     image_mode = _most_common([c.mode for c in checks])[0]
     size, same_size = _most_common([c.size for c in checks])
-    out.mkdir(parents=True, exist_ok=True)
-    labels = [im.label for im in images]
-    split_indices = stratified_split(labels, fractions, seed)
-    splits: dict[str, SplitInfo] = {}
-    with progress_bar(enabled=show_progress) as progress:
-        task = progress.add_task("writing shards", total=len(images))
-        for split, indices in zip(SPLITS, split_indices):
-            writer = _RollingTarWriter(out, split, max_samples, max_bytes)
-            counts = {name: 0 for name in classes}
-            for position, index in enumerate(indices):
-                image = images[int(index)]
-                ext = image.path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-                writer.write({"__key__": f"{position:08d}", ext: image.path.read_bytes(),
-                              "cls": str(image.label).encode()})
-                counts[classes[image.label]] += 1
-                progress.advance(task)
-            writer.close()
-            splits[split] = SplitInfo(num_samples=len(indices), class_counts=counts, shards=writer.shards)
-    manifest = Manifest(classes=classes, splits=splits, source=str(src), seed=seed, split_fractions=list(fractions),
+    total = len(sources.images)
+    shares = [round(len(i) / total, 6) for i in split_indices] if sources.split_folders else list(fractions)
+    manifest = Manifest(classes=sources.classes, splits=splits, source=str(src), seed=seed, split_fractions=shares,
                         image_mode=image_mode, image_size=list(size) if same_size == len(checks) else None,
-                        skipped_sources=[f"{im.path}: {check.error}" for im, check in bad])
+                        skipped_sources=skipped, split_source="folders" if sources.split_folders else "stratified",
+                        split_folders=dict(sources.split_folders), carved_from_train=carved,
+                        duplicate_sources=duplicates)
     manifest.write(out)
     return manifest
 

@@ -1,0 +1,183 @@
+"""Find the source images of `pipeline data shards`: an ImageFolder (flat, or with split folders) or a CSV.
+
+A flat ImageFolder is `ROOT/<class>/<image>`; one with split folders is `ROOT/<split>/<class>/<image>`
+(`train`/`training`, `val`/`valid`/`validation`, `test`/`testing`), and the writer keeps that split.
+Anything that would silently give wrong labels is refused with one line: a class folder holding
+sub-folders of images (their labels would be flattened into the parent's), split folders with
+different class sets, a CSV listing one path twice (with `dedupe`, same-label repeats are dropped
+instead; two labels for one path are always refused).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+"""Folder name -> the split it holds (names compared in lower case)."""
+SHOWN = 3
+"""Items a one-line message names before 'and N more'."""
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One source file, its class index and, when the source has split folders, the split it belongs to."""
+
+    path: Path
+    label: int
+    split: str = ""
+
+
+@dataclass
+class Sources:
+    """What a source holds: images (unique paths), class names, and the split folders it had (split -> name)."""
+
+    images: list[SourceImage]
+    classes: list[str]
+    split_folders: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """Warnings for the user (e.g. rows dropped by `dedupe`)."""
+
+
+def _listing(items: list[str], shown: int = SHOWN) -> str:
+    """'a, b, c and 4 more': the first few of a list for a one-line message."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _class_images(class_dir: Path) -> list[Path]:
+    """The images directly in a class folder; refuses one whose sub-folders hold images (labels would be lost)."""
+    nested = sorted({p.parent.relative_to(class_dir).parts[0] for p in class_dir.rglob("*/*") if _is_image(p)})
+    if nested:
+        hint = ("; split folders go on top: ROOT/<split>/<class>/<image>" if any(n.lower() in SPLIT_FOLDERS
+                                                                                  for n in nested) else "")
+        raise ValueError(f"class folder '{class_dir}' has sub-folders with images ({_listing(nested)}); expected "
+                         f"ROOT/<class>/<image> with no deeper folders, so that no label is flattened into "
+                         f"'{class_dir.name}'{hint}")
+    return sorted(p for p in class_dir.iterdir() if _is_image(p))
+
+
+def _scan_classes(root: Path) -> tuple[list[str], list[list[Path]]]:
+    """Class names (sorted, as torchvision's ImageFolder orders them) and each class's images."""
+    class_dirs = _subfolders(root)
+    if not class_dirs:
+        raise ValueError(f"'{root}' has no class sub-folders; expected ROOT/<class>/<image> files")
+    return [d.name for d in class_dirs], [_class_images(d) for d in class_dirs]
+
+
+def _split_folder_names(root: Path) -> dict[str, str]:
+    """split -> folder name when ROOT's sub-folders are split folders; {} for a flat ImageFolder."""
+    folders = [p.name for p in _subfolders(root)]
+    splits = [name for name in folders if name.lower() in SPLIT_FOLDERS]
+    if not splits:
+        return {}
+    others = [name for name in folders if name.lower() not in SPLIT_FOLDERS]
+    if others:
+        raise ValueError(f"'{root}' mixes split folders ({_listing(splits)}) with other folders "
+                         f"({_listing(others)}); expected either ROOT/<class>/<image> or ROOT/<split>/<class>/<image> "
+                         f"with splits {', '.join(SPLIT_FOLDERS)}")
+    by_split: dict[str, list[str]] = defaultdict(list)
+    for name in splits:
+        by_split[SPLIT_FOLDERS[name.lower()]].append(name)
+    twice = {split: names for split, names in by_split.items() if len(names) > 1}
+    if twice:
+        split, names = next(iter(twice.items()))
+        raise ValueError(f"'{root}' has {len(names)} folders for the {split} split ({', '.join(names)}); keep one")
+    if "train" not in by_split:
+        raise ValueError(f"'{root}' has split folders ({', '.join(splits)}) but no train/ (or training/)")
+    return {split: names[0] for split, names in sorted(by_split.items(), key=lambda kv: ("train", "val", "test")
+                                                       .index(kv[0]))}
+
+
+def scan_imagefolder(root: Path) -> Sources:
+    """A flat ImageFolder, or one with split folders (each with the same class folders)."""
+    split_folders = _split_folder_names(root)
+    if not split_folders:
+        classes, per_class = _scan_classes(root)
+        images = [SourceImage(path, label) for label, paths in enumerate(per_class) for path in paths]
+        return Sources(images, classes)
+    scanned = {split: _scan_classes(root / name) for split, name in split_folders.items()}
+    train_classes = scanned["train"][0]
+    for split, (classes, _) in scanned.items():
+        if classes != train_classes:
+            only_here = sorted(set(classes) - set(train_classes))
+            missing = sorted(set(train_classes) - set(classes))
+            detail = "; ".join(part for part in (
+                f"only in {split_folders[split]}/: {_listing(only_here)}" if only_here else "",
+                f"missing from {split_folders[split]}/: {_listing(missing)}" if missing else "") if part)
+            raise ValueError(f"split folders of '{root}' have different classes ({detail}); every split folder "
+                             f"needs the same class folders as {split_folders['train']}/")
+    images = [SourceImage(path, label, split) for split, (_, per_class) in scanned.items()
+              for label, paths in enumerate(per_class) for path in paths]
+    return Sources(images, train_classes, split_folders)
+
+
+def _csv_rows(csv_path: Path) -> list[tuple[int, Path, str]]:
+    """(row number, absolute normalised path, label) of every `path,label` row (header optional)."""
+    rows = list(enumerate(csv.reader(csv_path.read_text().splitlines()), 1))
+    rows = [(number, row) for number, row in rows if row]
+    if rows and rows[0][1][:2] == ["path", "label"]:
+        rows = rows[1:]
+    bad = [number for number, row in rows if len(row) < 2 or not row[1].strip()]
+    if bad:
+        raise ValueError(f"'{csv_path}' row(s) {bad[:5]} are not 'path,label'")
+    parsed = []
+    for number, row in rows:
+        path = Path(row[0].strip())
+        path = Path(os.path.normpath(path if path.is_absolute() else csv_path.parent.absolute() / path))
+        parsed.append((number, path, row[1].strip()))
+    return parsed
+
+
+def _repeated_paths(csv_path: Path, rows: list[tuple[int, Path, str]], dedupe: bool) -> tuple[list[int], str]:
+    """Row numbers to drop (repeats of a path with its same label) and a note, or a ValueError naming them."""
+    by_path: dict[Path, list[tuple[int, str]]] = defaultdict(list)
+    for number, path, label in rows:
+        by_path[path].append((number, label))
+    repeated = {path: entries for path, entries in by_path.items() if len(entries) > 1}
+    conflicting = {path: entries for path, entries in repeated.items() if len({lab for _, lab in entries}) > 1}
+    if conflicting:
+        shown = [f"{path} ({', '.join(sorted({lab for _, lab in e}))})" for path, e in conflicting.items()]
+        raise ValueError(f"'{csv_path}' gives {len(conflicting)} path(s) two or more labels: {_listing(shown)}; "
+                         "give each image one label")
+    if not repeated:
+        return [], ""
+    shown = [f"{path} (rows {', '.join(str(n) for n, _ in e)})" for path, e in repeated.items()]
+    listing = f"'{csv_path}' lists {len(repeated)} path(s) more than once: {_listing(shown)}"
+    if not dedupe:
+        raise ValueError(f"{listing}; remove the repeated rows, or pass --dedupe to keep one row of each")
+    dropped = [number for entries in repeated.values() for number, _ in entries[1:]]
+    return dropped, f"{listing}; kept the first row of each, dropped {len(dropped)} row(s) (--dedupe)"
+
+
+def scan_csv(csv_path: Path, dedupe: bool = False) -> Sources:
+    """Rows of `path,label` (relative paths are relative to the CSV's folder); each path listed once."""
+    rows = _csv_rows(csv_path)
+    dropped, note = _repeated_paths(csv_path, rows, dedupe)
+    skip = set(dropped)
+    rows = [row for row in rows if row[0] not in skip]
+    classes = sorted({label for _, _, label in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    images = [SourceImage(path, index[label]) for _, path, label in rows]
+    return Sources(images, classes, notes=[note] if note else [])
+
+
+def scan_source(src: Path, dedupe: bool = False) -> Sources:
+    """The images of a CSV file or an ImageFolder root; every source path appears once."""
+    sources = scan_csv(src, dedupe) if src.is_file() else scan_imagefolder(src)
+    paths = [im.path for im in sources.images]
+    assert len(set(paths)) == len(paths), "a source path was listed twice"  # each file lands in one split only
+    return sources
