@@ -26,6 +26,7 @@ from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.nonfinite import NonFiniteGuard
 from pipeline.training.preemption import PREEMPTED_MARKER, Preempted, StopRequest, maybe_inject_fault
+from pipeline.training.run_folder import resume_folder
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import rng_state, set_rng_state
 
@@ -250,9 +251,7 @@ class Trainer:
         elif resume == "auto":
             folder = self.checkpointer.latest()
         else:
-            folder = Path(resume)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"checkpoint.resume='{resume}' is not a checkpoint folder")
+            folder = resume_folder(self.cfg, self.checkpointer.directory)  # verified, like auto: one line if not
         if folder is None:
             if self.dist.is_main:
                 self.log.reset()
