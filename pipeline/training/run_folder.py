@@ -24,6 +24,7 @@ from typing import Optional
 import yaml
 
 from pipeline.checkpointing.checkpointer import STEP_PREFIX, verify
+from pipeline.config.secrets import mask_text
 from pipeline.tracking.console import warn
 
 LOCK_NAME = ".run.lock"
@@ -232,7 +233,7 @@ def _version(package: str) -> Optional[str]:
 def run_info(world_size: int) -> dict:
     """Provenance of this start: code version, package versions, host, command line, world size."""
     commit = _git(["rev-parse", "HEAD"])
-    return {"time": _now(), "host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv,
+    return {"time": _now(), "host": socket.gethostname(), "pid": os.getpid(), "argv": [mask_text(a) for a in sys.argv],
             "world_size": world_size, "git_commit": commit,
             "git_dirty": bool(_git(["status", "--porcelain", "--untracked-files=no"])) if commit else None,
             "versions": {p: _version(p) for p in ("torch", "torchvision", "accelerate", "webdataset", "pipeline")}}
