@@ -218,3 +218,17 @@ def test_an_explicit_resume_of_a_corrupted_checkpoint_is_refused(digits_root: Pa
                                    f"100 bytes, expected {size}; "
                                    f"give a complete checkpoint folder or checkpoint.resume=auto"]
     assert snapshot(run_dir) == before
+
+
+def test_ranks_may_trade_for_accumulation_steps_but_the_global_batch_may_not_change() -> None:
+    from pipeline.training.run_folder import GLOBAL_WINDOW, config_changes, is_harmless
+
+    old = {"train": {"grad_accum_steps": 1, "batch_size": 32}, "logging": {"progress": True}}
+    traded = {"train": {"grad_accum_steps": 2, "batch_size": 32}, "logging": {"progress": False}}
+    assert config_changes(old, traded, 2, 1) == [("logging.progress", True, False)]
+    changes = config_changes(old, traded, 1, 1)
+    assert changes == [("logging.progress", True, False), ("train.grad_accum_steps", 1, 2), (GLOBAL_WINDOW, 1, 2)]
+    assert [k for k, a, b in changes if not is_harmless(k, a, b)] == ["train.grad_accum_steps", GLOBAL_WINDOW]
+    assert config_changes(old, old, 2, 4) == [(GLOBAL_WINDOW, 2, 4)]
+    assert not is_harmless("train.epochs", 3, 2) and is_harmless("train.epochs", 2, 3)
+    assert not is_harmless("data.augment.hflip", 0.0, 0.5) and not is_harmless("some.future_key", 1, 2)

@@ -142,17 +142,25 @@ def _flat(data: object, prefix: str = "") -> dict:
     return {prefix.rstrip("."): data}
 
 
+GLOBAL_WINDOW = "world_size x train.grad_accum_steps"
+"""Micro-batches per optimizer step across ranks: ranks may trade for accumulation steps, the product may not change."""
+
+
 def config_changes(old: dict, new: dict, old_world: Optional[int], new_world: int) -> list[tuple[str, object, object]]:
-    """(key, old, new) for every difference between two resolved configs (and the global batch's rank count)."""
+    """(key, old, new) for every difference between two resolved configs; ranks and accumulation steps are compared
+    as their product (the global batch), so 2 ranks x 1 step may resume as 1 rank x 2 steps."""
     before, after = _flat(old), _flat(new)
     keys = sorted(set(before) | set(after))
     changes = [(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)]
-    if old_world is not None and old_world != new_world:
-        changes.append(("world_size", old_world, new_world))
-    return changes
+    old_accum, new_accum = before.get("train.grad_accum_steps", 1), after.get("train.grad_accum_steps", 1)
+    old_window = (old_world or new_world) * old_accum
+    if old_window != new_world * new_accum:
+        changes.append((GLOBAL_WINDOW, old_window, new_world * new_accum))
+    return [c for c in changes if c[0] != "train.grad_accum_steps" or old_window != new_world * new_accum]
 
 
 def is_harmless(key: str, old: object, new: object) -> bool:
+    """Whether a resume may change `key` from `old` to `new` (see HARMLESS_KEYS)."""
     if key == "train.epochs":
         return isinstance(old, int) and isinstance(new, int) and new >= old
     return key in HARMLESS_KEYS or key.startswith(HARMLESS_PREFIXES)
