@@ -1,14 +1,15 @@
 """Atomic, verifiable checkpoints.
 
 A checkpoint is a folder: `model.safetensors`, `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16),
-`rng/rank<r>.pt` for each rank (its RNG states and partial-epoch sums), and `state.json` (epoch,
-step, position in the epoch, best metric...). Periodic and epoch-end checkpoints are
-`step-NNNNNNNN` folders (the newest complete one is what `resume=auto` continues from; `last` is a
-symbolic link to it for people); `best` holds the best weights by the monitored metric. It is written to a
-hidden temporary folder, every file is fsynced, `COMPLETE` (a JSON list of file sizes and sha256
-digests) is written last, and only then is the folder renamed into place. A folder without a valid
-`COMPLETE`, or whose files no longer match it, is never loaded. Nothing here unpickles objects:
-tensors load from safetensors or `torch.load(weights_only=True)` (`safe_load.load_tensors`).
+`rng/rank<r>.pt` for each rank (its RNG states and partial-epoch sums), `state.json` (epoch,
+step, position in the epoch, best metric...) and `config.yaml` (the resolved config it was trained
+with). Periodic and epoch-end checkpoints are `step-NNNNNNNN` folders (the newest complete one is
+what `resume=auto` continues from; `last` is a symbolic link to it for people); `best` holds the
+best weights by the monitored metric. It is written to a hidden temporary folder, every file is
+fsynced, `COMPLETE` (a JSON list of file sizes and sha256 digests) is written last, and only then
+is the folder renamed into place. A folder without a valid `COMPLETE`, or whose files no longer
+match it, is never loaded. Nothing here unpickles objects: tensors load from safetensors or
+`torch.load(weights_only=True)` (`safe_load.load_tensors`).
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ def maybe_fail_write(state: dict) -> None:
 class Checkpointer:
     """Saves and loads training checkpoints under one folder (`<run>/checkpoints`)."""
 
-    def __init__(self, directory: str | Path, dist: Dist, keep_last: int = 2):
+    def __init__(self, directory: str | Path, dist: Dist, keep_last: int = 2, config_yaml: str = ""):
         self.directory = Path(directory)
+        self.config_yaml = config_yaml  # stored in every checkpoint: what a resume compares its config with
         self.dist = dist
         self.keep_last = keep_last
 
@@ -191,6 +193,8 @@ class Checkpointer:
         if scaler is not None:
             _torch_save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.dist.world_size}, indent=2))
+        if self.config_yaml:
+            (tmp / "config.yaml").write_text(self.config_yaml)
         _fsync_tree(tmp)
         files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}

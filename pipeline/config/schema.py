@@ -321,6 +321,10 @@ class CheckpointConfig:
     """Write checkpoints/best whenever train.monitor improves."""
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     """Signals that make every rank finish the current step, checkpoint, and exit with code 75."""
+    resume_changes: str = "refuse"
+    """refuse: a resume whose config differs from its checkpoint's in a key that changes the weights or their
+    trajectory (model, data, batch, optimizer, schedule, precision, seed...) stops with exit 2; allow: resume anyway
+    (recorded in config_history.jsonl). Logging, reporting and checkpoint cadence may always change."""
     check_every_steps: int = 1
     """Optimizer steps between the ranks' agreement on stop signals and time-based saves (one all-reduce of CPU
     flags over a gloo group: it does not wait for the GPU)."""
@@ -332,6 +336,7 @@ class CheckpointConfig:
         _check_range("checkpoint.every_minutes", self.every_minutes, 0.0)
         _check_range("checkpoint.keep_last", self.keep_last, 1)
         _check_range("checkpoint.check_every_steps", self.check_every_steps, 1)
+        _check_choice("checkpoint.resume_changes", self.resume_changes, ("refuse", "allow"))
         for name in self.signals:
             _check_choice("checkpoint.signals[]", name, SIGNAL_NAMES)
 

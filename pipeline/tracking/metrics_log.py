@@ -28,8 +28,7 @@ class MetricsLog:
         """Keep only records with `epoch` <= the given one (what the resumed checkpoint has seen)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", -1) <= epoch]
+        kept = [json.dumps(record) for record in self.read() if record.get("epoch", -1) <= epoch]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def reset(self) -> None:
@@ -44,6 +43,26 @@ class MetricsLog:
             handle.flush()
 
     def read(self) -> list[dict]:
+        """The records. A torn last line (a kill during an append) is dropped with a warning; a bad line anywhere
+        else is a ValueError naming file and line (the file was edited or damaged: nobody should guess)."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text(errors="replace").splitlines()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                if number == len(lines):
+                    from pipeline.tracking.console import warn
+
+                    warn(f"{self.path}:{number}: dropping a torn last line (the run was stopped while writing it)")
+                    continue
+                raise ValueError(f"{self.path}:{number} is not a JSON record ({str(exc).splitlines()[0]}); fix or "
+                                 f"remove that line, or start a new run.name") from None
+            records.append(record)
+        return records

@@ -24,6 +24,7 @@ from pipeline.training.finetune import build_finetune, loss_class_weights, match
 from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
 from pipeline.training.preflight import check_data_root, preflight
+from pipeline.training.run_folder import RunLock, check_resume, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
 from pipeline.training.signals import TrainingSignals
@@ -67,6 +68,8 @@ class Run:
     run_dir: Path
     manifest: Manifest
     trainer: Trainer
+    lock: RunLock
+    """The run folder's lock (held by the main process only), released when `train` ends, however it ends."""
 
 
 def build_run(cfg: Config, callbacks: list | None = None) -> Run:
@@ -82,9 +85,35 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     run_dir = run_dir_of(cfg)
     manifest = load_manifest(cfg, dist)
     preflight(cfg, dist, manifest)  # shards present, batch fits, run folder writable (created here)
+    config_yaml = to_yaml(cfg)
+    lock = claim_run_folder(cfg, dist, run_dir, config_yaml)
+    try:
+        return _build_rest(cfg, dist, run_dir, manifest, config_yaml, lock, callbacks, gradual)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def claim_run_folder(cfg: Config, dist: Dist, run_dir: Path, config_yaml: str) -> RunLock:
+    """Lock the run folder, check a resume's config against its checkpoint, then record this start (main process;
+    every rank gets the verdict). Nothing in the folder is written before both checks pass."""
+    lock, problem = RunLock(run_dir), ""
     if dist.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    dist.barrier()
+        try:
+            lock.acquire()
+            record_start(run_dir, config_yaml, check_resume(cfg, config_yaml, run_dir, dist.world_size),
+                         dist.world_size)
+        except (ValueError, FileNotFoundError) as exc:
+            lock.release()
+            problem = str(exc)
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+    return lock
+
+
+def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, config_yaml: str, lock: RunLock,
+                callbacks: list | None, gradual: bool) -> Run:
     pin = dist.device.type == "cuda"
     train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin,
                          device=dist.device)
@@ -106,9 +135,9 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
                             log_cfg.wandb_init_timeout, log_cfg.wandb_finish_timeout)
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
                       ClassificationMetrics(manifest.num_classes, dist.device),
-                      Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last),
+                      Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml),
                       MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks)
-    return Run(cfg, dist, run_dir, manifest, trainer)
+    return Run(cfg, dist, run_dir, manifest, trainer, lock)
 
 
 def test_split(run: Run, split: str = "test") -> dict:
@@ -146,5 +175,6 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
                 dist.print(f"report: {path} ({seconds:.1f}s)")
     finally:
         run.trainer.tracker.finish()
+        run.lock.release()
     dist.barrier()
     return metrics

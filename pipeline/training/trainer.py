@@ -34,6 +34,7 @@ from pipeline.training.preemption import (
     Preempted,
     StopRequest,
 )
+from pipeline.training.run_folder import resume_folder
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import rng_state, set_rng_state
 
@@ -282,9 +283,7 @@ class Trainer:
         elif resume == "auto":
             folder = self.checkpointer.latest()
         else:
-            folder = Path(resume)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"checkpoint.resume='{resume}' is not a checkpoint folder")
+            folder = resume_folder(self.cfg, self.checkpointer.directory)  # verified, like auto: one line if not
         if folder is None:
             if self.dist.is_main:
                 self.log.reset()
