@@ -35,7 +35,7 @@ HISTORY_NAME = "config_history.jsonl"
 RUN_INFO_NAME = "run_info.json"
 CONFIG_IN_CHECKPOINT = "config.yaml"
 
-HARMLESS_PREFIXES = ("logging.", "report.", "checkpoint.", "run.", "cv.")
+HARMLESS_PREFIXES = ("logging.", "report.", "checkpoint.", "run.", "cv.", "dist.")
 HARMLESS_KEYS = {"data.num_workers", "data.worker_start", "data.pin_memory", "data.max_bad_fraction",
                  "data.auto_prepare_digits", "train.log_every_steps", "train.eval_batch_size",
                  "train.cudnn_benchmark", "train.early_stopping_patience", "train.early_stopping_min_delta",
