@@ -1,0 +1,97 @@
+"""manifest.json is checked field by field before use: one line naming the field, never a read outside its folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.manifest import Manifest
+from tests.conftest import TINY, run_cli
+
+
+def _valid() -> dict:
+    shard = {"name": "train-000000.tar", "num_samples": 3, "num_bytes": 10, "sha256": ""}
+    split = {"num_samples": 3, "class_counts": {"a": 2, "b": 1}, "shards": [shard]}
+    return {"classes": ["a", "b"], "num_classes": 2, "splits": {"train": split}}
+
+
+def _read(tmp_path: Path, data: object) -> Manifest:
+    root = tmp_path / "data"
+    root.mkdir(exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return Manifest.read(root)
+
+
+def _error(tmp_path: Path, data: object) -> str:
+    with pytest.raises(ValueError) as info:
+        _read(tmp_path, data)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "data" / "manifest.json"))
+    return message
+
+
+def test_valid_manifest_reads(tmp_path: Path) -> None:
+    manifest = _read(tmp_path, _valid())
+    assert manifest.classes == ["a", "b"] and manifest.split("train").shards[0].num_samples == 3
+
+
+@pytest.mark.parametrize("name, why", [("../outside/evil.tar", "leaves the data folder"),
+                                       ("/etc/passwd", "leaves the data folder"),
+                                       ("sub/../../x.tar", "leaves the data folder")])
+def test_shard_names_outside_the_folder(tmp_path: Path, name: str, why: str) -> None:
+    data = _valid()
+    data["splits"]["train"]["shards"][0]["name"] = name
+    assert f"splits.train.shards[0].name={name!r} {why}" in _error(tmp_path, data)
+
+
+def test_symlink_escaping_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "evil.tar").write_bytes(b"x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-000000.tar").symlink_to(tmp_path / "outside" / "evil.tar")
+    assert "splits.train.shards[0].name='train-000000.tar' leaves the data folder" in _error(tmp_path, _valid())
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["splits"]["train"]["shards"][0].update(num_samples=-1), "splits.train.shards[0].num_samples=-1"),
+    (lambda d: d["splits"]["train"].update(num_samples="3"), "splits.train.num_samples='3'"),
+    (lambda d: d["splits"]["train"]["class_counts"].update(a=5), "splits.train.class_counts="),
+    (lambda d: d["splits"]["train"]["shards"][0].update(num_samples=2), "splits.train.shards=1"),
+    (lambda d: d.update(num_classes=3), "num_classes=3"),
+    (lambda d: d["splits"]["train"]["class_counts"].update(c=0), "splits.train.class_counts='c' is not one"),
+    (lambda d: d.pop("classes"), "classes is missing"),
+    (lambda d: d["splits"]["train"]["shards"].append(7), "splits.train.shards[1]=7"),
+])
+def test_bad_fields_name_the_field(tmp_path: Path, mutate, field: str) -> None:
+    data = _valid()
+    mutate(data)
+    assert f"manifest.json: {field}" in _error(tmp_path, data)
+
+
+def test_not_json_or_not_an_object(tmp_path: Path) -> None:
+    assert "not a JSON file" in _error(tmp_path, "{nope")
+    assert "not a JSON object (it holds a list)" in _error(tmp_path, [1, 2])
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda d: d["splits"]["train"]["shards"][0].update(name="../outside/evil.tar"),
+     "splits.train.shards[0].name='../outside/evil.tar' leaves the data folder"),
+    (lambda d: d["splits"]["train"]["shards"][0].update(num_samples=-5), "splits.train.shards[0].num_samples=-5"),
+    (lambda d: d["splits"]["val"].update(num_samples="270"), "splits.val.num_samples='270'"),
+])
+def test_cli_train_refuses_a_bad_manifest(digits_root: Path, tmp_path: Path, mutate, field: str) -> None:
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.copytree(digits_root, root)
+    data = json.loads((root / "manifest.json").read_text())
+    mutate(data)
+    (root / "manifest.json").write_text(json.dumps(data))
+    result = run_cli(["train", f"data.root={root}", "data.num_workers=0", f"run.output_dir={tmp_path / 'runs'}", *TINY],
+                     check=False, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and field in lines[-1], result.stderr[-2000:]
+    assert not any("Traceback" in line for line in lines)
