@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.data.manifest import Manifest
 from tests.conftest import TINY, run_cli
@@ -95,3 +97,49 @@ def test_cli_train_refuses_a_bad_manifest(digits_root: Path, tmp_path: Path, mut
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and field in lines[-1], result.stderr[-2000:]
     assert not any("Traceback" in line for line in lines)
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 10), st.floats(allow_nan=True), st.text(max_size=12),
+                  st.sampled_from(["../x.tar", "/etc/passwd", "a/../../b", "ok.tar", "\x00"]),
+                  st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    """Every (key, ...) path into a nested dict/list."""
+    out = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzzed_manifests_read_or_give_one_line(tmp_path: Path, data) -> None:
+    """Random replacements, deletions and extra nesting: a Manifest whose shards stay inside, or one ValueError line."""
+    manifest = _valid()
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(manifest)[1:]))
+        parent = manifest
+        for key in path[:-1]:
+            parent = parent[key]
+        action = data.draw(st.sampled_from(["replace", "delete", "nest"]))
+        if action == "delete":
+            parent.pop(path[-1]) if isinstance(parent, dict) else parent.pop(path[-1])
+        else:
+            parent[path[-1]] = data.draw(_JUNK) if action == "replace" else {"x": parent[path[-1]]}
+        if not _paths(manifest)[1:]:
+            break
+    try:
+        read = _read(tmp_path, manifest)
+    except ValueError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(str(tmp_path / "data" / "manifest.json"))
+        return
+    root = (tmp_path / "data").resolve()
+    for split in read.splits.values():
+        assert sum(s.num_samples for s in split.shards) == split.num_samples >= 0
+        assert all((root / s.name).resolve().is_relative_to(root) for s in split.shards)
