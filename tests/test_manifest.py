@@ -143,3 +143,26 @@ def test_fuzzed_manifests_read_or_give_one_line(tmp_path: Path, data) -> None:
     for split in read.splits.values():
         assert sum(s.num_samples for s in split.shards) == split.num_samples >= 0
         assert all((root / s.name).resolve().is_relative_to(root) for s in split.shards)
+
+
+@pytest.mark.parametrize("root", ["custom_missing", "s3://bucket/x", "http://127.0.0.1:9/x", "data/{a,b}"])
+def test_missing_or_url_root_is_one_line_and_writes_nothing(tmp_path: Path, root: str) -> None:
+    given = str(tmp_path / root) if root == "custom_missing" else root
+    result = run_cli(["train", f"data.root={given}", "data.num_workers=0", f"run.output_dir={tmp_path / 'runs'}",
+                      *TINY], check=False, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and lines[-1].startswith(f"error: data.root='{given}'"), result.stderr[-2000:]
+    assert "does not exist" in lines[-1] or "is a URL or pattern" in lines[-1]
+    assert not (tmp_path / root).exists() and not (tmp_path / "runs").exists()
+    assert not Path(root.split("/")[0]).exists() or root.startswith("data/")
+
+
+def test_default_root_still_builds_the_demo(tmp_path: Path, monkeypatch) -> None:
+    from pipeline.config import load_config
+    from pipeline.training.preflight import builds_digits
+
+    monkeypatch.chdir(tmp_path)
+    assert builds_digits(load_config(None, []))
+    assert not builds_digits(load_config(None, ["data.root=elsewhere"]))
+    assert builds_digits(load_config(None, ["data.root=elsewhere", "data.auto_prepare_digits=true"]))
+    assert not builds_digits(load_config(None, ["data.root=s3://b/x", "data.auto_prepare_digits=true"]))
