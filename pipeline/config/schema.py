@@ -99,8 +99,9 @@ class DataConfig:
 
     root: str = "data/digits_shards"
     """Folder holding the shards and manifest.json written by `pipeline data shards`."""
-    auto_prepare_digits: bool = True
-    """If `root` has no manifest, build scikit-learn's digits shards there first (the bundled demo)."""
+    auto_prepare_digits: Optional[bool] = None
+    """If `root` has no manifest, build scikit-learn's digits shards there first (the bundled demo). null: only at the
+    default root data/digits_shards; true: at any local folder; false: never. A URL or pattern root is never built."""
     image_size: int = 32
     """Side length in pixels the model sees (images are resized/cropped to image_size x image_size)."""
     channels: int = 3

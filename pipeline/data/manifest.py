@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, NoReturn, Optional
 
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -77,23 +77,143 @@ class Manifest:
                                     f"`pipeline data shards SRC {folder}`")
         try:
             data = json.loads(path.read_text())
-            splits = {
-                name: SplitInfo(num_samples=s["num_samples"], class_counts=s["class_counts"],
-                                shards=[ShardInfo(**sh) for sh in s["shards"]])
-                for name, s in data["splits"].items()
-            }
-            return cls(classes=list(data["classes"]), splits=splits, source=data.get("source", ""),
-                       seed=data.get("seed", 0), split_fractions=data.get("split_fractions", []),
-                       version=data.get("version", 1), image_mode=data.get("image_mode", ""),
-                       image_size=data.get("image_size"), skipped_sources=data.get("skipped_sources", []),
-                       split_source=data.get("split_source", "stratified"),
-                       split_folders=data.get("split_folders", {}),
-                       carved_from_train=data.get("carved_from_train", {}),
-                       duplicate_sources=data.get("duplicate_sources", []))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"'{path}' is not a valid manifest ({type(exc).__name__}: {exc})") from None
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a JSON file ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a JSON object (it holds a {type(data).__name__})")
+        return _ManifestChecker(path, Path(folder)).manifest(data)
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
             raise KeyError(f"split '{name}' not in manifest; it has {', '.join(self.splits)}")
         return self.splits[name]
+
+
+def _show(value: Any) -> str:
+    """A value for an error line: its repr, on one line, at most 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _ManifestChecker:
+    """Checks a parsed manifest field by field before anything uses it; each problem is one ValueError line
+    naming the field (`splits.train.shards[1].name=...`). Unknown fields are ignored (forward compatible)."""
+
+    def __init__(self, path: Path, root: Path):
+        self.path, self.root = path, root.resolve()
+
+    def fail(self, where: str, value: Any, why: str) -> NoReturn:
+        raise ValueError(f"{self.path}: {where}={_show(value)} {why}")
+
+    def get(self, data: dict, key: str, where: str, default: Any = ...) -> Any:
+        if key not in data:
+            if default is ...:
+                raise ValueError(f"{self.path}: {where}{key} is missing")
+            return default
+        return data[key]
+
+    def count(self, value: Any, where: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            self.fail(where, value, "must be a non-negative integer")
+        return value
+
+    def typed(self, value: Any, kind: type | tuple, where: str, what: str) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
+                                                                                    else (kind,)):
+            self.fail(where, value, f"must be {what}")
+        return value
+
+    def strings(self, value: Any, where: str) -> list[str]:
+        self.typed(value, list, where, "a list of strings")
+        for i, item in enumerate(value):
+            self.typed(item, str, f"{where}[{i}]", "a string")
+        return list(value)
+
+    def classes(self, data: dict) -> list[str]:
+        classes = self.strings(self.get(data, "classes", ""), "classes")
+        for i, name in enumerate(classes):
+            if not name or name in classes[:i]:
+                self.fail(f"classes[{i}]", name, "must be a non-empty name that appears once")
+        if "num_classes" in data and self.count(data["num_classes"], "num_classes") != len(classes):
+            self.fail("num_classes", data["num_classes"], f"disagrees with classes, which lists {len(classes)}")
+        return classes
+
+    def shard_name(self, value: Any, where: str) -> str:
+        self.typed(value, str, where, "a file name relative to the data folder")
+        if not value or "\x00" in value or Path(value).is_absolute() or ".." in Path(value).parts:
+            self.fail(where, value, "leaves the data folder (give a relative name without '..')")
+        resolved = (self.root / value).resolve()
+        if resolved == self.root or not resolved.is_relative_to(self.root):
+            self.fail(where, value, f"leaves the data folder '{self.root}' (it resolves to '{resolved}')")
+        return value
+
+    def shard(self, value: Any, where: str) -> ShardInfo:
+        self.typed(value, dict, where, "an object with name, num_samples, num_bytes, sha256")
+        return ShardInfo(name=self.shard_name(self.get(value, "name", f"{where}."), f"{where}.name"),
+                         num_samples=self.count(self.get(value, "num_samples", f"{where}."), f"{where}.num_samples"),
+                         num_bytes=self.count(self.get(value, "num_bytes", f"{where}.", 0), f"{where}.num_bytes"),
+                         sha256=self.typed(self.get(value, "sha256", f"{where}.", ""), str, f"{where}.sha256",
+                                           "a hex string"))
+
+    def split(self, value: Any, where: str, classes: list[str]) -> SplitInfo:
+        self.typed(value, dict, where, "an object with num_samples, class_counts, shards")
+        total = self.count(self.get(value, "num_samples", f"{where}."), f"{where}.num_samples")
+        counts = self.typed(self.get(value, "class_counts", f"{where}."), dict, f"{where}.class_counts",
+                            "an object of class name -> count")
+        for name, n in counts.items():
+            if name not in classes:
+                self.fail(f"{where}.class_counts", name, "is not one of classes")
+            self.count(n, f"{where}.class_counts[{name!r}]")
+        if sum(counts.values()) != total:
+            self.fail(f"{where}.class_counts", counts, f"adds up to {sum(counts.values())}, not num_samples={total}")
+        listed = self.typed(self.get(value, "shards", f"{where}."), list, f"{where}.shards", "a list of shards")
+        shards = [self.shard(sh, f"{where}.shards[{i}]") for i, sh in enumerate(listed)]
+        if sum(s.num_samples for s in shards) != total:
+            self.fail(f"{where}.shards", len(shards), f"shard(s) hold {sum(s.num_samples for s in shards)} "
+                      f"samples, not num_samples={total}")
+        return SplitInfo(num_samples=total, class_counts=dict(counts), shards=shards)
+
+    def splits(self, data: dict, classes: list[str]) -> dict[str, SplitInfo]:
+        raw = self.typed(self.get(data, "splits", ""), dict, "splits", "an object of split name -> split")
+        splits = {name: self.split(s, f"splits.{name}" if name.isidentifier() else f"splits[{name!r}]", classes)
+                  for name, s in raw.items()}
+        names = [s.name for info in splits.values() for s in info.shards]
+        for name in names:
+            if names.count(name) > 1:
+                self.fail("splits", name, "lists this shard more than once")
+        return splits
+
+    def manifest(self, data: dict) -> Manifest:
+        classes = self.classes(data)
+        size = self.get(data, "image_size", "", None)
+        if size is not None and (not isinstance(size, list) or len(size) != 2
+                                 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in size)):
+            self.fail("image_size", size, "must be null or [width, height] in positive integers")
+        fractions = self.typed(self.get(data, "split_fractions", "", []), list, "split_fractions", "a list of numbers")
+        for i, f in enumerate(fractions):
+            self.typed(f, (int, float), f"split_fractions[{i}]", "a number")
+        return Manifest(classes=classes, splits=self.splits(data, classes),
+                        source=self.typed(self.get(data, "source", "", ""), str, "source", "a string"),
+                        seed=self.typed(self.get(data, "seed", "", 0), int, "seed", "an integer"),
+                        split_fractions=list(fractions),
+                        version=self.typed(self.get(data, "version", "", 1), int, "version", "an integer"),
+                        image_mode=self.typed(self.get(data, "image_mode", "", ""), str, "image_mode", "a PIL mode"),
+                        image_size=size, skipped_sources=self.strings(self.get(data, "skipped_sources", "", []),
+                                                                      "skipped_sources"),
+                        **self.provenance(data))
+
+    def provenance(self, data: dict) -> dict:
+        """Where the split came from (written by `pipeline data shards`; informational, never read as paths)."""
+        source = self.typed(self.get(data, "split_source", "", "stratified"), str, "split_source", "a string")
+        folders = self.typed(self.get(data, "split_folders", "", {}), dict, "split_folders",
+                             "an object of split -> folder name")
+        for key, value in folders.items():
+            self.typed(value, str, f"split_folders[{key!r}]", "a folder name")
+        carved = self.typed(self.get(data, "carved_from_train", "", {}), dict, "carved_from_train",
+                            "an object of split -> share of train")
+        for key, value in carved.items():
+            self.typed(value, (int, float), f"carved_from_train[{key!r}]", "a number")
+        duplicates = self.typed(self.get(data, "duplicate_sources", "", []), list, "duplicate_sources",
+                                "a list of groups")
+        return {"split_source": source, "split_folders": dict(folders), "carved_from_train": dict(carved),
+                "duplicate_sources": list(duplicates)}

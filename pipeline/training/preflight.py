@@ -11,19 +11,31 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
 from pipeline.distributed import Dist
+
+
+def builds_digits(cfg: Config) -> bool:
+    """Whether the digits demo is built at data.root: never for a URL or pattern; by default only at the demo path."""
+    root = cfg.data.root
+    if any(mark in root for mark in ("://", "pipe:", "{", "*")) or cfg.data.auto_prepare_digits is False:
+        return False
+    return cfg.data.auto_prepare_digits is True or root == DataConfig().root
 
 
 def check_data_root(cfg: Config) -> None:
     """data.root exists and holds a manifest (when the digits demo will not be built there)."""
     root = Path(cfg.data.root)
-    if (root / MANIFEST_NAME).is_file() or cfg.data.auto_prepare_digits:
+    if (root / MANIFEST_NAME).is_file() or builds_digits(cfg):
         return
+    if any(mark in cfg.data.root for mark in ("://", "pipe:", "{", "*")):
+        raise FileNotFoundError(f"data.root='{cfg.data.root}' is a URL or pattern; give a local folder holding "
+                                f"{MANIFEST_NAME} (nothing is written to a URL)")
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root='{root}' does not exist; give the folder written by "
-                                f"`pipeline data shards SRC OUT`")
+        raise FileNotFoundError(f"data.root='{cfg.data.root}' does not exist (the digits demo is built only at "
+                                f"{DataConfig().root} or with data.auto_prepare_digits=true); build shards with "
+                                f"`pipeline data shards SRC {cfg.data.root}`")
     raise FileNotFoundError(f"data.root='{root}' has no {MANIFEST_NAME}; build shards there with "
                             f"`pipeline data shards SRC {root}`")
 

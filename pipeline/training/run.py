@@ -23,7 +23,7 @@ from pipeline.tracking.wandb_logger import build_tracker
 from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
 from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
-from pipeline.training.preflight import check_data_root, preflight
+from pipeline.training.preflight import builds_digits, check_data_root, preflight
 from pipeline.training.run_folder import RunLock, check_resume, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
@@ -42,7 +42,7 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
     """The data manifest; the bundled digits shards are built first if allowed and missing."""
     root = Path(cfg.data.root)
     check_data_root(cfg)
-    if not (root / "manifest.json").is_file() and cfg.data.auto_prepare_digits:
+    if not (root / "manifest.json").is_file() and builds_digits(cfg):
         if dist is None:
             return ensure_digits_shards(root)
         with dist.main_process_first():
