@@ -352,7 +352,8 @@ def test_preflight_stops_bad_runs_with_one_line(faulty_root: Path, tmp_path: Pat
     root, extra = faulty_root, []
     if case == "no_folder":
         root = tmp_path / "nowhere"
-        expected = f"data.root='{root}' does not exist; give the folder written by `pipeline data shards SRC OUT`"
+        expected = (f"data.root='{root}' does not exist (the digits demo is built only at data/digits_shards or with "
+                    f"data.auto_prepare_digits=true); build shards with `pipeline data shards SRC {root}`")
     elif case == "no_manifest":
         root = tmp_path / "empty"
         root.mkdir()

@@ -42,7 +42,8 @@ def _cpu_env(**extra: str) -> dict[str, str]:
 
 
 def _overrides(data_root: Path, output_dir: Path, name: str) -> list[str]:
-    return ["configs/default.yaml", *TINY, f"data.root={data_root}", f"run.output_dir={output_dir}", f"run.name={name}"]
+    return ["configs/default.yaml", *TINY, f"data.root={data_root}", "data.auto_prepare_digits=true",
+            f"run.output_dir={output_dir}", f"run.name={name}"]
 
 
 def _launcher(*launch_args: str) -> list[str]:

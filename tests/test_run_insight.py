@@ -30,7 +30,8 @@ EPOCHS = 2
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("insight")
     cfg = load_config("configs/default.yaml", [
-        f"data.root={root / 'shards'}", "data.num_workers=0", "model.channels=[8,16]", f"train.epochs={EPOCHS}",
+        f"data.root={root / 'shards'}", "data.auto_prepare_digits=true", "data.num_workers=0", "model.channels=[8,16]",
+        f"train.epochs={EPOCHS}",
         f"run.output_dir={root / 'runs'}", "run.name=tiny", "logging.wandb_mode=disabled", "logging.progress=false",
         "report.enabled=true", "report.gradcam_examples=3", "report.sample_images=1"])
     train(cfg)

@@ -239,28 +239,29 @@ def init_watchdog(seconds: float) -> Iterator[None]:
 
 
 _LOST_PEER = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
-              "socket closed", "recv from", "send to")
+              "socket closed")
+_BACKEND = ("gloo", "nccl", "c10d", "processgroup", "torch.distributed")
+"""Words that mark an error as the process group's own (gloo raises plain RuntimeErrors naming its sources)."""
 
 
 def describe_failure(exc: BaseException) -> str | None:
     """One line for an error of the process group, else None: a rank that ended (its sockets closed: gloo reads
-    'Connection reset/closed by peer') or a collective that waited longer than dist.timeout_s."""
+    'Connection reset/closed by peer') or a collective that waited longer than dist.timeout_s. Other errors that
+    merely mention a connection (a database, a W&B server) are not the process group's."""
     import torch.distributed as distributed
 
-    if not (distributed.is_available() and distributed.is_initialized()):
+    if not (distributed.is_available() and distributed.is_initialized()) or not isinstance(exc, RuntimeError):
         return None
     text = str(exc).lower()
+    if not (isinstance(exc, distributed.DistError) or any(word in text for word in _BACKEND)):
+        return None
     rank, world = distributed.get_rank(), distributed.get_world_size()
     if "timed out" in text or "timeout" in text:
         return (f"rank {rank}: a collective waited longer than dist.timeout_s for the other ranks of {world} (one "
                 "is stuck or gone); see their output (raise dist.timeout_s if a rank is legitimately slow)")
-    marker = next((m for m in _LOST_PEER if m in text), None)
-    if marker is not None or isinstance(exc, distributed.DistError):
-        cause = marker or _first_line(exc)
-        return (f"rank {rank}: lost contact with another of the {world} ranks ({cause}: it ended, or its machine "
-                "went away); the launcher names it; rerun the same command to resume from the last complete "
-                "checkpoint")
-    return None
+    cause = next((m for m in _LOST_PEER if m in text), None) or _first_line(exc)
+    return (f"rank {rank}: lost contact with another of the {world} ranks ({cause}: it ended, or its machine went "
+            "away); the launcher names it; rerun the same command to resume from the last complete checkpoint")
 
 
 def _first_line(exc: BaseException) -> str:
