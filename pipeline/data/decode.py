@@ -38,6 +38,7 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline.config.schema import DataConfig
 from pipeline.data.faults import FIELDS, DataQualityError, FaultWarnings, SampleCheck, short_error
+from pipeline.data.images import to_mode, to_uint8
 from pipeline.data.stream import NO_POSITION
 from pipeline.data.transforms import BatchNormalize, SampleAugment
 
@@ -103,7 +104,7 @@ class WorkerDecode:
             image.draft(self.mode, (math.ceil(width / reduction), math.ceil(height / reduction)))
             if image.size != (width, height):
                 params = self.augment.rescale(params, (height, width), (image.size[1], image.size[0]))
-        return Decoded(F.pil_to_tensor(image.convert(self.mode)), params, seed)
+        return Decoded(F.pil_to_tensor(to_mode(image, self.mode)), params, seed)
 
     def sample(self, source: SampleCheck, seed: Optional[int]) -> torch.Tensor:
         decoded = source.image
@@ -286,9 +287,12 @@ class DeviceDecode:
             except RuntimeError:
                 pass
         try:
-            return decode_image(data, mode=self.read_mode).to(self.decode_device)
+            image = decode_image(data, mode=self.read_mode)
         except RuntimeError as exc:
             return short_error(exc)
+        if image.dtype == torch.uint16:  # a 16-bit PNG: scaled to 8 bits like the workers' path, never clipped
+            image = torch.from_numpy(to_uint8(image.numpy()))
+        return image.to(self.decode_device)
 
     def _resolve_failures(self, images: list, sources: list, counts: Optional[torch.Tensor]) -> list[int]:
         """Indices of the images that make the batch: failed ones counted, warned about, replaced or left out."""

@@ -25,6 +25,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from PIL import Image
 
+from pipeline.data.images import to_mode
+
 IMAGE_KEYS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif", "ppm")
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label")
 CONVERSIONS = ("mode", "size")
@@ -136,7 +138,7 @@ def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, imag
             check.image = decode(image, sample[key], key)
         else:
             image.draft(mode, image.size)  # cheap for JPEG, ignored otherwise
-            check.image = image.convert(mode)  # decodes: broken data raises here
+            check.image = to_mode(image, mode)  # decodes: broken data raises here
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes; all mean "undecodable"
         check.reason, check.detail = "undecodable", short_error(exc)
         return check

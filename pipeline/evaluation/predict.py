@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.images import to_mode
 from pipeline.data.transforms import build_transform
 from pipeline.evaluation.loaded import LoadedRun, load_run
 
@@ -39,7 +40,7 @@ def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
 def load_image(path: Path, channels: int) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("L" if channels == 1 else "RGB")
+            return to_mode(image, "L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"'{path}' is not a readable image ({type(exc).__name__})") from None
 

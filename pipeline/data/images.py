@@ -1,0 +1,43 @@
+"""Converting a decoded image to the mode the model reads, without losing what a deep image holds.
+
+PIL's own `convert("L")` clips 16-bit (`I;16`, `I`) and float (`F`) pixels to 0..255: a 16-bit grayscale PNG
+(microscopy, medical, depth) becomes almost entirely white. Such images are scaled to 8 bits first:
+
+- 16-bit (`I;16*`, and `I` whose values fit 0..65535): value / 257, rounded (0 -> 0, 65535 -> 255);
+- 32-bit integer (`I`) beyond that range, and float (`F`) outside 0..1: min-max scaled to 0..255 per image;
+- float (`F`) within 0..1: value x 255, rounded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in `mode` (L or RGB); deep grayscale images are scaled to 8 bits, never clipped."""
+    if image.mode in DEEP_MODES:
+        image = Image.fromarray(to_uint8(np.asarray(image)), mode="L")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """A deep grayscale array as uint8 by the rules in the module docstring."""
+    values = pixels.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if np.issubdtype(pixels.dtype, np.floating):
+        if not np.isfinite(values).all():
+            values = np.nan_to_num(values, nan=0.0, posinf=high if np.isfinite(high) else 1.0, neginf=0.0)
+            low, high = float(values.min()), float(values.max())
+        scaled = values * 255.0 if low >= 0.0 and high <= 1.0 else _min_max(values, low, high)
+    elif low >= 0 and high <= 65535:
+        scaled = values / 257.0
+    else:
+        scaled = _min_max(values, low, high)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _min_max(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.zeros_like(values) if high <= low else (values - low) * (255.0 / (high - low))
