@@ -20,7 +20,7 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     """`image` in `mode` (L or RGB); deep grayscale images are scaled to 8 bits, never clipped."""
     if image.mode in DEEP_MODES:
         image = Image.fromarray(to_uint8(np.asarray(image)), mode="L")
-    return image if image.mode == mode else image.convert(mode)
+    return image.convert(mode)  # a loaded copy even when the mode matches (callers close the file after)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
