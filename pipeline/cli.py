@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             code = _run(args)
         finally:
-            _end_workers()
+            _end_workers()  # before a traceback too: the workers ignore SIGTERM, nothing else would end them
         handling.ended(code)  # after a stop (75, 130), a repeated signal must not change the exit code
     return code
 
@@ -253,7 +253,6 @@ def _run(args: argparse.Namespace) -> int:
         _leave_process_group(failed=True)
         return exc.exit_code
     except (SignalStop, KeyboardInterrupt) as exc:
-        _end_workers()
         _leave_process_group(failed=True)
         name, code = (exc.signal_name, exc.exit_code) if isinstance(exc, SignalStop) else ("SIGINT", EXIT_INTERRUPTED)
         return _fail(f"stopped by {name} outside the training loop (nothing new to checkpoint); rerun the same "
@@ -270,7 +269,6 @@ def _run(args: argparse.Namespace) -> int:
             code = EXIT_USAGE
         elif isinstance(exc, OSError) and code is None:  # disk full, permissions... outside checkpoints
             code = EXIT_IO
-        _end_workers()  # before a traceback too: the workers ignore SIGTERM, nothing else would end them
         if code is None or os.environ.get("PIPELINE_DEBUG"):
             raise
         _leave_process_group(failed=True)

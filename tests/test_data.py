@@ -129,7 +129,7 @@ def _proc_stat(pid: int) -> list[str]:
     """/proc/PID/stat's fields after the command name: [state, ppid, ...]; a vanished process reads as a zombie."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, even between listing and reading
         return ["Z"]
 
 

@@ -87,25 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from pipeline.training.preemption import ignore_stop_signals
+
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     args.signals_to_handle = TORCHRUN_SIGNALS  # torchrun's agent must leave SIGUSR1/SIGTERM to `_forward`
     try:
         launch_command(args)
     except ChildFailedError as error:
-        _ignore_forwarded()
+        ignore_stop_signals()  # the code is decided: a repeated signal must not change it during teardown
         line = describe(error.failures)
         if line:
             print(line, file=sys.stderr, flush=True)
         return exit_code_of(error.failures)
-    _ignore_forwarded()
+    ignore_stop_signals()
     return 0
-
-
-def _ignore_forwarded() -> None:
-    """The ranks have ended and the exit code is decided: a signal repeated now (a second Ctrl-C, SIGTERM) must
-    not change it, and Python's teardown would put back the default handlers, which kill (130, 143)."""
-    for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

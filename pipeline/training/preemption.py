@@ -66,8 +66,16 @@ def ignore_stop_signals() -> None:
             pass
 
 
-def _code_of(name: str, preempt_names: Sequence[str]) -> int:
+def _code_of(name: str, preempt_names: Sequence[str] = ()) -> int:
     return EXIT_PREEMPTED if name in preempt_names or name != "SIGINT" else EXIT_INTERRUPTED
+
+
+def _repeated(name: str, code: int) -> None:
+    """A stop signal while a stop with `code` is under way: SIGINT exits at once with that code; others change
+    nothing."""
+    if name == "SIGINT":
+        exit_now(code, f"interrupted again ({name}): exiting now with code {code}; resume continues from the last "
+                 "complete checkpoint")
 
 
 class StopRequest:
@@ -116,9 +124,7 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            if name == "SIGINT":
-                exit_now(self.exit_code, f"interrupted again ({name}): exiting now with code {self.exit_code}; "
-                         "resume continues from the last complete checkpoint")
+            _repeated(name, self.exit_code)
             return
         self.request(name, _code_of(name, self.signal_names))
 
@@ -159,9 +165,7 @@ class CommandSignals:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.stopping is not None:
-            if name == "SIGINT":
-                exit_now(self.stopping.exit_code, f"interrupted again ({name}): exiting now with code "
-                         f"{self.stopping.exit_code}")
+            _repeated(name, self.stopping.exit_code)
             return
-        self.stopping = SignalStop(name, _code_of(name, ()))
+        self.stopping = SignalStop(name, _code_of(name))
         raise self.stopping
