@@ -24,8 +24,9 @@ from tests.conftest import TINY, read_jsonl, run_cli
 CLASSES = ["a", "b", "c", "d"]
 UNDECODABLE, RGBA, NO_LABEL, BAD_LABEL = (3, 17, 29), (8, 22), 12, 35
 GOOD = 40 - len(UNDECODABLE) - 2  # 35: the two RGBA images are converted and kept
+NO_NETWORK = {"net_retries": 0, "net_resumed": 0, "net_failed": 0}  # local shards: no network events
 EXPECTED = {"seen": 40, "truncated": 0, "undecodable": 3, "no_label": 1, "bad_label": 1, "converted_mode": 2,
-            "converted_size": 0}
+            "converted_size": 0, **NO_NETWORK}
 
 
 def _png(seed: int, mode: str = "RGB", size: tuple[int, int] = (8, 8)) -> bytes:
@@ -171,7 +172,7 @@ def test_odd_sizes_and_gray_images_are_converted_not_skipped(tmp_path: Path) -> 
     _, labels, counts = _epoch(tmp_path / "odd", "test", 1, 0, train=False)
     assert len(labels) == 12
     assert counts == {"seen": 12, "truncated": 0, "undecodable": 0, "no_label": 0, "bad_label": 0,
-                      "converted_mode": 1, "converted_size": 1}
+                      "converted_mode": 1, "converted_size": 1, **NO_NETWORK}
 
 
 # ---- end to end: the CLI ------------------------------------------------------------------------

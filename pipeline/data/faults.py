@@ -10,6 +10,10 @@ Every sample the stream reads is inspected once, as a pure function of its bytes
   before it), `undecodable` (no image, or the image bytes do not decode), `no_label` (no `.cls`, or
   not an integer), `bad_label` (an integer outside the manifest's classes).
 
+Network counts (not skips; `pipeline.data.remote`): `net_retries` (failed attempts that were retried),
+`net_resumed` (connections re-established in the middle of a shard), `net_failed` (shards given up;
+their missing samples are also counted as `truncated`, with the network's error as the reason).
+
 Counts travel with the batches (one small int64 tensor per batch, laid out as `FIELDS`), so they
 cross DataLoader worker processes, survive persistent workers, and a rank's total is the sum over
 the batches it consumed: exactly what a checkpoint at that step has seen.
@@ -30,8 +34,10 @@ from pipeline.data.images import to_mode
 IMAGE_KEYS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif", "ppm")
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label")
 CONVERSIONS = ("mode", "size")
-FIELDS = ("seen", *SKIP_REASONS, *(f"converted_{c}" for c in CONVERSIONS))
-"""Layout of a counts tensor: samples inspected, skips per reason, conversions per kind."""
+NETWORK_FIELDS = {"retries": "net_retries", "resumed": "net_resumed", "failed": "net_failed"}
+"""remote.net_counters() name -> counts field."""
+FIELDS = ("seen", *SKIP_REASONS, *(f"converted_{c}" for c in CONVERSIONS), *NETWORK_FIELDS.values())
+"""Layout of a counts tensor: samples inspected, skips per reason, conversions per kind, network events."""
 
 MISSING = "__missing__"
 """Key of the stand-in the stream yields for a sample its shard does not deliver (truncated shard)."""
@@ -192,15 +198,27 @@ def counts_record(counts: torch.Tensor, split: str) -> dict:
     record.update({f"{prefix}/skipped/{r}": values[r] for r in SKIP_REASONS})
     record.update({f"{prefix}/converted/{c}": values[f"converted_{c}"] for c in CONVERSIONS})
     record[f"{prefix}/bad_fraction"] = round(bad_fraction(counts), 6)
+    record.update({f"{prefix}/{field}": values[field] for field in NETWORK_FIELDS.values()})
     return record
 
 
 def describe(counts: torch.Tensor) -> str:
-    """'undecodable 3, no_label 1' (non-zero reasons only); with conversions appended."""
+    """'undecodable 3, no_label 1' (non-zero reasons only); with conversions and network events appended."""
     values = as_dict(counts)
     reasons = ", ".join(f"{r} {values[r]}" for r in SKIP_REASONS if values[r])
     converted = ", ".join(f"{c} {values[f'converted_{c}']}" for c in CONVERSIONS if values[f"converted_{c}"])
-    return (reasons or "none") + (f"; converted: {converted}" if converted else "")
+    network = describe_network(values)
+    return (reasons or "none") + (f"; converted: {converted}" if converted else "") + \
+        (f"; network: {network}" if network else "")
+
+
+def describe_network(values: dict[str, int]) -> str:
+    """'3 retries, 1 resumed mid-shard, 1 shard given up' (non-zero ones only; '' when all are zero)."""
+    retries, resumed, failed = (values[f] for f in NETWORK_FIELDS.values())
+    parts = [f"{retries} retr{'y' if retries == 1 else 'ies'}" if retries else "",
+             f"{resumed} resumed mid-shard" if resumed else "",
+             f"{failed} shard{'' if failed == 1 else 's'} given up" if failed else ""]
+    return ", ".join(p for p in parts if p)
 
 
 def summary_line(counts: torch.Tensor, split_name: str, epoch: int | None = None) -> str:
@@ -239,8 +257,10 @@ class FaultWarnings:
         if check.reason == "truncated":  # one line per shard, not per missing sample
             if check.url not in self.truncated_shards:
                 self.truncated_shards.add(check.url)
-                warn(f"{self.prefix}shard {check.url.rsplit('/', 1)[-1]} ends before the manifest's sample count "
-                     f"({check.detail}); its missing samples are {action} and counted as 'truncated'")
+                why = "could not be read to its end" if "network: " in check.detail else \
+                    "ends before the manifest's sample count"
+                warn(f"{self.prefix}shard {check.url.rsplit('/', 1)[-1]} {why} ({check.detail}); its missing "
+                     f"samples are {action} and counted as 'truncated'")
             return
         kind = "skip" if check.reason else "convert"
         if not check.reason and not check.converted:

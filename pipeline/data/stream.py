@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import fault_injection
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
+from pipeline.data.remote import ReadOptions, net_counters
 from pipeline.data.tar import tar_samples
 from pipeline.data.workers import init_worker, track, worker_context
 
@@ -98,22 +99,36 @@ def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
-def shard_slice(url: str, start: int, stop: int) -> Iterator[dict]:
+def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = None) -> Iterator[dict]:
     """Raw samples [start, stop) of a shard, always stop - start of them: where the shard ends early
-    (truncated, unreadable), the missing ones are stand-ins (`faults.missing_sample`)."""
+    (truncated, unreadable, or the network gave up: `pipeline.data.remote`), the missing ones are
+    stand-ins (`faults.missing_sample`) carrying the reason."""
     index = start
-    raw = tar_samples(url, start, stop)  # samples before `start` are seeked past, not read
+    raw = tar_samples(url, start, stop, options)  # samples before `start` are seeked past, not read
     try:
         for sample in raw:
             yield sample
             index += 1
         error = "it has fewer samples than the manifest says"
     except Exception as exc:  # noqa: BLE001 - any read error means the rest of the shard is lost
-        error = short_error(exc)
+        error = short_error(exc, limit=300)  # a network failure names the URL and byte offset
     finally:
         raw.close()
     for missing in range(index, stop):
         yield missing_sample(url, missing, error)
+
+
+class NetworkDelta:
+    """This process's network counters (`remote.net_counters`) since the previous batch, for its counts."""
+
+    def __init__(self) -> None:
+        self.last = net_counters()
+
+    def add_to(self, counts: list[int]) -> None:
+        now = net_counters()
+        for name, field in faults.NETWORK_FIELDS.items():
+            counts[faults.FIELDS.index(field)] += now[name] - self.last[name]
+        self.last = now
 
 
 class SampleCodec(Protocol):
@@ -136,7 +151,7 @@ class ShardStream(IterableDataset):
                  codec: SampleCodec, channels: int, rank: int, world_size: int, num_workers: int,
                  seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False,
                  num_classes: int | None = None, image_mode: str | None = None,
-                 image_size: Sequence[int] | None = None):
+                 image_size: Sequence[int] | None = None, read_options: ReadOptions | None = None):
         if len(shard_paths) != len(shard_sizes):
             raise ValueError("shard_paths and shard_sizes differ in length")
         # What a good sample looks like (from the manifest); see pipeline.data.faults.
@@ -144,6 +159,7 @@ class ShardStream(IterableDataset):
         self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")
         self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
+        self.read_options = read_options  # how shards are opened: retries, timeouts, cache (pipeline.data.remote)
         self.batch_size, self.codec = batch_size, codec
         self.mode = "L" if channels == 1 else "RGB"
         self.rank, self.world_size = rank, world_size
@@ -213,6 +229,7 @@ class ShardStream(IterableDataset):
 
     def _slot_batches(self, epoch: int, slot: int, done_batches: int) -> Iterator:
         items, labels, counts = [], [], [0] * len(faults.FIELDS)
+        network = NetworkDelta()
         fault_injection.in_worker(done_batches, self.train)
         for position, check, source in self._slot_samples(epoch, slot, done_batches * self.batch_size):
             faults.count(counts, check)
@@ -221,13 +238,15 @@ class ShardStream(IterableDataset):
             items.append(self.codec.sample(source, self._seed(epoch, slot, position)))
             labels.append(source.label)
             if len(items) == self.batch_size:
+                network.add_to(counts)
                 yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
                 items, labels, counts = [], [], [0] * len(faults.FIELDS)
                 done_batches += 1
                 fault_injection.in_worker(done_batches, self.train)
+        network.add_to(counts)
         if items and not self.drop_last:
             yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
-        elif counts[0]:  # counts of samples that made no batch (evaluation: all bad, or after the last batch)
+        elif any(counts):  # counts of samples that made no batch (evaluation: all bad, or after the last batch)
             yield torch.empty(0), torch.empty(0, dtype=torch.long), torch.tensor(counts)
 
     def _slot_samples(self, epoch: int, slot: int, skip: int) -> Iterator[tuple[int, SampleCheck, SampleCheck | None]]:
@@ -293,7 +312,8 @@ class ShardStream(IterableDataset):
         if self._fallback is None:
             inspect = partial(self._inspect, seed=NO_POSITION)
             for path, size in zip(self.shard_paths, self.shard_sizes):
-                self._fallback = next((c for c in map(inspect, shard_slice(path, 0, size)) if c.ok), None)
+                samples = shard_slice(path, 0, size, self.read_options)
+                self._fallback = next((c for c in map(inspect, samples) if c.ok), None)
                 if self._fallback is not None:
                     break
             else:
@@ -306,7 +326,7 @@ class ShardStream(IterableDataset):
         `segment.stop - segment.start - skip` of them (missing ones are stand-ins, see `shard_slice`)."""
         if not self.train:  # no shuffle: the skipped samples are not even read
             segment, skip = Segment(segment.shard, segment.start + skip, segment.stop), 0
-        raw = shard_slice(self.shard_paths[segment.shard], segment.start, segment.stop)
+        raw = shard_slice(self.shard_paths[segment.shard], segment.start, segment.stop, self.read_options)
         if self.train:
             rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard)))
             raw = _shuffled(raw, self.shuffle_buffer, rng)

@@ -6,14 +6,26 @@ image and its class), a sixth of decoding a 224 px JPEG. This reader parses only
 needs (name, size, type; PAX `path`, GNU long names), and seeks past the data of the samples before
 `start` instead of reading them. Grouping follows webdataset: members with the same name up to the
 first dot of the file name form one sample, keyed by the rest of the name (lower-cased).
+
+Shards are opened with `pipeline.data.remote.open_shard`, so a URL may be local, http(s)://, an object
+store or `pipe:COMMAND`. Where the handle knows its size, data is skipped by seeking (local files: a
+seek in the buffer or the file; HTTP: read through, or a Range request for long jumps); where it does
+not (pipes, gzip streams), it is read and discarded, which also finds a cut. `.tar.gz`/`.tgz` shards
+are read through a gzip stream (forward only). Either way a shard cut short raises
+`tarfile.ReadError("unexpected end of data")`; a network failure that outlasts the retries raises
+the reader's one-line OSError.
 """
 
 from __future__ import annotations
 
-import os
+import gzip
 import re
 import tarfile
+import zlib
+from contextlib import contextmanager
 from typing import BinaryIO, Iterator, Optional
+
+from pipeline.data.remote import CHUNK, ReadOptions, open_shard
 
 BLOCK = 512
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
@@ -48,7 +60,7 @@ def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
 
     A file cut short raises tarfile.ReadError("unexpected end of data"), as tarfile does.
     """
-    file_size = os.fstat(handle.fileno()).st_size
+    file_size: Optional[int] = getattr(handle, "size", None)
     long_name: Optional[str] = None
     while True:
         header = handle.read(BLOCK)
@@ -58,11 +70,11 @@ def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
             raise tarfile.ReadError("unexpected end of data")
         size, kind = _number(header[124:136]), header[156:157]
         start = handle.tell()
-        if start + size > file_size:
+        if file_size is not None and start + size > file_size:
             raise tarfile.ReadError("unexpected end of data")
         padded = size + (-size) % BLOCK
         if kind in (b"x", b"L"):  # PAX extended header / GNU long name: they name the next member
-            data = handle.read(padded)[:size]
+            data = _read_exactly(handle, padded)[:size]
             long_name = (_pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8")) or long_name
             continue
         if kind in (b"0", b"\0", b"7"):
@@ -74,15 +86,52 @@ def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
                     name = prefix.decode("utf-8") + "/" + name
             yield name, size, start
         long_name = None
-        handle.seek(start + padded)
+        _skip_to(handle, start + padded, file_size is not None)
 
 
-def tar_samples(path: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
-    """Samples number `start` to `stop` (exclusive; None: the end) of the shard at `path`."""
+def _read_exactly(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) < size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
+
+
+def _skip_to(handle: BinaryIO, position: int, sized: bool) -> None:
+    """Go forward to `position`: seek where the size is known (a cut was checked against it), else read
+    and discard, so that a stream cut short is noticed here too."""
+    if sized:
+        handle.seek(position)
+        return
+    while (gap := position - handle.tell()) > 0:
+        if not handle.read(min(gap, CHUNK)):
+            raise tarfile.ReadError("unexpected end of data")
+
+
+@contextmanager
+def _open(url: str, options: Optional[ReadOptions]) -> Iterator[BinaryIO]:
+    """The shard's tar stream: the handle itself, or a gzip stream over it for .tar.gz/.tgz."""
+    handle = open_shard(url, options)
+    try:
+        if url.endswith((".gz", ".tgz")):
+            with gzip.GzipFile(fileobj=handle, mode="rb") as unzipped:
+                try:
+                    yield unzipped
+                except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut or corrupt gzip stream
+                    raise tarfile.ReadError(f"unexpected end of data ({exc})") from exc
+        else:
+            yield handle
+    finally:
+        handle.close()
+
+
+def tar_samples(url: str, start: int = 0, stop: Optional[int] = None,
+                options: Optional[ReadOptions] = None) -> Iterator[dict]:
+    """Samples number `start` to `stop` (exclusive; None: the end) of the shard at `url` (see the module
+    docstring for the kinds of URL); `options`: how remote shards are read (retries, timeouts, cache)."""
     index, key = -1, None
     sample: Optional[dict] = None
-    with open(path, "rb", buffering=1 << 20) as handle:
-        for name, size, offset in _members(handle):
+    with _open(url, options) as handle:
+        for name, size, _offset in _members(handle):
             match = _KEY_EXT.match(name)
             if match is None or _META.match(name):
                 continue
@@ -95,11 +144,10 @@ def tar_samples(path: str, start: int = 0, stop: Optional[int] = None) -> Iterat
                 if stop is not None and index >= stop:
                     return
                 if index >= start:
-                    sample = {"__key__": base, "__url__": path}
+                    sample = {"__key__": base, "__url__": url}
             if sample is not None:
                 if ext in sample:
-                    raise ValueError(f"{path}: duplicate file name {name} in the tar file")
-                handle.seek(offset)
-                sample[ext] = handle.read(size)
+                    raise ValueError(f"{url}: duplicate file name {name} in the tar file")
+                sample[ext] = _read_exactly(handle, size)
         if sample is not None:
             yield sample

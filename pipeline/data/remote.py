@@ -1,0 +1,537 @@
+"""Open a shard wherever it lives: a local path or file://, http(s)://, object stores (s3://, gs://, ...
+through fsspec) and `pipe:COMMAND` (webdataset's convention: the command's standard output).
+
+What a handle from `open_shard` guarantees:
+
+- **Exact bytes.** It delivers the shard's bytes in order, each once. A connection that breaks in the
+  middle of a shard is resumed at the exact byte: HTTP asks for `Range: bytes=N-` and continues where
+  the server answers 206; where it answers 200 (no Range support) the new body's first N bytes are read
+  and discarded. Object stores re-open the object and seek to N (a ranged GET). A shard that changes
+  size or ETag between two connections fails instead of being stitched together.
+- **Retries, bounded.** Transient failures (connection refused or reset, timeouts, a body shorter than
+  its Content-Length, HTTP 5xx, 408 and 429) are retried up to `ReadOptions.retries` times in a row
+  (the count restarts once bytes arrive again), waiting `backoff_s * 2**k` (capped at `backoff_max_s`,
+  +-20% jitter) before retry k+1. Permanent ones (HTTP 4xx such as 404/403, a missing object, access
+  denied, a malformed URL) fail at once. Either way the error is an `OSError` whose message is one line:
+  the URL, the byte offset and the last error. Nothing ever waits longer than `timeout_s` for a byte.
+- **Bounded memory.** Bytes are streamed in the caller's read sizes; no shard is held in memory.
+- **Counted.** `net_counters()` gives this process's cumulative `retries` (failed attempts that were
+  retried), `resumed` (connections re-established in the middle of a shard) and `failed` (shards given
+  up after the last retry). The stream adds their per-batch deltas to the batches' fault counts.
+- **pipe:** is not retried (a command's output cannot be resumed); a non-zero exit of the command
+  before its output was read to the end is an `OSError` naming it.
+- **Cache** (`cache_dir`, see `pipeline.data.shard_cache`): remote shards read to their end are kept
+  locally and later opens read the copy.
+
+Handles offer read(n), tell(), seekable(), seek(pos), close() and `size` (bytes, or None when unknown).
+seek() goes forward on every handle (a stream reads and discards; HTTP with Range support re-connects
+for long jumps); only local and object-store handles seek backwards (`seekable()` says so).
+
+Why HTTP is not read through fsspec's HTTP filesystem: it reads by Range blocks only (a server without
+Range support is read whole into memory or not at all), its retries sit inside aiohttp where they can
+be neither bounded per shard nor counted, and it needs an event loop thread per worker. A plain
+`urllib` reader gives exact Range resume with a 200 fallback, one timeout per socket operation, and
+counters. Object stores go through fsspec (s3fs for S3, installed with `pip install pipeline[s3]`;
+gcsfs for gs://), which already speaks their APIs; our retry layer sits on top of theirs.
+
+S3-compatible endpoints (MinIO, Ceph, moto): set `ReadOptions.endpoint_url` (config: data.endpoint_url)
+or the standard AWS_ENDPOINT_URL environment variable; credentials come from the usual AWS variables or
+files. Other fsspec arguments go in `ReadOptions.storage_options`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import random
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Optional
+
+CHUNK = 1 << 20
+"""Bytes per read when discarding and copying; also the object stores' read-ahead block."""
+SEEK_BY_RANGE = 4 << 20
+"""A forward HTTP seek longer than this re-connects with a Range request instead of reading through."""
+RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""HTTP statuses that are retried (any other 5xx is too); other 4xx fail at once."""
+USER_AGENT = "pipeline-shard-reader/1"
+
+_COUNTERS = {"retries": 0, "resumed": 0, "failed": 0}
+
+
+@dataclass
+class ReadOptions:
+    """How shards are read (picklable: it travels to the loader's worker processes)."""
+
+    retries: int = 5
+    """Retries after a transient failure, in a row (the count restarts once bytes arrive again); 0: none."""
+    timeout_s: float = 60.0
+    """Seconds to wait for a connection or for the next bytes before the attempt counts as failed."""
+    backoff_s: float = 0.5
+    """Wait before the first retry; doubled for each further one, capped at backoff_max_s."""
+    backoff_max_s: float = 10.0
+    """Longest wait between two attempts."""
+    cache_dir: str = ""
+    """Folder keeping remote shards read to their end (empty: no cache); see pipeline.data.shard_cache."""
+    cache_max_gb: float = 50.0
+    """Size cap of cache_dir in GB (10^9 bytes); least recently used shards are removed beyond it."""
+    endpoint_url: str = ""
+    """S3-compatible endpoint for s3:// URLs (e.g. http://127.0.0.1:9000); empty: AWS_ENDPOINT_URL or AWS."""
+    storage_options: dict = field(default_factory=dict)
+    """Extra keyword arguments for the fsspec filesystem of object-store URLs (e.g. {"anon": true})."""
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0 or self.cache_max_gb <= 0:
+            raise ValueError(f"ReadOptions needs retries >= 0, timeout_s > 0, backoff_s >= 0 and cache_max_gb > 0; "
+                             f"got {self.retries}, {self.timeout_s}, {self.backoff_s}, {self.cache_max_gb}")
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based)."""
+        return min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+
+
+def net_counters() -> dict[str, int]:
+    """This process's cumulative network counters: retries, resumed, failed (see the module docstring)."""
+    return dict(_COUNTERS)
+
+
+class PermanentError(OSError):
+    """A failure that retrying cannot fix (HTTP 404/403, missing object, ...); the message is one line."""
+
+
+class _Transient(OSError):
+    """A failure worth retrying that is not an exception of its own (HTTP 5xx, a body cut short)."""
+
+
+def url_kind(url: str) -> str:
+    """local, pipe, http or fsspec (any other `scheme://`)."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    if url.startswith("file:") or not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", url):
+        return "local"
+    return "http" if url.startswith(("http://", "https://")) else "fsspec"
+
+
+def local_path(url: str) -> str:
+    return re.sub(r"^file://?", "/", url) if url.startswith("file:") else url
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, _Transient):
+        return text
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (PermanentError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")  # raised through s3fs
+
+
+class ShardReader(io.RawIOBase):
+    """A shard read through a connection that may break: retries, exact resume, counters (module docstring).
+
+    Subclasses connect (`_open_at`), read (`_raw_read`) and disconnect (`_close_raw`); this class keeps the
+    position, decides what is retried and re-connects at the exact byte.
+    """
+
+    def __init__(self, url: str, options: ReadOptions):
+        super().__init__()
+        self.url, self.options = url, options
+        self.size: Optional[int] = None
+        self.tag = ""  # ETag or Last-Modified, to notice a shard that changes between connections
+        self.pos = 0
+        self._failures = 0  # failed attempts in a row
+        self._connected = False
+        self._connect(0, resuming=False)
+
+    # ---- what a transport provides --------------------------------------------------------------
+    def _open_at(self, offset: int) -> int:
+        """Start a body at `offset` (or earlier: return where it starts); set size/tag on the first call."""
+        raise NotImplementedError
+
+    def _raw_read(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _close_raw(self) -> None:
+        raise NotImplementedError
+
+    # ---- file interface -------------------------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return b"".join(iter(lambda: self.read(CHUNK), b""))
+        data = self._read_some(n)
+        if len(data) == n or not data:
+            return data
+        parts, got = [data], len(data)
+        while got < n:
+            more = self._read_some(n - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = {0: pos, 1: self.pos + pos, 2: (self.size or 0) + pos}[whence]
+        if target < self.pos and not self.seekable():
+            raise io.UnsupportedOperation(f"{self.url}: cannot seek back from byte {self.pos} to {target}")
+        if target != self.pos and (target < self.pos or self._jump(target - self.pos)):
+            self._close_raw()
+            self._connect(target, resuming=False)
+            self.pos = target
+        while self.pos < target and self.read(min(CHUNK, target - self.pos)):
+            pass
+        return self.pos
+
+    def _jump(self, distance: int) -> bool:
+        """Whether a forward seek by `distance` re-connects rather than reads through."""
+        return False
+
+    def close(self) -> None:
+        if not self.closed and self._connected:
+            self._close_raw()
+            self._connected = False
+        super().close()
+
+    # ---- retries --------------------------------------------------------------------------------
+    def _read_some(self, n: int) -> bytes:
+        """Up to n bytes (b"" only at the end), re-connecting at the exact byte after a transient failure."""
+        while True:
+            try:
+                data = self._raw_read(n)
+                if not data and n and self.size is not None and self.pos < self.size:
+                    raise _Transient(f"the connection ended at byte {self.pos} of {self.size}")
+            except Exception as exc:  # noqa: BLE001 - _is_transient decides; the rest is raised as is
+                self._recover(exc)
+                continue
+            if data:
+                self.pos += len(data)
+                self._failures = 0
+            return data
+
+    def _recover(self, exc: BaseException) -> None:
+        """Count a failure, then re-connect at `pos` (raise if it is permanent or the retries are spent)."""
+        self._close_raw()
+        self._connected = False
+        self._connect(self.pos, resuming=self.pos > 0, error=exc)
+
+    def _connect(self, offset: int, resuming: bool, error: Optional[BaseException] = None) -> None:
+        """Connect with retries; the body then continues at `offset` exactly."""
+        while True:
+            if error is not None:
+                self._give_up_or_wait(error, offset)
+            try:
+                start = self._open_at(offset)
+                self._connected = True
+                self._discard(offset - start)
+                break
+            except Exception as exc:  # noqa: BLE001 - _give_up_or_wait raises what is not transient
+                if self._connected:
+                    self._close_raw()
+                    self._connected = False
+                error = exc
+        if resuming:
+            _COUNTERS["resumed"] += 1
+
+    def _discard(self, count: int) -> None:
+        """Read and drop `count` bytes of a body that started before the wanted offset (no Range support)."""
+        while count > 0:
+            data = self._raw_read(min(CHUNK, count))
+            if not data:
+                raise _Transient(f"the connection ended {count} bytes before byte {self.pos}")
+            count -= len(data)
+
+    def _give_up_or_wait(self, error: BaseException, offset: int) -> None:
+        if not _is_transient(error):
+            _COUNTERS["failed"] += 1
+            if isinstance(error, PermanentError):
+                raise error
+            raise PermanentError(f"{self.url}: {_one_line(error)}" + (f" (at byte {offset})" if offset else "")) \
+                from error
+        self._failures += 1
+        if self._failures > self.options.retries:
+            _COUNTERS["failed"] += 1
+            raise OSError(f"network: {self.url}: gave up at byte {offset} after {self.options.retries} retries; "
+                          f"last error: {_one_line(error)}") from error
+        _COUNTERS["retries"] += 1
+        time.sleep(self.options.backoff(self._failures))
+
+
+class HttpReader(ShardReader):
+    """http(s):// through urllib (redirects, proxies from the environment, TLS)."""
+
+    _response: Optional[http.client.HTTPResponse] = None
+    _ranges = False  # the server answered a Range request with 206
+
+    def _open_at(self, offset: int) -> int:
+        headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={offset}-"} if offset else {})}
+        response = _http_request(self.url, headers, self.options.timeout_s, offset)
+        start, size = _body_start(response, offset)
+        self._check_same_shard(size, response.headers.get("ETag") or response.headers.get("Last-Modified") or "")
+        self._response, self._ranges = response, self._ranges or response.status == 206
+        return start
+
+    def _check_same_shard(self, size: Optional[int], tag: str) -> None:
+        if self.size is None and not self.tag:
+            self.size, self.tag = size, tag
+        elif (size is not None and self.size is not None and size != self.size) or (tag and tag != self.tag):
+            raise PermanentError(f"{self.url}: the shard changed while being read (size {self.size} -> {size}, "
+                                 f"tag {self.tag!r} -> {tag!r}); restart the run")
+
+    def _raw_read(self, n: int) -> bytes:
+        return self._response.read(n)
+
+    def _close_raw(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+    def _jump(self, distance: int) -> bool:
+        return self._ranges and distance > SEEK_BY_RANGE
+
+
+def _http_request(url: str, headers: dict, timeout: float, offset: int,
+                  method: str = "GET") -> http.client.HTTPResponse:
+    """The response to one request; HTTP errors as PermanentError or _Transient with 'URL: 404 Not Found'."""
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        what = f"{exc.code} {exc.reason}"
+        if exc.code in RETRY_STATUS or exc.code >= 500:
+            raise _Transient(what) from None
+        raise PermanentError(f"{url}: {what}" + (f" (at byte {offset})" if offset else "")) from None
+    except ValueError as exc:  # unknown URL type, bad port
+        raise PermanentError(f"{url}: {exc}") from None
+
+
+def _body_start(response: http.client.HTTPResponse, offset: int) -> tuple[int, Optional[int]]:
+    """(offset where the body starts, shard size or None)."""
+    if response.status == 206:
+        match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+        if match is None:
+            raise _Transient("a 206 answer without a usable Content-Range")
+        start, total = int(match.group(1)), match.group(2)
+        if start > offset:
+            raise PermanentError(f"{response.url}: asked for byte {offset}, the server sent from {start}")
+        return start, None if total == "*" else int(total)
+    length = response.headers.get("Content-Length")
+    return 0, int(length) if length and length.isdigit() else None
+
+
+class FsspecReader(ShardReader):
+    """Object stores (s3://, gs://, az://, ...) through fsspec; re-opened and seeked after a failure."""
+
+    _file = None
+
+    def _open_at(self, offset: int) -> int:
+        if self._file is None or self._file.closed:
+            fs, path = filesystem(self.url, self.options)
+            self._file = fs.open(path, "rb", block_size=CHUNK, cache_type="readahead")
+        size = getattr(self._file, "size", None)
+        if self.size is not None and size is not None and size != self.size:
+            raise PermanentError(f"{self.url}: the shard changed size while being read ({self.size} -> {size})")
+        self.size = self.size if size is None else size
+        self._file.seek(offset)
+        return offset
+
+    def _raw_read(self, n: int) -> bytes:
+        return self._file.read(n)
+
+    def _close_raw(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
+                pass
+            self._file = None
+
+    def seekable(self) -> bool:
+        return True
+
+    def _jump(self, distance: int) -> bool:
+        return distance > CHUNK
+
+
+def filesystem(url: str, options: ReadOptions):
+    """(fsspec filesystem, path) for an object-store URL, with the endpoint override for s3://."""
+    import fsspec
+
+    kwargs = dict(options.storage_options)
+    if url.startswith(("s3://", "s3a://")):
+        endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            kwargs.setdefault("endpoint_url", endpoint)
+        kwargs["config_kwargs"] = {"connect_timeout": options.timeout_s, "read_timeout": options.timeout_s,
+                                   **kwargs.get("config_kwargs", {})}
+    try:
+        return fsspec.core.url_to_fs(url, **kwargs)
+    except ImportError as exc:
+        raise PermanentError(f"{url}: {exc}".splitlines()[0] + " (S3: pip install 'pipeline[s3]')") from None
+    except ValueError as exc:
+        raise PermanentError(f"{url}: {exc}") from None
+
+
+class PipeReader(io.RawIOBase):
+    """`pipe:COMMAND`: the command's standard output through webdataset's gopen, forward only, not retried."""
+
+    size = None
+
+    def __init__(self, url: str, options: ReadOptions):
+        from webdataset.gopen import gopen
+
+        super().__init__()
+        self.url, self.options, self.pos = url, options, 0
+        self._pipe = gopen(url, "rb", bufsize=CHUNK)
+        self._pipe.timeout = options.timeout_s
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._pipe.stream.read(n)  # not Pipe.read: its exit check races the end of the output
+        self.pos += len(data)
+        if n is None or n < 0 or len(data) < n:
+            self._check_exit()
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos if whence == 0 else self.pos + pos
+        if target < self.pos or whence == 2:
+            raise io.UnsupportedOperation(f"{self.url}: a pipe only reads forward")
+        while self.pos < target and self.read(min(CHUNK, target - self.pos)):
+            pass
+        return self.pos
+
+    def _check_exit(self) -> None:
+        """At the end of the output: a non-zero exit means the output is incomplete."""
+        try:
+            status = self._pipe.proc.wait(self.options.timeout_s)
+        except subprocess.TimeoutExpired:
+            self._pipe.proc.kill()
+            raise OSError(f"{self.url}: the command closed its output but did not exit within "
+                          f"{self.options.timeout_s:g} s (killed)") from None
+        if status not in (0, 141):
+            raise OSError(f"{self.url}: the command exited with status {status} after {self.pos} bytes")
+
+    def close(self) -> None:
+        """Closing early is fine: the command gets SIGPIPE; its exit status then says nothing."""
+        if not self.closed:
+            self._pipe.stream.close()
+            try:
+                self._pipe.proc.wait(self.options.timeout_s)
+            except subprocess.TimeoutExpired:
+                self._pipe.proc.kill()
+                self._pipe.proc.wait()
+        super().close()
+
+
+class LocalFile(io.BufferedReader):
+    """A local shard: the C buffered reader itself (no Python call per read), plus `size`."""
+
+    def __init__(self, path: str):
+        raw = io.FileIO(path, "rb")
+        super().__init__(raw, buffer_size=CHUNK)
+        self.url, self.size = path, os.fstat(raw.fileno()).st_size
+
+
+def open_shard(url: str, options: Optional[ReadOptions] = None):
+    """A readable handle on the shard at `url` (see the module docstring for what it guarantees).
+
+    Raises OSError with one line naming the URL when it cannot be opened (after the retries for
+    transient failures). Local files raise the usual FileNotFoundError/PermissionError.
+    """
+    options = options or ReadOptions()
+    kind = url_kind(url)
+    if kind == "local":
+        return LocalFile(local_path(url))
+    if kind == "pipe":
+        return PipeReader(url, options)
+    if options.cache_dir:
+        from pipeline.data import shard_cache
+
+        return shard_cache.open_cached(url, options, _remote)
+    return _remote(url, options)
+
+
+def _remote(url: str, options: ReadOptions) -> ShardReader:
+    return HttpReader(url, options) if url_kind(url) == "http" else FsspecReader(url, options)
+
+
+def stat_shard(url: str, options: Optional[ReadOptions] = None) -> tuple[Optional[int], str]:
+    """(size in bytes or None, a version string: mtime_ns, ETag or Last-Modified) for index staleness checks.
+
+    pipe: URLs cannot be asked: (None, "").
+    """
+    options = options or ReadOptions()
+    kind = url_kind(url)
+    if kind == "local":
+        info = os.stat(local_path(url))
+        return info.st_size, f"mtime_ns:{info.st_mtime_ns}"
+    if kind == "pipe":
+        return None, ""
+    return _retrying(url, options, _stat_http if kind == "http" else _stat_fsspec)
+
+
+def _stat_http(url: str, options: ReadOptions) -> tuple[Optional[int], str]:
+    response = _http_request(url, {"User-Agent": USER_AGENT}, options.timeout_s, 0, method="HEAD")
+    with response:
+        length = response.headers.get("Content-Length")
+        tag = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
+        return (int(length) if length and length.isdigit() else None), tag
+
+
+def _stat_fsspec(url: str, options: ReadOptions) -> tuple[Optional[int], str]:
+    fs, path = filesystem(url, options)
+    info = fs.info(path)
+    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+    return info.get("size"), str(tag).strip('"') if tag else ""
+
+
+def _retrying(url: str, options: ReadOptions, call):
+    """call(url, options) with the retry rules of a shard read (counted the same way)."""
+    failures = 0
+    while True:
+        try:
+            return call(url, options)
+        except Exception as exc:  # noqa: BLE001 - permanent ones are raised at once
+            if not _is_transient(exc):
+                raise exc if isinstance(exc, PermanentError) else PermanentError(f"{url}: {_one_line(exc)}") from exc
+            failures += 1
+            if failures > options.retries:
+                _COUNTERS["failed"] += 1
+                raise OSError(f"network: {url}: gave up after {options.retries} retries; "
+                              f"last error: {_one_line(exc)}") from exc
+            _COUNTERS["retries"] += 1
+            time.sleep(options.backoff(failures))
