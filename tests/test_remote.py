@@ -66,8 +66,9 @@ def test_flaky_http_loses_and_duplicates_nothing_and_counts_exactly(shard_dir: P
         for name in names(shard_dir):
             assert read(f"{server.url}/{name}", options=FAST) == read(str(shard_dir / name))
         assert read(f"{server.url}/{name}", 30, 35, FAST) == read(str(shard_dir / name), 30, 35)
-    assert server.failures == 2 and server.drops >= 3 * SHARDS  # it really was flaky
-    assert delta(before) == {"retries": server.failures + server.drops, "resumed": server.drops, "failed": 0}
+    assert server.failures == 2 and server.noticed_drops >= 3 * SHARDS  # it really was flaky
+    assert delta(before) == {"retries": server.failures + server.noticed_drops, "resumed": server.noticed_drops,
+                             "failed": 0}
     for name in names(shard_dir):  # each re-connection continued where the cut was (Range) or from 0
         gets = [e for e in server.gets(name) if e.status in (200, 206)][:4]
         for previous, event in zip(gets, gets[1:]):
@@ -81,7 +82,7 @@ def test_a_timeout_mid_shard_is_retried_and_resumed(shard_dir: Path) -> None:
         assert read(f"{server.url}/{name}", options=ReadOptions(timeout_s=0.3, backoff_s=0.01)) == \
             read(str(shard_dir / name))
         elapsed = time.monotonic() - began
-    assert server.drops == 3 and elapsed < 2.5  # three stalls of 3 s, each cut short by the 0.3 s timeout
+    assert server.noticed_drops == 3 and elapsed < 2.5  # three stalls of 3 s, each cut short by the 0.3 s timeout
     assert delta(before) == {"retries": 3, "resumed": 3, "failed": 0}
 
 
@@ -219,3 +220,69 @@ def test_s3_through_an_endpoint_override(shard_dir: Path, monkeypatch) -> None:
         assert len(read(f"s3://shards/train/{name}", 0, None, ReadOptions())) == SAMPLES
     finally:
         server.stop()
+
+
+# ---- through the stream: counters travel with the batches, from worker processes too ---------------
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """2 shards of 24 8x8 PNGs (4 classes)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("remote_images")
+    with wds.ShardWriter(str(folder / "train-%06d.tar"), maxcount=24, verbose=0) as writer:
+        for i in range(48):
+            buffer = io.BytesIO()
+            pixels = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            writer.write({"__key__": f"{i:06d}", "png": buffer.getvalue(), "cls": str(i % 4).encode()})
+    return folder
+
+
+def _evaluate(urls: list[str], workers: int, options: ReadOptions) -> tuple[list[int], dict]:
+    from pipeline.config import load_config
+    from pipeline.data.decode import build_decoding
+    from pipeline.data.stream import ShardStream, make_loader
+
+    cfg = load_config(None, ["data.image_size=8"])
+    stream = ShardStream(urls, [24] * len(urls), batch_size=5, codec=build_decoding(cfg.data, False)[0], channels=3,
+                         rank=0, world_size=1, num_workers=workers, seed=0, train=False, read_options=options)
+    stream.set_position(0)
+    labels, counts = [], faults.empty_counts()
+    for _, batch_labels, batch_counts in make_loader(stream, workers, False, "fork"):
+        labels += batch_labels.tolist()
+        counts += batch_counts
+    return labels, faults.as_dict(counts)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_network_counts_arrive_with_the_batches(image_dir: Path, workers: int) -> None:
+    with serve(image_dir, drop_every_bytes=9_000, fail_first_n=1) as server:
+        urls = [f"{server.url}/{n}" for n in names(image_dir)]
+        labels, counts = _evaluate(urls, workers, FAST)
+    assert sorted(labels) == sorted(i % 4 for i in range(48)) and counts["seen"] == 48  # every sample once
+    assert faults.num_skipped(torch_counts(counts)) == 0
+    drops = server.noticed_drops
+    assert drops >= 10 and (counts["net_retries"], counts["net_resumed"], counts["net_failed"]) == (drops + 1, drops, 0)
+    line = faults.summary_line(torch_counts(counts), "test")
+    assert line == f"data: 0 of 48 test samples skipped (0.00%): none; network: {drops + 1} retries, {drops} resumed " \
+                   "mid-shard"
+
+
+def test_a_lost_shard_is_counted_truncated_and_given_up(image_dir: Path) -> None:
+    first, second = names(image_dir)
+    with serve(image_dir, always_fail=(second,)) as server:
+        labels, counts = _evaluate([f"{server.url}/{first}", f"{server.url}/{second}"], 0,
+                                   ReadOptions(retries=2, backoff_s=0.001))
+    assert labels == [i % 4 for i in range(24)]
+    assert (counts["seen"], counts["truncated"], counts["net_retries"], counts["net_failed"]) == (48, 24, 2, 1)
+    assert faults.describe(torch_counts(counts)) == "truncated 24; network: 2 retries, 1 shard given up"
+
+
+def torch_counts(values: dict):
+    import torch
+
+    return torch.tensor([values[f] for f in faults.FIELDS])

@@ -130,6 +130,16 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """Stop (exit 65) when more than this fraction of an epoch's train or val samples were skipped as bad
     (undecodable, unlabelled, truncated shard; see README "Bad data"); 0: any bad sample stops the run, 1: never."""
+    retries: int = 5
+    """Retries of a remote shard read after a transient failure (reset, timeout, HTTP 5xx/429), in a row; 0: none."""
+    timeout_s: float = 60.0
+    """Seconds a remote read waits for a connection or for the next bytes before that attempt counts as failed."""
+    cache_dir: str = ""
+    """Folder keeping remote shards once read to their end, so later epochs read them locally (empty: no cache)."""
+    cache_max_gb: float = 50.0
+    """Size cap of data.cache_dir in GB; the least recently used shards are removed beyond it."""
+    endpoint_url: str = ""
+    """S3-compatible endpoint for s3:// shards (MinIO, Ceph, ...: http://host:9000); empty: AWS_ENDPOINT_URL or AWS."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
 
@@ -143,6 +153,11 @@ class DataConfig:
         _check_choice("data.decode_device", self.decode_device, DECODE_DEVICES)
         _check_choice("data.worker_start", self.worker_start, tuple(multiprocessing.get_all_start_methods()))
         _check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        _check_range("data.retries", self.retries, 0)
+        _check_range("data.timeout_s", self.timeout_s, 0.0, low_open=True)
+        _check_range("data.cache_max_gb", self.cache_max_gb, 0.0, low_open=True)
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"data.endpoint_url={self.endpoint_url!r} must start with http:// or https://")
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
             if len(values) not in (1, self.channels):
                 raise ValueError(f"{key} has {len(values)} values; give 1 or data.channels={self.channels}")

@@ -7,10 +7,11 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, DataConfig
 from pipeline.data import faults
 from pipeline.data.decode import build_decoding
 from pipeline.data.manifest import Manifest
+from pipeline.data.remote import ReadOptions
 from pipeline.data.stream import ShardStream, make_loader, shard_paths
 from pipeline.data.transforms import build_transform
 
@@ -41,6 +42,12 @@ class SplitLoader:
                 yield images, labels
 
 
+def build_read_options(cfg: DataConfig) -> ReadOptions:
+    """How shards are read (remote ones: retries, timeouts, cache, endpoint); see `pipeline.data.remote`."""
+    return ReadOptions(retries=cfg.retries, timeout_s=cfg.timeout_s, cache_dir=cfg.cache_dir,
+                       cache_max_gb=cfg.cache_max_gb, endpoint_url=cfg.endpoint_url)
+
+
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                  train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
     """The split's stream for one rank; `codec` (default: decode and augment in the workers, uint8 batches)
@@ -58,7 +65,7 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
         world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train,
         num_classes=manifest.num_classes, image_mode=manifest.image_mode or None, image_size=manifest.image_size,
-        **extra)
+        read_options=build_read_options(cfg.data), **extra)
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
@@ -70,4 +77,5 @@ def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
     return SplitLoader(stream, loader, finish)
 
 
-__all__ = ["Manifest", "ShardStream", "SplitLoader", "build_loader", "build_stream", "build_transform"]
+__all__ = ["Manifest", "ReadOptions", "ShardStream", "SplitLoader", "build_loader", "build_read_options",
+           "build_stream", "build_transform"]

@@ -4,7 +4,8 @@
     with serve(folder, drop_every_bytes=50_000, fail_first_n=2, ranges=True) as server:
         tar_samples(f"{server.url}/train-000000.tar", 0, None, ReadOptions(backoff_s=0.01))
         server.log    # what it did, one Event per request: status, bytes sent, whether it dropped
-        server.drops  # connections it cut mid-body;  server.failures: requests answered 503
+        server.drops  # connections it cut mid-body (noticed_drops: those the client came back after)
+        server.failures  # requests answered 503
 
 What the flaky server does, deterministically:
 - `fail_first_n`: the first n GET requests (over all files) are answered `fail_status` (503).
@@ -64,6 +65,12 @@ class FlakyServer:
     @property
     def drops(self) -> int:
         return sum(e.dropped for e in self.log)
+
+    @property
+    def noticed_drops(self) -> int:
+        """Cuts a client came back after (a cut past the last byte it needed goes unnoticed, rightly)."""
+        gets = self.gets()
+        return sum(e.dropped and any(later.name == e.name for later in gets[i + 1:]) for i, e in enumerate(gets))
 
     @property
     def failures(self) -> int:
