@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.data.remote import CHUNK, LocalFile, ReadOptions
+from pipeline.data.remote import CHUNK, ReadOptions, open_local
 
 TAIL = 64 << 10
 """A handle closed this close to its shard's end reads the rest, so the copy completes."""
@@ -47,7 +47,7 @@ def open_cached(url: str, options: ReadOptions, open_remote: Callable[[str, Read
     """The local copy of `url` if there is one, else the remote handle, copied into the cache as it is read."""
     path = cache_path(url, options.cache_dir)
     try:
-        handle = LocalFile(str(path))
+        handle = open_local(str(path))
     except FileNotFoundError:
         return CachingReader(open_remote(url, options), path, int(options.cache_max_gb * 1e9))
     try:

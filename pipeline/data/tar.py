@@ -25,7 +25,7 @@ import zlib
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator, Optional
 
-from pipeline.data.remote import CHUNK, ReadOptions, open_shard
+from pipeline.data.remote import CHUNK, ReadOptions, open_shard, shard_size
 
 BLOCK = 512
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
@@ -60,7 +60,7 @@ def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
 
     A file cut short raises tarfile.ReadError("unexpected end of data"), as tarfile does.
     """
-    file_size: Optional[int] = getattr(handle, "size", None)
+    file_size = shard_size(handle)
     long_name: Optional[str] = None
     while True:
         header = handle.read(BLOCK)
@@ -86,7 +86,10 @@ def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
                     name = prefix.decode("utf-8") + "/" + name
             yield name, size, start
         long_name = None
-        _skip_to(handle, start + padded, file_size is not None)
+        if file_size is not None:  # (inline: this line runs per member; a cut was checked against the size)
+            handle.seek(start + padded)
+        else:
+            _read_forward(handle, start + padded)
 
 
 def _read_exactly(handle: BinaryIO, size: int) -> bytes:
@@ -96,12 +99,8 @@ def _read_exactly(handle: BinaryIO, size: int) -> bytes:
     return data
 
 
-def _skip_to(handle: BinaryIO, position: int, sized: bool) -> None:
-    """Go forward to `position`: seek where the size is known (a cut was checked against it), else read
-    and discard, so that a stream cut short is noticed here too."""
-    if sized:
-        handle.seek(position)
-        return
+def _read_forward(handle: BinaryIO, position: int) -> None:
+    """Read and discard up to `position` (a stream of unknown size), so that a cut is noticed here too."""
     while (gap := position - handle.tell()) > 0:
         if not handle.read(min(gap, CHUNK)):
             raise tarfile.ReadError("unexpected end of data")
@@ -148,6 +147,8 @@ def tar_samples(url: str, start: int = 0, stop: Optional[int] = None,
             if sample is not None:
                 if ext in sample:
                     raise ValueError(f"{url}: duplicate file name {name} in the tar file")
-                sample[ext] = _read_exactly(handle, size)
+                data = sample[ext] = handle.read(size)
+                if len(data) < size:
+                    raise tarfile.ReadError("unexpected end of data")
         if sample is not None:
             yield sample
