@@ -286,3 +286,19 @@ def torch_counts(values: dict):
     import torch
 
     return torch.tensor([values[f] for f in faults.FIELDS])
+
+
+def test_a_long_skip_over_http_is_a_range_request_not_a_download(tmp_path: Path) -> None:
+    """Skipping a member larger than remote.SEEK_BY_RANGE (4 MiB) is a Range request where the server allows it,
+    else it is read through (smaller members are always read through: a round trip costs more)."""
+    with wds.TarWriter(str(tmp_path / "big.tar")) as writer:
+        for i in range(6):
+            writer.write({"__key__": f"{i:03d}", "bin": bytes([i]) * (5 << 20), "cls": b"0"})
+    expected = read(str(tmp_path / "big.tar"), 4)
+    for ranges in (True, False):
+        with serve(tmp_path, ranges=ranges) as server:
+            assert read(f"{server.url}/big.tar", 4, None, FAST) == expected
+        gets = server.gets()
+        assert len(gets) == (5 if ranges else 1)  # the first connection, then a jump over each of samples 0-3
+        starts = [e.start for e in gets]
+        assert starts == sorted(starts) and (starts[-1] >= 4 * (5 << 20) if ranges else starts == [0])

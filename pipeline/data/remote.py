@@ -285,14 +285,15 @@ class HttpReader(ShardReader):
     """http(s):// through urllib (redirects, proxies from the environment, TLS)."""
 
     _response: Optional[http.client.HTTPResponse] = None
-    _ranges = False  # the server answered a Range request with 206
+    _ranges = False  # the server said it takes Range requests (Accept-Ranges: bytes, or a 206 answer)
 
     def _open_at(self, offset: int) -> int:
         headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={offset}-"} if offset else {})}
         response = _http_request(self.url, headers, self.options.timeout_s, offset)
         start, size = _body_start(response, offset)
         self._check_same_shard(size, response.headers.get("ETag") or response.headers.get("Last-Modified") or "")
-        self._response, self._ranges = response, self._ranges or response.status == 206
+        self._response = response
+        self._ranges = self._ranges or response.status == 206 or response.headers.get("Accept-Ranges") == "bytes"
         return start
 
     def _check_same_shard(self, size: Optional[int], tag: str) -> None:
