@@ -280,6 +280,18 @@ def test_a_lost_shard_is_counted_truncated_and_given_up(image_dir: Path) -> None
     assert labels == [i % 4 for i in range(24)]
     assert (counts["seen"], counts["truncated"], counts["net_retries"], counts["net_failed"]) == (48, 24, 2, 1)
     assert faults.describe(torch_counts(counts)) == "truncated 24; network: 2 retries, 1 shard given up"
+    record = faults.counts_record(torch_counts(counts), "val")
+    assert (record["data/val/skipped"], record["data/val/net_retries"], record["data/val/net_failed"]) == (24, 2, 1)
+
+
+def test_object_store_errors_are_one_line() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is None:  # not a dependency; where it is installed this would go online
+        with pytest.raises(OSError, match=r"^gs://bucket/a\.tar: .*gcsfs"):
+            open_shard("gs://bucket/a.tar", FAST)
+    with pytest.raises(OSError, match=r"^nosuchproto://x/a\.tar: "):
+        open_shard("nosuchproto://x/a.tar", FAST)
 
 
 def torch_counts(values: dict):

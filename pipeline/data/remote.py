@@ -47,6 +47,7 @@ import io
 import os
 import random
 import re
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -131,6 +132,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (PermanentError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(getattr(exc, "reason", None), ssl.SSLCertVerificationError):  # a bad certificate stays bad
         return False
     if isinstance(exc, (OSError, http.client.HTTPException)):
         return True
@@ -392,7 +395,8 @@ def filesystem(url: str, options: ReadOptions):
     try:
         return fsspec.core.url_to_fs(url, **kwargs)
     except ImportError as exc:
-        raise PermanentError(f"{url}: {exc}".splitlines()[0] + " (S3: pip install 'pipeline[s3]')") from None
+        hint = " (pip install 'pipeline[s3]')" if url.startswith(("s3://", "s3a://")) else ""
+        raise PermanentError(f"{url}: {exc}".splitlines()[0] + hint) from None
     except ValueError as exc:
         raise PermanentError(f"{url}: {exc}") from None
 
