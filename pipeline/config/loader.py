@@ -212,6 +212,19 @@ def _schema() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
+ONE_OR_LIST = {"data": ("train", "val", "test", "classes")}
+"""List keys that also take a single string (one shard spec, one class file): it becomes a one-item list."""
+
+
+def _one_or_list(raw: dict) -> None:
+    for section, names in ONE_OR_LIST.items():
+        values = raw.get(section)
+        if isinstance(values, dict):
+            for name in names:
+                if isinstance(values.get(name), str):
+                    values[name] = [values[name]]
+
+
 def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
     """Schema defaults <- each (config layer, where it came from); validated; one-line ConfigError on failure.
 
@@ -224,6 +237,7 @@ def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
         raw = OmegaConf.to_container(layer, resolve=False) if isinstance(layer, DictConfig) else layer
         if not isinstance(raw, dict):
             raise ConfigError(f"config from {source} must be a mapping of sections (data:, model:, ...)")
+        _one_or_list(raw)
         _check_layer(raw, Config, "", source)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(raw))

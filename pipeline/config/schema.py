@@ -98,7 +98,23 @@ class DataConfig:
     """Where the WebDataset shards live and how they are read."""
 
     root: str = "data/digits_shards"
-    """Folder holding the shards and manifest.json written by `pipeline data shards`."""
+    """Folder holding the shards and manifest.json written by `pipeline data shards` (used when data.train is empty)."""
+    train: list[str] = field(default_factory=list)
+    """Training shards instead of data.root: a folder (ours, or any WebDataset shards), shard files (.tar, .tar.gz), a
+    glob, a brace pattern (train-{000000..000146}.tar) or URLs (http(s)://, s3://, gs://, pipe:COMMAND); one or a list."""
+    val: list[str] = field(default_factory=list)
+    """Validation shards, given as data.train is (required when data.train is set)."""
+    test: list[str] = field(default_factory=list)
+    """Test shards, given as data.train is; empty with data.train set: the final evaluation uses data.val."""
+    image_key: str = ""
+    """Sample key of the image (jpg, png, ...); empty: the first of png, jpg, jpeg, bmp, webp, tif(f), gif, ppm."""
+    label_key: str = "cls"
+    """Sample key of the label: cls (an integer), txt (a class name), or json.<field>[.<field>] (an index or name)."""
+    classes: list[str] = field(default_factory=list)
+    """Class names in index order, or one entry naming a text file (one name per line). Empty: our manifest's, a
+    classes.txt or _info.json beside the training shards, else the labels found while indexing (0..max, or names)."""
+    index_dir: str = ""
+    """Where shard indexes (per-shard sample counts for exact resume) are cached; empty: ~/.cache/pipeline/index."""
     auto_prepare_digits: Optional[bool] = None
     """If `root` has no manifest, build scikit-learn's digits shards there first (the bundled demo). null: only at the
     default root data/digits_shards; true: at any local folder; false: never. A URL or pattern root is never built."""
@@ -136,6 +152,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.root:
             raise ValueError("data.root is empty; give the folder that holds manifest.json")
+        member, _, path = self.label_key.partition(".")
+        if not member or (member == "json" and not path) or (path and not all(path.split("."))):
+            raise ValueError(f"data.label_key={self.label_key!r} is not a sample key such as cls, txt or json.label "
+                             "(json.<field>[.<field>...])")
         _check_range("data.image_size", self.image_size, 1)
         _check_choice("data.channels", self.channels, (1, 3))
         _check_range("data.num_workers", self.num_workers, 0)

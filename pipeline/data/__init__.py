@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config.schema import Config
 from pipeline.data import faults
+from pipeline.data.dataset import sample_keys
 from pipeline.data.decode import build_decoding
 from pipeline.data.manifest import Manifest
 from pipeline.data.stream import ShardStream, make_loader, shard_paths
@@ -58,7 +59,7 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
         world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train,
         num_classes=manifest.num_classes, image_mode=manifest.image_mode or None, image_size=manifest.image_size,
-        **extra)
+        keys=sample_keys(cfg.data, manifest.classes), **extra)
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,

@@ -74,9 +74,9 @@ class BalancedShardStream(ShardStream):
         yield from drawn[skip:]
 
     def _is_bad(self, sample: dict) -> bool:
-        return MISSING in sample or bool(parse_label(sample, len(self.class_weight))[1])
+        return MISSING in sample or bool(parse_label(sample, len(self.class_weight), self.keys)[1])
 
     def _weight(self, sample: dict) -> float:
         """Draw weight of a raw sample: 1/count of its class; 0 for one without a usable label."""
-        label, reason, _ = parse_label(sample, len(self.class_weight))
+        label, reason, _ = parse_label(sample, len(self.class_weight), self.keys)
         return 0.0 if reason or MISSING in sample else self.class_weight[label]

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import fault_injection
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
+from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
 from pipeline.data.tar import tar_samples
 from pipeline.data.workers import init_worker, track, worker_context
 
@@ -136,11 +137,12 @@ class ShardStream(IterableDataset):
                  codec: SampleCodec, channels: int, rank: int, world_size: int, num_workers: int,
                  seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False,
                  num_classes: int | None = None, image_mode: str | None = None,
-                 image_size: Sequence[int] | None = None):
+                 image_size: Sequence[int] | None = None, keys: SampleKeys = DEFAULT_KEYS):
         if len(shard_paths) != len(shard_sizes):
             raise ValueError("shard_paths and shard_sizes differ in length")
         # What a good sample looks like (from the manifest); see pipeline.data.faults.
         self.num_classes, self.image_mode, self.image_size = num_classes, image_mode, image_size
+        self.keys = keys  # which members are the image and the label (see pipeline.data.keys)
         self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")
         self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
@@ -282,7 +284,7 @@ class ShardStream(IterableDataset):
 
     def _inspect(self, sample: dict, seed: Optional[int]) -> SampleCheck:
         return inspect_sample(sample, self.mode, self.num_classes, self.image_mode, self.image_size,
-                              decode=partial(self.codec.decode, seed=seed))
+                              decode=partial(self.codec.decode, seed=seed), keys=self.keys)
 
     def _first_good(self, epoch: int, slot: int, number: int, segment: Segment) -> SampleCheck:
         """The segment's first good sample; if it has none, the split's (shards in order)."""
@@ -332,4 +334,6 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
 
 
 def shard_paths(root: str | Path, names: Sequence[str]) -> list[str]:
-    return [str(Path(root) / name) for name in names]
+    """Where the shards are: names relative to `root` (our manifests), or as they are (absolute paths, URLs)."""
+    return [name if "://" in name or name.startswith("pipe:") or os.path.isabs(name) else str(Path(root) / name)
+            for name in names]

@@ -77,7 +77,7 @@ def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
         handle.seek(start + padded)
 
 
-def tar_samples(path: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
+def tar_samples(path: str, start: int = 0, stop: Optional[int] = None, options: object = None) -> Iterator[dict]:
     """Samples number `start` to `stop` (exclusive; None: the end) of the shard at `path`."""
     index, key = -1, None
     sample: Optional[dict] = None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.config.schema import Config, DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
+from pipeline.data.specs import is_url
 from pipeline.distributed import Dist
 
 
@@ -42,8 +43,8 @@ def check_data_root(cfg: Config) -> None:
 
 def missing_shards(cfg: Config, manifest: Manifest) -> str:
     root = Path(cfg.data.root)
-    names = [s.name for split in manifest.splits.values() for s in split.shards]
-    missing = [name for name in names if not (root / name).is_file()]
+    names = [s.name for split in manifest.splits.values() for s in split.shards if not is_url(s.name)]
+    missing = [name for name in names if not (root / name).is_file()]  # (an absolute name stays as it is)
     if not missing:
         return ""
     return (f"data.root='{root}': {len(missing)} of {len(names)} shard file(s) listed in {MANIFEST_NAME} are "

@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from pipeline.checkpointing import Checkpointer
 from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
+from pipeline.data.dataset import spec_manifest, uses_specs
+from pipeline.data.specs import describe
 from pipeline.data.faults import SKIP_REASONS
 from pipeline.data.shards import ensure_digits_shards
 from pipeline.distributed import Dist, build_dist
@@ -39,7 +41,28 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
-    """The data manifest; the bundled digits shards are built first if allowed and missing."""
+    """The data manifest: of the shard specs (data.train ...; indexed by the main process, sent to every rank),
+    or of data.root (the bundled digits shards are built first if allowed and missing)."""
+    if uses_specs(cfg.data):
+        manifest = _spec_manifest(cfg, dist)
+        if not cfg.data.test and dist is not None:
+            dist.print("data.test is not set: the final evaluation uses the validation shards (data.val)")
+    else:
+        manifest = _root_manifest(cfg, dist)
+    root = describe(cfg.data.train) if uses_specs(cfg.data) else cfg.data.root
+    if manifest.num_classes < 2:
+        raise ValueError(f"data '{root}': {manifest.num_classes} class(es) "
+                         f"({', '.join(manifest.classes) or 'none'}); a classifier needs at least 2")
+    return manifest
+
+
+def _spec_manifest(cfg: Config, dist: Dist | None) -> Manifest:
+    """Expanded and indexed once, by the main process; every rank gets the same manifest (or the same error)."""
+    build = lambda: spec_manifest(cfg.data, progress=cfg.logging.progress)  # noqa: E731
+    return build() if dist is None else dist.on_main(build)
+
+
+def _root_manifest(cfg: Config, dist: Dist | None) -> Manifest:
     root = Path(cfg.data.root)
     check_data_root(cfg)
     if not (root / "manifest.json").is_file() and builds_digits(cfg):
@@ -53,9 +76,6 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
     for split in ("train", "val", "test"):
         if split not in manifest.splits:
             raise ValueError(f"manifest in '{root}' has no '{split}' split")
-    if manifest.num_classes < 2:
-        raise ValueError(f"data.root='{root}': its manifest has {manifest.num_classes} class(es) "
-                         f"({', '.join(manifest.classes) or 'none'}); a classifier needs at least 2")
     return manifest
 
 
