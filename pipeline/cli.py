@@ -135,12 +135,36 @@ def _data_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_data(args: argparse.Namespace):
+    """The data config a `data verify`/`data index` command line describes (keys, classes, index folder)."""
+    from pipeline.config.schema import DataConfig
+
+    return DataConfig(label_key=args.label_key, image_key=args.image_key, classes=args.classes or [],
+                      index_dir=args.index_dir)
+
+
 def _data_verify(args: argparse.Namespace) -> int:
     from pipeline.data.verify import print_report, verify_shards
 
-    report = verify_shards(args.root, show_progress=not args.no_progress)
+    report = verify_shards(args.root, show_progress=not args.no_progress, data=_spec_data(args))
     print_report(report)
     return 0 if report.ok else 1
+
+
+def _data_index(args: argparse.Namespace) -> int:
+    from pipeline.data.index import print_index, write_index
+
+    index, path = write_index(args.spec, _spec_data(args), out=args.out, sha256=args.sha256,
+                              progress=not args.no_progress)
+    print_index(index, path)
+    return 0 if not any(s.error for s in index.shards) else 1
+
+
+def _spec_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-key", default="cls", help="sample key of the label: cls, txt, json.<field> (cls)")
+    parser.add_argument("--image-key", default="", help="sample key of the image (default: the first image key)")
+    parser.add_argument("--classes", nargs="+", default=None, help="class names in index order, or a text file")
+    parser.add_argument("--index-dir", default="", help="index cache folder (default ~/.cache/pipeline/index)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,9 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     shards.set_defaults(func=_data_shards)
     verify = data.add_parser("verify", help="check shards against manifest.json (sha256, counts) and decode "
                              "every sample; exit 1 if anything is wrong")
-    verify.add_argument("root", metavar="SHARDS_DIR")
+    verify.add_argument("root", metavar="SHARDS", nargs="+",
+                        help="our shard folder (manifest.json), or shard specs: folders, files, patterns, URLs")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _spec_options(verify)
     verify.set_defaults(func=_data_verify)
+    index = data.add_parser("index", help="read shard specs once: per-shard sample counts and labels, cached for "
+                            "training (exact resume needs the counts)")
+    index.add_argument("spec", nargs="+", help="shard folders, files, globs, brace patterns or URLs (http, s3, pipe:)")
+    index.add_argument("--out", default=None, help="also write the index to this JSON file")
+    index.add_argument("--sha256", action="store_true", help="record each local shard's sha256 (reads it again)")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _spec_options(index)
+    index.set_defaults(func=_data_index)
     summary = data.add_parser("summary", help="class counts and imbalance of a shard folder's manifest")
     summary.add_argument("root")
     summary.set_defaults(func=_data_summary)

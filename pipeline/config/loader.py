@@ -188,7 +188,9 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except Exception as exc:  # noqa: BLE001 - any parse failure becomes one line
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}") from None
+        hint = ("; inside [ ] quote items with braces or commas: data.train=\"['a-{0..9}.tar','b.tar']\""
+                if any("{" in item for item in overrides) else "")
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}{hint}") from None
 
 
 def _load_yaml(path: Path) -> DictConfig:

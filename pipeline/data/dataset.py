@@ -54,26 +54,32 @@ def spec_manifest(data: DataConfig, progress: bool = True) -> Manifest:
         raise SpecError("data.train is empty while data.val or data.test is set; give the training shards too")
     if not data.val:
         raise SpecError("data.val is not set; give the validation shards (a folder, shard files, a pattern or URLs)")
+    manifest = specs_manifest({split: getattr(data, split) for split in SPEC_SPLITS if getattr(data, split)}, data,
+                              progress)
+    manifest.splits.setdefault("test", manifest.splits["val"])
+    return manifest
+
+
+def specs_manifest(specs: dict[str, list[str]], data: DataConfig, progress: bool = True, key_prefix: str = "data.",
+                   rebuild: bool = False) -> Manifest:
+    """The manifest of named shard specs (split -> spec; the first split's shards are looked beside for class files)."""
     keys, options = sample_keys(data), read_options(data)
     parts: dict[str, tuple[list[str], dict[str, int], Optional[SpecIndex], list[Manifest]]] = {}
-    for split in SPEC_SPLITS:
-        spec = getattr(data, split)
-        if not spec:
-            continue
-        expanded = expand(spec, f"data.{split}", split)
+    for split, spec in specs.items():
+        expanded = expand(spec, f"{key_prefix}{split}", split)
         foreign = [url for url in expanded.urls if url not in expanded.own]
-        index = load_or_build(foreign, keys, options, data.index_dir, f"data.{split}", progress) if foreign else None
+        index = load_or_build(foreign, keys, options, data.index_dir, f"{key_prefix}{split}", progress,
+                              rebuild) if foreign else None
         owns = [Manifest.read(folder) for folder in expanded.own_folders]
         parts[split] = (expanded.urls, expanded.own, index, owns)
     classes = _classes(data, parts, options)
-    splits = {split: _split(split, classes, keys, *part) for split, part in parts.items()}
-    if "test" not in splits:
-        splits["test"] = splits["val"]
-    return Manifest(classes=classes, splits=splits, source=describe(data.train), split_source="specs",
-                    split_folders={split: describe(getattr(data, split)) for split in parts})
+    splits = {split: _split(f"{key_prefix}{split}", split, classes, keys, *part) for split, part in parts.items()}
+    first = next(iter(specs.values()))
+    return Manifest(classes=classes, splits=splits, source=describe(first), split_source="specs",
+                    split_folders={split: describe(spec) for split, spec in specs.items()})
 
 
-def _split(split: str, classes: list[str], keys: SampleKeys, urls: list[str], own: dict[str, int],
+def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: list[str], own: dict[str, int],
            index: Optional[SpecIndex], owns: list[Manifest]) -> SplitInfo:
     from pipeline.tracking.console import warn
 
@@ -88,7 +94,7 @@ def _split(split: str, classes: list[str], keys: SampleKeys, urls: list[str], ow
             continue
         entry = entries[url]
         if entry.error:
-            warn(f"data.{split}: shard {url} could be read only up to sample {entry.num_samples} ({entry.error}); "
+            warn(f"{what}: shard {url} could be read only up to sample {entry.num_samples} ({entry.error}); "
                  f"the samples read are used")
         shards.append(ShardInfo(name=url, num_samples=entry.num_samples, num_bytes=entry.num_bytes, sha256=entry.sha256))
         unusable += entry.no_label
@@ -99,7 +105,7 @@ def _split(split: str, classes: list[str], keys: SampleKeys, urls: list[str], ow
             else:
                 counts[classes[label]] += n
     if unusable:
-        warn(f"data.{split}: {unusable} sample(s) have no usable label under data.label_key='{keys.label_key}' "
+        warn(f"{what}: {unusable} sample(s) have no usable label under data.label_key='{keys.label_key}' "
              f"for the {len(classes)} classes; they are skipped and counted (see data.max_bad_fraction)")
     total = sum(s.num_samples for s in shards)
     return SplitInfo(num_samples=total, class_counts={name: counts.get(name, 0) for name in classes}, shards=shards)
@@ -112,7 +118,7 @@ def _classes(data: DataConfig, parts: dict, options: ReadOptions) -> list[str]:
     owned = [m for _, _, _, owns in parts.values() for m in owns]
     if owned:
         return list(owned[0].classes)
-    urls = parts["train"][0]
+    urls = next(iter(parts.values()))[0]
     found = _classes_beside(urls[0], options) if urls else None
     if found:
         return _check_names(found, f"the class file beside {urls[0]}")

@@ -163,12 +163,12 @@ def stale_shard(index: SpecIndex, options: ReadOptions | None = None, threads: i
 
 
 def load_or_build(urls: Sequence[str], keys: SampleKeys, options: ReadOptions | None, index_dir: str,
-                  what: str, progress: bool = True) -> SpecIndex:
-    """The cached index of `urls` if it is still true to the shards, else a new one (read once, cached)."""
+                  what: str, progress: bool = True, rebuild: bool = False) -> SpecIndex:
+    """The cached index of `urls` if it is still true to the shards (and not `rebuild`), else a new one (cached)."""
     from pipeline.tracking.console import warn
 
     path = cache_path(index_dir, urls, keys)
-    if path.is_file():
+    if path.is_file() and not rebuild:
         try:
             index = SpecIndex.read(path)
             problem = stale_shard(index, options)
@@ -213,3 +213,42 @@ def label_summary(counts: Counter) -> str:
     if names:
         parts.append(f"{len(names)} name(s) {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
     return "; ".join(parts) or "no labels"
+
+
+def write_index(specs: Sequence[str], data, out: str | None = None, sha256: bool = False,
+                progress: bool = True) -> tuple[SpecIndex, Path]:
+    """`pipeline data index`: index the shards `specs` name afresh, into the cache (and `out`)."""
+    from pipeline.data.dataset import read_options, sample_keys
+    from pipeline.data.specs import expand
+
+    expanded = expand(list(specs), "SPEC", "train")
+    keys = sample_keys(data)
+    index = index_with_progress(expanded.urls, keys, read_options(data), "shards", progress, sha256)
+    path = cache_path(data.index_dir, expanded.urls, keys)
+    index.write(path)
+    if out:
+        index.write(Path(out))
+        path = Path(out)
+    return index, path
+
+
+def print_index(index: SpecIndex, path: Path) -> None:
+    """One row per shard (samples, size, labels), the totals, and where the index was written."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pipeline.tracking.console import console
+
+    table = Table(title_justify="left")
+    for name, kwargs in (("shard", {"no_wrap": True}), ("samples", {"justify": "right"}),
+                         ("MB", {"justify": "right"}), ("no label", {"justify": "right"}), ("problem", {})):
+        table.add_column(name, **kwargs)
+    for shard in index.shards:
+        table.add_row(escape(shard.url), str(shard.num_samples), f"{shard.num_bytes / 1e6:.1f}",
+                      str(shard.no_label or ""), escape(shard.error), style="red" if shard.error else "")
+    console.print(table)
+    counts = index.label_counts()
+    no_label = sum(s.no_label for s in index.shards)
+    console.print(escape(f"{len(index.shards)} shard(s), {index.num_samples} samples; labels under "
+                         f"'{index.label_key}': {label_summary(counts)}"
+                         f"{f'; {no_label} without a label' if no_label else ''}; index: {path}"))

@@ -69,7 +69,9 @@ def expand(spec: str | Sequence[str] | None, key: str, split: str) -> Expanded:
     for item in items:
         if not item.strip():
             raise SpecError(f"{key} has an empty entry; give shard files, a folder, a pattern or URLs")
-        for text in braceexpand(item):
+        texts = list(braceexpand(item))
+        _check_pattern(texts, key, item)
+        for text in texts:
             _add(out, text, key, split, item)
     seen: set[str] = set()
     for url in out.urls:
@@ -77,6 +79,16 @@ def expand(spec: str | Sequence[str] | None, key: str, split: str) -> Expanded:
             raise SpecError(f"{key} names the shard '{url}' more than once; each shard is read once per epoch")
         seen.add(url)
     return out
+
+
+def _check_pattern(texts: list[str], key: str, item: str) -> None:
+    """A brace pattern over local files names only files that exist (else: how many are missing, the first)."""
+    local = [t[len("file://"):] if t.startswith("file://") else t for t in texts
+             if not is_url(t) and not any(c in t for c in GLOB_CHARS)]
+    missing = [t for t in local if not os.path.exists(os.path.expanduser(t))]
+    if len(texts) > 1 and missing:
+        raise SpecError(f"{key}: {len(missing)} of the {len(texts)} shards '{item}' names do not exist "
+                        f"(first: {missing[0]})")
 
 
 def _add(out: Expanded, text: str, key: str, split: str, item: str) -> None:
