@@ -22,7 +22,7 @@ from pipeline.data.dataset import read_options, sample_keys, specs_manifest
 from pipeline.data.faults import MISSING, inspect_sample, missing_sample, short_error
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.data.remote import ReadOptions, stat_shard
-from pipeline.data.specs import describe, is_url
+from pipeline.data.specs import SHARD_SUFFIXES, describe, is_shard_name, is_url
 from pipeline.data.stream import shard_paths
 from pipeline.data.tar import tar_samples
 
@@ -150,6 +150,9 @@ def verify_shards(root: str | Path | list[str], show_progress: bool = True, data
     elif len(specs) == 1 and not is_url(specs[0]) and not Path(specs[0]).exists() and "{" not in specs[0] \
             and not any(c in specs[0] for c in "*?["):
         raise FileNotFoundError(f"shard folder '{specs[0]}' does not exist")
+    elif len(specs) == 1 and Path(specs[0]).is_dir() and not any(is_shard_name(p.name) for p in Path(specs[0]).iterdir()):
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in '{specs[0]}' and no shard files ({', '.join(SHARD_SUFFIXES)}) "
+                                f"either; build shards with `pipeline data shards SRC {specs[0]}`")
     else:
         where, manifest = Path("."), specs_manifest({"shards": specs}, data, progress=show_progress, key_prefix="")
     shards = [(split, info) for split, s in manifest.splits.items() for info in s.shards]
