@@ -173,3 +173,26 @@ def test_resume_mid_epoch_on_foreign_shards_is_bit_identical(shards, tmp_path) -
     assert ref.keys() == cut.keys() and all(torch.equal(ref[k], cut[k]) for k in ref)
     tests = [json.loads((tmp_path / r / "test_metrics.json").read_text()) for r in ("ref", "cut")]
     assert tests[0] == tests[1] and tests[0]["num_samples"] == 297
+
+
+def test_cv_folds_of_foreign_shards_read_their_labels(shards, tmp_path) -> None:
+    from pipeline.cv import write_fold_shards
+    from pipeline.data.manifest import Manifest
+
+    data = _data(shards["png+txt"], tmp_path, label_key="txt")
+    cfg = load_config(None, [f"data.train={data.train[0]}", f"data.val={data.val[0]}", f"data.test={data.test[0]}",
+                             f"data.index_dir={data.index_dir}", "data.label_key=txt", "cv.folds=5"])
+    fold = Manifest.read(write_fold_shards(cfg, 0, tmp_path / "fold0"))
+    assert fold.classes == sorted(wds_shards.NAMES)
+    assert fold.split("train").num_samples + fold.split("val").num_samples == 1500
+    assert fold.split("val").num_samples == 300 and fold.split("test").num_samples == 250  # test-000000.tar only
+
+
+def test_data_root_at_foreign_shards_points_to_data_train(shards, tmp_path) -> None:
+    folder = shards["jpg+cls"]
+    for root, says in ((folder, "has no manifest.json but 9 shard file(s) (test-000000.tar, ...): name them with "
+                                "data.train=... data.val=..."),
+                       (folder / "train-000000.tar", "names shards, not one of our folders")):
+        result = run_cli(["train", f"data.root={root}", f"run.output_dir={tmp_path / 'runs'}", *TINY], check=False)
+        assert result.returncode == 2 and says in result.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "runs").exists()

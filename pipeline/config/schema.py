@@ -490,7 +490,7 @@ class CVConfig:
     seed: int = 0
     """Seed of the stratified fold assignment."""
     data_dir: str = ""
-    """Where per-fold shards are written; empty: <data.root>_cv<K>."""
+    """Where per-fold shards are written; empty: <data.root>_cv<K> (with data.train set: <run.name>_cv<K>/data)."""
 
     def __post_init__(self) -> None:
         _check_range("cv.folds", self.folds, 2)

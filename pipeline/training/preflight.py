@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.config.schema import Config, DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
-from pipeline.data.specs import is_url
+from pipeline.data.specs import is_shard_name, is_url
 from pipeline.distributed import Dist
 
 
@@ -30,13 +30,18 @@ def check_data_root(cfg: Config) -> None:
     root = Path(cfg.data.root)
     if (root / MANIFEST_NAME).is_file() or builds_digits(cfg):
         return
-    if any(mark in cfg.data.root for mark in ("://", "pipe:", "{", "*")):
-        raise FileNotFoundError(f"data.root='{cfg.data.root}' is a URL or pattern; give a local folder holding "
-                                f"{MANIFEST_NAME} (nothing is written to a URL)")
+    if any(mark in cfg.data.root for mark in ("://", "pipe:", "{", "*")) or is_shard_name(cfg.data.root):
+        raise FileNotFoundError(f"data.root='{cfg.data.root}' names shards, not one of our folders; give WebDataset "
+                                f"shards as data.train=... data.val=... (see README 'WebDataset shards you already have')")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root='{cfg.data.root}' does not exist (the digits demo is built only at "
                                 f"{DataConfig().root} or with data.auto_prepare_digits=true); build shards with "
                                 f"`pipeline data shards SRC {cfg.data.root}`")
+    shards = sorted(p.name for p in root.iterdir() if is_shard_name(p.name))
+    if shards:
+        raise FileNotFoundError(f"data.root='{root}' has no {MANIFEST_NAME} but {len(shards)} shard file(s) "
+                                f"({shards[0]}, ...): name them with data.train=... data.val=... (e.g. "
+                                f"data.train='{root}/train-*.tar')")
     raise FileNotFoundError(f"data.root='{root}' has no {MANIFEST_NAME}; build shards there with "
                             f"`pipeline data shards SRC {root}`")
 
