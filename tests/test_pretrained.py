@@ -128,3 +128,22 @@ def test_missing_path_and_bad_suffix(tmp_path):
     (tmp_path / "w.txt").write_text("x")
     with pytest.raises(ValueError, match="suffix '.txt'"):
         read_pretrained_state(str(tmp_path / "w.txt"))
+
+
+def test_small_input_stem_keeps_32px_detail_and_still_loads_pretrained_weights() -> None:
+    from pipeline.config import load_config
+    from pipeline.models import create_model
+    from pipeline.models.pretrained import load_pretrained
+
+    stem = create_model(load_config(None, ["model.name=resnet18", "model.small_input_stem=true"]).model, 10)
+    assert (stem.conv1.kernel_size, stem.conv1.stride, stem.conv1.padding) == ((3, 3), (1, 1), (1, 1))
+    x = torch.randn(2, 3, 32, 32)
+    assert stem.maxpool(stem.conv1(x)).shape == (2, 64, 32, 32)  # the ImageNet stem gives 8x8 here
+    imagenet = create_model(load_config(None, ["model.name=resnet18"]).model, 10)
+    assert imagenet.maxpool(imagenet.conv1(x)).shape == (2, 64, 8, 8)
+    lines = load_pretrained(stem, imagenet.state_dict(), "ref").lines()
+    assert "shape mismatch (kept initialised): 1: conv1.weight: (64, 3, 7, 7) -> (64, 3, 3, 3)" in lines[-1]
+    assert torch.equal(stem.layer1[0].conv1.weight, imagenet.layer1[0].conv1.weight)
+    for name in ("simple_cnn", "mobilenet_v2"):
+        with pytest.raises(ValueError, match="small_input_stem"):
+            create_model(load_config(None, [f"model.name={name}", "model.small_input_stem=true"]).model, 10)

@@ -184,6 +184,9 @@ class ModelConfig:
     """simple_cnn: add a residual conv-BN-ReLU pair inside each block."""
     dropout: float = 0.0
     """Dropout probability before the classifier head."""
+    small_input_stem: bool = False
+    """ResNet-style torchvision models: a 3x3 stride-1 first convolution and no max-pool (the CIFAR stem: keeps a
+    32 px image's detail); pretrained weights still load, the new first convolution is reported as initialised."""
     channels_last: bool = False
     """Store activations as NHWC (channels_last); faster on GPUs with tensor cores."""
     compile: bool = False
