@@ -1,0 +1,140 @@
+"""Elastic resume: an epoch begun in one layout (ranks x workers) and continued in another reads every
+sample once; the few the new layout must leave out are counted (pipeline.data.stream, rule 6)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.stream import Layout, ShardStream, _shuffled
+
+SIZES = [13, 40, 7, 25, 31, 9, 22]  # 147 samples; shards smaller and larger than the shuffle buffer
+BUFFER = 8
+
+
+class KeyCodec:
+    """Batch items are the samples' `shard/key`: what a layout read, without decoding anything."""
+
+    def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> None:
+        return None
+
+    def sample(self, source, seed: Optional[int]) -> str:
+        return f"{Path(source.url).name}/{source.key}"
+
+    def batch(self, items: list) -> list:
+        return items
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    """Tiny tar shards of 1x1 PNGs with a class each (WebDataset layout: key.png + key.cls)."""
+    root = tmp_path_factory.mktemp("elastic")
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    paths = []
+    for number, size in enumerate(SIZES):
+        path = root / f"shard-{number:02d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for index in range(size):
+                for ext, data in (("png", png), ("cls", str(index % 3).encode())):
+                    info = tarfile.TarInfo(f"s{number:02d}_{index:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(str(path))
+    return paths
+
+
+def _streams(paths: list[str], world: int, workers: int, batch: int, drop_last: bool) -> list[ShardStream]:
+    return [ShardStream(paths, SIZES, batch_size=batch, codec=KeyCodec(), channels=1, rank=rank, world_size=world,
+                        num_workers=workers, seed=3, train=True, shuffle_buffer=BUFFER, drop_last=drop_last,
+                        num_classes=3) for rank in range(world)]
+
+
+def _rank_batches(stream: ShardStream) -> list[list[str]]:
+    """A rank's batches as the DataLoader yields them: its workers' batches taken round-robin."""
+    workers = [stream.worker_batches(p) for p in range(stream.workers)]
+    batches = []
+    for chosen in itertools.cycle(workers):
+        batch = next(chosen, None)
+        if batch is None:
+            return batches
+        batches.append(batch[0])
+
+
+def _read(streams: list[ShardStream], epoch: int, step: int = 0, history: tuple = (),
+          stop_at: Optional[int] = None) -> list[str]:
+    """Every sample the ranks read from `step` on (up to rank-local step `stop_at`); equal steps asserted."""
+    keys, steps = [], set()
+    for stream in streams:
+        stream.set_position(epoch, step, history)
+        batches = _rank_batches(stream)
+        assert len(batches) == stream.steps_per_epoch() - step
+        steps.add(len(batches))
+        keys += [k for batch in batches[:None if stop_at is None else stop_at - step] for k in batch]
+    assert len(steps) == 1
+    return keys
+
+
+def test_shuffle_buffer_draws_depend_only_on_the_count() -> None:
+    import random
+
+    items = [f"x{i}" for i in range(53)]
+    shuffled = list(_shuffled(iter(items), 8, random.Random(7)))
+    order = list(_shuffled(iter(range(53)), 8, random.Random(7)))
+    assert shuffled == [items[i] for i in order] and sorted(order) == list(range(53))
+
+
+PAIRS = [((2, 2), (1, 0)), ((1, 0), (2, 2)), ((2, 1), (1, 3)), ((1, 2), (1, 0)), ((3, 1), (2, 2))]
+
+
+@pytest.mark.parametrize("old, new", PAIRS)
+@pytest.mark.parametrize("batch, drop_last", [(4, False), (5, True)])
+def test_continued_epoch_reads_every_sample_once(shards: list[str], old, new, batch: int, drop_last: bool) -> None:
+    epoch = 2
+    before = _streams(shards, *old, batch, drop_last)
+    whole = _read(before, epoch)  # the uninterrupted epoch in the old layout
+    assert len(whole) == len(set(whole))
+    for step in (1, 2, 3, before[0].steps_per_epoch() - 1):
+        done = _read(before, epoch, stop_at=step)
+        after = _streams(shards, *new, batch, drop_last)
+        history = (Layout(old[0], old[1], batch, drop_last, step),)
+        rest = _read(after, epoch, 0, history)
+        left_out = after[0].plan(epoch).left_out()
+        assert len(rest) == len(set(rest)) and not set(rest) & set(done)
+        assert set(done) | set(rest) <= set(whole)
+        assert len(done) + len(rest) + left_out == len(whole)
+        unread, slots = len(whole) - len(done), after[0].num_slots
+        per_slot = unread // slots // batch * batch if drop_last else unread // slots
+        assert left_out == unread - slots * per_slot  # the equal share of the unread; drop_last: full batches
+
+
+def test_a_second_change_of_layout_continues_the_remainder(shards: list[str]) -> None:
+    """(2,2) stops at step 2, (1,0) at step 4 of the remainder, (3,1) reads the rest: still once each."""
+    epoch, batch = 1, 4
+    first, second, third = (_streams(shards, *layout, batch, False) for layout in ((2, 2), (1, 0), (3, 1)))
+    whole = _read(first, epoch)
+    done = _read(first, epoch, stop_at=2)
+    history = (Layout(2, 2, batch, False, 2),)
+    middle = _read(second, epoch, 0, history, stop_at=4)
+    left_out = second[0].plan(epoch).left_out()
+    rest = _read(third, epoch, 0, history + (Layout(1, 0, batch, False, 4),))
+    left_out += third[0].plan(epoch).left_out()
+    seen = done + middle + rest
+    assert len(seen) == len(set(seen)) and set(seen) <= set(whole)
+    assert (len(whole), len(done), len(middle), left_out) == (144, 16, 16, 1) and len(seen) == 144 - 1
+
+
+def test_resume_inside_a_continued_epoch_at_its_layout_is_exact(shards: list[str]) -> None:
+    history = (Layout(2, 1, 4, False, 3),)
+    (full,), (resumed,) = _streams(shards, 1, 2, 4, False), _streams(shards, 1, 2, 4, False)
+    full.set_position(2, 0, history)
+    resumed.set_position(2, 5, history)
+    assert _rank_batches(full)[5:] == _rank_batches(resumed)
