@@ -138,3 +138,39 @@ def test_resume_inside_a_continued_epoch_at_its_layout_is_exact(shards: list[str
     full.set_position(2, 0, history)
     resumed.set_position(2, 5, history)
     assert _rank_batches(full)[5:] == _rank_batches(resumed)
+
+
+def _cut_and_continue(digits_root: Path, out: Path, before: tuple[int, int, int], after: tuple[int, int, int],
+                      kill_at: int, epochs: int) -> tuple[str, list[dict]]:
+    """Train at (ranks, workers, accumulation) `before`, SIGKILLed right after the checkpoint of optimizer step
+    `kill_at`; resume at `after`. Returns the resumed run's stdout and the metrics rows."""
+    from tests.conftest import TINY, read_jsonl, run_cli
+
+    args = ["train", "configs/default.yaml", f"data.root={digits_root}", f"run.output_dir={out}", "run.name=el",
+            *TINY, f"train.epochs={epochs}", f"checkpoint.every_steps={kill_at}"]
+    (ranks, workers, accum), (ranks2, workers2, accum2) = before, after
+    killed = run_cli([*args, f"data.num_workers={workers}", f"train.grad_accum_steps={accum}"], nproc=ranks,
+                     check=False, env={"PIPELINE_KILL_AT_STEP": str(kill_at), "PIPELINE_KILL_AFTER_SAVE": "1"})
+    assert killed.returncode != 0 and (out / f"el/checkpoints/step-{kill_at:08d}/COMPLETE").is_file()
+    resumed = run_cli([*args, f"data.num_workers={workers2}", f"train.grad_accum_steps={accum2}"], nproc=ranks2)
+    return resumed.stdout, read_jsonl(out / "el/metrics.jsonl")
+
+
+@pytest.mark.slow  # two 2-rank runs and two 1-rank runs: about 2 minutes on a busy 2-core CPU
+@pytest.mark.distributed
+def test_preempted_runs_continue_their_epoch_with_another_number_of_ranks(digits_root: Path, tmp_path: Path) -> None:
+    # 2 ranks x 2 workers: 4 slots of 314 of the 1257 samples, 20 steps per rank. Cut after step 6, each slot
+    # had given 3 batches of 32: 1256 - 4 x 96 = 872 unread, 2 slots of 436 for 1 rank x 2 workers, 14 + 14
+    # micro-batches, 14 optimizer steps with 2 accumulation steps: the epoch ends at step 6 + 14 = 20.
+    out, rows = _cut_and_continue(digits_root, tmp_path / "2to1", (2, 2, 1), (1, 2, 2), kill_at=6, epochs=2)
+    assert ("written at 2 rank(s) x 2 worker(s), batch 32, step 6; this run reads with 1 rank(s) x 2 worker(s), "
+            "batch 32: continuing epoch 1 with the 872 sample(s) it left unread, 28 step(s) per rank") in out
+    assert "0 sample(s) of the interrupted epoch are left out so every rank runs the same steps" in out
+    # Every sample of the epoch once (data/train/seen sums every rank's inspected samples); then a full epoch.
+    assert [(r["step"], r["data/train/seen"]) for r in rows] == [(20, 1256), (40, 1256)]
+    # 1 rank, no workers, 2 accumulation steps: 40 micro-batches (the last of 9), cut after optimizer step 5 (320
+    # samples). 937 unread over 2 ranks x 1 worker: 468 each, 1 left out; 15 steps per rank: the epoch ends at 20.
+    out, rows = _cut_and_continue(digits_root, tmp_path / "1to2", (1, 0, 2), (2, 1, 1), kill_at=5, epochs=1)
+    assert "continuing epoch 1 with the 937 sample(s) it left unread, 15 step(s) per rank" in out
+    assert "1 sample(s) of the interrupted epoch are left out so every rank runs the same steps" in out
+    assert [(r["step"], r["data/train/seen"]) for r in rows] == [(20, 320 + 936)]

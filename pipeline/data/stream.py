@@ -24,6 +24,23 @@ How an epoch is laid out (the contract the resume logic relies on):
    every good sample is counted exactly once. Each batch carries the fault counts of the positions
    it covers; a final empty batch carries any counts not yet delivered (evaluation only).
 
+6. Elastic continuation. A checkpoint records its layout (`Layout`: ranks, workers, batch size, drop_last,
+   rank-local step). Resumed in another layout, the epoch continues with what the old one left unread: slot
+   g of the old layout had consumed the first c_g samples of its stream (c_g follows from the step, rule
+   4), and which (shard, index) those were follows from replaying its shuffle buffers on indices alone
+   (`_shuffled` draws as a function of the count only). The unread samples, ordered by shard in the
+   epoch's order and by index within a shard, are split equally over the new slots (`EpochPlan`
+   generation 1; a further change of layout in the same epoch makes generation 2, and so on). A new slot
+   reads its pieces shard by shard, seeking to the first wanted sample and passing over the others, with
+   shuffle buffers and augmentation seeded by the new slot, position and generation. Memory: one boolean
+   and one int64 per sample of the epoch while the plan is made (about 11 MB for ImageNet's 1.28M).
+
+Guarantees: at the same layout (world size, workers, batch size, drop_last), a resume gives the very same
+batches (bit-exact). Across layouts, every sample of the epoch (as its first layout laid it out) is read
+exactly once over the old and new processes, except the `EpochPlan.left_out()` samples the new layout
+cannot share equally (fewer than its slot count; with drop_last, also each slot's tail short of a full
+batch). A stream that draws with replacement (balance.py) is not `elastic`: the trainer restarts the epoch.
+
 What a batch holds is the codec's business (`pipeline.data.decode`): decoded, augmented images, or
 the encoded bytes and augmentation parameters for decoding in the main process. Either way the
 parameters come from the position's seed, so both give the same batches.
