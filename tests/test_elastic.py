@@ -6,13 +6,16 @@ from __future__ import annotations
 import io
 import itertools
 import tarfile
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
-import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pipeline.data import faults
 from pipeline.data.stream import Layout, ShardStream, _shuffled
 
 SIZES = [13, 40, 7, 25, 31, 9, 22]  # 147 samples; shards smaller and larger than the shuffle buffer
@@ -174,3 +177,55 @@ def test_preempted_runs_continue_their_epoch_with_another_number_of_ranks(digits
     assert "continuing epoch 1 with the 937 sample(s) it left unread, 15 step(s) per rank" in out
     assert "1 sample(s) of the interrupted epoch are left out so every rank runs the same steps" in out
     assert [(r["step"], r["data/train/seen"]) for r in rows] == [(20, 320 + 936)]
+
+
+class _Printer:
+    world_size, is_main, device = 1, True, torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def print(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def _resume(stream: ShardStream, old_ranks: list[dict]) -> SimpleNamespace:
+    """Trainer.resume_epoch on a stand-in trainer: a checkpoint of 2 ranks x 2 workers, batch 4, at step 3."""
+    from pipeline.training.trainer import Trainer, TrainState
+
+    trainer = SimpleNamespace(state=TrainState(epoch=1, global_step=3, step_in_epoch=3), dist=_Printer(),
+                              train_data=SimpleNamespace(stream=stream, faults=faults.empty_counts()),
+                              checkpointer=SimpleNamespace(rank_states=lambda folder: old_ranks),
+                              epoch_history=(), epoch_totals=torch.zeros(3))
+    trainer._restore_sums = partial(Trainer._restore_sums, trainer)
+    state = {"world_size": 2, "data_layout": {"world_size": 2, "workers": 2, "batch_size": 4, "drop_last": False,
+                                              "step": 3, "history": []}}
+    Trainer.resume_epoch(trainer, Path("unused"), state, None)
+    return trainer
+
+
+def test_trainer_continues_the_epoch_and_rank_0_takes_over_the_old_sums(shards: list[str]) -> None:
+    old_ranks = [{"epoch_totals": torch.tensor([3.0, 5.0, 12.0]), "data_faults": faults.empty_counts() + 12}
+                 for _ in range(2)]
+    (stream,) = _streams(shards, 1, 0, 4, False)
+    trainer = _resume(stream, old_ranks)
+    # 147 // 4 slots = 36 each; steps 3 = 2 batches of worker 0 + 1 of worker 1: 8 + 8 + 4 + 4 = 24 read.
+    assert trainer.dist.lines == [
+        "the checkpoint was written at 2 rank(s) x 2 worker(s), batch 4, step 3; this run reads with 1 rank(s) x "
+        "0 worker(s), batch 4: continuing epoch 2 with the 120 sample(s) it left unread, 30 step(s) per rank",
+        "0 sample(s) of the interrupted epoch are left out so every rank runs the same steps"]
+    assert trainer.state.step_in_epoch == 0 and trainer.epoch_history == (Layout(2, 2, 4, False, 3),)
+    assert trainer.epoch_totals.tolist() == [6.0, 10.0, 24.0] and trainer.train_data.faults.tolist()[0] == 24
+
+
+def test_balanced_sampling_restarts_the_epoch_with_the_reason(shards: list[str]) -> None:
+    from pipeline.data.balance import BalancedShardStream
+
+    stream = BalancedShardStream(shards, SIZES, batch_size=4, codec=KeyCodec(), channels=1, rank=0, world_size=1,
+                                 num_workers=0, seed=3, train=True, num_classes=3, class_counts=[49, 49, 49])
+    trainer = _resume(stream, [])
+    assert trainer.dist.lines == [
+        "the checkpoint was written at 2 rank(s) x 2 worker(s), batch 4, this run reads with 1 rank(s) x 0 "
+        "worker(s), batch 4: restarting epoch 2 from its beginning (balanced sampling draws with replacement, so "
+        "what was read is no set of samples)"]
+    assert trainer.state.step_in_epoch == 0 and trainer.epoch_history == ()

@@ -324,9 +324,7 @@ class Trainer:
             return
         if not self.state.step_in_epoch and not history:
             return  # at an epoch boundary there is nothing to continue
-        why = ("balanced sampling draws with replacement, so what was read is no set of samples" if not stream.elastic
-               else "the checkpoint does not record its data layout" if saved is None
-               else f"the epoch already went through {MAX_HISTORY} layouts" if len(history) >= MAX_HISTORY else "")
+        why = _cannot_continue(stream.elastic, saved, history)
         written = saved.describe() if saved else f"{state.get('world_size')} rank(s)"
         if why:
             self.dist.print(f"the checkpoint was written at {written}, this run reads with "
@@ -372,3 +370,14 @@ def _saved_layout(state: dict) -> tuple[Optional[Layout], tuple[Layout, ...]]:
     fields = ("world_size", "workers", "batch_size", "drop_last", "step")
     return (Layout(**{k: record[k] for k in fields}),
             tuple(Layout(**{k: h[k] for k in fields}) for h in record.get("history", [])))
+
+
+def _cannot_continue(elastic: bool, saved: Optional[Layout], history: tuple[Layout, ...]) -> str:
+    """Why an epoch cut in another layout must restart; '' when it can continue."""
+    if not elastic:
+        return "balanced sampling draws with replacement, so what was read is no set of samples"
+    if saved is None:
+        return "the checkpoint does not record its data layout"
+    if len(history) >= MAX_HISTORY:
+        return f"the epoch already went through {MAX_HISTORY} earlier layouts"
+    return ""
