@@ -98,25 +98,36 @@ def test_shuffle_buffer_draws_depend_only_on_the_count() -> None:
 PAIRS = [((2, 2), (1, 0)), ((1, 0), (2, 2)), ((2, 1), (1, 3)), ((1, 2), (1, 0)), ((3, 1), (2, 2))]
 
 
-@pytest.mark.parametrize("old, new", PAIRS)
-@pytest.mark.parametrize("batch, drop_last", [(4, False), (5, True)])
-def test_continued_epoch_reads_every_sample_once(shards: list[str], old, new, batch: int, drop_last: bool) -> None:
-    epoch = 2
-    before = _streams(shards, *old, batch, drop_last)
+def _check_continuation(paths: list[str], old: tuple, new: tuple, batch: int, drop_last: bool,
+                        new_batch: Optional[int] = None) -> None:
+    """Cut the epoch in layout `old` (ranks, workers) at several steps, continue in `new`: each sample once."""
+    epoch, new_batch = 2, new_batch or batch
+    before = _streams(paths, *old, batch, drop_last)
     whole = _read(before, epoch)  # the uninterrupted epoch in the old layout
     assert len(whole) == len(set(whole))
     for step in (1, 2, 3, before[0].steps_per_epoch() - 1):
         done = _read(before, epoch, stop_at=step)
-        after = _streams(shards, *new, batch, drop_last)
-        history = (Layout(old[0], old[1], batch, drop_last, step),)
-        rest = _read(after, epoch, 0, history)
+        after = _streams(paths, *new, new_batch, drop_last)
+        rest = _read(after, epoch, 0, (Layout(old[0], old[1], batch, drop_last, step),))
         left_out = after[0].plan(epoch).left_out()
         assert len(rest) == len(set(rest)) and not set(rest) & set(done)
         assert set(done) | set(rest) <= set(whole)
         assert len(done) + len(rest) + left_out == len(whole)
         unread, slots = len(whole) - len(done), after[0].num_slots
-        per_slot = unread // slots // batch * batch if drop_last else unread // slots
+        per_slot = unread // slots // new_batch * new_batch if drop_last else unread // slots
         assert left_out == unread - slots * per_slot  # the equal share of the unread; drop_last: full batches
+
+
+@pytest.mark.parametrize("old, new", PAIRS)
+@pytest.mark.parametrize("batch, drop_last", [(4, False), (5, True)])
+def test_continued_epoch_reads_every_sample_once(shards: list[str], old, new, batch: int, drop_last: bool) -> None:
+    _check_continuation(shards, old, new, batch, drop_last)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_continued_epoch_with_another_batch_size(shards: list[str], drop_last: bool) -> None:
+    """(checkpoint.resume_changes=allow): the old layout's batch size says what it read."""
+    _check_continuation(shards, (2, 1), (1, 2), 4, drop_last, new_batch=6)
 
 
 def test_a_second_change_of_layout_continues_the_remainder(shards: list[str]) -> None:
