@@ -53,6 +53,9 @@ class BalancedShardStream(ShardStream):
     about. Undecodable images are drawn, then replaced and counted as in ShardStream.
     """
 
+    elastic = False
+    """A slice's draw depends on the slot, so what an interrupted epoch left unread is not a set of samples."""
+
     def __init__(self, *args, class_counts: list[int], **kwargs):
         super().__init__(*args, **kwargs)
         self.class_weight = [1.0 / c if c else 0.0 for c in class_counts]
