@@ -1,4 +1,4 @@
-"""Command line: `pipeline train|tune|evaluate|predict|diagnose|visualize|report|data ...`.
+"""Command line: `pipeline train|config|tune|evaluate|predict|diagnose|visualize|report|data ...`.
 
 Bad input ends with one line and exit code 2; too many bad samples in the training data
 (data.max_bad_fraction) with 65; non-finite training stops with 70 (see pipeline.training.nonfinite),
@@ -19,7 +19,8 @@ EXIT_DISTRIBUTED = 76  # EX_PROTOCOL: a rank was lost, a collective timed out, t
 # (the same value as pipeline.distributed.EXIT_DISTRIBUTED; this module must not import torch before the config)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """The Config of `pipeline train|config show [CONFIG.yaml] [key=value ...]` (the YAML may be left out)."""
     from pipeline.config import load_config
 
     config_path = args.config
@@ -27,12 +28,43 @@ def _train(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
         overrides.insert(0, config_path)  # `pipeline train key=value` with no YAML
         config_path = None
-    cfg = load_config(config_path, overrides)  # before importing torch: a bad config fails in a fraction of a second
+    return load_config(config_path, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before importing torch: a bad config fails in a fraction of a second
     from pipeline.training.run import train
 
     metrics = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({"test": metrics}, indent=None))
+    return 0
+
+
+def _config_keys(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.config.loader import did_you_mean
+    from pipeline.config.reference import config_keys
+
+    keys = config_keys(args.prefix or "")
+    if not keys:
+        raise ConfigError(f"no config key starts with '{args.prefix}'; {did_you_mean(args.prefix)}"
+                          "`pipeline config keys` lists them all")
+    if args.json:
+        print(json.dumps([{"key": k.key, "type": k.type, "default": k.default, "doc": k.doc} for k in keys], indent=2))
+        return 0
+    widths = [max(len(text) for text in column) for column in zip(*((k.key, k.type, k.shown_default) for k in keys))]
+    for k in keys:
+        print("  ".join(f"{text:<{w}}" for text, w in zip((k.key, k.type, k.shown_default), widths)) + f"  {k.doc}")
+    print(f"{len(keys)} key(s); set any with key=value after the config (see: pipeline config show CONFIG key=value)",
+          file=sys.stderr)
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from pipeline.config import to_yaml
+
+    print(to_yaml(_load(args)), end="")  # secrets masked, as in the run folder's config.yaml
     return 0
 
 
@@ -149,8 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model: pipeline train [CONFIG.yaml] [key=value ...]")
     train.add_argument("config", nargs="?", help="YAML config (defaults: the digits demo)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.01")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.01 "
+                       "(every key: pipeline config keys; the result: pipeline config show)")
     train.set_defaults(func=_train)
+
+    config = commands.add_parser("config", help="list the config keys or show a resolved config").add_subparsers(
+        dest="config_command", required=True)
+    keys = config.add_parser("keys", help="every config key with its type, default and meaning (from the schema)")
+    keys.add_argument("prefix", nargs="?", help="only keys under this section or prefix, e.g. train or optim.l")
+    keys.add_argument("--json", action="store_true", help="print JSON instead of text")
+    keys.set_defaults(func=_config_keys)
+    show = config.add_parser("show", help="the resolved config as YAML (defaults <- CONFIG <- overrides; "
+                             "secrets masked): pipeline config show [CONFIG.yaml] [key=value ...]")
+    show.add_argument("config", nargs="?", help="YAML config (default: the schema's defaults)")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+    show.set_defaults(func=_config_show)
 
     tune = commands.add_parser("tune", help="hyperparameter search: pipeline tune TUNE.yaml [key=value ...]")
     tune.add_argument("config", help="tuning YAML: a training config plus a tune: section "
