@@ -36,8 +36,15 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.training.run import train
 
     metrics = train(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if args.json:
         print(json.dumps({"test": metrics}, indent=None))
+    else:
+        from pipeline.data.manifest import Manifest
+        from pipeline.evaluation.summary import print_training_summary
+
+        print_training_summary(metrics, Manifest.read(cfg.data.root).classes)
     return 0
 
 
@@ -99,8 +106,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.rerun import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.split)
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if args.json:
         print(json.dumps(metrics, indent=2))
+    else:
+        from pipeline.evaluation.summary import print_evaluation
+
+        print_evaluation(metrics, args.split)
     return 0
 
 
@@ -183,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (defaults: the digits demo)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.01 "
                        "(every key: pipeline config keys; the result: pipeline config show)")
+    train.add_argument("--json", action="store_true", help="end with the test metrics as one line of JSON "
+                       "instead of a table")
     train.set_defaults(func=_train)
 
     config = commands.add_parser("config", help="list the config keys or show a resolved config").add_subparsers(
@@ -210,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run's best weights")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", choices=["test", "val"], default="test")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of tables")
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights")

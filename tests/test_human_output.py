@@ -1,0 +1,36 @@
+"""Results for people: the table that ends training."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from pipeline.evaluation.summary import per_class_rows, print_training_summary
+
+METRICS = {"accuracy": 0.75, "precision_macro": 0.7, "recall_macro": 0.7166, "f1_macro": 0.68, "auroc": 0.9,
+           "num_samples": 12, "num_skipped": 0, "confusion_matrix": [[4, 0, 0], [1, 2, 1], [0, 1, 3]]}
+
+
+def _printed(fn, *args) -> str:
+    out = io.StringIO()
+    fn(*args, Console(file=out, width=100, highlight=False))
+    return out.getvalue()
+
+
+def test_training_summary_shows_the_headline_and_the_worst_classes() -> None:
+    text = _printed(print_training_summary, METRICS, ["cat", "dog", "[fox]"])
+    lines = [line.rstrip() for line in text.splitlines()]
+    assert lines[:7] == ["test (best weights)", "accuracy           0.7500", "precision (macro)  0.7000",
+                         "recall (macro)     0.7166", "F1 (macro)         0.6800", "AUROC              0.9000",
+                         "samples            12"]
+    assert "worst 3 of 3 classes (by F1)" in text
+    rows = [line for line in lines if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["dog", "[fox]", "cat"]  # F1 0.571, 0.75, 0.889
+    assert "│ dog   │     0.667 │  0.500 │ 0.571 │       4 │" in rows[0]
+
+
+def test_per_class_rows_from_the_confusion_matrix() -> None:
+    rows = per_class_rows([[4, 0, 0], [1, 2, 1], [0, 1, 3]], ["a", "b", "c"])
+    assert [r["support"] for r in rows] == [4, 4, 4]
+    assert (rows[0]["precision"], rows[0]["recall"]) == (0.8, 1.0) and rows[1]["recall"] == 0.5
