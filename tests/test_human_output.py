@@ -1,12 +1,15 @@
-"""Results for people: the table that ends training."""
+"""Results for people: the table that ends training, the epoch line, the progress bar's throughput."""
 
 from __future__ import annotations
 
 import io
 
 from rich.console import Console
+from rich.progress import Progress
 
 from pipeline.evaluation.summary import per_class_rows, print_training_summary
+from pipeline.tracking.console import ImagesPerSecondColumn
+from pipeline.training.trainer import epoch_line
 
 METRICS = {"accuracy": 0.75, "precision_macro": 0.7, "recall_macro": 0.7166, "f1_macro": 0.68, "auroc": 0.9,
            "num_samples": 12, "num_skipped": 0, "confusion_matrix": [[4, 0, 0], [1, 2, 1], [0, 1, 3]]}
@@ -34,3 +37,24 @@ def test_per_class_rows_from_the_confusion_matrix() -> None:
     rows = per_class_rows([[4, 0, 0], [1, 2, 1], [0, 1, 3]], ["a", "b", "c"])
     assert [r["support"] for r in rows] == [4, 4, 4]
     assert (rows[0]["precision"], rows[0]["recall"]) == (0.8, 1.0) and rows[1]["recall"] == 0.5
+
+
+def test_epoch_line_fits_one_terminal_row() -> None:
+    record = {"epoch": 999, "train/loss": 9.3456, "val/loss": 9.25, "val/accuracy": 0.99999, "lr": 1.2345e-4,
+              "images_per_second": 999999.4}
+    line = epoch_line(record, 999, 9999.5, improved=True)
+    assert line == ("epoch 999/999  loss 9.3456  val_loss 9.2500  val_acc 1.0000  lr 1.2e-04  999999 img/s  9999.5s"
+                    "  best")
+    assert len(line) <= 100
+
+
+def test_progress_shows_images_per_second_from_the_step_rate() -> None:
+    now = [0.0]
+    progress = Progress(get_time=lambda: now[0], auto_refresh=False, disable=True)
+    task = progress.add_task("epoch 1", total=100, images_per_step=64)
+    for _ in range(10):
+        now[0] += 0.5
+        progress.advance(task)  # 2 steps/s
+    assert ImagesPerSecondColumn().render(progress.tasks[0]).plain == "128 img/s"
+    other = progress.add_task("epochs", total=3)
+    assert ImagesPerSecondColumn().render(progress.tasks[other]).plain == ""
