@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
 from pipeline.data.faults import SKIP_REASONS
 from pipeline.data.shards import ensure_digits_shards
-from pipeline.distributed import Dist, build_dist
+from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.models import create_model
@@ -74,11 +75,15 @@ class Run:
 
 def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     cfg = match_input(cfg)
+    precision, precision_note = choose_precision(cfg.train.precision)  # recorded resolved in config.yaml
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     if cfg.logging.training_signals:
         callbacks = [TrainingSignals(), *(callbacks or [])]
     gradual = cfg.finetune.freeze == "gradual"  # its trainable set grows during training: see Dist.prepare
     dist = build_dist(cfg.train.precision, cfg.train.cpu, find_unused_parameters=gradual, timeout_s=cfg.dist.timeout_s,
                       init_timeout_s=cfg.dist.init_timeout_s)
+    if precision_note:
+        dist.print(precision_note)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)
@@ -158,7 +163,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     """Train per `cfg`, evaluate the best weights on the test split, write test_metrics.json."""
     run = build_run(cfg, callbacks)
     dist = run.dist
-    dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}  |  "
+    dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}, "
+               f"{run.cfg.train.precision}  |  "
                f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes")
     try:
         run.trainer.fit()
