@@ -1,4 +1,4 @@
-"""Command line: `pipeline train|config|tune|evaluate|predict|diagnose|visualize|report|data ...`.
+"""Command line: `pipeline train|config|tune|evaluate|predict|export|diagnose|visualize|report|data ...`.
 
 Bad input ends with one line and exit code 2; too many bad samples in the training data
 (data.max_bad_fraction) with 65; non-finite training stops with 70 (see pipeline.training.nonfinite),
@@ -125,6 +125,16 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_run
+
+    done = export_run(args.run_dir, args.format, args.out, args.tolerance)
+    print(f"parity: max abs diff of logits {done.max_abs_diff:.3g} on {done.metadata['parity_images']} validation "
+          f"images (and 1 alone); tolerance {args.tolerance:g}")
+    print(f"wrote {done.path} (+ {done.sidecar.name}, {done.weights.name} with the same metadata)")
+    return 0
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from pipeline.diagnosis import diagnose_run, format_findings
 
@@ -228,12 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of tables")
     evaluate.set_defaults(func=_evaluate)
 
-    predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights")
-    predict.add_argument("run_dir")
+    predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights or an "
+                                  "exported model")
+    predict.add_argument("run_dir", metavar="RUN_DIR_OR_EXPORTED_MODEL",
+                         help="a run folder, or a file written by pipeline export (its sidecar .json beside it)")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
     predict.set_defaults(func=_predict)
+
+    export = commands.add_parser("export", help="the best weights as TorchScript, ONNX or a torch.export program, "
+                                 "checked for parity on validation images")
+    export.add_argument("run_dir")
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx", "exported"],
+                        help="torchscript (.pt), onnx (.onnx; needs pip install -e \".[export]\"), exported (.pt2)")
+    export.add_argument("--out", help="file to write (default RUN_DIR/export/FORMAT/model.pt|.onnx|.pt2); a sidecar "
+                        ".json and a .safetensors with the same stem go beside it")
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest max abs diff of logits accepted (default 1e-4); above it nothing is written")
+    export.set_defaults(func=_export)
 
     diagnose = commands.add_parser("diagnose", help="explain a run's training in plain sentences")
     diagnose.add_argument("run_dir")
