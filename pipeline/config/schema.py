@@ -363,6 +363,8 @@ class LoggingConfig:
     """online: seconds for the server to answer (probed before wandb.init) and the run to start; else offline."""
     wandb_finish_timeout: float = 600.0
     """online: seconds the end of the run may spend uploading; the rest stays on disk for `wandb sync` (0: wait)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under <run folder>/tensorboard (needs pip install -e ".[tensorboard]")."""
 
     def __post_init__(self) -> None:
         _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)

@@ -20,6 +20,7 @@ from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.models import create_model
 from pipeline.tracking.metrics_log import MetricsLog
+from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
 from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
 from pipeline.training.losses import build_loss
@@ -135,9 +136,11 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
     loss_fn = build_loss(cfg.optim, manifest.num_classes, loss_class_weights(cfg, manifest)).to(dist.device)
     log_cfg = cfg.logging
-    tracker = build_tracker(run_dir, log_cfg.wandb_mode, log_cfg.wandb_project, log_cfg.wandb_entity, cfg.run.name,
-                            OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main, log_cfg.wandb_base_url,
-                            log_cfg.wandb_init_timeout, log_cfg.wandb_finish_timeout)
+    tracker = Trackers([
+        build_tracker(run_dir, log_cfg.wandb_mode, log_cfg.wandb_project, log_cfg.wandb_entity, cfg.run.name,
+                      OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main, log_cfg.wandb_base_url,
+                      log_cfg.wandb_init_timeout, log_cfg.wandb_finish_timeout),
+        build_tensorboard(run_dir, log_cfg.tensorboard, dist.is_main)])
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
                       ClassificationMetrics(manifest.num_classes, dist.device),
                       Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml),
