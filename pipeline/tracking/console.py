@@ -53,12 +53,13 @@ class ImagesPerSecondColumn(ProgressColumn):
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Progress | NullProgress]:
     """A rich progress bar, or a do-nothing one when disabled or not attached to a terminal/log."""
-    if not enabled:
+    stderr = Console(file=sys.stderr)
+    if not enabled or not stderr.is_terminal:  # piped or logged: a transient bar would leave only blank lines
         yield NullProgress()
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), ImagesPerSecondColumn(), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
+                        TextColumn("ETA"), TimeRemainingColumn(), console=stderr, transient=True)
     with progress:
         original_add = progress.add_task
         progress.add_task = lambda *a, info="", **k: original_add(*a, info=info, **k)  # type: ignore[method-assign]
