@@ -60,19 +60,20 @@ def test_progress_shows_images_per_second_from_the_step_rate() -> None:
     assert ImagesPerSecondColumn().render(progress.tasks[other]).plain == ""
 
 
-def test_data_shards_of_equal_classes_says_so_and_keeps_stderr_empty(tmp_path) -> None:
+def test_data_shards_of_equal_classes_says_so_and_keeps_stderr_empty(tmp_path, capsys) -> None:
     from PIL import Image
 
-    from tests.conftest import run_cli
+    from pipeline.cli import main
 
     for name in ("circle", "square"):
         (tmp_path / "src" / name).mkdir(parents=True)
         for i in range(10):
             color = 20 * i + (0 if name == "circle" else 5)  # no two files alike (duplicates are warned of)
             Image.new("L", (8, 8), color=color).save(tmp_path / "src" / name / f"{i}.png")
-    result = run_cli(["data", "shards", str(tmp_path / "src"), str(tmp_path / "out"), "--split", "0.6,0.2,0.2"])
-    assert result.stderr == ""  # no progress bar (not a terminal), no blank lines
-    lines = result.stdout.splitlines()
+    assert main(["data", "shards", str(tmp_path / "src"), str(tmp_path / "out"), "--split", "0.6,0.2,0.2"]) == 0
+    result = capsys.readouterr()
+    assert result.err == ""  # no progress bar (not a terminal), no blank lines
+    lines = result.out.splitlines()
     assert "train: 12 samples, 2 classes; 6 per class (balanced)" in lines
     assert "val  : 4 samples, 2 classes; 2 per class (balanced)" in lines
     assert not any("smallest" in line for line in lines)

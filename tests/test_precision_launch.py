@@ -69,6 +69,7 @@ def test_auto_under_accelerates_bf16_trains_in_bf16(digits_root: Path, tmp_path:
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["train"]["precision"] == "bf16"
 
 
+@pytest.mark.slow  # a real `accelerate launch` (~15 s): the launcher sets the variable the in-process test sets
 def test_accelerate_launch_config_file_bf16_is_honoured(digits_root: Path, tmp_path: Path) -> None:
     config_file = tmp_path / "accelerate.yaml"
     config_file.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"

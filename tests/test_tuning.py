@@ -309,12 +309,16 @@ def test_unreachable_storage_under_accelerate_launch_stops_every_rank_with_one_l
     assert password not in done.stderr + done.stdout and "pipeline/" not in done.stderr
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
-def test_trial_lines_show_short_floats_and_optuna_stays_quiet(tmp_path, shards):
+def test_trial_overrides_are_shown_with_short_floats():
     from pipeline.tuning.study import shown_overrides
 
     assert shown_overrides({"model.dropout": 0.30000000000000004, "train.batch_size": 16, "optim.name": "sgd"}) == \
         "{'model.dropout': 0.3, 'train.batch_size': 16, 'optim.name': 'sgd'}"
+
+
+@pytest.mark.slow  # a real one-trial study in a subprocess (~30 s on a busy 2-core CPU)
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_trial_lines_show_short_floats_and_optuna_stays_quiet(tmp_path, shards):
     tune = {"sampler": "grid", "n_trials": 1, "space": {"model.dropout": {"choices": [0.30000000000000004]}}}
     done = run_cli("tune", str(tiny_tuning_file(tmp_path, shards, tune, train={"epochs": 1})))
     assert done.returncode == 0, done.stderr[-2000:]
