@@ -27,7 +27,7 @@ def _leaf_fields(cls: type) -> int:
 def test_config_keys_lists_every_schema_field_once(capsys) -> None:
     assert main(["config", "keys"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == _leaf_fields(Config) == 102
+    assert len(lines) == _leaf_fields(Config) > 100  # the count, not a number to update with each new field
     keys = [line.split()[0] for line in lines]
     assert len(set(keys)) == len(keys)
     epochs = next(line for line in lines if line.startswith("train.epochs "))
