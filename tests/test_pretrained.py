@@ -64,7 +64,7 @@ def test_cli_missing_weights_exits_2_with_one_line(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", "configs/finetune_resnet18.yaml", f"data.root={tmp_path}/digits",
-         "data.auto_prepare_digits=true", "data.num_workers=0", "logging.wandb_mode=disabled", "train.cpu=true",
+         "data.auto_prepare_digits=true", "logging.wandb_mode=disabled", "train.cpu=true",
          "train.precision=fp32", f"run.output_dir={tmp_path}/runs"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -72,6 +72,7 @@ def test_cli_missing_weights_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: weights ResNet18_Weights.IMAGENET1K_V1 are not in the "
                                                    "local torch cache")
     assert f"{tmp_path}/torch/hub/checkpoints/resnet18-f37072fd.pth" in lines[0]
+    assert not (tmp_path / "runs").exists()  # a preflight check: before the run folder and the loaders exist
 
 
 def test_weights_of_another_architecture_are_refused(hub_dir):

@@ -39,6 +39,18 @@ def _valid_keys(node: type, prefix: str) -> str:
     return ", ".join(f"{prefix}{n}" for n in names)
 
 
+def did_you_mean(key: str) -> str:
+    """"did you mean 'train.epochs'? " for the schema key (or section) closest to a mistyped `key`, else ''."""
+    import difflib
+
+    from pipeline.config.reference import config_keys
+
+    leaves = [k.key for k in config_keys()]
+    sections = sorted({leaf.rsplit(".", 1)[0] for leaf in leaves})
+    close = difflib.get_close_matches(key, leaves + sections, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def _schema_node(dotted: str) -> tuple[type, str]:
     """Walk the schema along `dotted` as far as it exists; return (dataclass, its prefix)."""
     node: object = Config()
@@ -55,7 +67,8 @@ def _explain(exc: OmegaConfBaseException, source: str) -> str:
     key = getattr(exc, "full_key", None) or ""
     if isinstance(exc, ConfigKeyError):
         node, prefix = _schema_node(key)
-        return f"unknown config key '{key}' (from {source}); valid keys here: {_valid_keys(node, prefix)}"
+        return (f"unknown config key '{key}' (from {source}); {did_you_mean(key)}"
+                f"valid keys here: {_valid_keys(node, prefix)}")
     if isinstance(exc, ValidationError):
         msg = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
         if msg.startswith("Incompatible value 'None'"):

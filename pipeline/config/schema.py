@@ -14,7 +14,7 @@ import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("cosine", "plateau", "step", "constant")
 LOSSES = ("cross_entropy", "bce")
@@ -281,8 +281,9 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     max_grad_norm: float = 0.0
     """Clip gradients to this global L2 norm; 0 disables clipping."""
-    precision: str = "fp32"
-    """fp32, bf16 (autocast) or fp16 (autocast + GradScaler, GPU only)."""
+    precision: str = "auto"
+    """auto (accelerate launch's mixed_precision when launched with one, else fp32), fp32, bf16 (autocast) or fp16
+    (autocast + GradScaler, GPU only). An explicit value wins over accelerate's; one line says so when they differ."""
     seed: int = 0
     """Seed for Python, NumPy, torch and the data order."""
     monitor: str = "val/accuracy"
@@ -385,6 +386,8 @@ class LoggingConfig:
     """online: seconds for the server to answer (probed before wandb.init) and the run to start; else offline."""
     wandb_finish_timeout: float = 600.0
     """online: seconds the end of the run may spend uploading; the rest stays on disk for `wandb sync` (0: wait)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under <run folder>/tensorboard (needs pip install -e ".[tensorboard]")."""
 
     def __post_init__(self) -> None:
         _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)

@@ -32,6 +32,10 @@ def imbalance_summary(manifest: Manifest) -> list[str]:
         low, high = min(counts), max(counts)
         lo_name, hi_name = manifest.classes[counts.index(low)], manifest.classes[counts.index(high)]
         ratio = f"{high / low:.2f}" if low else "inf"
+        if low == high:
+            lines.append(f"{split:5s}: {info.num_samples} samples, {manifest.num_classes} classes; {low} per class "
+                         "(balanced)")
+            continue
         lines.append(f"{split:5s}: {info.num_samples} samples, {manifest.num_classes} classes; smallest "
                      f"'{lo_name}' {low}, largest '{hi_name}' {high}, imbalance ratio {ratio}")
     return lines

@@ -1,4 +1,5 @@
-"""Checks before any heavy work: the data folder, its manifest and shards, the output folder, the batch size.
+"""Checks before any heavy work: the data folder, its manifest and shards, pretrained weights, the output folder, the
+batch size.
 
 Each failure is one line naming the config key, its value and what would be valid (a ValueError or
 FileNotFoundError: the CLI prints it and exits with code 2). The precision check lives with the
@@ -88,12 +89,26 @@ def batch_too_large(cfg: Config, manifest: Manifest, world_size: int) -> str:
     return ""
 
 
+def missing_weights(cfg: Config) -> str:
+    """'' if finetune.weights is empty or names a file that exists (not read yet), else the one-line reason."""
+    if not cfg.finetune.weights:
+        return ""
+    from pipeline.models.pretrained import pretrained_weights_file
+
+    try:
+        pretrained_weights_file(cfg.finetune.weights, cfg.model.name)
+    except (FileNotFoundError, ValueError) as exc:
+        return str(exc)
+    return ""
+
+
 def preflight(cfg: Config, dist: Dist, manifest: Manifest) -> None:
-    """Raise the first problem found (the same on every rank); create the run folder."""
+    """Raise the first problem found (the same on every rank); create the run folder (the last check, so that a
+    failing one leaves no folder behind)."""
     problem = ""
     if dist.is_main:
-        problem = missing_shards(cfg, manifest) or batch_too_large(cfg, manifest, dist.world_size) \
-            or unwritable_output(cfg)
+        problem = missing_shards(cfg, manifest) or missing_weights(cfg) \
+            or batch_too_large(cfg, manifest, dist.world_size) or unwritable_output(cfg)
     problem = dist.broadcast_object(problem)
     if problem:
         raise ValueError(problem)

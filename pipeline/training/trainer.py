@@ -54,6 +54,15 @@ class TrainState:
     """Early stopping ended training."""
 
 
+def epoch_line(record: dict, epochs: int, seconds: float, improved: bool) -> str:
+    """The line printed after each epoch; one terminal row: <= 100 characters while epochs < 1000, losses < 10
+    (cross-entropy starts at ln(classes)), throughput < 1M images/s and an epoch < 10,000 s."""
+    speed = record.get("images_per_second")
+    return (f"epoch {record['epoch']}/{epochs}  loss {record['train/loss']:.4f}  val_loss {record['val/loss']:.4f}  "
+            f"val_acc {record['val/accuracy']:.4f}  lr {record['lr']:.1e}"
+            + (f"  {speed:.0f} img/s" if speed else "") + f"  {seconds:.1f}s" + ("  best" if improved else ""))
+
+
 class Trainer:
     """Owns the model, optimizer and loaders of one run and trains them."""
 
@@ -108,7 +117,8 @@ class Trainer:
         self.train_data.stream.set_position(epoch, self.state.step_in_epoch, self.epoch_history)
         self.steps_per_epoch = self.train_data.stream.steps_per_epoch()  # a continued epoch: its remainder's
         task = self.progress.add_task(f"epoch {epoch + 1}", total=self.steps_per_epoch,
-                                      completed=self.state.step_in_epoch)
+                                      completed=self.state.step_in_epoch,
+                                      images_per_step=self.cfg.train.batch_size * self.dist.world_size)
         accum = self.cfg.train.grad_accum_steps
         for images, labels in self.train_data.loader:
             micro = self.state.step_in_epoch
@@ -125,7 +135,7 @@ class Trainer:
             self.state.step_in_epoch += 1
             if last_in_window:
                 self.state.global_step += 1
-                if self.state.global_step % self.cfg.train.log_every_steps == 0:
+                if self.state.global_step % self.cfg.train.log_every_steps == 0:  # the only host sync of a step
                     self.progress.update(task, info=f"loss {loss.item():.4f}")
                     self.bad_data.check_running(self.train_data, epoch + 1, self.state.step_in_epoch,
                                                 self.steps_per_epoch)
@@ -236,10 +246,7 @@ class Trainer:
         if self.dist.is_main:
             self.log.append(record)
             self.tracker.log(record, step=self.state.global_step)
-            self.dist.print(
-                f"epoch {self.state.epoch}/{self.cfg.train.epochs}  train/loss {record['train/loss']:.4f}  "
-                f"val/loss {record['val/loss']:.4f}  val/accuracy {record['val/accuracy']:.4f}  "
-                f"lr {record['lr']:.2e}  {seconds:.1f}s" + ("  *best*" if improved else ""))
+            self.dist.print(epoch_line(record, self.cfg.train.epochs, seconds, improved))
         final = self.state.epoch >= self.cfg.train.epochs or self.state.stopped_early
         if improved and self.cfg.checkpoint.save_best:
             self.save("best", final)
