@@ -34,8 +34,12 @@ elif [ -n "${SLURM_JOB_ID:-}" ]; then
 else
   port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 fi
+# The config's precision, passed on so that accelerate's and ours agree (and accelerate warns of no missing value);
+# a bad config stops here, before any rank starts.
+precision=$("$PY" -m pipeline config show "$@" | sed -n 's/^  precision: //p')
+case "$precision" in bf16|fp16) mixed_precision=$precision ;; *) mixed_precision=no ;; esac
 echo "launch.sh: machine $machine_rank of $num_machines, $nproc process(es) each, main $main_ip:$port" >&2
 # pipeline.distributed.launch is `accelerate launch` that forwards SIGUSR1/SIGTERM and returns the ranks' code.
 exec "$PY" -m pipeline.distributed.launch --multi_gpu --num_processes $(( nproc * num_machines )) \
   --num_machines "$num_machines" --machine_rank "$machine_rank" --main_process_ip "$main_ip" \
-  --main_process_port "$port" -m pipeline train "$@"
+  --main_process_port "$port" --mixed_precision "$mixed_precision" --dynamo_backend no -m pipeline train "$@"

@@ -1,4 +1,4 @@
-"""Command line: `pipeline train|tune|evaluate|predict|diagnose|visualize|report|data ...`.
+"""Command line: `pipeline train|config|tune|evaluate|predict|export|diagnose|visualize|report|data ...`.
 
 Bad input ends with one line and exit code 2; too many bad samples in the training data
 (data.max_bad_fraction) with 65; non-finite training stops with 70 (see pipeline.training.nonfinite),
@@ -19,7 +19,8 @@ EXIT_DISTRIBUTED = 76  # EX_PROTOCOL: a rank was lost, a collective timed out, t
 # (the same value as pipeline.distributed.EXIT_DISTRIBUTED; this module must not import torch before the config)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """The Config of `pipeline train|config show [CONFIG.yaml] [key=value ...]` (the YAML may be left out)."""
     from pipeline.config import load_config
 
     config_path = args.config
@@ -27,12 +28,50 @@ def _train(args: argparse.Namespace) -> int:
     if config_path is not None and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
         overrides.insert(0, config_path)  # `pipeline train key=value` with no YAML
         config_path = None
-    cfg = load_config(config_path, overrides)  # before importing torch: a bad config fails in a fraction of a second
+    return load_config(config_path, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before importing torch: a bad config fails in a fraction of a second
     from pipeline.training.run import train
 
     metrics = train(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if args.json:
         print(json.dumps({"test": metrics}, indent=None))
+    else:
+        from pipeline.data.manifest import Manifest
+        from pipeline.evaluation.summary import print_training_summary
+
+        print_training_summary(metrics, Manifest.read(cfg.data.root).classes)
+    return 0
+
+
+def _config_keys(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.config.loader import did_you_mean
+    from pipeline.config.reference import config_keys
+
+    keys = config_keys(args.prefix or "")
+    if not keys:
+        raise ConfigError(f"no config key starts with '{args.prefix}'; {did_you_mean(args.prefix)}"
+                          "`pipeline config keys` lists them all")
+    if args.json:
+        print(json.dumps([{"key": k.key, "type": k.type, "default": k.default, "doc": k.doc} for k in keys], indent=2))
+        return 0
+    widths = [max(len(text) for text in column) for column in zip(*((k.key, k.type, k.shown_default) for k in keys))]
+    for k in keys:
+        print("  ".join(f"{text:<{w}}" for text, w in zip((k.key, k.type, k.shown_default), widths)) + f"  {k.doc}")
+    print(f"{len(keys)} key(s); set any with key=value after the config (see: pipeline config show CONFIG key=value)",
+          file=sys.stderr)
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from pipeline.config import to_yaml
+
+    print(to_yaml(_load(args)), end="")  # secrets masked, as in the run folder's config.yaml
     return 0
 
 
@@ -67,8 +106,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.rerun import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.split)
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    if args.json:
         print(json.dumps(metrics, indent=2))
+    else:
+        from pipeline.evaluation.summary import print_evaluation
+
+        print_evaluation(metrics, args.split)
     return 0
 
 
@@ -77,6 +122,16 @@ def _predict(args: argparse.Namespace) -> int:
 
     results = predict(args.run_dir, args.inputs, args.top_k)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_run
+
+    done = export_run(args.run_dir, args.format, args.out, args.tolerance)
+    print(f"parity: max abs diff of logits {done.max_abs_diff:.3g} on {done.metadata['parity_images']} validation "
+          f"images (and 1 alone); tolerance {args.tolerance:g}")
+    print(f"wrote {done.path} (+ {done.sidecar.name}, {done.weights.name} with the same metadata)")
     return 0
 
 
@@ -135,12 +190,36 @@ def _data_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_data(args: argparse.Namespace):
+    """The data config a `data verify`/`data index` command line describes (keys, classes, index folder)."""
+    from pipeline.config.schema import DataConfig
+
+    return DataConfig(label_key=args.label_key, image_key=args.image_key, classes=args.classes or [],
+                      index_dir=args.index_dir)
+
+
 def _data_verify(args: argparse.Namespace) -> int:
     from pipeline.data.verify import print_report, verify_shards
 
-    report = verify_shards(args.root, show_progress=not args.no_progress)
+    report = verify_shards(args.root, show_progress=not args.no_progress, data=_spec_data(args))
     print_report(report)
     return 0 if report.ok else 1
+
+
+def _data_index(args: argparse.Namespace) -> int:
+    from pipeline.data.index import print_index, write_index
+
+    index, path = write_index(args.spec, _spec_data(args), out=args.out, sha256=args.sha256,
+                              progress=not args.no_progress)
+    print_index(index, path)
+    return 0 if not any(s.error for s in index.shards) else 1
+
+
+def _spec_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-key", default="cls", help="sample key of the label: cls, txt, json.<field> (cls)")
+    parser.add_argument("--image-key", default="", help="sample key of the image (default: the first image key)")
+    parser.add_argument("--classes", nargs="+", default=None, help="class names in index order, or a text file")
+    parser.add_argument("--index-dir", default="", help="index cache folder (default ~/.cache/pipeline/index)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,8 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model: pipeline train [CONFIG.yaml] [key=value ...]")
     train.add_argument("config", nargs="?", help="YAML config (defaults: the digits demo)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.01")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 optim.lr=0.01 "
+                       "(every key: pipeline config keys; the result: pipeline config show)")
+    train.add_argument("--json", action="store_true", help="end with the test metrics as one line of JSON "
+                       "instead of a table")
     train.set_defaults(func=_train)
+
+    config = commands.add_parser("config", help="list the config keys or show a resolved config").add_subparsers(
+        dest="config_command", required=True)
+    keys = config.add_parser("keys", help="every config key with its type, default and meaning (from the schema)")
+    keys.add_argument("prefix", nargs="?", help="only keys under this section or prefix, e.g. train or optim.l")
+    keys.add_argument("--json", action="store_true", help="print JSON instead of text")
+    keys.set_defaults(func=_config_keys)
+    show = config.add_parser("show", help="the resolved config as YAML (defaults <- CONFIG <- overrides; "
+                             "secrets masked): pipeline config show [CONFIG.yaml] [key=value ...]")
+    show.add_argument("config", nargs="?", help="YAML config (default: the schema's defaults)")
+    show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+    show.set_defaults(func=_config_show)
 
     tune = commands.add_parser("tune", help="hyperparameter search: pipeline tune TUNE.yaml [key=value ...]")
     tune.add_argument("config", help="tuning YAML: a training config plus a tune: section "
@@ -165,14 +259,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run's best weights")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", choices=["test", "val"], default="test")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of tables")
     evaluate.set_defaults(func=_evaluate)
 
-    predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights")
-    predict.add_argument("run_dir")
+    predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights or an "
+                                  "exported model")
+    predict.add_argument("run_dir", metavar="RUN_DIR_OR_EXPORTED_MODEL",
+                         help="a run folder, or a file written by pipeline export (its sidecar .json beside it)")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
     predict.set_defaults(func=_predict)
+
+    export = commands.add_parser("export", help="the best weights as TorchScript, ONNX or a torch.export program, "
+                                 "checked for parity on validation images")
+    export.add_argument("run_dir")
+    export.add_argument("--format", required=True, choices=["torchscript", "onnx", "exported"],
+                        help="torchscript (.pt), onnx (.onnx; needs pip install -e \".[export]\"), exported (.pt2)")
+    export.add_argument("--out", help="file to write (default RUN_DIR/export/FORMAT/model.pt|.onnx|.pt2); a sidecar "
+                        ".json and a .safetensors with the same stem go beside it")
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest max abs diff of logits accepted (default 1e-4); above it nothing is written")
+    export.set_defaults(func=_export)
 
     diagnose = commands.add_parser("diagnose", help="explain a run's training in plain sentences")
     diagnose.add_argument("run_dir")
@@ -212,9 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     shards.set_defaults(func=_data_shards)
     verify = data.add_parser("verify", help="check shards against manifest.json (sha256, counts) and decode "
                              "every sample; exit 1 if anything is wrong")
-    verify.add_argument("root", metavar="SHARDS_DIR")
+    verify.add_argument("root", metavar="SHARDS", nargs="+",
+                        help="our shard folder (manifest.json), or shard specs: folders, files, patterns, URLs")
     verify.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _spec_options(verify)
     verify.set_defaults(func=_data_verify)
+    index = data.add_parser("index", help="read shard specs once: per-shard sample counts and labels, cached for "
+                            "training (exact resume needs the counts)")
+    index.add_argument("spec", nargs="+", help="shard folders, files, globs, brace patterns or URLs (http, s3, pipe:)")
+    index.add_argument("--out", default=None, help="also write the index to this JSON file")
+    index.add_argument("--sha256", action="store_true", help="record each local shard's sha256 (reads it again)")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _spec_options(index)
+    index.set_defaults(func=_data_index)
     summary = data.add_parser("summary", help="class counts and imbalance of a shard folder's manifest")
     summary.add_argument("root")
     summary.set_defaults(func=_data_summary)

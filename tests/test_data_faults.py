@@ -224,7 +224,7 @@ def test_bad_samples_are_reported_in_metrics_console_and_test_metrics(faulty_roo
     assert test["num_samples"] == 35 and test["num_skipped"] == 5
     assert "data: 5 of 40 training samples skipped in epoch 1 (12.50%): undecodable 3, no_label 1, bad_label 1; " \
            "converted: mode 2" in result.stdout
-    evaluated = json.loads(run_cli(["evaluate", str(tmp_path / "r")]).stdout)
+    evaluated = json.loads(run_cli(["evaluate", str(tmp_path / "r"), "--json"]).stdout)
     assert evaluated["num_samples"] == 35 and evaluated["num_skipped"] == 5
     assert evaluated["confusion_matrix"] == test["confusion_matrix"]
 

@@ -152,7 +152,8 @@ def test_missing_or_url_root_is_one_line_and_writes_nothing(tmp_path: Path, root
                       *TINY], check=False, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and lines[-1].startswith(f"error: data.root='{given}'"), result.stderr[-2000:]
-    assert "does not exist" in lines[-1] or "is a URL or pattern" in lines[-1]
+    assert "does not exist" in lines[-1] or "names shards, not one of our folders; give WebDataset shards as " \
+        "data.train=... data.val=..." in lines[-1]
     assert not (tmp_path / root).exists() and not (tmp_path / "runs").exists()
     assert not Path(root.split("/")[0]).exists() or root.startswith("data/")
 

@@ -64,7 +64,7 @@ def test_cli_missing_weights_exits_2_with_one_line(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "torch"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", "configs/finetune_resnet18.yaml", f"data.root={tmp_path}/digits",
-         "data.auto_prepare_digits=true", "data.num_workers=0", "logging.wandb_mode=disabled", "train.cpu=true",
+         "data.auto_prepare_digits=true", "logging.wandb_mode=disabled", "train.cpu=true",
          "train.precision=fp32", f"run.output_dir={tmp_path}/runs"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
@@ -72,6 +72,7 @@ def test_cli_missing_weights_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: weights ResNet18_Weights.IMAGENET1K_V1 are not in the "
                                                    "local torch cache")
     assert f"{tmp_path}/torch/hub/checkpoints/resnet18-f37072fd.pth" in lines[0]
+    assert not (tmp_path / "runs").exists()  # a preflight check: before the run folder and the loaders exist
 
 
 def test_weights_of_another_architecture_are_refused(hub_dir):
@@ -128,3 +129,22 @@ def test_missing_path_and_bad_suffix(tmp_path):
     (tmp_path / "w.txt").write_text("x")
     with pytest.raises(ValueError, match="suffix '.txt'"):
         read_pretrained_state(str(tmp_path / "w.txt"))
+
+
+def test_small_input_stem_keeps_32px_detail_and_still_loads_pretrained_weights() -> None:
+    from pipeline.config import load_config
+    from pipeline.models import create_model
+    from pipeline.models.pretrained import load_pretrained
+
+    stem = create_model(load_config(None, ["model.name=resnet18", "model.small_input_stem=true"]).model, 10)
+    assert (stem.conv1.kernel_size, stem.conv1.stride, stem.conv1.padding) == ((3, 3), (1, 1), (1, 1))
+    x = torch.randn(2, 3, 32, 32)
+    assert stem.maxpool(stem.conv1(x)).shape == (2, 64, 32, 32)  # the ImageNet stem gives 8x8 here
+    imagenet = create_model(load_config(None, ["model.name=resnet18"]).model, 10)
+    assert imagenet.maxpool(imagenet.conv1(x)).shape == (2, 64, 8, 8)
+    lines = load_pretrained(stem, imagenet.state_dict(), "ref").lines()
+    assert "shape mismatch (kept initialised): 1: conv1.weight: (64, 3, 7, 7) -> (64, 3, 3, 3)" in lines[-1]
+    assert torch.equal(stem.layer1[0].conv1.weight, imagenet.layer1[0].conv1.weight)
+    for name in ("simple_cnn", "mobilenet_v2"):
+        with pytest.raises(ValueError, match="small_input_stem"):
+            create_model(load_config(None, [f"model.name={name}", "model.small_input_stem=true"]).model, 10)

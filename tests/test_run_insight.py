@@ -60,7 +60,7 @@ def test_training_signals_are_in_every_epoch_record(run_dir):
 
 
 def test_evaluate_adds_per_class_topk_ece_and_confused_pairs(run_dir, capsys):
-    assert main(["evaluate", str(run_dir)]) == 0
+    assert main(["evaluate", str(run_dir), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["class"] for r in result["per_class"]] == [str(i) for i in range(10)]
     assert sum(r["support"] for r in result["per_class"]) == result["num_samples"] == 270
@@ -166,3 +166,23 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     with Image.open(shot) as image:
         assert image.size == (1200, 2400)
         assert len(image.convert("L").getcolors(1 << 16) or []) > 10  # rendered content, not a blank page
+
+
+def _grid(text: str, num_classes: int) -> list[list[int]]:
+    """The confusion matrix read back from `pipeline evaluate`'s grid (rows of the table after its title)."""
+    lines = text[text.index("confusion matrix"):].splitlines()
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    assert len(rows) == num_classes and all(len(r) == num_classes + 1 for r in rows)
+    return [[0 if cell == "." else int(cell) for cell in row[1:]] for row in rows]
+
+
+def test_evaluate_prints_tables_and_the_grid_by_default(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert f"accuracy           {result['accuracy']:.4f}" in text and "samples            270" in text
+    per_class = text[text.index("per class"):text.index("confusion matrix")]
+    assert sum(line.startswith("│") for line in per_class.splitlines()) == 10
+    assert f"│ 3     │ {result['per_class'][3]['precision']:9.3f} │" in per_class
+    assert _grid(text, 10) == result["confusion_matrix"]

@@ -33,7 +33,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def test_train_writes_the_run_folder_contract(digits_root: Path, tmp_path: Path) -> None:
-    result = run_cli(_args(digits_root, tmp_path, "r", "train.epochs=3"))
+    result = run_cli([*_args(digits_root, tmp_path, "r", "train.epochs=3"), "--json"])
     run = tmp_path / "r"
     assert (run / "config.yaml").is_file() and load_config(run / "config.yaml").train.epochs == 3
     rows = read_jsonl(run / "metrics.jsonl")
@@ -46,7 +46,7 @@ def test_train_writes_the_run_folder_contract(digits_root: Path, tmp_path: Path)
     assert (run / "checkpoints" / "best" / "COMPLETE").is_file()
     assert (run / "checkpoints" / "last").resolve().name == "step-00000120"
     assert json.loads(result.stdout.strip().splitlines()[-1])["test"]["num_samples"] == 270
-    evaluated = json.loads(run_cli(["evaluate", str(run)]).stdout)
+    evaluated = json.loads(run_cli(["evaluate", str(run), "--json"]).stdout)
     assert evaluated["confusion_matrix"] == metrics["confusion_matrix"]
     assert evaluated["accuracy"] == pytest.approx(metrics["accuracy"])
 

@@ -307,3 +307,20 @@ def test_unreachable_storage_under_accelerate_launch_stops_every_rank_with_one_l
     assert done.stderr.count("error: cannot open study storage postgresql://pipeline:***@127.0.0.1:1/nowhere") == 2
     # accelerate's launcher prints its own traceback (CalledProcessError) when a rank fails; none from our code.
     assert password not in done.stderr + done.stdout and "pipeline/" not in done.stderr
+
+
+def test_trial_overrides_are_shown_with_short_floats():
+    from pipeline.tuning.study import shown_overrides
+
+    assert shown_overrides({"model.dropout": 0.30000000000000004, "train.batch_size": 16, "optim.name": "sgd"}) == \
+        "{'model.dropout': 0.3, 'train.batch_size': 16, 'optim.name': 'sgd'}"
+
+
+@pytest.mark.slow  # a real one-trial study in a subprocess (~30 s on a busy 2-core CPU)
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_trial_lines_show_short_floats_and_optuna_stays_quiet(tmp_path, shards):
+    tune = {"sampler": "grid", "n_trials": 1, "space": {"model.dropout": {"choices": [0.30000000000000004]}}}
+    done = run_cli("tune", str(tiny_tuning_file(tmp_path, shards, tune, train={"epochs": 1})))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trial 0: {'model.dropout': 0.3}" in done.stdout.splitlines()
+    assert "[I " not in done.stderr and "Trial 0 finished" not in done.stderr + done.stdout

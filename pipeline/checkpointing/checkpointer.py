@@ -280,3 +280,9 @@ class Checkpointer:
         rank_path = folder / "rng" / f"rank{self.dist.rank}.pt"
         rank_state = load_tensors(rank_path, map_location=None) if rank_path.is_file() else None
         return state, rank_state
+
+    @staticmethod
+    def rank_states(folder: Path) -> list[dict]:
+        """The state every rank that wrote `folder` saved of its own (RNG, partial sums), in rank order."""
+        paths = sorted((folder / "rng").glob("rank*.pt"), key=lambda p: int(p.stem[len("rank"):]))
+        return [load_tensors(path, map_location=None) for path in paths]

@@ -39,6 +39,18 @@ def _valid_keys(node: type, prefix: str) -> str:
     return ", ".join(f"{prefix}{n}" for n in names)
 
 
+def did_you_mean(key: str) -> str:
+    """"did you mean 'train.epochs'? " for the schema key (or section) closest to a mistyped `key`, else ''."""
+    import difflib
+
+    from pipeline.config.reference import config_keys
+
+    leaves = [k.key for k in config_keys()]
+    sections = sorted({leaf.rsplit(".", 1)[0] for leaf in leaves})
+    close = difflib.get_close_matches(key, leaves + sections, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def _schema_node(dotted: str) -> tuple[type, str]:
     """Walk the schema along `dotted` as far as it exists; return (dataclass, its prefix)."""
     node: object = Config()
@@ -55,7 +67,8 @@ def _explain(exc: OmegaConfBaseException, source: str) -> str:
     key = getattr(exc, "full_key", None) or ""
     if isinstance(exc, ConfigKeyError):
         node, prefix = _schema_node(key)
-        return f"unknown config key '{key}' (from {source}); valid keys here: {_valid_keys(node, prefix)}"
+        return (f"unknown config key '{key}' (from {source}); {did_you_mean(key)}"
+                f"valid keys here: {_valid_keys(node, prefix)}")
     if isinstance(exc, ValidationError):
         msg = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
         if msg.startswith("Incompatible value 'None'"):
@@ -188,7 +201,9 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except Exception as exc:  # noqa: BLE001 - any parse failure becomes one line
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}") from None
+        hint = ("; inside [ ] quote items with braces or commas: data.train=\"['a-{0..9}.tar','b.tar']\""
+                if any("{" in item for item in overrides) else "")
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}{hint}") from None
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -212,6 +227,19 @@ def _schema() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
+ONE_OR_LIST = {"data": ("train", "val", "test", "classes")}
+"""List keys that also take a single string (one shard spec, one class file): it becomes a one-item list."""
+
+
+def _one_or_list(raw: dict) -> None:
+    for section, names in ONE_OR_LIST.items():
+        values = raw.get(section)
+        if isinstance(values, dict):
+            for name in names:
+                if isinstance(values.get(name), str):
+                    values[name] = [values[name]]
+
+
 def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
     """Schema defaults <- each (config layer, where it came from); validated; one-line ConfigError on failure.
 
@@ -224,6 +252,7 @@ def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
         raw = OmegaConf.to_container(layer, resolve=False) if isinstance(layer, DictConfig) else layer
         if not isinstance(raw, dict):
             raise ConfigError(f"config from {source} must be a mapping of sections (data:, model:, ...)")
+        _one_or_list(raw)
         _check_layer(raw, Config, "", source)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(raw))

@@ -1,15 +1,36 @@
-"""The config reference (Markdown) generated from the schema's field docstrings."""
+"""The config reference generated from the schema's field docstrings: the README's table and `pipeline config keys`
+read the same list (`config_keys`), so neither can drift from the schema."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
-from typing import Iterator
+import typing
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 from pipeline.config.schema import Config
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One settable key of the schema."""
+
+    key: str
+    """Dotted name, e.g. train.epochs."""
+    type: str
+    """The field's type as written in the schema, e.g. int, list[float], str | None."""
+    default: Any
+    """The schema's default value."""
+    doc: str
+    """The field's docstring, on one line."""
+
+    @property
+    def shown_default(self) -> str:
+        return f'"{self.default}"' if isinstance(self.default, str) else repr(self.default)
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -24,27 +45,42 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _rows(cls: type, instance: object, prefix: str) -> Iterator[str]:
-    docs = _field_docs(cls)
+def type_name(hint: Any) -> str:
+    """`Optional[list[float]]` -> 'list[float] | None'; `int` -> 'int'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return " | ".join(type_name(a) for a in args if a is not type(None)) + (
+            " | None" if type(None) in args else "")
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _keys(cls: type, instance: object, prefix: str) -> Iterator[ConfigKey]:
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         value = getattr(instance, f.name)
         if dataclasses.is_dataclass(value):
-            yield from _rows(type(value), value, f"{prefix}{f.name}.")
+            yield from _keys(type(value), value, f"{prefix}{f.name}.")
         else:
-            shown = repr(value) if not isinstance(value, str) else f'"{value}"'
-            yield f"| `{prefix}{f.name}` | `{shown}` | {docs.get(f.name, '')} |"
+            yield ConfigKey(f"{prefix}{f.name}", type_name(hints[f.name]), value, docs.get(f.name, ""))
+
+
+def config_keys(prefix: str = "") -> list[ConfigKey]:
+    """Every leaf key of the schema (sections expanded), in schema order; only those under `prefix` if given
+    (`train` or `train.` selects the train section, `train.ep` the keys starting so)."""
+    keys = list(_keys(Config, Config(), ""))
+    if not prefix:
+        return keys
+    section = prefix.rstrip(".") + "."
+    return [k for k in keys if k.key.startswith(section) or k.key.startswith(prefix)]
 
 
 def reference_markdown() -> str:
     lines = [BEGIN, "| key | default | meaning |", "|---|---|---|"]
-    default = Config()
-    for f in dataclasses.fields(Config):
-        section = getattr(default, f.name)
-        lines.extend(_rows(type(section), section, f"{f.name}."))
+    lines.extend(f"| `{k.key}` | `{k.shown_default}` | {k.doc} |" for k in config_keys())
     lines.append(END)
     return "\n".join(lines)
-
-
 
 
 def write_into(readme_path: str) -> None:

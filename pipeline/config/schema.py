@@ -14,7 +14,7 @@ import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("cosine", "plateau", "step", "constant")
 LOSSES = ("cross_entropy", "bce")
@@ -98,7 +98,23 @@ class DataConfig:
     """Where the WebDataset shards live and how they are read."""
 
     root: str = "data/digits_shards"
-    """Folder holding the shards and manifest.json written by `pipeline data shards`."""
+    """Folder holding the shards and manifest.json written by `pipeline data shards` (used when data.train is empty)."""
+    train: list[str] = field(default_factory=list)
+    """Training shards instead of data.root: a folder (ours, or any WebDataset shards), shard files (.tar, .tar.gz), a
+    glob, a brace pattern (train-{000000..000146}.tar) or URLs (http(s)://, s3://, gs://, pipe:COMMAND); one or a list."""
+    val: list[str] = field(default_factory=list)
+    """Validation shards, given as data.train is (required when data.train is set)."""
+    test: list[str] = field(default_factory=list)
+    """Test shards, given as data.train is; empty with data.train set: the final evaluation uses data.val."""
+    image_key: str = ""
+    """Sample key of the image (jpg, png, ...); empty: the first of png, jpg, jpeg, bmp, webp, tif(f), gif, ppm."""
+    label_key: str = "cls"
+    """Sample key of the label: cls (an integer), txt (a class name), or json.<field>[.<field>] (an index or name)."""
+    classes: list[str] = field(default_factory=list)
+    """Class names in index order, or one entry naming a text file (one name per line). Empty: our manifest's, a
+    classes.txt or _info.json beside the training shards, else the labels found while indexing (0..max, or names)."""
+    index_dir: str = ""
+    """Where shard indexes (per-shard sample counts for exact resume) are cached; empty: ~/.cache/pipeline/index."""
     auto_prepare_digits: Optional[bool] = None
     """If `root` has no manifest, build scikit-learn's digits shards there first (the bundled demo). null: only at the
     default root data/digits_shards; true: at any local folder; false: never. A URL or pattern root is never built."""
@@ -146,6 +162,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.root:
             raise ValueError("data.root is empty; give the folder that holds manifest.json")
+        member, _, path = self.label_key.partition(".")
+        if not member or (member == "json" and not path) or (path and not all(path.split("."))):
+            raise ValueError(f"data.label_key={self.label_key!r} is not a sample key such as cls, txt or json.label "
+                             "(json.<field>[.<field>...])")
         _check_range("data.image_size", self.image_size, 1)
         _check_choice("data.channels", self.channels, (1, 3))
         _check_range("data.num_workers", self.num_workers, 0)
@@ -179,6 +199,9 @@ class ModelConfig:
     """simple_cnn: add a residual conv-BN-ReLU pair inside each block."""
     dropout: float = 0.0
     """Dropout probability before the classifier head."""
+    small_input_stem: bool = False
+    """ResNet-style torchvision models: a 3x3 stride-1 first convolution and no max-pool (the CIFAR stem: keeps a
+    32 px image's detail); pretrained weights still load, the new first convolution is reported as initialised."""
     channels_last: bool = False
     """Store activations as NHWC (channels_last); faster on GPUs with tensor cores."""
     compile: bool = False
@@ -273,8 +296,9 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     max_grad_norm: float = 0.0
     """Clip gradients to this global L2 norm; 0 disables clipping."""
-    precision: str = "fp32"
-    """fp32, bf16 (autocast) or fp16 (autocast + GradScaler, GPU only)."""
+    precision: str = "auto"
+    """auto (accelerate launch's mixed_precision when launched with one, else fp32), fp32, bf16 (autocast) or fp16
+    (autocast + GradScaler, GPU only). An explicit value wins over accelerate's; one line says so when they differ."""
     seed: int = 0
     """Seed for Python, NumPy, torch and the data order."""
     monitor: str = "val/accuracy"
@@ -377,6 +401,8 @@ class LoggingConfig:
     """online: seconds for the server to answer (probed before wandb.init) and the run to start; else offline."""
     wandb_finish_timeout: float = 600.0
     """online: seconds the end of the run may spend uploading; the rest stays on disk for `wandb sync` (0: wait)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under <run folder>/tensorboard (needs pip install -e ".[tensorboard]")."""
 
     def __post_init__(self) -> None:
         _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
@@ -485,7 +511,7 @@ class CVConfig:
     seed: int = 0
     """Seed of the stratified fold assignment."""
     data_dir: str = ""
-    """Where per-fold shards are written; empty: <data.root>_cv<K>."""
+    """Where per-fold shards are written; empty: <data.root>_cv<K> (with data.train set: <run.name>_cv<K>/data)."""
 
     def __post_init__(self) -> None:
         _check_range("cv.folds", self.folds, 2)

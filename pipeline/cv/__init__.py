@@ -40,33 +40,42 @@ def fold_assignment(labels: list[int], folds: int, seed: int) -> np.ndarray:
     return assignment
 
 
-def _raw_samples(root: Path, manifest: Manifest, split: str) -> list[dict]:
-    from webdataset.tariterators import tarfile_samples
+def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, int]]:
+    """(members without the label, class index) of every sample of a split with a usable label, read with the
+    training stream's reader; samples without one are left out, with a warning."""
+    from pipeline.data.dataset import read_options, sample_keys
+    from pipeline.data.stream import shard_paths
+    from pipeline.data.tar import tar_samples
+    from pipeline.tracking.console import warn
 
-    samples = []
-    for shard in manifest.split(split).shards:
-        samples += [dict(s) for s in tarfile_samples([{"url": str(root / shard.name)}])]
-    return samples
+    keys, options = sample_keys(cfg.data, manifest.classes), read_options(cfg.data)
+    shards = manifest.split(split).shards
+    pairs, unusable = [], 0
+    for url in shard_paths(cfg.data.root, [shard.name for shard in shards]):
+        for sample in tar_samples(url, options=options):
+            label, reason, _ = keys.label(sample, manifest.num_classes)
+            if reason:
+                unusable += 1
+                continue
+            pairs.append(({k: v for k, v in sample.items() if not k.startswith("__") and k != keys.member}, label))
+    if unusable:
+        warn(f"cv: {unusable} {split} sample(s) without a usable label are left out of the folds")
+    return pairs
 
 
 def write_fold_shards(cfg: Config, fold: int, out: Path) -> Path:
     """Shards of one fold at `out` (kept if its manifest exists): train = other folds, val = this fold."""
+    from pipeline.data.dataset import dataset_manifest
+
     if (out / "manifest.json").is_file():
         return out
-    root = Path(cfg.data.root)
-    manifest = Manifest.read(root)
-    pool = _raw_samples(root, manifest, "train") + _raw_samples(root, manifest, "val")
-    labels = [int(s["cls"]) for s in pool]
-    assignment = fold_assignment(labels, cfg.cv.folds, cfg.cv.seed)
-
-    def pairs(samples: list[dict]) -> list[tuple[dict, int]]:
-        return [({k: v for k, v in s.items() if not k.startswith("__") and k != "cls"}, int(s["cls"]))
-                for s in samples]
-
-    splits = {"train": pairs([s for s, f in zip(pool, assignment) if f != fold]),
-              "val": pairs([s for s, f in zip(pool, assignment) if f == fold]),
-              "test": pairs(_raw_samples(root, manifest, "test"))}
-    write_split_shards(out, manifest.classes, splits, f"{root} fold {fold}/{cfg.cv.folds}")
+    manifest = dataset_manifest(cfg.data)
+    pool = _labelled(cfg, manifest, "train") + _labelled(cfg, manifest, "val")
+    assignment = fold_assignment([label for _, label in pool], cfg.cv.folds, cfg.cv.seed)
+    splits = {"train": [p for p, f in zip(pool, assignment) if f != fold],
+              "val": [p for p, f in zip(pool, assignment) if f == fold],
+              "test": _labelled(cfg, manifest, "test")}
+    write_split_shards(out, manifest.classes, splits, f"{manifest.source or cfg.data.root} fold {fold}/{cfg.cv.folds}")
     return out
 
 
@@ -75,10 +84,16 @@ def cv_root(cfg: Config) -> Path:
 
 
 def fold_config(cfg: Config, fold: int) -> Config:
-    data_dir = Path(cfg.cv.data_dir or f"{cfg.data.root.rstrip('/')}_cv{cfg.cv.folds}")
+    from pipeline.data.dataset import uses_specs
+
+    default_dir = cv_root(cfg) / "data" if uses_specs(cfg.data) else f"{cfg.data.root.rstrip('/')}_cv{cfg.cv.folds}"
+    data_dir = Path(cfg.cv.data_dir or default_dir)
     fold_cfg = copy.deepcopy(cfg)
     fold_cfg.data.root = str(write_fold_shards(cfg, fold, data_dir / f"fold{fold}"))
     fold_cfg.data.auto_prepare_digits = False
+    # The fold shards are ours (manifest, integer cls labels, the same image members).
+    fold_cfg.data.train, fold_cfg.data.val, fold_cfg.data.test, fold_cfg.data.classes = [], [], [], []
+    fold_cfg.data.label_key = "cls"
     fold_cfg.run.output_dir, fold_cfg.run.name = str(cv_root(cfg)), f"fold{fold}"
     fold_cfg.cv.fold = fold
     return fold_cfg

@@ -7,8 +7,9 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config.schema import Config, DataConfig
+from pipeline.config.schema import Config
 from pipeline.data import faults
+from pipeline.data.dataset import read_options, sample_keys
 from pipeline.data.decode import build_decoding
 from pipeline.data.manifest import Manifest
 from pipeline.data.remote import ReadOptions
@@ -42,12 +43,6 @@ class SplitLoader:
                 yield images, labels
 
 
-def build_read_options(cfg: DataConfig) -> ReadOptions:
-    """How shards are read (remote ones: retries, timeouts, cache, endpoint); see `pipeline.data.remote`."""
-    return ReadOptions(retries=cfg.retries, timeout_s=cfg.timeout_s, cache_dir=cfg.cache_dir,
-                       cache_max_gb=cfg.cache_max_gb, endpoint_url=cfg.endpoint_url)
-
-
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                  train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
     """The split's stream for one rank; `codec` (default: decode and augment in the workers, uint8 batches)
@@ -65,7 +60,7 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
         world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train,
         num_classes=manifest.num_classes, image_mode=manifest.image_mode or None, image_size=manifest.image_size,
-        read_options=build_read_options(cfg.data), **extra)
+        keys=sample_keys(cfg.data, manifest.classes), read_options=read_options(cfg.data), **extra)
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
@@ -77,5 +72,5 @@ def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
     return SplitLoader(stream, loader, finish)
 
 
-__all__ = ["Manifest", "ReadOptions", "ShardStream", "SplitLoader", "build_loader", "build_read_options",
-           "build_stream", "build_transform"]
+__all__ = ["Manifest", "ReadOptions", "ShardStream", "SplitLoader", "build_loader", "build_stream",
+           "build_transform", "read_options"]

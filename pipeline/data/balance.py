@@ -32,6 +32,10 @@ def imbalance_summary(manifest: Manifest) -> list[str]:
         low, high = min(counts), max(counts)
         lo_name, hi_name = manifest.classes[counts.index(low)], manifest.classes[counts.index(high)]
         ratio = f"{high / low:.2f}" if low else "inf"
+        if low == high:
+            lines.append(f"{split:5s}: {info.num_samples} samples, {manifest.num_classes} classes; {low} per class "
+                         "(balanced)")
+            continue
         lines.append(f"{split:5s}: {info.num_samples} samples, {manifest.num_classes} classes; smallest "
                      f"'{lo_name}' {low}, largest '{hi_name}' {high}, imbalance ratio {ratio}")
     return lines
@@ -52,6 +56,9 @@ class BalancedShardStream(ShardStream):
     with the slice's first drawn sample (`faults.UNDRAWN`), so they are still counted and warned
     about. Undecodable images are drawn, then replaced and counted as in ShardStream.
     """
+
+    elastic = False
+    """A slice's draw depends on the slot, so what an interrupted epoch left unread is not a set of samples."""
 
     def __init__(self, *args, class_counts: list[int], **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,9 +81,9 @@ class BalancedShardStream(ShardStream):
         yield from drawn[skip:]
 
     def _is_bad(self, sample: dict) -> bool:
-        return MISSING in sample or bool(parse_label(sample, len(self.class_weight))[1])
+        return MISSING in sample or bool(parse_label(sample, len(self.class_weight), self.keys)[1])
 
     def _weight(self, sample: dict) -> float:
         """Draw weight of a raw sample: 1/count of its class; 0 for one without a usable label."""
-        label, reason, _ = parse_label(sample, len(self.class_weight))
+        label, reason, _ = parse_label(sample, len(self.class_weight), self.keys)
         return 0.0 if reason or MISSING in sample else self.class_weight[label]

@@ -7,8 +7,9 @@ Every sample the stream reads is inspected once, as a pure function of its bytes
   whose size differs from the dataset's (`manifest.image_size`, when all written images shared one
   size) is resized by the transforms like every other image.
 - skipped (counted by reason): `truncated` (the manifest promises the sample but its shard ends
-  before it), `undecodable` (no image, or the image bytes do not decode), `no_label` (no `.cls`, or
-  not an integer), `bad_label` (an integer outside the manifest's classes).
+  before it), `undecodable` (no image, or the image bytes do not decode), `no_label` (nothing under
+  `data.label_key`, or nothing readable there; see `pipeline.data.keys`), `bad_label` (an index outside
+  the classes, or a name not among them).
 
 Network counts (not skips; `pipeline.data.remote`): `net_retries` (failed attempts that were retried),
 `net_resumed` (connections re-established in the middle of a shard), `net_failed` (shards given up;
@@ -30,8 +31,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.images import to_mode
+from pipeline.data.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "gif", "ppm")
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label")
 CONVERSIONS = ("mode", "size")
 NETWORK_FIELDS = {"retries": "net_retries", "resumed": "net_resumed", "failed": "net_failed"}
@@ -100,23 +101,15 @@ def missing_sample(url: str, index: int, error: str) -> dict:
     return {"__key__": f"#{index}", "__url__": url, MISSING: error}
 
 
-def parse_label(sample: dict, num_classes: int | None) -> tuple[int, str, str]:
-    """(label, reason, detail): reason is '' for a usable label, else no_label or bad_label."""
-    raw = sample.get("cls")
-    if raw is None:
-        return -1, "no_label", f"no label (keys: {', '.join(sorted(k for k in sample if not k.startswith('__')))})"
-    try:
-        label = int(raw)
-    except (TypeError, ValueError):
-        return -1, "no_label", f"label {bytes(raw)[:20]!r} is not an integer"
-    if num_classes is not None and not 0 <= label < num_classes:
-        return label, "bad_label", f"label {label} is outside the {num_classes} classes (0..{num_classes - 1})"
-    return label, "", ""
+def parse_label(sample: dict, num_classes: int | None, keys: SampleKeys = DEFAULT_KEYS) -> tuple[int, str, str]:
+    """(label, reason, detail): reason is '' for a usable label, else no_label or bad_label (see `keys`)."""
+    return keys.label(sample, num_classes)
 
 
 def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, image_mode: str | None = None,
                    image_size: Sequence[int] | None = None,
-                   decode: Optional[Callable[[Image.Image, bytes, str], object]] = None) -> SampleCheck:
+                   decode: Optional[Callable[[Image.Image, bytes, str], object]] = None,
+                   keys: SampleKeys = DEFAULT_KEYS) -> SampleCheck:
     """Check a raw sample and decode its image to `mode` (L or RGB); never raises.
 
     The label is checked first (cheap), so a sample with a bad label is not decoded. `decode(opened
@@ -125,16 +118,17 @@ def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, imag
     """
     check = SampleCheck(key=str(sample.get("__key__", "?")), url=str(sample.get("__url__", "")))
     if UNDRAWN in sample:
-        check.undrawn = tuple(inspect_sample(s, mode, num_classes, image_mode, image_size) for s in sample[UNDRAWN])
+        check.undrawn = tuple(inspect_sample(s, mode, num_classes, image_mode, image_size, keys=keys)
+                              for s in sample[UNDRAWN])
     if MISSING in sample:
         check.reason, check.detail = "truncated", str(sample[MISSING])  # why the shard ended early
         return check
-    check.label, check.reason, check.detail = parse_label(sample, num_classes)
+    check.label, check.reason, check.detail = parse_label(sample, num_classes, keys)
     if check.reason:
         return check
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    key = keys.image(sample)
     if key is None:
-        check.reason, check.detail = "undecodable", "no image in the sample"
+        check.reason, check.detail = "undecodable", f"no {keys.image_key or 'image'} in the sample"
         return check
     check.data, check.ext = sample[key], key
     try:

@@ -509,7 +509,7 @@ def stat_shard(url: str, options: Optional[ReadOptions] = None) -> tuple[Optiona
     kind = url_kind(url)
     if kind == "local":
         info = os.stat(local_path(url))
-        return info.st_size, f"mtime_ns:{info.st_mtime_ns}"
+        return info.st_size, f"size={info.st_size} mtime_ns={info.st_mtime_ns}"
     if kind == "pipe":
         return None, ""
     return _retrying(url, options, _stat_http if kind == "http" else _stat_fsspec)

@@ -24,6 +24,23 @@ How an epoch is laid out (the contract the resume logic relies on):
    every good sample is counted exactly once. Each batch carries the fault counts of the positions
    it covers; a final empty batch carries any counts not yet delivered (evaluation only).
 
+6. Elastic continuation. A checkpoint records its layout (`Layout`: ranks, workers, batch size, drop_last,
+   rank-local step). Resumed in another layout, the epoch continues with what the old one left unread: slot
+   g of the old layout had consumed the first c_g samples of its stream (c_g follows from the step, rule
+   4), and which (shard, index) those were follows from replaying its shuffle buffers on indices alone
+   (`_shuffled` draws as a function of the count only). The unread samples, ordered by shard in the
+   epoch's order and by index within a shard, are split equally over the new slots (`EpochPlan`
+   generation 1; a further change of layout in the same epoch makes generation 2, and so on). A new slot
+   reads its pieces shard by shard, seeking to the first wanted sample and passing over the others, with
+   shuffle buffers and augmentation seeded by the new slot, position and generation. Memory: one boolean
+   and one int64 per sample of the epoch while the plan is made (about 11 MB for ImageNet's 1.28M).
+
+Guarantees: at the same layout (world size, workers, batch size, drop_last), a resume gives the very same
+batches (bit-exact). Across layouts, every sample of the epoch (as its first layout laid it out) is read
+exactly once over the old and new processes, except the `EpochPlan.left_out()` samples the new layout
+cannot share equally (fewer than its slot count; with drop_last, also each slot's tail short of a full
+batch). A stream that draws with replacement (balance.py) is not `elastic`: the trainer restarts the epoch.
+
 What a batch holds is the codec's business (`pipeline.data.decode`): decoded, augmented images, or
 the encoded bytes and augmentation parameters for decoding in the main process. Either way the
 parameters come from the position's seed, so both give the same batches.
@@ -34,7 +51,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Protocol, Sequence
@@ -47,6 +64,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import fault_injection
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
+from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
 from pipeline.data.remote import ReadOptions, net_counters
 from pipeline.data.tar import tar_samples
 from pipeline.data.workers import init_worker, track, worker_context
@@ -57,11 +75,20 @@ NO_POSITION = -1
 
 @dataclass(frozen=True)
 class Segment:
-    """A slice [start, stop) of one shard's samples."""
+    """A slice [start, stop) of one shard's samples; with `keep`, only those shard indices of it (ascending)."""
 
     shard: int
     start: int
     stop: int
+    keep: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start if self.keep is None else len(self.keep)
+
+    def indices(self) -> np.ndarray:
+        """The shard indices it reads, in reading order (before the shuffle buffer)."""
+        return np.arange(self.start, self.stop) if self.keep is None else self.keep
 
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -99,6 +126,133 @@ def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
+def shuffle_rng(seed: int, epoch: int, slot: int, number: int, shard: int, generation: int = 0) -> random.Random:
+    """The RNG of a segment's shuffle buffer (generation 0 keeps the seeds of checkpoints written before rule 6)."""
+    key = (seed, epoch, slot, number, shard) + ((generation,) if generation else ())
+    return random.Random(hash(key))
+
+
+MAX_HISTORY = 8
+"""Layouts one epoch may pass through before its current one (each resume with another layout adds one)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch was read when a checkpoint was written: ranks, loader workers per rank (0 and 1 are the
+    same: one slot per rank), rank-local batch size, drop_last, and the rank-local step reached."""
+
+    world_size: int
+    workers: int
+    batch_size: int
+    drop_last: bool
+    step: int = 0
+
+    @property
+    def slots_per_rank(self) -> int:
+        return max(1, self.workers)
+
+    def reads_like(self, other: "Layout") -> bool:
+        """Whether both lay an epoch out alike (the step aside): then a resume is bit-exact."""
+        return (self.world_size, self.slots_per_rank, self.batch_size, self.drop_last) == \
+            (other.world_size, other.slots_per_rank, other.batch_size, other.drop_last)
+
+    def consumed(self, slot: int, limit: int) -> int:
+        """Samples of slot `slot` (limit: its samples read per epoch) in the batches its rank consumed by `step`;
+        rank-local step s comes from the slot s mod workers (module docstring, rule 4)."""
+        workers = self.slots_per_rank
+        virtual = slot % workers
+        done = self.step // workers + (1 if virtual < self.step % workers else 0)
+        return min(done * self.batch_size, limit)
+
+    def as_ints(self) -> list[int]:
+        return [self.world_size, self.workers, self.batch_size, int(self.drop_last), self.step]
+
+    @classmethod
+    def from_ints(cls, values: Sequence[int]) -> "Layout":
+        world, workers, batch, drop, step = (int(v) for v in values)
+        return cls(world, workers, batch, bool(drop), step)
+
+    def describe(self) -> str:
+        return f"{self.world_size} rank(s) x {self.workers} worker(s), batch {self.batch_size}"
+
+
+class EpochPlan:
+    """What each of `num_slots` slots reads in one epoch (module docstring, rules 2 and 6).
+
+    Generation 0 splits the epoch's virtual sequence (`order`); generation k > 0 splits `remaining`, the
+    global ids (shard offset + index) the k earlier layouts of this epoch left unread, ordered by shard in
+    the epoch's order, ascending within a shard. Training slots get equal lengths; evaluation keeps all.
+    """
+
+    def __init__(self, sizes: Sequence[int], order: Sequence[int], num_slots: int, batch_size: int,
+                 drop_last: bool, train: bool, remaining: Optional[np.ndarray] = None, generation: int = 0):
+        self.sizes, self.order, self.num_slots = list(sizes), list(order), num_slots
+        self.batch_size, self.drop_last, self.train = batch_size, drop_last, train
+        self.remaining, self.generation = remaining, generation
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.total = int(self.offsets[-1]) if remaining is None else len(remaining)
+
+    def slot_range(self, slot: int) -> tuple[int, int]:
+        """Positions [start, stop) of the plan's sequence that slot `slot` owns."""
+        if self.train:
+            per_slot = self.total // self.num_slots
+            return slot * per_slot, (slot + 1) * per_slot
+        return slot * self.total // self.num_slots, (slot + 1) * self.total // self.num_slots
+
+    def batches(self, slot: int) -> int:
+        start, stop = self.slot_range(slot)
+        rounding = math.floor if self.drop_last else math.ceil
+        return rounding((stop - start) / self.batch_size)
+
+    def limit(self, slot: int) -> int:
+        """Samples the slot reads: its range, or (training with drop_last) only its full batches."""
+        start, stop = self.slot_range(slot)
+        if self.train and self.drop_last:
+            return self.batches(slot) * self.batch_size
+        return stop - start
+
+    def left_out(self) -> int:
+        """Samples of the plan's sequence no slot reads (so every rank runs the same steps)."""
+        return self.total - sum(self.limit(g) for g in range(self.num_slots))
+
+    def segments(self, slot: int) -> list[Segment]:
+        start, stop = self.slot_range(slot)
+        if self.remaining is None:
+            return slot_segments(self.sizes, self.order, start, stop)
+        ids = self.remaining[start:stop]
+        shards = np.searchsorted(self.offsets, ids, side="right") - 1
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        segments = []
+        for run, shard in zip(np.split(ids, cuts), shards[np.concatenate([[0], cuts])] if len(ids) else []):
+            local = run - self.offsets[shard]
+            segments.append(Segment(int(shard), int(local[0]), int(local[-1]) + 1, keep=local))
+        return segments
+
+    def unread(self, layout: Layout, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+        """Global ids this plan's slots still had to read when `layout` stopped at its step, in the epoch's
+        shard order. A slot consumed the first samples of its stream; which ones follows from replaying its
+        shuffle buffers on indices alone (`_shuffled` draws as a function of the count only)."""
+        unread = np.zeros(int(self.offsets[-1]), dtype=bool)
+        for slot in range(self.num_slots):
+            limit = self.limit(slot)
+            first, position = layout.consumed(slot, limit), 0
+            for number, segment in enumerate(self.segments(slot)):
+                lo, hi = max(first, position), min(limit, position + segment.length)
+                if lo < hi:
+                    local = segment.indices()
+                    if hi - lo < segment.length:  # partly read: which ones depends on the shuffle
+                        rng = shuffle_rng(seed, epoch, slot, number, segment.shard, self.generation)
+                        order = np.fromiter(_shuffled(iter(range(segment.length)), shuffle_buffer, rng),
+                                            dtype=np.int64, count=segment.length)
+                        local = local[order[lo - position:hi - position]]
+                    unread[self.offsets[segment.shard] + local] = True
+                position += segment.length
+                if position >= limit:
+                    break
+        return np.concatenate([self.offsets[s] + np.flatnonzero(unread[self.offsets[s]:self.offsets[s + 1]])
+                               for s in self.order]).astype(np.int64)
+
+
 def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = None) -> Iterator[dict]:
     """Raw samples [start, stop) of a shard, always stop - start of them: where the shard ends early
     (truncated, unreadable, or the network gave up: `pipeline.data.remote`), the missing ones are
@@ -118,6 +272,18 @@ def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = N
         yield missing_sample(url, missing, error)
 
 
+def _kept(samples: Iterator[dict], start: int, keep: np.ndarray) -> Iterator[dict]:
+    """The samples whose shard index (the first is `start`) is in `keep` (ascending)."""
+    wanted = iter(keep.tolist())
+    target = next(wanted, None)
+    for index, sample in enumerate(samples, start=start):
+        if index == target:
+            yield sample
+            target = next(wanted, None)
+            if target is None:
+                return
+
+
 class NetworkDelta:
     """This process's network counters (`remote.net_counters`) since the previous batch, for its counts."""
 
@@ -126,8 +292,8 @@ class NetworkDelta:
 
     def add_to(self, counts: list[int]) -> None:
         now = net_counters()
-        for name, field in faults.NETWORK_FIELDS.items():
-            counts[faults.FIELDS.index(field)] += now[name] - self.last[name]
+        for name, key in faults.NETWORK_FIELDS.items():
+            counts[faults.FIELDS.index(key)] += now[name] - self.last[name]
         self.last = now
 
 
@@ -151,11 +317,13 @@ class ShardStream(IterableDataset):
                  codec: SampleCodec, channels: int, rank: int, world_size: int, num_workers: int,
                  seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False,
                  num_classes: int | None = None, image_mode: str | None = None,
-                 image_size: Sequence[int] | None = None, read_options: ReadOptions | None = None):
+                 image_size: Sequence[int] | None = None, keys: SampleKeys = DEFAULT_KEYS,
+                 read_options: ReadOptions | None = None):
         if len(shard_paths) != len(shard_sizes):
             raise ValueError("shard_paths and shard_sizes differ in length")
         # What a good sample looks like (from the manifest); see pipeline.data.faults.
         self.num_classes, self.image_mode, self.image_size = num_classes, image_mode, image_size
+        self.keys = keys  # which members are the image and the label (see pipeline.data.keys)
         self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")
         self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
@@ -163,7 +331,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.codec = batch_size, codec
         self.mode = "L" if channels == 1 else "RGB"
         self.rank, self.world_size = rank, world_size
-        self.workers = max(1, num_workers)
+        self.num_workers, self.workers = num_workers, max(1, num_workers)
         self.seed, self.train = seed, train
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
         self.num_samples = sum(self.shard_sizes)
@@ -171,50 +339,91 @@ class ShardStream(IterableDataset):
         if train and self.num_samples < self.num_slots:
             raise ValueError(f"{self.num_samples} training samples cannot feed {world_size} rank(s) x "
                              f"{self.workers} worker(s); lower data.num_workers")
-        # Shared with (even persistent) workers: the epoch and the rank-local step to start from.
-        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # Shared with (even persistent) workers: the epoch, the rank-local step to start from, and the
+        # earlier layouts of the epoch (a count, then 5 ints per Layout); see `set_position`.
+        self._position = torch.zeros(3 + 5 * MAX_HISTORY, dtype=torch.int64).share_memory_()
+        self._plans: dict[tuple, EpochPlan] = {}  # per process: plans of the positions met so far
+        self._generation = 0  # plan generation of the slot this process reads (seeds; one slot at a time)
+
+    elastic = True
+    """Whether an epoch begun in another layout can be continued (rule 6); a resampling stream cannot."""
 
     # ---- position -------------------------------------------------------------------------------
-    def set_position(self, epoch: int, step: int = 0) -> None:
-        """Start the next iteration at `step` (batches already consumed by this rank) of `epoch`."""
-        self._position[0], self._position[1] = epoch, step
+    def set_position(self, epoch: int, step: int = 0, history: Sequence[Layout] = ()) -> None:
+        """Start the next iteration at `step` (batches already consumed by this rank) of `epoch`.
+
+        `history`: the layouts that read part of this epoch before this one, each with the step it stopped
+        at (rule 6); empty for an epoch read in this layout from its start.
+        """
+        if len(history) > MAX_HISTORY:
+            raise ValueError(f"an epoch can continue across at most {MAX_HISTORY} earlier layouts")
+        if history and not self.train:
+            raise ValueError("only a training stream continues an epoch begun in another layout")
+        values = [epoch, step, len(history)] + [v for layout in history for v in layout.as_ints()]
+        self._position.zero_()
+        self._position[:len(values)] = torch.tensor(values, dtype=torch.int64)
 
     @property
     def epoch(self) -> int:
         return int(self._position[0])
 
+    @property
+    def history(self) -> tuple[Layout, ...]:
+        """The earlier layouts of the current epoch (see `set_position`)."""
+        values = self._position.tolist()
+        return tuple(Layout.from_ints(values[3 + 5 * i:8 + 5 * i]) for i in range(values[2]))
+
+    def layout(self, step: int = 0) -> Layout:
+        """This stream's layout, at rank-local `step`."""
+        return Layout(self.world_size, self.num_workers, self.batch_size, self.drop_last, step)
+
     # ---- layout ---------------------------------------------------------------------------------
+    def plan(self, epoch: Optional[int] = None) -> EpochPlan:
+        """What every slot reads in `epoch` (default: the position's), given the epoch's earlier layouts."""
+        epoch = self.epoch if epoch is None else epoch
+        history = self.history
+        key = (epoch, history)
+        if key not in self._plans:
+            self._plans = {key: self._make_plan(epoch, history)}  # one position at a time: keep one
+        return self._plans[key]
+
+    def _make_plan(self, epoch: int, history: tuple[Layout, ...]) -> EpochPlan:
+        order = epoch_shard_order(len(self.shard_paths), self.seed, epoch, self.train)
+        layouts = [*history, self.layout()]
+        first = layouts[0]
+        plan = EpochPlan(self.shard_sizes, order, first.world_size * first.slots_per_rank, first.batch_size,
+                         first.drop_last, self.train)
+        for generation, (done, layout) in enumerate(zip(layouts, layouts[1:]), start=1):
+            remaining = plan.unread(done, self.seed, epoch, self.shuffle_buffer)
+            plan = EpochPlan(self.shard_sizes, order, layout.world_size * layout.slots_per_rank, layout.batch_size,
+                             layout.drop_last, self.train, remaining=remaining, generation=generation)
+        return plan
+
     def slot_range(self, slot: int) -> tuple[int, int]:
-        if self.train:
-            per_slot = self.num_samples // self.num_slots
-            return slot * per_slot, (slot + 1) * per_slot
-        return slot * self.num_samples // self.num_slots, (slot + 1) * self.num_samples // self.num_slots
+        return self.plan().slot_range(slot)
 
     def batches_in_slot(self, slot: int) -> int:
-        start, stop = self.slot_range(slot)
-        rounding = math.floor if self.drop_last else math.ceil
-        return rounding((stop - start) / self.batch_size)
+        return self.plan().batches(slot)
 
     def steps_per_epoch(self) -> int:
-        """Batches this rank yields per epoch (identical on every rank when training)."""
+        """Batches this rank yields in the position's epoch (identical on every rank when training); an epoch
+        continued from another layout has the steps of what that layout left unread."""
         first = self.rank * self.workers
         return sum(self.batches_in_slot(first + v) for v in range(self.workers))
 
     def samples_per_epoch(self) -> int:
-        """Samples this rank sees per epoch."""
-        first = self.rank * self.workers
-        total = 0
-        for v in range(self.workers):
-            start, stop = self.slot_range(first + v)
-            full = (stop - start) // self.batch_size * self.batch_size
-            total += full if self.drop_last else stop - start
-        return total
+        """Samples this rank sees in the position's epoch."""
+        plan, first = self.plan(), self.rank * self.workers
+        return sum(plan.limit(first + v) for v in range(self.workers))
 
     # ---- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, fault counts) batches of this worker's slot; see the module docstring."""
         info = get_worker_info()
-        physical = info.id if info is not None else 0
+        yield from self.worker_batches(info.id if info is not None else 0)
+
+    def worker_batches(self, physical: int) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
+        """The batches loader worker `physical` yields from the position on (the DataLoader takes them round-robin)."""
         epoch, step = int(self._position[0]), int(self._position[1])
         virtual = (physical + step) % self.workers
         done_batches = step // self.workers + (1 if virtual < step % self.workers else 0)
@@ -225,7 +434,8 @@ class ShardStream(IterableDataset):
         """Augmentation is seeded by the sample's place in the epoch, so a restart reproduces it exactly."""
         if not self.train:
             return None
-        return hash((self.seed, epoch, slot, position)) & 0x7FFF_FFFF_FFFF_FFFF
+        key = (self.seed, epoch, slot, position) + ((self._generation,) if self._generation else ())
+        return hash(key) & 0x7FFF_FFFF_FFFF_FFFF
 
     def _slot_batches(self, epoch: int, slot: int, done_batches: int) -> Iterator:
         items, labels, counts = [], [], [0] * len(faults.FIELDS)
@@ -251,15 +461,12 @@ class ShardStream(IterableDataset):
 
     def _slot_samples(self, epoch: int, slot: int, skip: int) -> Iterator[tuple[int, SampleCheck, SampleCheck | None]]:
         """(position, inspection, what to feed) for every position of the slot from `skip` on."""
-        start, stop = self.slot_range(slot)
-        limit = stop - start
-        if self.train and self.drop_last:  # the tail that makes no full batch is not even read
-            limit = self.batches_in_slot(slot) * self.batch_size
-        order = epoch_shard_order(len(self.shard_paths), self.seed, epoch, self.train)
-        segments = slot_segments(self.shard_sizes, order, start, stop)
+        plan = self.plan(epoch)
+        self._generation = plan.generation
+        limit = plan.limit(slot)  # with drop_last, the tail that makes no full batch is not even read
         position = skip  # index of the next sample within this slot's stream
-        for number, segment in enumerate(segments):
-            length = segment.stop - segment.start
+        for number, segment in enumerate(plan.segments(slot)):
+            length = segment.length
             if skip >= length:  # finished before the restart: not even opened
                 skip -= length
                 continue
@@ -301,7 +508,7 @@ class ShardStream(IterableDataset):
 
     def _inspect(self, sample: dict, seed: Optional[int]) -> SampleCheck:
         return inspect_sample(sample, self.mode, self.num_classes, self.image_mode, self.image_size,
-                              decode=partial(self.codec.decode, seed=seed))
+                              decode=partial(self.codec.decode, seed=seed), keys=self.keys)
 
     def _first_good(self, epoch: int, slot: int, number: int, segment: Segment) -> SampleCheck:
         """The segment's first good sample; if it has none, the split's (shards in order)."""
@@ -323,12 +530,14 @@ class ShardStream(IterableDataset):
 
     def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
         """Raw (undecoded) samples of a segment, shuffled, minus the first `skip` of them; always
-        `segment.stop - segment.start - skip` of them (missing ones are stand-ins, see `shard_slice`)."""
+        `segment.length - skip` of them (missing ones are stand-ins, see `shard_slice`)."""
         if not self.train:  # no shuffle: the skipped samples are not even read
             segment, skip = Segment(segment.shard, segment.start + skip, segment.stop), 0
         raw = shard_slice(self.shard_paths[segment.shard], segment.start, segment.stop, self.read_options)
+        if segment.keep is not None:
+            raw = _kept(raw, segment.start, segment.keep)
         if self.train:
-            rng = random.Random(hash((self.seed, epoch, slot, number, segment.shard)))
+            rng = shuffle_rng(self.seed, epoch, slot, number, segment.shard, self._generation)
             raw = _shuffled(raw, self.shuffle_buffer, rng)
         for index, sample in enumerate(raw):
             if index >= skip:
@@ -352,4 +561,6 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
 
 
 def shard_paths(root: str | Path, names: Sequence[str]) -> list[str]:
-    return [str(Path(root) / name) for name in names]
+    """Where the shards are: names relative to `root` (our manifests), or as they are (absolute paths, URLs)."""
+    return [name if "://" in name or name.startswith("pipe:") or os.path.isabs(name) else str(Path(root) / name)
+            for name in names]

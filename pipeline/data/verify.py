@@ -1,6 +1,9 @@
-"""`pipeline data verify SHARDS_DIR`: check every shard against manifest.json and decode every sample.
+"""`pipeline data verify SHARDS_DIR | SPEC...`: check every shard against its manifest or index; decode every sample.
 
-Per shard: the file exists, its size and sha256 match the manifest, it holds the number of samples
+SHARDS_DIR is one of our folders (manifest.json); any other spec (WebDataset shards in a folder,
+files, patterns, URLs; see `pipeline.data.specs`) is checked against its index (built if needed).
+Shards are read with the training stream's reader (`pipeline.data.tar`), so the two never disagree.
+Per shard: the file exists, its size (and sha256, where the manifest has it) match, it holds the number of samples
 the manifest says, and every sample passes the same inspection the training stream applies
 (`pipeline.data.faults.inspect_sample`: label present and in range, image decodes). Images whose
 mode or size differ from the dataset's are reported as "converted on load" (not a problem: the
@@ -14,8 +17,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config.schema import DataConfig
+from pipeline.data.dataset import read_options, sample_keys, specs_manifest
 from pipeline.data.faults import MISSING, inspect_sample, missing_sample, short_error
-from pipeline.data.manifest import Manifest, ShardInfo
+from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from pipeline.data.remote import ReadOptions, stat_shard
+from pipeline.data.specs import SHARD_SUFFIXES, describe, is_shard_name, is_url
+from pipeline.data.stream import shard_paths
+from pipeline.data.tar import tar_samples
 
 EXAMPLES_PER_SHARD = 3
 
@@ -73,41 +82,48 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _file_problem(path: Path, info: ShardInfo) -> str:
-    if not path.is_file():
+def _file_problem(url: str, info: ShardInfo, options: ReadOptions | None) -> str:
+    if not is_url(url) and not Path(url).is_file():
         return "file missing"
-    size = path.stat().st_size
-    if info.num_bytes and size != info.num_bytes:
+    try:
+        size, _ = stat_shard(url, options)
+    except Exception as exc:  # noqa: BLE001 - a remote shard that cannot be looked at
+        return f"cannot be read ({short_error(exc)})"
+    if info.num_bytes and size is not None and size != info.num_bytes:
         return f"size {size} bytes, manifest says {info.num_bytes}; sha256 differs"
-    if info.sha256 and _sha256(path) != info.sha256:
+    if info.sha256 and not is_url(url) and _sha256(Path(url)) != info.sha256:
         return "sha256 differs from the manifest's"
     return ""
 
 
-def _samples(path: Path, expected: int):
+def _samples(url: str, expected: int, options: ReadOptions | None):
     """Every raw sample of the shard, then stand-ins for those the manifest promises but the shard lacks."""
-    from webdataset.tariterators import tarfile_samples
-
     found, error = 0, "it has fewer samples than the manifest says"
-    raw = tarfile_samples([{"url": str(path)}])
+    raw = tar_samples(url, options=options)
     try:
         for sample in raw:
             found += 1
             yield sample
     except Exception as exc:  # noqa: BLE001 - any read error: the rest of the shard is lost
         error = short_error(exc)
+    finally:
+        raw.close()
     for index in range(found, expected):
-        yield missing_sample(str(path), index, error)
+        yield missing_sample(url, index, error)
 
 
-def verify_shard(root: Path, split: str, info: ShardInfo, manifest: Manifest, advance=lambda n: None) -> ShardReport:
-    path = root / info.name
-    report = ShardReport(split, info.name, info.num_samples, file_problem=_file_problem(path, info))
-    if report.file_problem == "file missing":
+def verify_shard(root: Path, split: str, info: ShardInfo, manifest: Manifest, advance=lambda n: None,
+                 data: DataConfig | None = None) -> ShardReport:
+    data = data or DataConfig()
+    url, options = shard_paths(root, [info.name])[0], read_options(data)
+    report = ShardReport(split, info.name, info.num_samples, file_problem=_file_problem(url, info, options))
+    if report.file_problem == "file missing" or report.file_problem.startswith("cannot be read"):
         advance(info.num_samples)
         return report
-    for sample in _samples(path, info.num_samples):
-        check = inspect_sample(sample, "RGB", manifest.num_classes, manifest.image_mode or None, manifest.image_size)
+    keys = sample_keys(data, manifest.classes)
+    for sample in _samples(url, info.num_samples, options):
+        check = inspect_sample(sample, "RGB", manifest.num_classes, manifest.image_mode or None, manifest.image_size,
+                               keys=keys)
         if MISSING not in sample:
             report.found += 1
         report.converted.update(check.converted)
@@ -121,21 +137,31 @@ def verify_shard(root: Path, split: str, info: ShardInfo, manifest: Manifest, ad
     return report
 
 
-def verify_shards(root: str | Path, show_progress: bool = True) -> VerifyReport:
-    """Verify every shard of every split; raises FileNotFoundError/ValueError for a bad folder or manifest."""
+def verify_shards(root: str | Path | list[str], show_progress: bool = True, data: DataConfig | None = None) -> VerifyReport:
+    """Verify every shard of every split of our folder `root`, or of the shard specs `root` names (checked against
+    their index; `data` gives the label/image keys, classes and index folder). Raises FileNotFoundError/ValueError
+    (one line) for a bad folder, manifest or spec."""
     from pipeline.tracking.console import progress_bar
 
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"shard folder '{root}' does not exist")
-    manifest = Manifest.read(root)
+    specs = [str(r) for r in root] if isinstance(root, list) else [str(root)]
+    data = data or DataConfig()
+    if len(specs) == 1 and (Path(specs[0]) / MANIFEST_NAME).is_file():
+        where, manifest = Path(specs[0]), Manifest.read(specs[0])
+    elif len(specs) == 1 and not is_url(specs[0]) and not Path(specs[0]).exists() and "{" not in specs[0] \
+            and not any(c in specs[0] for c in "*?["):
+        raise FileNotFoundError(f"shard folder '{specs[0]}' does not exist")
+    elif len(specs) == 1 and Path(specs[0]).is_dir() and not any(is_shard_name(p.name) for p in Path(specs[0]).iterdir()):
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in '{specs[0]}' and no shard files ({', '.join(SHARD_SUFFIXES)}) "
+                                f"either; build shards with `pipeline data shards SRC {specs[0]}`")
+    else:
+        where, manifest = Path("."), specs_manifest({"shards": specs}, data, progress=show_progress, key_prefix="")
     shards = [(split, info) for split, s in manifest.splits.items() for info in s.shards]
     reports = []
     with progress_bar(enabled=show_progress) as progress:
         task = progress.add_task("verifying", total=sum(info.num_samples for _, info in shards))
         for split, info in shards:
-            reports.append(verify_shard(root, split, info, manifest, lambda n: progress.advance(task, n)))
-    return VerifyReport(root, reports)
+            reports.append(verify_shard(where, split, info, manifest, lambda n: progress.advance(task, n), data))
+    return VerifyReport(Path(describe(specs)) if where == Path(".") else where, reports)
 
 
 def _file_status(problem: str) -> str:
@@ -153,7 +179,7 @@ def print_report(report: VerifyReport) -> None:
 
     from pipeline.tracking.console import console
 
-    table = Table(title=f"shards in {report.root}", title_justify="left")
+    table = Table(title=escape(f"shards in {report.root}"), title_justify="left")
     for name, kwargs in (("split", {}), ("shard", {"no_wrap": True}), ("samples", {"justify": "right"}),
                          ("file", {}), ("bad", {"justify": "right"}), ("converted", {})):
         table.add_column(name, **kwargs)

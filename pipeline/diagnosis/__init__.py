@@ -21,7 +21,7 @@ def read_history(run_dir: str | Path) -> list[dict]:
 
 def diagnose_run(run_dir: str | Path) -> list[Finding]:
     """Diagnose a run folder from metrics.jsonl, its data manifest and, if present, per-class test metrics."""
-    from pipeline.data.manifest import Manifest
+    from pipeline.data.dataset import dataset_manifest
     from pipeline.evaluation.loaded import load_run_config
 
     run_dir = Path(run_dir)
@@ -29,7 +29,7 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
     cfg = load_run_config(run_dir)
     counts, num_classes = None, None
     try:
-        manifest = Manifest.read(cfg.data.root)
+        manifest = dataset_manifest(cfg.data)
         counts, num_classes = manifest.split("train").class_counts, manifest.num_classes
     except (FileNotFoundError, ValueError, KeyError):
         pass  # diagnose from the history alone when the shards have moved

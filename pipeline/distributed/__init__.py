@@ -20,6 +20,28 @@ T = TypeVar("T")
 # Errors re-raised as themselves on the other ranks by `Dist.on_main` (the CLI turns them into one line).
 SHAREABLE_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, KeyError, TimeoutError)}
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+"""What `accelerate launch` sets from --mixed_precision or its --config_file (accelerate.utils.launch)."""
+
+
+def choose_precision(configured: str) -> tuple[str, str]:
+    """(the precision to train in, a line to print or ''), from train.precision and accelerate launch's value.
+
+    The rule: an explicit train.precision (fp32, bf16, fp16) wins, and one line says so when `accelerate launch`
+    asked for another; train.precision=auto takes accelerate's value, and fp32 when not launched by accelerate."""
+    launched = os.environ.get(LAUNCHER_PRECISION_ENV, "").strip().lower()
+    launched_as = {value: name for name, value in MIXED_PRECISION.items()}.get(launched)
+    if configured != "auto":
+        if launched and launched_as != configured:
+            return configured, (f"precision: train.precision={configured} wins over accelerate launch's "
+                                f"mixed_precision={launched} (train.precision=auto would use accelerate's)")
+        return configured, ""
+    if not launched:
+        return "fp32", ""
+    if launched_as is None:
+        raise ValueError(f"accelerate launch's mixed_precision={launched} is not supported here; set "
+                         "train.precision to fp32, bf16 or fp16")
+    return launched_as, f"precision: {launched_as} (train.precision=auto: accelerate launch's mixed_precision)"
 
 
 class Dist:
@@ -193,6 +215,8 @@ def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameter
     unfreezing): DDP then tolerates parameters that get no gradient in a step. Collectives wait at most
     `timeout_s` for the other ranks; forming the process group at most `init_timeout_s` (see `init_watchdog`)."""
     use_cpu = cpu or not torch.cuda.is_available()
+    if precision == "auto":
+        precision = choose_precision(precision)[0]
     if precision == "fp16" and use_cpu:
         raise ValueError("train.precision=fp16 needs a CUDA GPU (none is in use); use bf16 or fp32")
     if precision == "bf16" and not use_cpu and not torch.cuda.is_bf16_supported():

@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.checkpointing import Checkpointer, load_weights
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Manifest, SplitLoader, build_loader
+from pipeline.data.dataset import dataset_manifest
 from pipeline.distributed import Dist, build_dist
 from pipeline.models import create_model
 
@@ -60,7 +61,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     dist = build_dist("fp32" if cfg.train.precision == "fp16" else cfg.train.precision, cfg.train.cpu)
-    manifest = Manifest.read(cfg.data.root)
+    manifest = dataset_manifest(cfg.data)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist)
     folder = checkpointer.find("best") or checkpointer.find("last")
     if folder is None:

@@ -1,15 +1,17 @@
-"""`pipeline predict RUN_DIR IMAGE_OR_FOLDER...`: top-k classes with probabilities for image files, using
-the run's own evaluation transform and best weights.
+"""`pipeline predict RUN_DIR|EXPORTED_MODEL IMAGE_OR_FOLDER...`: top-k classes with probabilities for image files,
+using the run's own evaluation transform and best weights, or a model written by `pipeline export` and its sidecar.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.config.schema import AugmentConfig, DataConfig
 from pipeline.data.images import to_mode
 from pipeline.data.transforms import build_transform
 from pipeline.evaluation.loaded import LoadedRun, load_run
@@ -46,30 +48,62 @@ def load_image(path: Path, channels: int) -> Image.Image:
 
 
 def preprocess(run: LoadedRun, paths: Sequence[Path]) -> torch.Tensor:
-    transform = build_transform(run.cfg.data, train=False)
-    return torch.stack([transform(load_image(p, run.cfg.data.channels)) for p in paths])
+    return preprocess_with(run.cfg.data, paths)
 
 
-def predict_paths(run: LoadedRun, paths: Sequence[Path], top_k: int = 3) -> list[dict]:
+def preprocess_with(data: DataConfig, paths: Sequence[Path]) -> torch.Tensor:
+    """The images as the model saw them in evaluation: the eval transform of `data`, normalised, stacked."""
+    transform = build_transform(data, train=False)
+    return torch.stack([transform(load_image(p, data.channels)) for p in paths])
+
+
+@dataclass
+class Classifier:
+    """What predict needs: a function from a normalised batch to logits, its classes and its input."""
+
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    classes: list[str]
+    data: DataConfig
+    device: torch.device
+
+
+def classifier_from_run(run_dir: str | Path) -> Classifier:
+    run = load_run(run_dir)
+    return Classifier(run.model, run.classes, run.cfg.data, run.device)
+
+
+def classifier_from_export(path: str | Path) -> Classifier:
+    """A model written by `pipeline export`, with the input description of its sidecar JSON."""
+    from pipeline.export import load_exported, read_sidecar
+
+    meta = read_sidecar(path)
+    data = DataConfig(image_size=meta["image_size"], channels=meta["channels"], mean=meta["mean"], std=meta["std"],
+                      augment=AugmentConfig(random_resized_crop=meta.get("random_resized_crop", False)))
+    return Classifier(load_exported(path, meta["format"]), list(meta["classes"]), data, torch.device("cpu"))
+
+
+def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> list[dict]:
     """For each image: its path and the top-k classes with their probabilities, most likely first."""
-    k = min(top_k, run.manifest.num_classes)
+    k = min(top_k, len(model.classes))
     results = []
     for start in range(0, len(paths), BATCH):
         chunk = list(paths[start:start + BATCH])
         with torch.inference_mode():
-            probs = run.model(preprocess(run, chunk).to(run.device)).float().softmax(dim=-1).cpu()
+            probs = model.logits(preprocess_with(model.data, chunk).to(model.device)).float().softmax(dim=-1).cpu()
         values, indices = probs.topk(k, dim=-1)
         for path, p, i in zip(chunk, values.tolist(), indices.tolist()):
-            results.append({"path": str(path), "top_k": [{"class": run.classes[c], "probability": q}
+            results.append({"path": str(path), "top_k": [{"class": model.classes[c], "probability": q}
                                                          for c, q in zip(i, p)]})
     return results
 
 
-def predict(run_dir: str | Path, inputs: Sequence[str | Path], top_k: int = 3) -> list[dict]:
+def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3) -> list[dict]:
+    """Top-k for the images, with a run folder's best weights or a file written by `pipeline export`."""
     if top_k < 1:
         raise ValueError(f"--top-k={top_k} must be at least 1")
     paths = image_paths(inputs)
-    return predict_paths(load_run(run_dir), paths, top_k)
+    model = classifier_from_export(source) if Path(source).is_file() else classifier_from_run(source)
+    return predict_paths(model, paths, top_k)
 
 
 def format_predictions(results: list[dict]) -> str:

@@ -22,6 +22,16 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
             return
 
 
+def _small_input_stem(model: nn.Module, name: str) -> None:
+    """The CIFAR stem: conv1 becomes 3x3 stride 1 (padding 1), the max-pool is dropped."""
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        raise ValueError(f"model.small_input_stem=true needs a ResNet-style stem (conv1 + maxpool: resnet*, resnext*, "
+                         f"wide_resnet*); {name} has none")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None)
+    model.maxpool = nn.Identity()
+
+
 def torchvision_model_names() -> list[str]:
     from torchvision import models
 
@@ -31,6 +41,8 @@ def torchvision_model_names() -> list[str]:
 def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
     """`simple_cnn` or any torchvision classification model (random init) with `num_classes` outputs."""
     if cfg.name == "simple_cnn":
+        if cfg.small_input_stem:
+            raise ValueError("model.small_input_stem=true is for torchvision ResNets; simple_cnn has no such stem")
         model: nn.Module = SimpleCNN(num_classes, in_channels, cfg.channels, cfg.residual, cfg.dropout)
     else:
         from torchvision import models
@@ -47,6 +59,8 @@ def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn
         except TypeError:
             kwargs.pop("dropout", None)
             model = models.get_model(cfg.name, weights=None, **kwargs)
+        if cfg.small_input_stem:
+            _small_input_stem(model, cfg.name)
         _adapt_first_conv(model, in_channels)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

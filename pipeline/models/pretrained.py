@@ -107,8 +107,9 @@ def _weights_file_of_folder(folder: Path) -> Path:
                             "checkpoints/{best,last}/model.safetensors")
 
 
-def read_pretrained_state(source: str, model_name: str | None = None) -> dict[str, torch.Tensor]:
-    """The state dict named by `source` (see the module docstring); never downloads."""
+def pretrained_weights_file(source: str, model_name: str | None = None) -> Path:
+    """The file `source` names (see the module docstring), checked to exist and to fit `model_name`, not read: cheap
+    enough for the preflight checks. Never downloads."""
     if is_torchvision_weights_name(source):
         weights = torchvision_weights(source)
         if model_name is not None:
@@ -125,16 +126,21 @@ def read_pretrained_state(source: str, model_name: str | None = None) -> dict[st
         if not path.is_file():
             raise FileNotFoundError(f"weights {source} are not in the local torch cache (no download here): "
                                     f"fetch {weights.url} and put it at {path}")
-        return _load_file(path)
+        return path
     path = Path(source)
     if path.is_dir():
-        return _load_file(_weights_file_of_folder(path))
+        return _weights_file_of_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"finetune.weights='{source}' does not exist; give a torchvision weights name, "
                                 "a .pth/.pt/.safetensors file, or a run folder")
     if path.suffix not in (".pth", ".pt", ".safetensors", ".bin"):
         raise ValueError(f"finetune.weights='{source}' has suffix '{path.suffix}'; use .pth, .pt or .safetensors")
-    return _load_file(path)
+    return path
+
+
+def read_pretrained_state(source: str, model_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict named by `source` (see the module docstring); never downloads."""
+    return _load_file(pretrained_weights_file(source, model_name))
 
 
 def head_module_name(model: nn.Module) -> str:

@@ -1,4 +1,5 @@
-"""Checks before any heavy work: the data folder, its manifest and shards, the output folder, the batch size.
+"""Checks before any heavy work: the data folder, its manifest and shards, pretrained weights, the output folder, the
+batch size.
 
 Each failure is one line naming the config key, its value and what would be valid (a ValueError or
 FileNotFoundError: the CLI prints it and exits with code 2). The precision check lives with the
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from pipeline.config.schema import Config, DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
+from pipeline.data.specs import is_shard_name, is_url
 from pipeline.distributed import Dist
 
 
@@ -29,21 +31,26 @@ def check_data_root(cfg: Config) -> None:
     root = Path(cfg.data.root)
     if (root / MANIFEST_NAME).is_file() or builds_digits(cfg):
         return
-    if any(mark in cfg.data.root for mark in ("://", "pipe:", "{", "*")):
-        raise FileNotFoundError(f"data.root='{cfg.data.root}' is a URL or pattern; give a local folder holding "
-                                f"{MANIFEST_NAME} (nothing is written to a URL)")
+    if any(mark in cfg.data.root for mark in ("://", "pipe:", "{", "*")) or is_shard_name(cfg.data.root):
+        raise FileNotFoundError(f"data.root='{cfg.data.root}' names shards, not one of our folders; give WebDataset "
+                                f"shards as data.train=... data.val=... (see README 'WebDataset shards you already have')")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root='{cfg.data.root}' does not exist (the digits demo is built only at "
                                 f"{DataConfig().root} or with data.auto_prepare_digits=true); build shards with "
                                 f"`pipeline data shards SRC {cfg.data.root}`")
+    shards = sorted(p.name for p in root.iterdir() if is_shard_name(p.name))
+    if shards:
+        raise FileNotFoundError(f"data.root='{root}' has no {MANIFEST_NAME} but {len(shards)} shard file(s) "
+                                f"({shards[0]}, ...): name them with data.train=... data.val=... (e.g. "
+                                f"data.train='{root}/train-*.tar')")
     raise FileNotFoundError(f"data.root='{root}' has no {MANIFEST_NAME}; build shards there with "
                             f"`pipeline data shards SRC {root}`")
 
 
 def missing_shards(cfg: Config, manifest: Manifest) -> str:
     root = Path(cfg.data.root)
-    names = [s.name for split in manifest.splits.values() for s in split.shards]
-    missing = [name for name in names if not (root / name).is_file()]
+    names = [s.name for split in manifest.splits.values() for s in split.shards if not is_url(s.name)]
+    missing = [name for name in names if not (root / name).is_file()]  # (an absolute name stays as it is)
     if not missing:
         return ""
     return (f"data.root='{root}': {len(missing)} of {len(names)} shard file(s) listed in {MANIFEST_NAME} are "
@@ -82,12 +89,26 @@ def batch_too_large(cfg: Config, manifest: Manifest, world_size: int) -> str:
     return ""
 
 
+def missing_weights(cfg: Config) -> str:
+    """'' if finetune.weights is empty or names a file that exists (not read yet), else the one-line reason."""
+    if not cfg.finetune.weights:
+        return ""
+    from pipeline.models.pretrained import pretrained_weights_file
+
+    try:
+        pretrained_weights_file(cfg.finetune.weights, cfg.model.name)
+    except (FileNotFoundError, ValueError) as exc:
+        return str(exc)
+    return ""
+
+
 def preflight(cfg: Config, dist: Dist, manifest: Manifest) -> None:
-    """Raise the first problem found (the same on every rank); create the run folder."""
+    """Raise the first problem found (the same on every rank); create the run folder (the last check, so that a
+    failing one leaves no folder behind)."""
     problem = ""
     if dist.is_main:
-        problem = missing_shards(cfg, manifest) or batch_too_large(cfg, manifest, dist.world_size) \
-            or unwritable_output(cfg)
+        problem = missing_shards(cfg, manifest) or missing_weights(cfg) \
+            or batch_too_large(cfg, manifest, dist.world_size) or unwritable_output(cfg)
     problem = dist.broadcast_object(problem)
     if problem:
         raise ValueError(problem)

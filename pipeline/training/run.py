@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +13,16 @@ from omegaconf import OmegaConf
 from pipeline.checkpointing import Checkpointer
 from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
+from pipeline.data.dataset import spec_manifest, uses_specs
+from pipeline.data.specs import describe
 from pipeline.data.faults import SKIP_REASONS
 from pipeline.data.shards import ensure_digits_shards
-from pipeline.distributed import Dist, build_dist
+from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.models import create_model
 from pipeline.tracking.metrics_log import MetricsLog
+from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
 from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
 from pipeline.training.losses import build_loss
@@ -39,7 +43,28 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
-    """The data manifest; the bundled digits shards are built first if allowed and missing."""
+    """The data manifest: of the shard specs (data.train ...; indexed by the main process, sent to every rank),
+    or of data.root (the bundled digits shards are built first if allowed and missing)."""
+    if uses_specs(cfg.data):
+        manifest = _spec_manifest(cfg, dist)
+        if not cfg.data.test and dist is not None:
+            dist.print("data.test is not set: the final evaluation uses the validation shards (data.val)")
+    else:
+        manifest = _root_manifest(cfg, dist)
+    root = describe(cfg.data.train) if uses_specs(cfg.data) else cfg.data.root
+    if manifest.num_classes < 2:
+        raise ValueError(f"data '{root}': {manifest.num_classes} class(es) "
+                         f"({', '.join(manifest.classes) or 'none'}); a classifier needs at least 2")
+    return manifest
+
+
+def _spec_manifest(cfg: Config, dist: Dist | None) -> Manifest:
+    """Expanded and indexed once, by the main process; every rank gets the same manifest (or the same error)."""
+    build = lambda: spec_manifest(cfg.data, progress=cfg.logging.progress)  # noqa: E731
+    return build() if dist is None else dist.on_main(build)
+
+
+def _root_manifest(cfg: Config, dist: Dist | None) -> Manifest:
     root = Path(cfg.data.root)
     check_data_root(cfg)
     if not (root / "manifest.json").is_file() and builds_digits(cfg):
@@ -53,9 +78,6 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
     for split in ("train", "val", "test"):
         if split not in manifest.splits:
             raise ValueError(f"manifest in '{root}' has no '{split}' split")
-    if manifest.num_classes < 2:
-        raise ValueError(f"data.root='{root}': its manifest has {manifest.num_classes} class(es) "
-                         f"({', '.join(manifest.classes) or 'none'}); a classifier needs at least 2")
     return manifest
 
 
@@ -74,11 +96,15 @@ class Run:
 
 def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     cfg = match_input(cfg)
+    precision, precision_note = choose_precision(cfg.train.precision)  # recorded resolved in config.yaml
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     if cfg.logging.training_signals:
         callbacks = [TrainingSignals(), *(callbacks or [])]
     gradual = cfg.finetune.freeze == "gradual"  # its trainable set grows during training: see Dist.prepare
     dist = build_dist(cfg.train.precision, cfg.train.cpu, find_unused_parameters=gradual, timeout_s=cfg.dist.timeout_s,
                       init_timeout_s=cfg.dist.init_timeout_s)
+    if precision_note:
+        dist.print(precision_note)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)
@@ -130,9 +156,11 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
     loss_fn = build_loss(cfg.optim, manifest.num_classes, loss_class_weights(cfg, manifest)).to(dist.device)
     log_cfg = cfg.logging
-    tracker = build_tracker(run_dir, log_cfg.wandb_mode, log_cfg.wandb_project, log_cfg.wandb_entity, cfg.run.name,
-                            OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main, log_cfg.wandb_base_url,
-                            log_cfg.wandb_init_timeout, log_cfg.wandb_finish_timeout)
+    tracker = Trackers([
+        build_tracker(run_dir, log_cfg.wandb_mode, log_cfg.wandb_project, log_cfg.wandb_entity, cfg.run.name,
+                      OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main, log_cfg.wandb_base_url,
+                      log_cfg.wandb_init_timeout, log_cfg.wandb_finish_timeout),
+        build_tensorboard(run_dir, log_cfg.tensorboard, dist.is_main)])
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
                       ClassificationMetrics(manifest.num_classes, dist.device),
                       Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml),
@@ -158,7 +186,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     """Train per `cfg`, evaluate the best weights on the test split, write test_metrics.json."""
     run = build_run(cfg, callbacks)
     dist = run.dist
-    dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}  |  "
+    dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}, "
+               f"{run.cfg.train.precision}  |  "
                f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes")
     try:
         run.trainer.fit()

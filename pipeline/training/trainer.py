@@ -17,6 +17,7 @@ from pipeline import fault_injection
 from pipeline.checkpointing import Checkpointer, CheckpointWriteError, load_weights
 from pipeline.config.schema import Config
 from pipeline.data import SplitLoader
+from pipeline.data.stream import MAX_HISTORY, Layout
 from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
@@ -53,6 +54,15 @@ class TrainState:
     """Early stopping ended training."""
 
 
+def epoch_line(record: dict, epochs: int, seconds: float, improved: bool) -> str:
+    """The line printed after each epoch; one terminal row: <= 100 characters while epochs < 1000, losses < 10
+    (cross-entropy starts at ln(classes)), throughput < 1M images/s and an epoch < 10,000 s."""
+    speed = record.get("images_per_second")
+    return (f"epoch {record['epoch']}/{epochs}  loss {record['train/loss']:.4f}  val_loss {record['val/loss']:.4f}  "
+            f"val_acc {record['val/accuracy']:.4f}  lr {record['lr']:.1e}"
+            + (f"  {speed:.0f} img/s" if speed else "") + f"  {seconds:.1f}s" + ("  best" if improved else ""))
+
+
 class Trainer:
     """Owns the model, optimizer and loaders of one run and trains them."""
 
@@ -78,6 +88,7 @@ class Trainer:
         self.bad_data = BadDataMonitor(cfg.data, dist)  # skipped/converted samples per epoch, max_bad_fraction
         self.last_save_time = time.monotonic()
         self.announce_first_step = False  # after a resume, say when training really continues
+        self.epoch_history: tuple[Layout, ...] = ()  # earlier layouts of the current epoch (elastic resume)
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -103,9 +114,11 @@ class Trainer:
         """One pass over this rank's share of the training shards; returns rank-averaged loss/accuracy."""
         self.callbacks.on_epoch_start(self, epoch)
         self.model.train()
-        self.train_data.set_position(epoch, self.state.step_in_epoch)
+        self.train_data.stream.set_position(epoch, self.state.step_in_epoch, self.epoch_history)
+        self.steps_per_epoch = self.train_data.stream.steps_per_epoch()  # a continued epoch: its remainder's
         task = self.progress.add_task(f"epoch {epoch + 1}", total=self.steps_per_epoch,
-                                      completed=self.state.step_in_epoch)
+                                      completed=self.state.step_in_epoch,
+                                      images_per_step=self.cfg.train.batch_size * self.dist.world_size)
         accum = self.cfg.train.grad_accum_steps
         for images, labels in self.train_data.loader:
             micro = self.state.step_in_epoch
@@ -122,7 +135,7 @@ class Trainer:
             self.state.step_in_epoch += 1
             if last_in_window:
                 self.state.global_step += 1
-                if self.state.global_step % self.cfg.train.log_every_steps == 0:
+                if self.state.global_step % self.cfg.train.log_every_steps == 0:  # the only host sync of a step
                     self.progress.update(task, info=f"loss {loss.item():.4f}")
                     self.bad_data.check_running(self.train_data, epoch + 1, self.state.step_in_epoch,
                                                 self.steps_per_epoch)
@@ -219,6 +232,7 @@ class Trainer:
         """Log the epoch, step epoch-level schedules, track the best, checkpoint."""
         self.state.epoch += 1
         self.state.step_in_epoch = 0
+        self.epoch_history = ()
         record = {"epoch": self.state.epoch, "step": self.state.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                   **{f"train/{k}": v for k, v in train_metrics.items()},
                   **{f"val/{k}": v for k, v in val_metrics.items() if k != "confusion_matrix"},
@@ -232,10 +246,7 @@ class Trainer:
         if self.dist.is_main:
             self.log.append(record)
             self.tracker.log(record, step=self.state.global_step)
-            self.dist.print(
-                f"epoch {self.state.epoch}/{self.cfg.train.epochs}  train/loss {record['train/loss']:.4f}  "
-                f"val/loss {record['val/loss']:.4f}  val/accuracy {record['val/accuracy']:.4f}  "
-                f"lr {record['lr']:.2e}  {seconds:.1f}s" + ("  *best*" if improved else ""))
+            self.dist.print(epoch_line(record, self.cfg.train.epochs, seconds, improved))
         final = self.state.epoch >= self.cfg.train.epochs or self.state.stopped_early
         if improved and self.cfg.checkpoint.save_best:
             self.save("best", final)
@@ -257,8 +268,10 @@ class Trainer:
         """Checkpoint (never non-finite weights). A save that cannot be written is a warning while training goes
         on (the previous checkpoint stays; the next save retries), and an error when it is the run's last one."""
         self.nonfinite.check_weights(self)
+        layout = self.train_data.stream.layout(self.state.step_in_epoch)
         state = {"train": asdict(self.state), "early_stopping": self.early.state_dict(),
-                 "callbacks": self.callbacks.state_dict()}
+                 "callbacks": self.callbacks.state_dict(),
+                 "data_layout": {**asdict(layout), "history": [asdict(h) for h in self.epoch_history]}}
         rank_state = {"rng": rng_state(), "epoch_totals": self.epoch_totals.detach().cpu(),
                       "data_faults": self.train_data.faults.clone()}
         self.last_save_time = time.monotonic()
@@ -295,20 +308,54 @@ class Trainer:
         self.callbacks.load_state_dict(state.get("callbacks", {}))
         if rank_state is not None and state.get("world_size") == self.dist.world_size:
             set_rng_state(rank_state["rng"])
-            self.epoch_totals = rank_state["epoch_totals"].to(self.dist.device)
-            faults = rank_state.get("data_faults")  # counts of the bad samples this rank met so far this epoch
-            if faults is not None and faults.shape == self.train_data.faults.shape:
-                self.train_data.faults = faults.clone()
-        elif self.state.step_in_epoch:
-            self.dist.print(f"the checkpoint was written by {state.get('world_size')} rank(s), this run has "
-                            f"{self.dist.world_size}: restarting epoch {self.state.epoch + 1} from its beginning")
-            self.state.step_in_epoch = 0
+        self.resume_epoch(folder, state, rank_state)
         if self.dist.is_main:
             self.log.truncate_after(self.state.epoch)
             (self.checkpointer.directory.parent / PREEMPTED_MARKER).unlink(missing_ok=True)
         self.dist.print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.global_step}")
         self.announce_first_step = True
         return folder
+
+    def resume_epoch(self, folder: Path, state: dict, rank_state: Optional[dict]) -> None:
+        """Where the interrupted epoch goes on (see pipeline.data.stream). In the layout it was written at
+        (ranks x workers x batch size x drop_last): at its step, bit-exactly, with this rank's partial sums. In
+        another: with the samples that layout left unread, split over this run's ranks (exact-once coverage;
+        rank 0 takes over the old ranks' summed loss, accuracy and fault counts, so the epoch record is whole).
+        Checkpoints older than the layout record resume as before: same ranks, same layout assumed."""
+        saved, history = _saved_layout(state)
+        stream = self.train_data.stream
+        if saved.reads_like(stream.layout()) if saved else state.get("world_size") == self.dist.world_size:
+            self.epoch_history = history
+            if rank_state is not None:
+                self._restore_sums([rank_state])
+            return
+        if not self.state.step_in_epoch and not history:
+            return  # at an epoch boundary there is nothing to continue
+        why = _cannot_continue(stream.elastic, saved, history)
+        written = saved.describe() if saved else f"{state.get('world_size')} rank(s)"
+        if why:
+            self.dist.print(f"the checkpoint was written at {written}, this run reads with "
+                            f"{stream.layout().describe()}: restarting epoch {self.state.epoch + 1} from its "
+                            f"beginning ({why})")
+            self.state.step_in_epoch, self.epoch_history = 0, ()
+            return
+        self.epoch_history, self.state.step_in_epoch = (*history, saved), 0
+        stream.set_position(self.state.epoch, 0, self.epoch_history)
+        if self.dist.is_main:
+            self._restore_sums(self.checkpointer.rank_states(folder))
+        plan = stream.plan()
+        self.dist.print(f"the checkpoint was written at {written}, step {saved.step}; this run reads with "
+                        f"{stream.layout().describe()}: continuing epoch {self.state.epoch + 1} with the {plan.total} "
+                        f"sample(s) it left unread, {stream.steps_per_epoch()} step(s) per rank")
+        self.dist.print(f"{plan.left_out()} sample(s) of the interrupted epoch are left out so every rank runs "
+                        f"the same steps")
+
+    def _restore_sums(self, rank_states: list[dict]) -> None:
+        """This epoch's partial loss/accuracy sums and fault counts: the sum of the given ranks' saved ones."""
+        self.epoch_totals = sum(r["epoch_totals"] for r in rank_states).to(self.dist.device)
+        faults = [r.get("data_faults") for r in rank_states]  # bad samples met so far this epoch
+        if all(f is not None and f.shape == self.train_data.faults.shape for f in faults):
+            self.train_data.faults = sum(faults).clone()
 
     def restore_best(self) -> None:
         """Load the best checkpoint's weights (early stopping's 'restore best weights')."""
@@ -319,3 +366,25 @@ class Trainer:
     def _batches(self, split: SplitLoader):
         split.set_position(0, 0)
         return split.loader
+
+
+def _saved_layout(state: dict) -> tuple[Optional[Layout], tuple[Layout, ...]]:
+    """The data layout a checkpoint was written at (with its step) and the epoch's earlier layouts; (None, ())
+    for a checkpoint older than this record."""
+    record = state.get("data_layout")
+    if not record:
+        return None, ()
+    fields = ("world_size", "workers", "batch_size", "drop_last", "step")
+    return (Layout(**{k: record[k] for k in fields}),
+            tuple(Layout(**{k: h[k] for k in fields}) for h in record.get("history", [])))
+
+
+def _cannot_continue(elastic: bool, saved: Optional[Layout], history: tuple[Layout, ...]) -> str:
+    """Why an epoch cut in another layout must restart; '' when it can continue."""
+    if not elastic:
+        return "balanced sampling draws with replacement, so what was read is no set of samples"
+    if saved is None:
+        return "the checkpoint does not record its data layout"
+    if len(history) >= MAX_HISTORY:
+        return f"the epoch already went through {MAX_HISTORY} earlier layouts"
+    return ""

@@ -8,6 +8,8 @@ loaded first, so a tuning file can be just a `tune:` section on top of an existi
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.config import Config, ConfigError
 from pipeline.config.loader import _parse_overrides, merge_layers
@@ -148,6 +150,11 @@ def load_tune_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[T
         cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else None
         key = getattr(exc, "full_key", "") or ""
         detail = str(cause) if cause else f"bad tune setting '{key}': {str(exc).splitlines()[0]}"
+        if isinstance(exc, ConfigKeyError) and not cause:
+            names = [f"tune.{f.name}" for f in dataclasses.fields(TuneConfig)]
+            close = difflib.get_close_matches(f"tune.{key}", names, n=1, cutoff=0.6)
+            detail = (f"unknown tune setting 'tune.{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
+                      + f"; valid: {', '.join(names)}")
         raise ConfigError(f"{detail} (in '{path}' or the command line)") from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

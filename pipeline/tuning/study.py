@@ -181,8 +181,15 @@ def run_trial(job: Job, tune: TuneConfig, base: Config,
     return TrialState.COMPLETE, reporter.best, ""
 
 
+def shown_overrides(overrides: dict) -> str:
+    """A trial's overrides for people: floats at 12 significant digits (a step of 0.1 gives 0.30000000000000004,
+    shown 0.3); the config gets Optuna's value unchanged."""
+    return str({k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in overrides.items()})
+
+
 def tune_study(config_path: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Run one worker of the study described by the tuning file; return the study summary (main process)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "[I ...] Trial 0 finished" repeats our trial lines
     tune, base = load_tune_config(config_path, overrides)
     space = SearchSpace(tune.space, base)
     dist = build_dist(base.train.precision, base.train.cpu)
@@ -195,7 +202,7 @@ def tune_study(config_path: str | Path, overrides: Sequence[str] = ()) -> dict:
         if job is None:
             break
         if dist.is_main:
-            print(f"trial {job.number}: {job.overrides}" + (f" (retry of trial {job.retry_of})"
+            print(f"trial {job.number}: {shown_overrides(job.overrides)}" + (f" (retry of trial {job.retry_of})"
                                                             if job.retry_of is not None else ""), flush=True)
             if job.retry_of is not None:
                 _continue_from(tune.study_dir, job)

@@ -1,0 +1,215 @@
+"""The dataset a config names, as one `Manifest`: data.root's manifest.json, or shard specs and their indexes.
+
+With `data.train` / `data.val` / `data.test` set (see `pipeline.data.specs`), each spec is expanded to
+its shards, our own folders contribute their manifest's counts, any other shards are indexed (see
+`pipeline.data.index`; read once, cached), and the class names come from, in this order:
+`data.classes`, our folder's manifest, a `classes.txt` or `_info.json` beside the first training
+shard, or the labels found while indexing (integers 0..max as '0'..'max', or the sorted names). The
+resulting manifest names its shards by absolute path or URL, so the loader, the resume logic and the
+evaluation treat these datasets exactly like ours. Without `data.test` the final evaluation uses
+`data.val` (the caller says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+from pipeline.config.schema import DataConfig
+from pipeline.data.index import SpecIndex, label_summary, load_or_build
+from pipeline.data.keys import SampleKeys
+from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
+from pipeline.data.remote import ReadOptions
+from pipeline.data.specs import SpecError, beside, describe, expand, is_url
+
+SPEC_SPLITS = ("train", "val", "test")
+CLASS_FILES = ("classes.txt", "_info.json")
+
+
+def uses_specs(data: DataConfig) -> bool:
+    """Whether the config names its shards by spec (data.train ...) rather than by data.root."""
+    return bool(data.train or data.val or data.test)
+
+
+def sample_keys(data: DataConfig, classes: list[str] | tuple[str, ...] = ()) -> SampleKeys:
+    return SampleKeys(image_key=data.image_key, label_key=data.label_key, classes=tuple(classes))
+
+
+def read_options(data: DataConfig) -> ReadOptions:
+    """How shards are read (remote ones: retries, timeouts, cache, endpoint); see `pipeline.data.remote`."""
+    return ReadOptions(retries=data.retries, timeout_s=data.timeout_s, cache_dir=data.cache_dir,
+                       cache_max_gb=data.cache_max_gb, endpoint_url=data.endpoint_url)
+
+
+def dataset_manifest(data: DataConfig, progress: bool = False) -> Manifest:
+    """The manifest of the data a config names: its shard specs' (indexes cached), else data.root's."""
+    return spec_manifest(data, progress) if uses_specs(data) else Manifest.read(data.root)
+
+
+def spec_manifest(data: DataConfig, progress: bool = True) -> Manifest:
+    """The manifest of the shards data.train / data.val / data.test name (indexing what needs it)."""
+    if not data.train:
+        raise SpecError("data.train is empty while data.val or data.test is set; give the training shards too")
+    if not data.val:
+        raise SpecError("data.val is not set; give the validation shards (a folder, shard files, a pattern or URLs)")
+    manifest = specs_manifest({split: getattr(data, split) for split in SPEC_SPLITS if getattr(data, split)}, data,
+                              progress)
+    manifest.splits.setdefault("test", manifest.splits["val"])
+    return manifest
+
+
+def specs_manifest(specs: dict[str, list[str]], data: DataConfig, progress: bool = True, key_prefix: str = "data.",
+                   rebuild: bool = False) -> Manifest:
+    """The manifest of named shard specs (split -> spec; the first split's shards are looked beside for class files)."""
+    keys, options = sample_keys(data), read_options(data)
+    parts: dict[str, tuple[list[str], dict[str, int], Optional[SpecIndex], list[Manifest]]] = {}
+    for split, spec in specs.items():
+        expanded = expand(spec, f"{key_prefix}{split}", split)
+        foreign = [url for url in expanded.urls if url not in expanded.own]
+        index = load_or_build(foreign, keys, options, data.index_dir, f"{key_prefix}{split}", progress,
+                              rebuild) if foreign else None
+        owns = [Manifest.read(folder) for folder in expanded.own_folders]
+        parts[split] = (expanded.urls, expanded.own, index, owns)
+    classes = _classes(data, parts, options)
+    splits = {split: _split(f"{key_prefix}{split}", split, classes, keys, *part) for split, part in parts.items()}
+    first = next(iter(specs.values()))
+    return Manifest(classes=classes, splits=splits, source=describe(first), split_source="specs",
+                    split_folders={split: describe(spec) for split, spec in specs.items()})
+
+
+def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: list[str], own: dict[str, int],
+           index: Optional[SpecIndex], owns: list[Manifest]) -> SplitInfo:
+    from pipeline.tracking.console import warn
+
+    entries = {entry.url: entry for entry in index.shards} if index is not None else {}
+    shards, counts = [], Counter()
+    for manifest in owns:
+        counts.update(manifest.split(split).class_counts)
+    unusable = 0
+    for url in urls:
+        if url in own:
+            shards.append(ShardInfo(name=url, num_samples=own[url], num_bytes=0, sha256=""))
+            continue
+        entry = entries[url]
+        if entry.error:
+            warn(f"{what}: shard {url} could be read only up to sample {entry.num_samples} ({entry.error}); "
+                 f"the samples read are used")
+        shards.append(ShardInfo(name=url, num_samples=entry.num_samples, num_bytes=entry.num_bytes, sha256=entry.sha256))
+        unusable += entry.no_label
+        for raw, n in entry.raw_labels().items():
+            label, reason, _ = SampleKeys(keys.image_key, keys.label_key, tuple(classes)).index_of(raw, len(classes))
+            if reason:
+                unusable += n
+            else:
+                counts[classes[label]] += n
+    if unusable:
+        warn(f"{what}: {unusable} sample(s) have no usable label under data.label_key='{keys.label_key}' "
+             f"for the {len(classes)} classes; they are skipped and counted (see data.max_bad_fraction)")
+    total = sum(s.num_samples for s in shards)
+    return SplitInfo(num_samples=total, class_counts={name: counts.get(name, 0) for name in classes}, shards=shards)
+
+
+def _classes(data: DataConfig, parts: dict, options: ReadOptions) -> list[str]:
+    """The class names, from the first source that has them (see the module docstring)."""
+    if data.classes:
+        return _check_names(_given_classes(list(data.classes)), "data.classes")
+    owned = [m for _, _, _, owns in parts.values() for m in owns]
+    if owned:
+        return list(owned[0].classes)
+    urls = next(iter(parts.values()))[0]
+    found = _classes_beside(urls[0], options) if urls else None
+    if found:
+        return _check_names(found, f"the class file beside {urls[0]}")
+    counts: Counter = Counter()
+    members: Counter = Counter()
+    for _, _, index, _ in parts.values():
+        if index is not None:
+            counts.update(index.label_counts())
+            for entry in index.shards:
+                members.update(entry.members)
+    return _discovered(counts, members, data.label_key)
+
+
+def _discovered(counts: Counter, members: Counter, label_key: str) -> list[str]:
+    ints = sorted(k for k in counts if isinstance(k, int))
+    names = sorted(k for k in counts if isinstance(k, str))
+    if ints and names:
+        raise SpecError(f"the labels under data.label_key='{label_key}' mix integers and names "
+                        f"({label_summary(counts)}); give the class names in data.classes")
+    if names:
+        return names
+    if not ints:
+        seen = ", ".join(sorted(members)) or "none"
+        raise SpecError(f"no sample has a label under data.label_key='{label_key}' (the samples' keys: {seen}); "
+                        f"set data.label_key (cls, txt, json.<field>)")
+    if ints[0] < 0:
+        raise SpecError(f"labels under data.label_key='{label_key}' include {ints[0]}; class indices start at 0")
+    return [str(i) for i in range(ints[-1] + 1)]
+
+
+def _given_classes(values: list[str]) -> list[str]:
+    """data.classes: the names, or one entry naming a text file of names (one per line)."""
+    if len(values) == 1 and (values[0].endswith((".txt", ".json")) or os.path.sep in values[0]):
+        path = Path(os.path.expanduser(values[0]))
+        if not path.is_file():
+            raise SpecError(f"data.classes names the file '{values[0]}', which does not exist")
+        names = _parse_class_file(path.name, path.read_bytes())
+        if names is None:
+            raise SpecError(f"data.classes: '{values[0]}' holds no class names (one per line, or a JSON list)")
+        return names
+    return values
+
+
+def _classes_beside(url: str, options: ReadOptions) -> Optional[list[str]]:
+    for name in CLASS_FILES:
+        where = beside(url, name)
+        data = _read_small(where, options) if where else None
+        names = _parse_class_file(name, data) if data is not None else None
+        if names:
+            return names
+    return None
+
+
+def _read_small(url: str, options: ReadOptions) -> Optional[bytes]:
+    """A small file's bytes, or None when it is not there (or cannot be read: then it does not count)."""
+    if not is_url(url):
+        return Path(url).read_bytes() if os.path.isfile(url) else None
+    try:
+        from pipeline.data.remote import open_shard
+
+        with open_shard(url, options) as handle:
+            return handle.read(1 << 20)
+    except Exception:  # noqa: BLE001 - no class file beside the shards: the labels decide
+        return None
+
+
+def _parse_class_file(name: str, data: bytes) -> Optional[list[str]]:
+    """Names from classes.txt (one per line) or _info.json ({"classes": [...]}, also class_names / names)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if name.endswith(".json"):
+        try:
+            info = json.loads(text)
+        except ValueError:
+            return None
+        found = next((info[k] for k in ("classes", "class_names", "names") if isinstance(info, dict) and k in info),
+                     info if isinstance(info, list) else None)
+        if isinstance(found, dict):  # {"0": "cat", "1": "dog"}
+            found = [found[k] for k in sorted(found, key=lambda k: int(k) if str(k).isdigit() else k)]
+        return [str(n) for n in found] if isinstance(found, list) and found else None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    return names or None
+
+
+def _check_names(names: list[str], where: str) -> list[str]:
+    for i, name in enumerate(names):
+        if not name or name in names[:i]:
+            raise SpecError(f"{where}: class name {name!r} at position {i} is empty or given twice")
+    if len(names) < 2:
+        raise SpecError(f"{where} lists {len(names)} class(es); a classifier needs at least 2")
+    return names

@@ -1,0 +1,254 @@
+"""The index of a shard spec: what exact resume, equal steps per rank and exact evaluation need to know.
+
+Our own shard folders carry this in `manifest.json`. Any other WebDataset shards are read once,
+streaming (images are not decoded; `pipeline data verify` does that), and per shard the index records
+the sample count, the size, a version (local: size and modification time; remote: ETag or
+Last-Modified and size) and the labels found (raw: an integer or a class name, counted). The index is
+cached in `data.index_dir` under a name derived from the shard list and the label and image keys, and
+reused while every shard still has the version it had; a shard that changed makes the index be
+rebuilt, with a warning. Shards read through `pipe:` have no version to compare: their index is
+reused as long as the spec is the same (delete the cache file to force a new one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from pipeline.data.faults import short_error
+from pipeline.data.keys import SampleKeys
+from pipeline.data.remote import ReadOptions, stat_shard
+from pipeline.data.tar import tar_samples
+
+INDEX_VERSION = 1
+
+
+@dataclass
+class ShardEntry:
+    """One shard as indexed."""
+
+    url: str
+    num_samples: int
+    num_bytes: int = 0
+    version: str = ""
+    """What the shard looked like when indexed (size, mtime or ETag); '' when the transport cannot tell."""
+    labels: dict[str, int] = field(default_factory=dict)
+    """Raw label (JSON text: 3 or "cat") -> samples; samples without a label are counted under `no_label`."""
+    no_label: int = 0
+    members: dict[str, int] = field(default_factory=dict)
+    """Sample keys (jpg, cls, json ...) -> samples having them: what a wrong data.label_key is told."""
+    sha256: str = ""
+    error: str = ""
+    """Why reading stopped before the end of the tar file ('' when it did not): the count is what was read."""
+
+    def raw_labels(self) -> Counter:
+        return Counter({json.loads(k): n for k, n in self.labels.items()})
+
+
+@dataclass
+class SpecIndex:
+    """A spec's shards, in order, as indexed."""
+
+    urls: list[str]
+    label_key: str
+    image_key: str
+    shards: list[ShardEntry]
+    created: float = 0.0
+    version: int = INDEX_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def label_counts(self) -> Counter:
+        total: Counter = Counter()
+        for shard in self.shards:
+            total.update(shard.raw_labels())
+        return total
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half an index
+
+    @classmethod
+    def read(cls, path: Path) -> "SpecIndex":
+        data = json.loads(path.read_text())
+        if data.get("version") != INDEX_VERSION:
+            raise ValueError(f"{path}: index version {data.get('version')} (this pipeline writes {INDEX_VERSION})")
+        return cls(**{**data, "shards": [ShardEntry(**s) for s in data["shards"]]})
+
+
+def index_shard(url: str, keys: SampleKeys, options: ReadOptions | None = None, sha256: bool = False) -> ShardEntry:
+    """Read one shard once: its samples, their raw labels, its size and version."""
+    size, version = stat_shard(url, options)
+    entry = ShardEntry(url=url, num_samples=0, num_bytes=size or 0, version=version)
+    labels: Counter = Counter()
+    members: Counter = Counter()
+    try:
+        for sample in tar_samples(url, options=options):
+            entry.num_samples += 1
+            members.update(k for k in sample if not k.startswith("__"))
+            raw, _ = keys.raw_label(sample)
+            if raw is None:
+                entry.no_label += 1
+            else:
+                labels[json.dumps(raw)] += 1
+    except Exception as exc:  # noqa: BLE001 - a shard that cannot be read to its end is recorded, not fatal here
+        entry.error = short_error(exc)
+    entry.labels, entry.members = dict(labels), dict(members)
+    if sha256 and not url.startswith("pipe:") and "://" not in url:
+        entry.sha256 = _sha256(url)
+    return entry
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_index(urls: Sequence[str], keys: SampleKeys, options: ReadOptions | None = None, sha256: bool = False,
+                threads: int = 8, on_shard: Optional[Callable[[ShardEntry], None]] = None) -> SpecIndex:
+    """Index `urls` (several shards at a time: reading is mostly waiting for I/O); `on_shard` sees each entry."""
+    def one(url: str) -> ShardEntry:
+        entry = index_shard(url, keys, options, sha256)
+        if on_shard is not None:
+            on_shard(entry)
+        return entry
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
+        shards = list(pool.map(one, urls))
+    return SpecIndex(urls=list(urls), label_key=keys.label_key, image_key=keys.image_key, shards=shards,
+                     created=time.time())
+
+
+def default_index_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pipeline" / "index"
+
+
+def cache_path(index_dir: str | Path, urls: Sequence[str], keys: SampleKeys) -> Path:
+    """The cache file of a shard list read with these keys (classes do not matter: labels are stored raw)."""
+    blob = json.dumps({"urls": list(urls), "label_key": keys.label_key, "image_key": keys.image_key,
+                       "version": INDEX_VERSION})
+    return Path(index_dir or default_index_dir()) / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
+
+
+def stale_shard(index: SpecIndex, options: ReadOptions | None = None, threads: int = 8) -> str:
+    """'' when every shard still has its indexed version, else a line naming the first that changed."""
+    def changed(entry: ShardEntry) -> str:
+        if not entry.version:
+            return ""
+        try:
+            size, version = stat_shard(entry.url, options)
+        except Exception as exc:  # noqa: BLE001 - a shard that cannot be looked at now fails when it is read
+            return f"shard {entry.url} cannot be checked ({short_error(exc)})"
+        if version != entry.version:
+            return f"shard {entry.url} changed ({entry.version} when indexed, now {version})"
+        return ""
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(index.shards)))) as pool:
+        return next((line for line in pool.map(changed, index.shards) if line), "")
+
+
+def load_or_build(urls: Sequence[str], keys: SampleKeys, options: ReadOptions | None, index_dir: str,
+                  what: str, progress: bool = True, rebuild: bool = False) -> SpecIndex:
+    """The cached index of `urls` if it is still true to the shards (and not `rebuild`), else a new one (cached)."""
+    from pipeline.tracking.console import warn
+
+    path = cache_path(index_dir, urls, keys)
+    if path.is_file() and not rebuild:
+        try:
+            index = SpecIndex.read(path)
+            problem = stale_shard(index, options)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            index, problem = None, f"the cache file {path} cannot be read ({short_error(exc)})"
+        if index is not None and not problem:
+            return index
+        warn(f"{what}: rebuilding its shard index: {problem}")
+    index = index_with_progress(urls, keys, options, what, progress)
+    try:
+        index.write(path)
+    except OSError as exc:
+        warn(f"{what}: the shard index could not be cached at {path} ({short_error(exc)}); it is rebuilt next time")
+    return index
+
+
+def index_with_progress(urls: Sequence[str], keys: SampleKeys, options: ReadOptions | None, what: str,
+                        progress: bool = True, sha256: bool = False) -> SpecIndex:
+    """build_index with a progress bar (shards and samples so far) on stderr."""
+    from pipeline.tracking.console import progress_bar
+
+    samples = 0
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"indexing {what}", total=len(urls))
+
+        def done(entry: ShardEntry) -> None:
+            nonlocal samples
+            samples += entry.num_samples
+            bar.update(task, advance=1, info=f"{samples} samples")
+
+        index = build_index(urls, keys, options, sha256=sha256, on_shard=done)
+    return index
+
+
+def label_summary(counts: Counter) -> str:
+    """'10 labels: 0..9' or '3 names: cat, dog, ...' for messages."""
+    ints = sorted(k for k in counts if isinstance(k, int))
+    names = sorted(k for k in counts if isinstance(k, str))
+    parts = []
+    if ints:
+        parts.append(f"{len(ints)} integer label(s) {ints[0]}..{ints[-1]}")
+    if names:
+        parts.append(f"{len(names)} name(s) {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+    return "; ".join(parts) or "no labels"
+
+
+def write_index(specs: Sequence[str], data, out: str | None = None, sha256: bool = False,
+                progress: bool = True) -> tuple[SpecIndex, Path]:
+    """`pipeline data index`: index the shards `specs` name afresh, into the cache (and `out`)."""
+    from pipeline.data.dataset import read_options, sample_keys
+    from pipeline.data.specs import expand
+
+    expanded = expand(list(specs), "SPEC", "train")
+    keys = sample_keys(data)
+    index = index_with_progress(expanded.urls, keys, read_options(data), "shards", progress, sha256)
+    path = cache_path(data.index_dir, expanded.urls, keys)
+    index.write(path)
+    if out:
+        index.write(Path(out))
+        path = Path(out)
+    return index, path
+
+
+def print_index(index: SpecIndex, path: Path) -> None:
+    """One row per shard (samples, size, labels), the totals, and where the index was written."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pipeline.tracking.console import console
+
+    table = Table(title_justify="left")
+    for name, kwargs in (("shard", {"no_wrap": True}), ("samples", {"justify": "right"}),
+                         ("MB", {"justify": "right"}), ("no label", {"justify": "right"}), ("problem", {})):
+        table.add_column(name, **kwargs)
+    for shard in index.shards:
+        table.add_row(escape(shard.url), str(shard.num_samples), f"{shard.num_bytes / 1e6:.1f}",
+                      str(shard.no_label or ""), escape(shard.error), style="red" if shard.error else "")
+    console.print(table)
+    counts = index.label_counts()
+    no_label = sum(s.no_label for s in index.shards)
+    console.print(escape(f"{len(index.shards)} shard(s), {index.num_samples} samples; labels under "
+                         f"'{index.label_key}': {label_summary(counts)}"
+                         f"{f'; {no_label} without a label' if no_label else ''}; index: {path}"))

@@ -1,0 +1,187 @@
+"""`pipeline export RUN_DIR --format torchscript|onnx|exported`: a run's best weights as a deployable model.
+
+The model is exported in eval mode on the CPU with a dynamic batch size, next to it go a sidecar JSON (classes,
+normalisation, image size, channels, config hash, git commit, the parity figures) and a safetensors file of the
+weights carrying the same metadata. Before anything is written where asked, the exported model is loaded back and
+run on real validation images at two batch sizes; its logits must match the PyTorch model's (max abs diff printed),
+else nothing is written. ONNX needs the optional extra: pip install -e ".[export]" (onnx, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+FORMATS = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
+"""Export formats and the file suffix each is written with."""
+TOLERANCE = 1e-4
+"""Largest absolute difference of logits (exported model vs PyTorch, fp32 on the CPU) accepted by default."""
+PARITY_IMAGES = 32
+"""Validation images the parity check runs (as one batch, then the first one alone: the batch size is dynamic)."""
+SIDECAR_SUFFIX = ".json"
+
+
+@dataclass
+class Exported:
+    """What `export_run` wrote and how closely it matches."""
+
+    path: Path
+    sidecar: Path
+    weights: Path
+    max_abs_diff: float
+    metadata: dict
+
+
+def _needs(module: str, fmt: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        raise ValueError(f"--format {fmt} needs the {module} package: pip install -e \".[export]\"") from None
+
+
+@contextlib.contextmanager
+def _quiet_torchscript() -> Iterator[None]:
+    """PyTorch >= 2.10 marks torch.jit deprecated with a FutureWarning per call; asked for by name, it is not news."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
+        yield
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with torch.no_grad(), _quiet_torchscript():
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+
+
+def _write_exported(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    _needs("onnx", "onnx")
+    torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+
+
+WRITERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], None]] = {
+    "torchscript": _write_torchscript, "exported": _write_exported, "onnx": _write_onnx}
+
+
+def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exported model as a function of a float32 NCHW batch (CPU) returning logits."""
+    path = Path(path)
+    if fmt == "torchscript":
+        with _quiet_torchscript():
+            module = torch.jit.load(str(path), map_location="cpu")
+        module.eval()
+        return module
+    if fmt == "exported":
+        return torch.export.load(str(path)).module()
+    if fmt == "onnx":
+        _needs("onnxruntime", "onnx")
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda images: torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+    raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _git_commit(run_dir: Path) -> str | None:
+    """The commit that trained the run (its run_info.json), else None."""
+    from pipeline.training.run_folder import RUN_INFO_NAME
+
+    try:
+        return json.loads((run_dir / RUN_INFO_NAME).read_text()).get("git_commit")
+    except (OSError, ValueError):
+        return None
+
+
+def export_metadata(run, fmt: str) -> dict:
+    """The sidecar's content for a loaded run (before the parity figures are added)."""
+    data = run.cfg.data
+    config_text = (run.run_dir / "config.yaml").read_text()
+    return {"format": fmt, "model": run.cfg.model.name, "classes": run.classes, "num_classes": len(run.classes),
+            "channels": data.channels, "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
+            "random_resized_crop": data.augment.random_resized_crop,
+            "input": "float32 NCHW batch, RGB/L scaled to [0, 1] then (x - mean) / std; any batch size",
+            "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "git_commit": _git_commit(run.run_dir),
+            "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), "torch": torch.__version__}
+
+
+def parity_images(run, count: int = PARITY_IMAGES) -> torch.Tensor:
+    """The first `count` images of the validation split, as the model sees them (eval transform, normalised)."""
+    images = []
+    for batch, _ in run.loader("val"):
+        images.append(batch)
+        if sum(len(b) for b in images) >= count:
+            break
+    if not images:
+        raise ValueError(f"'{run.run_dir}': the validation split is empty; the export cannot be checked")
+    return torch.cat(images)[:count].float().contiguous()
+
+
+def max_abs_diff(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
+    """Largest |logit difference| over the batch and over its first image alone (the batch size is dynamic)."""
+    worst = 0.0
+    with torch.no_grad():
+        for batch in (images, images[:1]):
+            expected, got = model(batch), exported(batch)
+            if tuple(got.shape) != tuple(expected.shape):
+                raise ValueError(f"the exported model returned shape {tuple(got.shape)} for a batch of "
+                                 f"{len(batch)}; expected {tuple(expected.shape)}")
+            worst = max(worst, float((got.float() - expected.float()).abs().max()))
+    return worst
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tolerance: float = TOLERANCE) -> Exported:
+    """Export the run's best weights to `out` (default RUN_DIR/export/FORMAT/model.pt|.pt2|.onnx), checked for parity
+    first; the sidecar (.json) and the weights with metadata (.safetensors) are written beside it, same stem."""
+    from pipeline.checkpointing.checkpointer import model_state
+    from pipeline.evaluation.loaded import load_run
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
+    run = load_run(run_dir)
+    model = run.model.to("cpu").float().eval()
+    images = parity_images(run)
+    path = Path(out) if out is not None else run.run_dir / "export" / fmt / f"model{FORMATS[fmt]}"
+    metadata = export_metadata(run, fmt)
+    with tempfile.TemporaryDirectory(prefix="pipeline-export-") as tmp:
+        staged = Path(tmp) / path.name
+        WRITERS[fmt](model, images[:2], staged)
+        diff = max_abs_diff(model, load_exported(staged, fmt), images)
+        if not diff <= tolerance:  # NaN fails too
+            raise ValueError(f"the {fmt} export does not match the PyTorch model: max abs diff of logits {diff:.3g} "
+                             f"> {tolerance:g} on {len(images)} validation images; nothing written")
+        metadata.update({"max_abs_diff": diff, "parity_images": len(images), "tolerance": tolerance})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged), path)
+    sidecar = path.with_suffix(SIDECAR_SUFFIX)
+    sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+    weights = path.with_suffix(".safetensors")
+    save_file(model_state(model), str(weights), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    return Exported(path, sidecar, weights, diff, metadata)
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The metadata written next to an exported model (model.pt -> model.json)."""
+    sidecar = Path(path).with_suffix(SIDECAR_SUFFIX)
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"'{path}' has no sidecar '{sidecar.name}' beside it; export it with pipeline export")
+    return json.loads(sidecar.read_text())
+
+
+__all__ = ["FORMATS", "Exported", "export_run", "load_exported", "read_sidecar"]
