@@ -41,10 +41,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"test": metrics}, indent=None))
     else:
-        from pipeline.data.manifest import Manifest
+        from pipeline.data.dataset import dataset_manifest
         from pipeline.evaluation.summary import print_training_summary
 
-        print_training_summary(metrics, Manifest.read(cfg.data.root).classes)
+        print_training_summary(metrics, dataset_manifest(cfg.data).classes)  # (an index comes from its cache)
     return 0
 
 

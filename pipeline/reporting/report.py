@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+from pipeline.data.dataset import uses_specs
+from pipeline.data.specs import describe
 from pipeline.diagnosis import diagnose, read_history
 from pipeline.evaluation.analysis import analyse, confusion_matrix
 from pipeline.evaluation.loaded import load_run
@@ -101,7 +103,8 @@ def build_report(run_dir: str | Path) -> tuple[str, dict[str, bytes]]:
                        [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
                         for r in details["per_class"]])
     split_rows = [[name, info.num_samples, len(info.shards)] for name, info in run.manifest.splits.items()]
-    data_html = (f"<p>Shards: <code>{html.escape(cfg.data.root)}</code>; {len(classes)} classes; images "
+    shards = describe(cfg.data.train) if uses_specs(cfg.data) else cfg.data.root
+    data_html = (f"<p>Shards: <code>{html.escape(shards)}</code>; {len(classes)} classes; images "
                  f"{cfg.data.image_size}x{cfg.data.image_size}, {cfg.data.channels} channel(s).</p>"
                  + _table(["split", "images", "shards"], split_rows)
                  + "<p>Training images per class:</p>" + _table(list(counts), [list(counts.values())], left=0))
