@@ -51,10 +51,11 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
             dist.print("data.test is not set: the final evaluation uses the validation shards (data.val)")
     else:
         manifest = _root_manifest(cfg, dist)
-    root = describe(cfg.data.train) if uses_specs(cfg.data) else cfg.data.root
+    where = f"data.train='{describe(cfg.data.train)}'" if uses_specs(cfg.data) else f"data.root='{cfg.data.root}'"
     if manifest.num_classes < 2:
-        raise ValueError(f"data '{root}': {manifest.num_classes} class(es) "
-                         f"({', '.join(manifest.classes) or 'none'}); a classifier needs at least 2")
+        raise ValueError(f"{where}: its {'shards have' if uses_specs(cfg.data) else 'manifest has'} "
+                         f"{manifest.num_classes} class(es) ({', '.join(manifest.classes) or 'none'}); "
+                         f"a classifier needs at least 2")
     return manifest
 
 
