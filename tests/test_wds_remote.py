@@ -59,30 +59,40 @@ def world(tmp_path_factory) -> dict:
     return {"base": base, "folder": folder, "ref": base / "ref"}
 
 
-def _kill_and_resume(out: Path, name: str, *specs: list[str]) -> str:
+def _kill_and_resume(out: Path, name: str, *specs: list[str], between=lambda: None) -> str:
     killed = _train(out, name, *specs, check=False, env=KILL)
     assert killed.returncode == -9, killed.stderr[-2000:]
+    between()
     resumed = _train(out, name, *specs)
     assert "resumed from" in resumed.stdout
     return resumed.stdout + resumed.stderr
 
 
 def test_flaky_http_train_http_val_pipe_test_resume_bit_exact(world: dict, tmp_path: Path) -> None:
-    """Train from a server that cuts connections every 40 kB and answers its first 3 requests 503, validate from
+    """Train from a server that cuts connections every 200 kB and answers its first 3 requests 503, validate from
     Python's own HTTP server (no Range support), test through `pipe:cat`; killed at step 20, resumed."""
     folder = world["folder"]
-    with serve(folder, drop_every_bytes=40_000, fail_first_n=3) as flaky, serve_static(folder) as static:
+    with serve(folder, drop_every_bytes=200_000, fail_first_n=3) as flaky, serve_static(folder) as static:
         specs = ([f"{flaky.url}/{TRAIN}"], [f"{static}/val-000000.tar", f"{static}/val-000001.tar"],
                  [f"pipe:cat {folder}/test-00000{{0,1}}.tar"])
-        _kill_and_resume(tmp_path, "cut", *specs)
-        assert flaky.failures == 3 and flaky.noticed_drops > 0
+        def fresh_faults() -> None:  # the first run's indexing met every cut once: let training meet them again
+            flaky.log.clear()
+            flaky.dropped_at.clear()
+
+        _kill_and_resume(tmp_path, "cut", *specs, between=fresh_faults)
+        failures, noticed = flaky.failures, flaky.noticed_drops
+        assert failures >= 1 and noticed >= 1
     run = tmp_path / "cut"
     assert _same_weights(world["ref"], run)
     assert _test_metrics(run) == _test_metrics(world["ref"]) and _test_metrics(run)["num_samples"] == 297
     rows = read_jsonl(run / "metrics.jsonl")
     retried = sum(r.get("data/train/net_retries", 0) for r in rows)
     resumed = sum(r.get("data/train/net_resumed", 0) for r in rows)
-    assert retried >= 1 and resumed >= 1 and all(r["data/train/skipped"] == 0 for r in rows)
+    print(f"flaky server: {failures} answered 503, {noticed} cuts noticed; metrics: {retried} retries, {resumed} resumed")
+    # Every retry was a 503 answered or a cut connection resumed; the server's 'noticed' also counts a cut past the
+    # bytes an epoch needed that a later epoch's fresh read happens to follow, so it bounds the resumptions.
+    assert retried == failures + resumed and 0 < resumed <= noticed
+    assert all(r["data/train/skipped"] == 0 for r in rows)
     assert all(r["data/train/seen"] == 1200 - 1200 % 2 for r in rows)  # every sample of every epoch (2 slots)
 
 
