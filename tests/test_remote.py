@@ -314,3 +314,43 @@ def test_a_long_skip_over_http_is_a_range_request_not_a_download(tmp_path: Path)
         assert len(gets) == (5 if ranges else 1)  # the first connection, then a jump over each of samples 0-3
         starts = [e.start for e in gets]
         assert starts == sorted(starts) and (starts[-1] >= 4 * (5 << 20) if ranges else starts == [0])
+
+
+# ---- read-ahead of the next shard -----------------------------------------------------------------------------
+def test_a_prefetched_shard_is_read_ahead_then_handed_over_on_one_connection(shard_dir: Path) -> None:
+    from pipeline.data import remote
+
+    name = names(shard_dir)[0]
+    size = (shard_dir / name).stat().st_size
+    expected = read(str(shard_dir / name))
+    for limit_mb in (size * 2 / 1e6, size / 3 / 1e6):  # the whole shard ahead, or only its first third
+        with serve(shard_dir) as server:
+            url = f"{server.url}/{name}"
+            remote.prefetch(url, ReadOptions(prefetch_mb=limit_mb))
+            deadline = time.time() + 10
+            while sum(e.sent for e in server.gets(name)) < min(size, int(limit_mb * 1e6)) and time.time() < deadline:
+                time.sleep(0.01)  # nobody reads yet: the thread does
+            assert sum(e.sent for e in server.gets(name)) >= min(size, int(limit_mb * 1e6))
+            assert read(url) == expected and len(server.gets(name)) == 1  # handed over: no second request
+            assert url not in remote._PREFETCHED
+
+
+def test_the_stream_opens_a_slots_next_shard_while_reading_the_current_one(image_dir: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.data.decode import build_decoding
+    from pipeline.data.stream import ShardStream
+
+    urls = sorted(p.name for p in image_dir.glob("*.tar"))
+    codec = build_decoding(load_config(None, ["data.image_size=8"]).data, False)[0]
+    with serve(image_dir) as server:
+        stream = ShardStream([f"{server.url}/{u}" for u in urls], [24] * len(urls), batch_size=4, codec=codec,
+                             channels=3, rank=0, world_size=1, num_workers=0, seed=0, train=False,
+                             read_options=ReadOptions(backoff_s=0.01))
+        samples = stream._slot_samples(0, 0, 0)
+        next(samples)  # the first sample of the first shard
+        deadline = time.time() + 10
+        while not server.gets(urls[1]) and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(server.gets(urls[1])) == 1  # the next shard is requested long before it is needed
+        assert sum(1 for _ in samples) + 1 == 48
+        assert all(len(server.gets(u)) == 1 for u in urls)  # each shard read once, over one connection

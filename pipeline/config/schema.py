@@ -156,6 +156,8 @@ class DataConfig:
     """Size cap of data.cache_dir in GB; the least recently used shards are removed beyond it."""
     endpoint_url: str = ""
     """S3-compatible endpoint for s3:// shards (MinIO, Ceph, ...: http://host:9000); empty: AWS_ENDPOINT_URL or AWS."""
+    prefetch_mb: float = 32.0
+    """Each worker opens its next remote shard and reads up to this many MB of it while reading the current one (0: off)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
 
@@ -176,6 +178,7 @@ class DataConfig:
         _check_range("data.retries", self.retries, 0)
         _check_range("data.timeout_s", self.timeout_s, 0.0, low_open=True)
         _check_range("data.cache_max_gb", self.cache_max_gb, 0.0, low_open=True)
+        _check_range("data.prefetch_mb", self.prefetch_mb, 0.0)
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"data.endpoint_url={self.endpoint_url!r} must start with http:// or https://")
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):

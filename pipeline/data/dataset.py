@@ -41,7 +41,7 @@ def sample_keys(data: DataConfig, classes: list[str] | tuple[str, ...] = ()) -> 
 def read_options(data: DataConfig) -> ReadOptions:
     """How shards are read (remote ones: retries, timeouts, cache, endpoint); see `pipeline.data.remote`."""
     return ReadOptions(retries=data.retries, timeout_s=data.timeout_s, cache_dir=data.cache_dir,
-                       cache_max_gb=data.cache_max_gb, endpoint_url=data.endpoint_url)
+                       cache_max_gb=data.cache_max_gb, endpoint_url=data.endpoint_url, prefetch_mb=data.prefetch_mb)
 
 
 def dataset_manifest(data: DataConfig, progress: bool = False) -> Manifest:

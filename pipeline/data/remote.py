@@ -84,6 +84,9 @@ class ReadOptions:
     """Size cap of cache_dir in GB (10^9 bytes); least recently used shards are removed beyond it."""
     endpoint_url: str = ""
     """S3-compatible endpoint for s3:// URLs (e.g. http://127.0.0.1:9000); empty: AWS_ENDPOINT_URL or AWS."""
+    prefetch_mb: float = 32.0
+    """The next remote shard of a worker's slot is opened and read ahead, up to this many MB, while the current one
+    is read (0: off); see `prefetch`."""
     storage_options: dict = field(default_factory=dict)
     """Extra keyword arguments for the fsspec filesystem of object-store URLs (e.g. {"anon": true})."""
 
@@ -481,9 +484,16 @@ def open_shard(url: str, options: Optional[ReadOptions] = None):
     """A readable handle on the shard at `url` (see the module docstring for what it guarantees).
 
     Raises OSError with one line naming the URL when it cannot be opened (after the retries for
-    transient failures). Local files raise the usual FileNotFoundError/PermissionError.
+    transient failures). Local files raise the usual FileNotFoundError/PermissionError. A shard
+    `prefetch` started in this process is handed over, with the bytes it has read ahead.
     """
-    options = options or ReadOptions()
+    ahead = _PREFETCHED.pop(url, None)
+    if ahead is not None:
+        return ahead
+    return _open(url, options or ReadOptions())
+
+
+def _open(url: str, options: ReadOptions):
     kind = url_kind(url)
     if kind == "local":
         return open_local(local_path(url))
@@ -546,3 +556,148 @@ def _retrying(url: str, options: ReadOptions, call):
                               f"last error: {_one_line(exc)}") from exc
             _COUNTERS["retries"] += 1
             time.sleep(options.backoff(failures))
+
+
+# ---- read-ahead of the next shard ------------------------------------------------------------------------------
+_PREFETCHED: dict[str, "Prefetched"] = {}
+MAX_PREFETCHED = 2
+"""Shards read ahead per process at most (a worker needs one: its slot's next shard)."""
+
+
+def prefetch(url: str, options: Optional[ReadOptions] = None) -> None:
+    """Start opening remote shard `url` and reading its first `options.prefetch_mb` MB in a thread, so the
+    next `open_shard(url)` in this process continues from there instead of waiting for the network.
+    Local files are not prefetched (the page cache does that); nor is a shard already being prefetched."""
+    options = options or ReadOptions()
+    if url_kind(url) == "local" or not options.prefetch_mb or url in _PREFETCHED:
+        return
+    while len(_PREFETCHED) >= MAX_PREFETCHED:  # never handed over (the iteration stopped): let it go
+        _PREFETCHED.pop(next(iter(_PREFETCHED))).close()
+    _PREFETCHED[url] = Prefetched(url, options, int(options.prefetch_mb * 1e6))
+
+
+class Prefetched(io.RawIOBase):
+    """A shard handle whose first `limit` bytes a thread reads ahead (bounded memory); reads are served
+    from them, then from the same connection. Errors of the thread surface when its bytes run out
+    (the connection's own retries have run by then). Forward seeks only, like the other streams."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, url: str, options: ReadOptions, limit: int):
+        import threading
+
+        super().__init__()
+        self.url, self.limit, self.pos = url, limit, 0
+        self._buffer, self._start = bytearray(), 0  # unread bytes are _buffer[_start:]
+        self._filled = 0  # bytes of the shard the thread has read
+        self._inner = None
+        self._error: Optional[BaseException] = None
+        self._done = False
+        self._stop = threading.Event()
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._fill, args=(options,), daemon=True,
+                                        name=f"prefetch {url.rsplit('/', 1)[-1]}")
+        self._thread.start()
+
+    @property
+    def size(self) -> Optional[int]:
+        self._wait(lambda: self._inner is not None)
+        return shard_size(self._inner) if self._inner is not None else None
+
+    def _fill(self, options: ReadOptions) -> None:
+        try:
+            self._inner = _open(self.url, options)
+            with self._ready:
+                self._ready.notify_all()
+            while not self._stop.is_set() and self._filled < self.limit:
+                data = self._inner.read(min(self.CHUNK, self.limit - self._filled))
+                with self._ready:
+                    if not data:
+                        break
+                    self._buffer += data
+                    self._filled += len(data)
+                    self._ready.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it in its own thread
+            self._error = exc
+        finally:
+            with self._ready:
+                self._done = True
+                self._ready.notify_all()
+                abandoned = self.closed
+            if abandoned and self._inner is not None:  # closed while reading ahead: the thread lets go of it
+                self._inner.close()
+
+    def _wait(self, ready) -> None:
+        with self._ready:
+            self._ready.wait_for(lambda: ready() or self._done)
+
+    def _unread(self) -> int:
+        return len(self._buffer) - self._start
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        self._wait(lambda: self._unread() > 0)
+        with self._ready:
+            if self._unread() > 0:
+                data = bytes(self._buffer[self._start:self._start + n])
+                self._start += len(data)
+                if self._start > self.CHUNK:  # drop what was read: memory stays within the limit
+                    del self._buffer[:self._start]
+                    self._start = 0
+                self.pos += len(data)
+                return data
+        if self._error is not None:
+            raise self._error
+        self._thread.join()  # the thread is done: the connection is the reader's now
+        if self._inner is None:
+            return b""
+        data = self._inner.read(n)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos if whence == 0 else self.pos + pos
+        if target < self.pos:
+            raise OSError(f"{self.url}: a read-ahead shard only seeks forward ({self.pos} -> {target})")
+        self._wait(lambda: self.pos + self._unread() >= target)
+        with self._ready:
+            skip = min(target - self.pos, self._unread())
+            self._start += skip
+            self.pos += skip
+        if self.pos < target:  # past the bytes read ahead: the connection seeks (a Range jump where it can)
+            if self._error is not None:
+                raise self._error
+            self._stop.set()
+            self._thread.join()
+            with self._ready:
+                self._buffer, self._start = bytearray(), 0
+            if self._inner is not None:
+                self._inner.seek(target)
+            self.pos = target
+        return self.pos
+
+    def close(self) -> None:
+        """Never waits for the network: a thread still reading closes the connection when its read returns."""
+        if self.closed:
+            return
+        self._stop.set()
+        with self._ready:
+            super().close()
+            running = not self._done
+        if not running and self._inner is not None:
+            self._inner.close()

@@ -65,7 +65,7 @@ from pipeline import fault_injection
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
 from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
-from pipeline.data.remote import ReadOptions, net_counters
+from pipeline.data.remote import ReadOptions, net_counters, prefetch
 from pipeline.data.tar import tar_samples
 from pipeline.data.workers import init_worker, track, worker_context
 
@@ -465,17 +465,24 @@ class ShardStream(IterableDataset):
         self._generation = plan.generation
         limit = plan.limit(slot)  # with drop_last, the tail that makes no full batch is not even read
         position = skip  # index of the next sample within this slot's stream
-        for number, segment in enumerate(plan.segments(slot)):
+        segments = list(plan.segments(slot))
+        for number, segment in enumerate(segments):
             length = segment.length
             if skip >= length:  # finished before the restart: not even opened
                 skip -= length
                 continue
+            self._read_ahead(segments[number + 1:number + 2])
             for check, source in self._resolved(epoch, slot, number, segment, skip, position):
                 if position >= limit:
                     return
                 yield position, check, source
                 position += 1
             skip = 0
+
+    def _read_ahead(self, following: list[Segment]) -> None:
+        """Open the next remote shard (from its start) while this one is read; see `remote.prefetch`."""
+        if following and following[0].start == 0:
+            prefetch(self.shard_paths[following[0].shard], self.read_options)
 
     def _resolved(self, epoch: int, slot: int, number: int, segment: Segment, skip: int,
                   position: int) -> Iterator[tuple[SampleCheck, SampleCheck | None]]:
