@@ -74,7 +74,7 @@ class InMemorySplit:
         self.faults = faults.empty_counts()  # no bad samples in memory
         self.stream = self._Stream(len(batches), sum(len(labels) for _, labels in batches))
 
-    def set_position(self, epoch: int, step: int = 0) -> None:
+    def set_position(self, epoch: int, step: int = 0, history=()) -> None:
         pass
 
 

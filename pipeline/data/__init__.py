@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,8 +30,9 @@ class SplitLoader:
         self.stream, self.dataloader, self.finish = stream, dataloader, finish
         self.faults = faults.empty_counts()
 
-    def set_position(self, epoch: int, step: int = 0) -> None:
-        self.stream.set_position(epoch, step)
+    def set_position(self, epoch: int, step: int = 0, history: Sequence = ()) -> None:
+        """See `ShardStream.set_position` (`history`: earlier layouts of a continued epoch)."""
+        self.stream.set_position(epoch, step, history)
 
     @property
     def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -114,7 +114,7 @@ class Trainer:
         """One pass over this rank's share of the training shards; returns rank-averaged loss/accuracy."""
         self.callbacks.on_epoch_start(self, epoch)
         self.model.train()
-        self.train_data.stream.set_position(epoch, self.state.step_in_epoch, self.epoch_history)
+        self.train_data.set_position(epoch, self.state.step_in_epoch, self.epoch_history)
         self.steps_per_epoch = self.train_data.stream.steps_per_epoch()  # a continued epoch: its remainder's
         task = self.progress.add_task(f"epoch {epoch + 1}", total=self.steps_per_epoch,
                                       completed=self.state.step_in_epoch,
