@@ -186,7 +186,8 @@ TWO_RANK_CASES = ["non-finite (70)", "exception in a worker (1)", "exception in 
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("workers", [0, 2])
+# Default workers (2) in the regular suite; 0 workers with 2 ranks is `slow` (the 1-rank matrix runs both always).
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 2])
 @pytest.mark.parametrize("name", TWO_RANK_CASES)
 def test_two_ranks_end_in_seconds_with_the_ranks_code(name: str, workers: int, digits_root: Path, faulty_root: Path,
                                                       tmp_path: Path) -> None:

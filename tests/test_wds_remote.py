@@ -96,6 +96,7 @@ def test_flaky_http_train_http_val_pipe_test_resume_bit_exact(world: dict, tmp_p
     assert all(r["data/train/seen"] == 1200 - 1200 % 2 for r in rows)  # every sample of every epoch (2 slots)
 
 
+@pytest.mark.slow  # S3 reading itself is in the regular suite (tests/test_remote.py)
 def test_s3_train_targz_val_own_folder_test_resume_bit_exact(world: dict, digits_root: Path, tmp_path: Path,
                                                              monkeypatch) -> None:
     """Train from S3 (moto's server on 127.0.0.1, AWS_ENDPOINT_URL), validate on gzipped shards, test on one of our

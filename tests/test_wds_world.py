@@ -160,8 +160,10 @@ def test_training_on_json_labelled_shards_evaluates_every_test_sample(shards, tm
     assert metrics["accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_on_foreign_shards_is_bit_identical(shards, tmp_path) -> None:
-    """Default workers (2, forkserver): killed right after the mid-epoch checkpoint at step 20 of 38, resumed."""
+    """Default workers (2, forkserver): killed right after the mid-epoch checkpoint at step 20 of 38, resumed.
+    (slow: tests/test_wds_remote.py proves the same on remote foreign shards in the regular suite.)"""
     data = _data(shards["png+txt"], tmp_path, label_key="txt")
     common = ("train.epochs=2", "checkpoint.every_steps=10")
     _train(data, tmp_path, "ref", *common)
