@@ -477,6 +477,7 @@ def _kill_harness(digits_root: Path, out: Path, kills: int, epochs: int, seed: i
     return steps
 
 
+@pytest.mark.slow  # 90 s; bit-exact resume after SIGKILL stays in the regular suite (test_distributed, test_training)
 def test_five_random_kills_resume_bit_exact(digits_root: Path, tmp_path: Path) -> None:
     steps = _kill_harness(digits_root, tmp_path, kills=5, epochs=2, seed=8)
     assert steps == [9, 13, 15, 24, 25]  # fixed by the seed: at saves (every 3 steps) and between them
