@@ -143,7 +143,24 @@ def _is_transient(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")  # raised through s3fs
 
 
-class ShardReader(io.RawIOBase):
+class ForwardReader(io.RawIOBase):
+    """What every shard handle here shares: readable, `pos` as the position, readinto through `read`."""
+
+    pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+class ShardReader(ForwardReader):
     """A shard read through a connection that may break: retries, exact resume, counters (module docstring).
 
     Subclasses connect (`_open_at`), read (`_raw_read`) and disconnect (`_close_raw`); this class keeps the
@@ -172,14 +189,8 @@ class ShardReader(io.RawIOBase):
         raise NotImplementedError
 
     # ---- file interface -------------------------------------------------------------------------
-    def readable(self) -> bool:
-        return True
-
     def seekable(self) -> bool:
         return False
-
-    def tell(self) -> int:
-        return self.pos
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -195,11 +206,6 @@ class ShardReader(io.RawIOBase):
             parts.append(more)
             got += len(more)
         return b"".join(parts)
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def seek(self, pos: int, whence: int = 0) -> int:
         target = {0: pos, 1: self.pos + pos, 2: (self.size or 0) + pos}[whence]
@@ -404,7 +410,7 @@ def filesystem(url: str, options: ReadOptions):
         raise PermanentError(f"{url}: {exc}") from None
 
 
-class PipeReader(io.RawIOBase):
+class PipeReader(ForwardReader):
     """`pipe:COMMAND`: the command's standard output through webdataset's gopen, forward only, not retried."""
 
     size = None
@@ -417,23 +423,12 @@ class PipeReader(io.RawIOBase):
         self._pipe = gopen(url, "rb", bufsize=CHUNK)
         self._pipe.timeout = options.timeout_s
 
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
     def read(self, n: int = -1) -> bytes:
         data = self._pipe.stream.read(n)  # not Pipe.read: its exit check races the end of the output
         self.pos += len(data)
         if n is None or n < 0 or len(data) < n:
             self._check_exit()
         return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def seek(self, pos: int, whence: int = 0) -> int:
         target = pos if whence == 0 else self.pos + pos
@@ -576,7 +571,7 @@ def prefetch(url: str, options: Optional[ReadOptions] = None) -> None:
     _PREFETCHED[url] = Prefetched(url, options, int(options.prefetch_mb * 1e6))
 
 
-class Prefetched(io.RawIOBase):
+class Prefetched(ForwardReader):
     """A shard handle whose first `limit` bytes a thread reads ahead (bounded memory); reads are served
     from them, then from the same connection. Errors of the thread surface when its bytes run out
     (the connection's own retries have run by then). Forward seeks only, like the other streams."""
@@ -634,14 +629,8 @@ class Prefetched(io.RawIOBase):
     def _unread(self) -> int:
         return len(self._buffer) - self._start
 
-    def readable(self) -> bool:
-        return True
-
     def seekable(self) -> bool:
         return True
-
-    def tell(self) -> int:
-        return self.pos
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -664,11 +653,6 @@ class Prefetched(io.RawIOBase):
         data = self._inner.read(n)
         self.pos += len(data)
         return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def seek(self, pos: int, whence: int = 0) -> int:
         target = pos if whence == 0 else self.pos + pos

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.data.remote import CHUNK, ReadOptions, open_local
+from pipeline.data.remote import CHUNK, ForwardReader, ReadOptions, open_local
 
 TAIL = 64 << 10
 """A handle closed this close to its shard's end reads the rest, so the copy completes."""
@@ -57,7 +57,7 @@ def open_cached(url: str, options: ReadOptions, open_remote: Callable[[str, Read
     return handle
 
 
-class CachingReader(io.RawIOBase):
+class CachingReader(ForwardReader):
     """A remote handle whose bytes are also written to a temporary file, renamed once the shard is complete."""
 
     def __init__(self, reader, path: Path, max_bytes: int):
@@ -68,9 +68,6 @@ class CachingReader(io.RawIOBase):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{path.name}"
         self._out = open(self._temp, "wb")
-
-    def readable(self) -> bool:
-        return True
 
     def tell(self) -> int:
         return self.reader.tell()
@@ -85,11 +82,6 @@ class CachingReader(io.RawIOBase):
             except OSError:  # disk full or the like: this shard is read without a copy
                 self._abandon()
         return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def seek(self, pos: int, whence: int = 0) -> int:
         """Forward only, reading through (the skipped bytes belong in the copy too)."""
