@@ -22,7 +22,7 @@ from pipeline.config.schema import DataConfig
 from pipeline.data.index import SpecIndex, label_summary, load_or_build
 from pipeline.data.keys import SampleKeys
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
-from pipeline.data.remote import ReadOptions
+from pipeline.data.remote import ReadOptions, open_shard
 from pipeline.data.specs import SpecError, beside, describe, expand, is_url
 
 SPEC_SPLITS = ("train", "val", "test")
@@ -88,7 +88,7 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
     shards, counts = [], Counter()
     for manifest in owns:
         counts.update(manifest.split(split).class_counts)
-    unusable = 0
+    unusable, named = 0, SampleKeys(keys.image_key, keys.label_key, tuple(classes))
     for url in urls:
         if url in own:
             shards.append(ShardInfo(name=url, num_samples=own[url], num_bytes=0, sha256=""))
@@ -100,7 +100,7 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
         shards.append(ShardInfo(name=url, num_samples=entry.num_samples, num_bytes=entry.num_bytes, sha256=entry.sha256))
         unusable += entry.no_label
         for raw, n in entry.raw_labels().items():
-            label, reason, _ = SampleKeys(keys.image_key, keys.label_key, tuple(classes)).index_of(raw, len(classes))
+            label, reason, _ = named.index_of(raw, len(classes))
             if reason:
                 unusable += n
             else:
@@ -178,8 +178,6 @@ def _read_small(url: str, options: ReadOptions) -> Optional[bytes]:
     if not is_url(url):
         return Path(url).read_bytes() if os.path.isfile(url) else None
     try:
-        from pipeline.data.remote import open_shard
-
         with open_shard(url, options) as handle:
             return handle.read(1 << 20)
     except Exception:  # noqa: BLE001 - no class file beside the shards: the labels decide
