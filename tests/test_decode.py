@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.transforms import v2
 from PIL import Image
 
 from pipeline.config import load_config
@@ -100,9 +101,10 @@ def test_reduced_size_decode_is_close_and_deterministic(jpeg_root: Path) -> None
     assert (a - b).abs().mean() < 0.1
 
 
-def test_sample_augment_reproduces_build_transform(jpeg_root: Path) -> None:
-    cfg = load_config(None, ["data.image_size=20", *AUGMENT, "data.augment.rotation=10",
-                             "data.augment.translate=0.1"]).data
+@pytest.mark.parametrize("geometry", [["data.augment.rotation=10", "data.augment.translate=0.1"],
+                                      ["data.augment.crop_padding=4"]], ids=["affine", "crop_padding"])
+def test_sample_augment_reproduces_build_transform(jpeg_root: Path, geometry: list[str]) -> None:
+    cfg = load_config(None, ["data.image_size=20", *AUGMENT, *geometry]).data
     image = Image.open(next((jpeg_root.parent / jpeg_root.name.removesuffix("_shards")).rglob("*.jpg"))).convert("RGB")
     augment, normalize = SampleAugment(cfg, train=True), BatchNormalize(cfg)
     for seed in range(5):
@@ -113,6 +115,8 @@ def test_sample_augment_reproduces_build_transform(jpeg_root: Path) -> None:
         from torchvision.transforms.v2 import functional as F
 
         assert torch.equal(normalize(augment.apply(F.pil_to_tensor(image), params)), expected)
+    if geometry == ["data.augment.crop_padding=4"]:  # a shift: each output pixel is an input pixel or a reflection
+        assert any(isinstance(step, v2.RandomCrop) and step.padding_mode == "reflect" for step in augment.steps)
 
 
 def test_cuda_decode_without_a_gpu_is_one_clear_line(jpeg_root: Path) -> None:

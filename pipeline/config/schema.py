@@ -82,6 +82,8 @@ class AugmentConfig:
     """Maximum rotation in degrees, sampled uniformly in [-rotation, rotation]."""
     translate: float = 0.0
     """Maximum translation as a fraction of the image size (RandomAffine); 0 disables."""
+    crop_padding: int = 0
+    """Pad each side by this many pixels (reflection) and take a random image_size crop: the CIFAR shift, ~4x cheaper than translate; 0 disables."""
     color_jitter: float = 0.0
     """Brightness/contrast/saturation jitter strength for ColorJitter; 0 disables."""
 
@@ -91,6 +93,7 @@ class AugmentConfig:
         _check_range("data.augment.rotation", self.rotation, 0.0, 180.0)
         _check_range("data.augment.translate", self.translate, 0.0, 1.0, high_open=True)
         _check_range("data.augment.color_jitter", self.color_jitter, 0.0)
+        _check_range("data.augment.crop_padding", self.crop_padding, 0)
 
 
 @dataclass

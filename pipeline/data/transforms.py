@@ -45,6 +45,8 @@ def augment_steps(cfg: DataConfig, train: bool) -> list[v2.Transform]:
         steps += [v2.Resize(size if not aug.random_resized_crop else int(round(size / 0.875)), antialias=True),
                   v2.CenterCrop(size)]
     if train:
+        if aug.crop_padding > 0:
+            steps.append(v2.RandomCrop(size, padding=aug.crop_padding, padding_mode="reflect"))
         if aug.hflip > 0:
             steps.append(v2.RandomHorizontalFlip(aug.hflip))
         if aug.rotation > 0 or aug.translate > 0:
@@ -81,7 +83,7 @@ class BatchNormalize:
 
 def _output_shape(step: v2.Transform, shape: tuple[int, int]) -> tuple[int, int]:
     """Height and width of an image of `shape` after `step`."""
-    if isinstance(step, (v2.RandomResizedCrop, v2.CenterCrop)):
+    if isinstance(step, (v2.RandomResizedCrop, v2.CenterCrop, v2.RandomCrop)):
         return tuple(step.size)  # type: ignore[return-value]
     if isinstance(step, v2.Resize):
         if len(step.size) == 2:
