@@ -139,13 +139,18 @@ def run_experiment(base: str, folder: Path, out: Path, seeds: Sequence[int], sho
 
     out.mkdir(parents=True, exist_ok=True)
     source = build_source(folder, out / "data" / "source_0to4", source_per_class)
-    started = time.perf_counter()
-    pretrain = train(pretrain_config(base, source, out, [f"train.epochs={pretrain_epochs}", *pretrain_overrides,
-                                                         *overrides]))
     pretrained = out / "pretrain_0to4"
-    results: dict = {"epochs": epochs, "pretrain_epochs": pretrain_epochs, "seeds": list(seeds),
-                     "pretrain_seconds": round(time.perf_counter() - started, 1),
-                     "pretrain_test_accuracy": float(pretrain["accuracy"]), "shots": {}}
+    done = out / "pretrain.json"  # written once pretraining finished: a rerun fine-tunes from it again
+    if not done.is_file():
+        started = time.perf_counter()
+        metrics = train(pretrain_config(base, source, out, [f"train.epochs={pretrain_epochs}", *pretrain_overrides,
+                                                            *overrides]))
+        done.write_text(json.dumps({"epochs": pretrain_epochs, "seconds": round(time.perf_counter() - started, 1),
+                                    "test_accuracy": float(metrics["accuracy"])}) + "\n")
+    pretrain = json.loads(done.read_text())
+    results: dict = {"epochs": epochs, "pretrain_epochs": pretrain["epochs"], "seeds": list(seeds),
+                     "pretrain_seconds": pretrain["seconds"], "pretrain_test_accuracy": pretrain["test_accuracy"],
+                     "shots": {}}
     for n in shots:
         results["shots"][n] = {m: {"accuracy": [], "test_samples": [], "seconds": []} for m in methods}
         for seed in seeds:
@@ -157,7 +162,7 @@ def run_experiment(base: str, folder: Path, out: Path, seeds: Sequence[int], sho
                 metrics = train(cfg)
                 record = results["shots"][n][method]
                 record["accuracy"].append(float(metrics["accuracy"]))
-                record["test_samples"].append(int(metrics["samples"]))
+                record["test_samples"].append(int(metrics["num_samples"]))
                 record["seconds"].append(round(time.perf_counter() - started, 1))
         for record in results["shots"][n].values():
             record["mean"] = statistics.fmean(record["accuracy"])
