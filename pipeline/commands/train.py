@@ -11,12 +11,12 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.checkpointing import Checkpointer
+from pipeline.commands.data.shards import ensure_digits_shards
 from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
 from pipeline.data.dataset import spec_manifest, uses_specs
-from pipeline.data.specs import describe
 from pipeline.data.faults import SKIP_REASONS
-from pipeline.data.shards import ensure_digits_shards
+from pipeline.data.specs import describe
 from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
@@ -199,7 +199,7 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         if dist.is_main:
             run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
             if cfg.report.enabled:
-                from pipeline.reporting import write_report
+                from pipeline.commands.report import write_report
 
                 path, seconds = write_report(run.run_dir, tracker=run.trainer.tracker)
                 dist.print(f"report: {path} ({seconds:.1f}s)")

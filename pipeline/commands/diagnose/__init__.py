@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.diagnosis.rules import Finding, diagnose
+from pipeline.commands.diagnose.rules import Finding, diagnose
 
 
 def read_history(run_dir: str | Path) -> list[dict]:

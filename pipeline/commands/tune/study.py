@@ -19,15 +19,15 @@ from typing import Any, Optional, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from pipeline.commands.train import train
+from pipeline.commands.tune.config import TuneConfig, load_tune_config
+from pipeline.commands.tune.pruning import MetricNotInRecord, TrialReporter
+from pipeline.commands.tune.report import write_report
+from pipeline.commands.tune.space import SearchSpace, apply_overrides
+from pipeline.commands.tune.storage import build_storage, check_url, mask_url, study_lock
 from pipeline.config import Config, to_yaml
 from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
-from pipeline.training.run import train
-from pipeline.tuning.config import TuneConfig, load_tune_config
-from pipeline.tuning.pruning import MetricNotInRecord, TrialReporter
-from pipeline.tuning.report import write_report
-from pipeline.tuning.space import SearchSpace, apply_overrides
-from pipeline.tuning.storage import build_storage, check_url, mask_url, study_lock
 
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 

@@ -74,7 +74,7 @@ def classifier_from_run(run_dir: str | Path) -> Classifier:
 
 def classifier_from_export(path: str | Path) -> Classifier:
     """A model written by `pipeline export`, with the input description of its sidecar JSON."""
-    from pipeline.export import load_exported, read_sidecar
+    from pipeline.commands.export import load_exported, read_sidecar
 
     meta = read_sidecar(path)
     data = DataConfig(image_size=meta["image_size"], channels=meta["channels"], mean=meta["mean"], std=meta["std"],
