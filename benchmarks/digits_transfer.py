@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.commands.data.subsets import write_split_shards
+from pipeline.data.subsets import write_split_shards
 from pipeline.config import Config, load_config
 
 FROM_SCRATCH = ["finetune.weights=''", "finetune.freeze=full", "finetune.layer_decay=1.0"]
@@ -57,7 +57,7 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
 
 def build_transfer_shards(root: Path, shots: int = 20, val_shots: int = 10, seed: int = 0) -> tuple[Path, Path]:
     """`root/source_0to4` and `root/target_5to9_<shots>shot`; kept if their manifests exist already."""
-    from pipeline.commands.data.shards import stratified_split
+    from pipeline.data.shards import stratified_split
 
     source, target = root / "source_0to4", root / f"target_5to9_{shots}shot"
     images, labels = digits_images()

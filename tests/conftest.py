@@ -20,7 +20,7 @@ TINY = ["model.channels=[8,16]", "data.image_size=8", "train.batch_size=32", "lo
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    from pipeline.commands.data.shards import ensure_digits_shards
+    from pipeline.data.shards import ensure_digits_shards
 
     root = tmp_path_factory.mktemp("digits") / "shards"
     ensure_digits_shards(root)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.commands.data.shards import _RollingTarWriter
+from pipeline.data.shards import _RollingTarWriter
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
 from pipeline.data.faults import FIELDS, as_dict

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.commands.data.digits import write_digits_jpeg_imagefolder
-from pipeline.commands.data.shards import write_shards
+from pipeline.data.digits import write_digits_jpeg_imagefolder
+from pipeline.data.shards import write_shards
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
 from pipeline.data.transforms import BatchNormalize, SampleAugment, build_transform
@@ -32,7 +32,7 @@ def jpeg_root(tmp_path_factory) -> Path:
 def broken_root(tmp_path_factory) -> Path:
     """48 training and 16 validation JPEGs in shards of 16; training samples 5, 6 and 30 and validation
     sample 3 are cut in half: their headers read, their data does not decode."""
-    from pipeline.commands.data.subsets import write_split_shards
+    from pipeline.data.subsets import write_split_shards
 
     folder = tmp_path_factory.mktemp("broken_jpegs")
     write_digits_jpeg_imagefolder(folder, 64, size=40)

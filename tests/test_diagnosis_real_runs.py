@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands.data.digits import write_digits_imagefolder
-from pipeline.commands.data.shards import write_shards
+from pipeline.data.digits import write_digits_imagefolder
+from pipeline.data.shards import write_shards
 from pipeline.commands.diagnose import diagnose_run, read_history
 from pipeline.commands.diagnose.rules import OVERFIT_GAP
 from pipeline.commands.train import train

@@ -196,10 +196,10 @@ def test_gradual_unfreezing_on_two_ranks_stays_in_sync_and_resumes_exactly(trans
 
 def test_auto_class_weights_and_balanced_sampling(tmp_path):
     from benchmarks.digits_transfer import FROM_SCRATCH, _png, digits_images
-    from pipeline.commands.data.subsets import write_split_shards
     from pipeline.data import build_stream
     from pipeline.data.balance import auto_class_weights, class_counts, imbalance_summary
     from pipeline.data.manifest import Manifest
+    from pipeline.data.subsets import write_split_shards
 
     rng = np.random.default_rng(0)
 
@@ -247,8 +247,8 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
 
 def test_cv_folds_partition_train_and_val_stratified(tmp_path):
     from pipeline.commands.cv import fold_assignment, fold_config
-    from pipeline.commands.train import load_manifest
     from pipeline.data.manifest import Manifest
+    from pipeline.training.run_data import load_manifest
 
     labels = [0] * 10 + [1] * 6 + [2] * 5
     assignment = fold_assignment(labels, 5, seed=0)

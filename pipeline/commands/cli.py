@@ -160,7 +160,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _data_digits(args: argparse.Namespace) -> int:
-    from pipeline.commands.data.digits import write_digits_imagefolder
+    from pipeline.data.digits import write_digits_imagefolder
 
     count = write_digits_imagefolder(args.out)
     print(f"wrote {count} digits images to {args.out}")
@@ -168,7 +168,7 @@ def _data_digits(args: argparse.Namespace) -> int:
 
 
 def _data_shards(args: argparse.Namespace) -> int:
-    from pipeline.commands.data.shards import write_shards
+    from pipeline.data.shards import write_shards
 
     fractions = [float(x) for x in args.split.split(",")]
     manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,
@@ -207,7 +207,7 @@ def _data_verify(args: argparse.Namespace) -> int:
 
 
 def _data_index(args: argparse.Namespace) -> int:
-    from pipeline.data.index import print_index, write_index
+    from pipeline.commands.data.index import print_index, write_index
 
     index, path = write_index(args.spec, _spec_data(args), out=args.out, sha256=args.sha256,
                               progress=not args.no_progress)

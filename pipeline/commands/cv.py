@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.commands.data.subsets import write_split_shards
 from pipeline.config import Config
 from pipeline.data.manifest import Manifest
+from pipeline.data.subsets import write_split_shards
 
 SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "loss")
 
@@ -123,7 +123,8 @@ def summary_lines(summary: dict) -> list[str]:
 
 def run_cv(cfg: Config) -> dict | None:
     """Run cv.fold (or every fold when -1); return the summary if all folds are done."""
-    from pipeline.commands.train import load_manifest, train
+    from pipeline.commands.train import train
+    from pipeline.training.run_data import load_manifest
 
     load_manifest(cfg)  # build the bundled digits shards if needed; check the splits exist
     folds = range(cfg.cv.folds) if cfg.cv.fold < 0 else [cfg.cv.fold]

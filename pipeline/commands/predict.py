@@ -109,3 +109,6 @@ def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3) ->
 def format_predictions(results: list[dict]) -> str:
     return "\n".join(f"{r['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
                      for r in results)
+
+
+__all__ = ["Classifier", "format_predictions", "image_paths", "predict", "preprocess"]

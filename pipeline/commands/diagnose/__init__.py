@@ -61,3 +61,6 @@ def format_findings(findings: list[Finding]) -> str:
 
 
 __all__ = ["Finding", "diagnose", "diagnose_run", "format_findings", "read_history"]
+
+
+__all__ = ["Finding", "diagnose", "diagnose_run", "format_findings", "read_history"]

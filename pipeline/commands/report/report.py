@@ -11,13 +11,16 @@ import time
 from pathlib import Path
 
 from pipeline.commands.diagnose import diagnose, read_history
-from pipeline.commands.visualize import gradcam_gallery, predict_split
-from pipeline.commands.visualize.hooks import default_feature_layers, feature_maps, first_conv_weight
-from pipeline.commands.visualize.plots import (
+from pipeline.commands.visualize import (
     confusion_png,
     curves_png,
+    default_feature_layers,
+    feature_maps,
     feature_maps_png,
     filters_png,
+    first_conv_weight,
+    gradcam_gallery,
+    predict_split,
     signals_png,
     to_display,
 )

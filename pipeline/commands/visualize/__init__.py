@@ -9,8 +9,23 @@ from pathlib import Path
 
 import torch
 
-from pipeline.commands.visualize.hooks import conv_layers, feature_maps, find_layer, grad_cam
-from pipeline.commands.visualize.plots import feature_maps_png, gradcam_png, to_display
+from pipeline.commands.visualize.hooks import (
+    conv_layers,
+    default_feature_layers,
+    feature_maps,
+    find_layer,
+    first_conv_weight,
+    grad_cam,
+)
+from pipeline.commands.visualize.plots import (
+    confusion_png,
+    curves_png,
+    feature_maps_png,
+    filters_png,
+    gradcam_png,
+    signals_png,
+    to_display,
+)
 
 
 @dataclass
@@ -80,4 +95,7 @@ def visualize_image(run_dir: str | Path, layer: str, image: str | Path, out: str
     return out
 
 
-__all__ = ["TestPredictions", "gradcam_gallery", "predict_split", "visualize_image"]
+__all__ = ["TestPredictions", "gradcam_gallery", "predict_split", "visualize_image",
+           # the pieces the report draws with
+           "confusion_png", "curves_png", "default_feature_layers", "feature_maps", "feature_maps_png", "filters_png",
+           "first_conv_weight", "signals_png", "to_display"]

@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 import webdataset as wds
 
-from pipeline.commands.data.sources import IMAGE_EXTENSIONS, SourceImage, Sources, scan_source
 from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, SplitInfo
+from pipeline.data.sources import IMAGE_EXTENSIONS, SourceImage, Sources, scan_source
 from pipeline.tracking.console import progress_bar, warn
 
 SOURCES_NAME = "sources.csv"
@@ -322,7 +322,7 @@ def ensure_digits_shards(root: str | Path, max_samples: int = 64) -> Manifest:
     import shutil
     import tempfile
 
-    from pipeline.commands.data.digits import write_digits_imagefolder
+    from pipeline.data.digits import write_digits_imagefolder
 
     root = Path(root)
     if (root / "manifest.json").is_file():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.commands.data.shards import _RollingTarWriter
 from pipeline.data.manifest import Manifest, SplitInfo
+from pipeline.data.shards import _RollingTarWriter
 
 
 def write_split_shards(out: str | Path, classes: list[str], splits: dict[str, list[tuple[dict[str, bytes], int]]],
