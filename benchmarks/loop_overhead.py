@@ -2,7 +2,7 @@
 
     python benchmarks/loop_overhead.py [--steps 10] [--repeats 15] [--threads 1] [--cases fp32 ...] [key=value ...]
 
-The pipeline side is a real `Trainer` built by `pipeline.training.run.build_run` from the config
+The pipeline side is a real `Trainer` built by `pipeline.commands.train.build_run` from the config
 (schema defaults + BASE below + the case's and the command line's overrides); each timed block is
 one call of `Trainer.train_epoch` over `--steps` in-memory micro-batches, so it includes everything
 the loop does per step (`train_step`, accumulation windows, device-side epoch sums, callbacks such as
@@ -90,7 +90,7 @@ class PipelineLoop:
     """The real Trainer; `block()` runs one epoch of `train_epoch` over the in-memory batches."""
 
     def __init__(self, cfg):
-        from pipeline.training.run import build_run
+        from pipeline.commands.train import build_run
 
         fresh_accelerate_state()  # each case may use another precision
         self.run = build_run(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
+from pipeline.commands.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.config.schema import Config
 from tests.conftest import ROOT

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from pipeline.cli import main
-from pipeline.diagnosis import diagnose, format_findings
-from pipeline.diagnosis.rules import chance_loss
+from pipeline.commands.cli import main
+from pipeline.commands.diagnose import diagnose, format_findings
+from pipeline.commands.diagnose.rules import chance_loss
 
 C = 10  # classes; chance loss ln(10) = 2.3026
 

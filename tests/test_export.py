@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import pipeline.export as export
-from pipeline.cli import main
+import pipeline.commands.export as export
+from pipeline.commands.cli import main
+from pipeline.commands.train import train
 from pipeline.config import load_config
-from pipeline.training.run import train
 from tests.conftest import ROOT, TINY
 
 

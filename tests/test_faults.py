@@ -90,7 +90,7 @@ def test_skip_counts_warns_and_continues(digits_root: Path, tmp_path: Path) -> N
 
 def test_skipped_steps_leave_no_trace(digits_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every step NaN: weights, BatchNorm statistics, optimizer state and lr schedule end exactly where they began."""
-    from pipeline.training.run import build_run
+    from pipeline.commands.train import build_run
 
     monkeypatch.setenv("PIPELINE_NAN_AT_STEP", f"1-{STEPS_PER_EPOCH}")
     cfg = load_config("configs/default.yaml", [f"data.root={digits_root}", f"run.output_dir={tmp_path}", "run.name=n",

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.digits_transfer import METHODS, build_transfer_shards, method_config, pretrain_config
+from pipeline.commands.train import build_run, train
 from pipeline.config import load_config
-from pipeline.experiments.digits_transfer import METHODS, build_transfer_shards, method_config, pretrain_config
 from pipeline.training.callbacks import Callback
-from pipeline.training.run import build_run, train
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ import json, sys
 import torch
 from pipeline.config import load_config
 from pipeline.training.callbacks import Callback
-from pipeline.training.run import train
+from pipeline.commands.train import train
 
 class SyncProbe(Callback):
     name = "sync_probe"
@@ -195,11 +195,11 @@ def test_gradual_unfreezing_on_two_ranks_stays_in_sync_and_resumes_exactly(trans
 
 
 def test_auto_class_weights_and_balanced_sampling(tmp_path):
+    from benchmarks.digits_transfer import FROM_SCRATCH, _png, digits_images
     from pipeline.data import build_stream
     from pipeline.data.balance import auto_class_weights, class_counts, imbalance_summary
     from pipeline.data.manifest import Manifest
     from pipeline.data.subsets import write_split_shards
-    from pipeline.experiments.digits_transfer import FROM_SCRATCH, _png, digits_images
 
     rng = np.random.default_rng(0)
 
@@ -246,9 +246,9 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
 
 
 def test_cv_folds_partition_train_and_val_stratified(tmp_path):
-    from pipeline.cv import fold_assignment, fold_config
+    from pipeline.commands.cv import fold_assignment, fold_config
     from pipeline.data.manifest import Manifest
-    from pipeline.training.run import load_manifest
+    from pipeline.training.run_data import load_manifest
 
     labels = [0] * 10 + [1] * 6 + [2] * 5
     assignment = fold_assignment(labels, 5, seed=0)

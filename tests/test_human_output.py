@@ -63,7 +63,7 @@ def test_progress_shows_images_per_second_from_the_step_rate() -> None:
 def test_data_shards_of_equal_classes_says_so_and_keeps_stderr_empty(tmp_path, capsys) -> None:
     from PIL import Image
 
-    from pipeline.cli import main
+    from pipeline.commands.cli import main
 
     for name in ("circle", "square"):
         (tmp_path / "src" / name).mkdir(parents=True)

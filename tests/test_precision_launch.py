@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
+from pipeline.commands.train import train
 from pipeline.config import load_config
 from pipeline.distributed import LAUNCHER_PRECISION_ENV, choose_precision
 from pipeline.training.callbacks import Callback
-from pipeline.training.run import train
 from tests.conftest import ROOT, TINY
 
 

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.cli import main
+from pipeline.commands.cli import main
+from pipeline.commands.report import SECTIONS, write_report
+from pipeline.commands.train import train
 from pipeline.config import load_config
-from pipeline.reporting import SECTIONS, write_report
-from pipeline.training.run import train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 EPOCHS = 2

@@ -89,7 +89,7 @@ def test_perfectly_calibrated_confident_predictions_have_zero_ece():
 
 
 def test_capture_is_not_changed_by_inplace_relu_and_hooks_are_removed():
-    from pipeline.visualization.hooks import feature_maps, grad_cam
+    from pipeline.commands.visualize.hooks import feature_maps, grad_cam
 
     torch.manual_seed(0)
     model = SimpleCNN(3, 1, (4, 8))

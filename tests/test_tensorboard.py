@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.commands.train import train
 from pipeline.config import load_config
 from pipeline.tracking.tensorboard import TensorBoardTracker, Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import NullTracker
-from pipeline.training.run import train
 from tests.conftest import ROOT, TINY
 
 

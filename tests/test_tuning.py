@@ -16,10 +16,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline.cli import main as cli_main
+from pipeline.commands.cli import main as cli_main
+from pipeline.commands.tune import SearchSpace, apply_overrides, load_tune_config
+from pipeline.commands.tune.storage import build_storage, mask_url
 from pipeline.config import ConfigError, load_config
-from pipeline.tuning import SearchSpace, apply_overrides, load_tune_config
-from pipeline.tuning.storage import build_storage, mask_url
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_ENV = "PIPELINE_TEST_POSTGRES_URL"
@@ -310,7 +310,7 @@ def test_unreachable_storage_under_accelerate_launch_stops_every_rank_with_one_l
 
 
 def test_trial_overrides_are_shown_with_short_floats():
-    from pipeline.tuning.study import shown_overrides
+    from pipeline.commands.tune.study import shown_overrides
 
     assert shown_overrides({"model.dropout": 0.30000000000000004, "train.batch_size": 16, "optim.name": "sgd"}) == \
         "{'model.dropout': 0.3, 'train.batch_size': 16, 'optim.name': 'sgd'}"

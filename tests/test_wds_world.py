@@ -178,7 +178,7 @@ def test_resume_mid_epoch_on_foreign_shards_is_bit_identical(shards, tmp_path) -
 
 
 def test_cv_folds_of_foreign_shards_read_their_labels(shards, tmp_path) -> None:
-    from pipeline.cv import write_fold_shards
+    from pipeline.commands.cv import write_fold_shards
     from pipeline.data.manifest import Manifest
 
     data = _data(shards["png+txt"], tmp_path, label_key="txt")

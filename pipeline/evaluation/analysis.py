@@ -4,28 +4,11 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
-from torch import nn
 
 ECE_BINS = 15
-
-
-def collect_predictions(model: nn.Module, batches: Iterable, device: torch.device,
-                        autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities (N, C) and labels (N,) on the CPU, model in eval mode under inference mode."""
-    was_training = model.training
-    model.eval()
-    probs, labels = [], []
-    with torch.inference_mode():
-        for images, target in batches:
-            with autocast() if autocast is not None else torch.autocast(device.type, enabled=False):
-                logits = model(images.to(device))
-            probs.append(logits.float().softmax(dim=-1).cpu())
-            labels.append(target.cpu())
-    model.train(was_training)
-    return torch.cat(probs), torch.cat(labels)
 
 
 def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -13,12 +13,9 @@ from omegaconf import OmegaConf
 from pipeline.checkpointing import Checkpointer
 from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
-from pipeline.data.dataset import spec_manifest, uses_specs
-from pipeline.data.specs import describe
 from pipeline.data.faults import SKIP_REASONS
-from pipeline.data.shards import ensure_digits_shards
 from pipeline.distributed import Dist, build_dist, choose_precision
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.evaluate import evaluate, evaluation_record
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.models import create_model
 from pipeline.tracking.metrics_log import MetricsLog
@@ -27,59 +24,17 @@ from pipeline.tracking.wandb_logger import build_tracker
 from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
 from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
-from pipeline.training.preflight import builds_digits, check_data_root, preflight
+from pipeline.training.preflight import preflight
+from pipeline.training.run_data import load_manifest
 from pipeline.training.run_folder import RunLock, check_resume, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
 from pipeline.training.signals import TrainingSignals
 from pipeline.training.trainer import Trainer
 
-TEST_METRIC_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix",
-                    "num_samples")
-
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
-
-
-def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
-    """The data manifest: of the shard specs (data.train ...; indexed by the main process, sent to every rank),
-    or of data.root (the bundled digits shards are built first if allowed and missing)."""
-    if uses_specs(cfg.data):
-        manifest = _spec_manifest(cfg, dist)
-        if not cfg.data.test and dist is not None:
-            dist.print("data.test is not set: the final evaluation uses the validation shards (data.val)")
-    else:
-        manifest = _root_manifest(cfg, dist)
-    where = f"data.train='{describe(cfg.data.train)}'" if uses_specs(cfg.data) else f"data.root='{cfg.data.root}'"
-    if manifest.num_classes < 2:
-        raise ValueError(f"{where}: its {'shards have' if uses_specs(cfg.data) else 'manifest has'} "
-                         f"{manifest.num_classes} class(es) ({', '.join(manifest.classes) or 'none'}); "
-                         f"a classifier needs at least 2")
-    return manifest
-
-
-def _spec_manifest(cfg: Config, dist: Dist | None) -> Manifest:
-    """Expanded and indexed once, by the main process; every rank gets the same manifest (or the same error)."""
-    build = lambda: spec_manifest(cfg.data, progress=cfg.logging.progress)  # noqa: E731
-    return build() if dist is None else dist.on_main(build)
-
-
-def _root_manifest(cfg: Config, dist: Dist | None) -> Manifest:
-    root = Path(cfg.data.root)
-    check_data_root(cfg)
-    if not (root / "manifest.json").is_file() and builds_digits(cfg):
-        if dist is None:
-            return ensure_digits_shards(root)
-        with dist.main_process_first():
-            if dist.is_main:
-                dist.print(f"no shards at {root}: writing scikit-learn's digits there")
-                ensure_digits_shards(root)
-    manifest = Manifest.read(root)
-    for split in ("train", "val", "test"):
-        if split not in manifest.splits:
-            raise ValueError(f"manifest in '{root}' has no '{split}' split")
-    return manifest
 
 
 @dataclass
@@ -179,8 +134,8 @@ def test_split(run: Run, split: str = "test") -> dict:
     metrics = evaluate(trainer.unwrapped, data.loader, trainer.loss_fn, trainer.metrics, dist.device,
                        dist.accelerator.autocast, cfg.model.channels_last)
     skipped = trainer.bad_data.collect(data, split)  # summed over ranks; bad samples are left out, not padded
-    return {**{k: metrics[k] for k in (*TEST_METRIC_KEYS, "loss")}, "num_skipped": skipped[f"data/{split}/skipped"],
-            "skipped": {r: skipped[f"data/{split}/skipped/{r}"] for r in SKIP_REASONS}}
+    return evaluation_record(metrics, skipped[f"data/{split}/skipped"],
+                       {r: skipped[f"data/{split}/skipped/{r}"] for r in SKIP_REASONS})
 
 
 def train(cfg: Config, callbacks: list | None = None) -> dict:
@@ -199,7 +154,7 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         if dist.is_main:
             run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
             if cfg.report.enabled:
-                from pipeline.reporting import write_report
+                from pipeline.commands.report import write_report
 
                 path, seconds = write_report(run.run_dir, tracker=run.trainer.tracker)
                 dist.print(f"report: {path} ({seconds:.1f}s)")
@@ -208,3 +163,6 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         run.lock.release()
     dist.barrier()
     return metrics
+
+
+__all__ = ["Run", "build_run", "train"]

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from pipeline.config.schema import DataConfig
 from pipeline.data.dataset import read_options, sample_keys, specs_manifest
-from pipeline.data.faults import MISSING, inspect_sample, missing_sample, short_error
+from pipeline.data.faults import MISSING, inspect_sample, short_error
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.data.remote import ReadOptions, stat_shard
 from pipeline.data.specs import SHARD_SUFFIXES, describe, is_shard_name, is_url
-from pipeline.data.stream import shard_paths
+from pipeline.data.stream import shard_paths, shard_slice
 from pipeline.data.tar import tar_samples
 
 EXAMPLES_PER_SHARD = 3
@@ -97,19 +97,16 @@ def _file_problem(url: str, info: ShardInfo, options: ReadOptions | None) -> str
 
 
 def _samples(url: str, expected: int, options: ReadOptions | None):
-    """Every raw sample of the shard, then stand-ins for those the manifest promises but the shard lacks."""
-    found, error = 0, "it has fewer samples than the manifest says"
-    raw = tar_samples(url, options=options)
+    """The samples the manifest promises, as the loader reads them (`shard_slice`: stand-ins for those the shard
+    lacks), then any the shard has beyond them (reported as too many)."""
+    yield from shard_slice(url, 0, expected, options)
+    extra = tar_samples(url, expected, options=options)
     try:
-        for sample in raw:
-            found += 1
-            yield sample
-    except Exception as exc:  # noqa: BLE001 - any read error: the rest of the shard is lost
-        error = short_error(exc)
+        yield from extra
+    except Exception:  # noqa: BLE001 - a shard that ends early was reported by shard_slice already
+        pass
     finally:
-        raw.close()
-    for index in range(found, expected):
-        yield missing_sample(url, index, error)
+        extra.close()
 
 
 def verify_shard(root: Path, split: str, info: ShardInfo, manifest: Manifest, advance=lambda n: None,

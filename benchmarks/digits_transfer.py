@@ -1,6 +1,6 @@
 """Digits transfer experiment: pretrain on digits 0-4, fine-tune on 5-9 with few training images per class.
 
-    python -m pipeline.experiments.digits_transfer --seeds 0 1 2 --shots 20 5 2
+    python benchmarks/digits_transfer.py --seeds 0 1 2 --shots 20 5 2
 
 1. Shards: digits 0-4 (70/15/15 split; pretraining uses all its training images) and digits 5-9
    with exactly `shots` training and 10 validation images per class (for each `--shots` value), every
@@ -24,8 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.config import Config, load_config
 from pipeline.data.subsets import write_split_shards
+from pipeline.config import Config, load_config
 
 FROM_SCRATCH = ["finetune.weights=''", "finetune.freeze=full", "finetune.layer_decay=1.0"]
 METHODS = {
@@ -97,7 +97,7 @@ def method_config(base: str, method: str, target: Path, pretrained: Path, out: P
 def run_experiment(base: str, out: Path, seeds: Sequence[int], shots: Sequence[int] = (20,), pretrain_epochs: int = 6,
                    epochs: int = 30, methods: Sequence[str] = tuple(METHODS), overrides: Sequence[str] = ()) -> dict:
     """Everything above; returns {"shots": {n: {method: {"accuracy": [...], "mean", "std", ...}}}, ...}."""
-    from pipeline.training.run import train
+    from pipeline.commands.train import train
 
     out.mkdir(parents=True, exist_ok=True)
     source, _ = build_transfer_shards(out / "data", shots[0])

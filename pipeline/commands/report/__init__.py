@@ -1,5 +1,5 @@
 """`pipeline report RUN_DIR`: one self-contained report.html (images embedded as data URIs) explaining a run."""
 
-from pipeline.reporting.report import SECTIONS, build_report, write_report
+from pipeline.commands.report.report import SECTIONS, build_report, write_report
 
 __all__ = ["SECTIONS", "build_report", "write_report"]

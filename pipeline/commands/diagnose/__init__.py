@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.diagnosis.rules import Finding, diagnose
+from pipeline.commands.diagnose.rules import Finding, diagnose
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
@@ -58,6 +58,9 @@ def format_findings(findings: list[Finding]) -> str:
         lines += [f"    evidence: {e}" for e in finding.evidence]
         lines += [f"    remedy:   {r}" for r in finding.remedies]
     return "\n".join(lines)
+
+
+__all__ = ["Finding", "diagnose", "diagnose_run", "format_findings", "read_history"]
 
 
 __all__ = ["Finding", "diagnose", "diagnose_run", "format_findings", "read_history"]

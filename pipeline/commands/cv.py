@@ -123,7 +123,8 @@ def summary_lines(summary: dict) -> list[str]:
 
 def run_cv(cfg: Config) -> dict | None:
     """Run cv.fold (or every fold when -1); return the summary if all folds are done."""
-    from pipeline.training.run import load_manifest, train
+    from pipeline.commands.train import train
+    from pipeline.training.run_data import load_manifest
 
     load_manifest(cfg)  # build the bundled digits shards if needed; check the splits exist
     folds = range(cfg.cv.folds) if cfg.cv.fold < 0 else [cfg.cv.fold]

@@ -9,8 +9,23 @@ from pathlib import Path
 
 import torch
 
-from pipeline.visualization.hooks import conv_layers, feature_maps, find_layer, grad_cam
-from pipeline.visualization.plots import feature_maps_png, gradcam_png, to_display
+from pipeline.commands.visualize.hooks import (
+    conv_layers,
+    default_feature_layers,
+    feature_maps,
+    find_layer,
+    first_conv_weight,
+    grad_cam,
+)
+from pipeline.commands.visualize.plots import (
+    confusion_png,
+    curves_png,
+    feature_maps_png,
+    filters_png,
+    gradcam_png,
+    signals_png,
+    to_display,
+)
 
 
 @dataclass
@@ -54,8 +69,8 @@ def gradcam_gallery(run, preds: TestPredictions, count: int, correct: bool, laye
 def visualize_image(run_dir: str | Path, layer: str, image: str | Path, out: str | Path | None = None,
                     channels: int = 16) -> Path:
     """Feature maps of `layer` for one image file, plus its Grad-CAM at that layer when it is spatial."""
+    from pipeline.commands.predict import image_paths, preprocess
     from pipeline.evaluation.loaded import load_run
-    from pipeline.evaluation.predict import image_paths, preprocess
 
     if channels < 1:
         raise ValueError(f"--channels={channels} must be at least 1")
@@ -80,4 +95,7 @@ def visualize_image(run_dir: str | Path, layer: str, image: str | Path, out: str
     return out
 
 
-__all__ = ["TestPredictions", "gradcam_gallery", "predict_split", "visualize_image"]
+__all__ = ["TestPredictions", "gradcam_gallery", "predict_split", "visualize_image",
+           # the pieces the report draws with
+           "confusion_png", "curves_png", "default_feature_layers", "feature_maps", "feature_maps_png", "filters_png",
+           "first_conv_weight", "signals_png", "to_display"]

@@ -74,7 +74,7 @@ def classifier_from_run(run_dir: str | Path) -> Classifier:
 
 def classifier_from_export(path: str | Path) -> Classifier:
     """A model written by `pipeline export`, with the input description of its sidecar JSON."""
-    from pipeline.export import load_exported, read_sidecar
+    from pipeline.commands.export import load_exported, read_sidecar
 
     meta = read_sidecar(path)
     data = DataConfig(image_size=meta["image_size"], channels=meta["channels"], mean=meta["mean"], std=meta["std"],
@@ -109,3 +109,6 @@ def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3) ->
 def format_predictions(results: list[dict]) -> str:
     return "\n".join(f"{r['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
                      for r in results)
+
+
+__all__ = ["Classifier", "format_predictions", "image_paths", "predict", "preprocess"]

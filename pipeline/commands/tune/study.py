@@ -8,6 +8,7 @@ process talks to the database and broadcasts the trial's parameters to the other
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import threading
@@ -19,15 +20,15 @@ from typing import Any, Optional, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from pipeline.commands.train import train
+from pipeline.commands.tune.config import TuneConfig, load_tune_config
+from pipeline.commands.tune.pruning import MetricNotInRecord, TrialReporter
+from pipeline.commands.tune.report import write_report
+from pipeline.commands.tune.space import SearchSpace, apply_overrides
+from pipeline.commands.tune.storage import build_storage, check_url, mask_url, study_lock
 from pipeline.config import Config, to_yaml
 from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
-from pipeline.training.run import train
-from pipeline.tuning.config import TuneConfig, load_tune_config
-from pipeline.tuning.pruning import MetricNotInRecord, TrialReporter
-from pipeline.tuning.report import write_report
-from pipeline.tuning.space import SearchSpace, apply_overrides
-from pipeline.tuning.storage import build_storage, check_url, mask_url, study_lock
 
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
@@ -147,6 +148,15 @@ class StudyWorker:
         trial.set_user_attr("worker_index", self.tune.worker_index)
         return Job(trial.number, overrides, retry_of)
 
+    def heartbeat(self) -> Heartbeat:
+        """Beats for the trial `next_job` asked for while it runs (`with worker.heartbeat(): ...`)."""
+        return Heartbeat(self.storage, self.trial._trial_id, self.tune.heartbeat_s)
+
+    def summary(self) -> dict:
+        """Write the study's report (summary.md, trials.csv, best config); return its summary."""
+        with self.lock():
+            return write_report(self.study, self.tune, self.base)
+
     def tell(self, state: TrialState, value: Optional[float], seconds: float, error: str = "") -> None:
         trial, self.trial = self.trial, None
         trial.set_user_attr("seconds", round(seconds, 3))
@@ -155,6 +165,24 @@ class StudyWorker:
         if state == TrialState.COMPLETE and value is None:
             state, error = TrialState.FAIL, "no finite metric value"
         self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+
+
+class Follower:
+    """A rank other than the main process: it trains the trials the main process hands out and talks to no study."""
+
+    trial = None
+
+    def next_job(self) -> None:  # never called: the main process's job is broadcast (Dist.on_main)
+        return None
+
+    def heartbeat(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def tell(self, *result: object) -> None:
+        pass
+
+    def summary(self) -> dict:
+        return {}
 
 
 def trial_dir(study_dir: Path, number: int) -> Path:
@@ -194,53 +222,57 @@ def tune_study(config_path: str | Path, overrides: Sequence[str] = ()) -> dict:
     space = SearchSpace(tune.space, base)
     dist = build_dist(base.train.precision, base.train.cpu)
     # Only the main process talks to the study; `dist.on_main` makes its failures every rank's failure (no rank
-    # is left waiting in a collective for one that has gone).
-    worker = dist.on_main(lambda: _open_worker(tune, base, space), share=False)
+    # is left waiting in a collective for one that has gone). The other ranks hold a Follower.
+    worker = dist.on_main(lambda: _open_worker(tune, base, space), share=False) or Follower()
     failures = 0
-    while True:
-        job = dist.on_main(worker.next_job if worker is not None else lambda: None)
-        if job is None:
-            break
-        if dist.is_main:
-            print(f"trial {job.number}: {shown_overrides(job.overrides)}" + (f" (retry of trial {job.retry_of})"
-                                                            if job.retry_of is not None else ""), flush=True)
-            if job.retry_of is not None:
-                _continue_from(tune.study_dir, job)
-        dist.barrier()
-        started = time.monotonic()
-        trial = worker.trial if worker is not None else None
-        heartbeat = Heartbeat(worker.storage, trial._trial_id, tune.heartbeat_s) if worker is not None else None
-        try:
-            if heartbeat:
-                heartbeat.__enter__()
-            state, value, error = run_trial(job, tune, base, trial)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, the study goes on
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            state, value, error = TrialState.FAIL, None, f"{type(exc).__name__}: {first_line}"
-            if isinstance(exc, MetricNotInRecord):  # a setting the user must fix: stop the worker
-                if worker is not None:
-                    worker.tell(state, value, time.monotonic() - started, error)
-                raise
-        finally:
-            if heartbeat:
-                heartbeat.__exit__()
-        dist.on_main(functools.partial(worker.tell, state, value, time.monotonic() - started, error)
-                     if worker is not None else lambda: None)
-        if worker is not None:
-            print(f"trial {job.number}: {state.name.lower()}" + (f" {tune.metric}={value:.4f}" if value is not None
-                                                                  else f" {error}" if error else ""), flush=True)
+    while (job := dist.on_main(worker.next_job)) is not None:
+        state, error = run_job(job, worker, tune, base, dist)
         failures = failures + 1 if state == TrialState.FAIL else 0
         if failures >= tune.max_consecutive_failures:
             raise ValueError(f"{failures} trials failed in a row (last: {error}); see {tune.study_dir}/summary.md")
         dist.barrier()
-    summary = {}
-    if worker is not None:
-        with worker.lock():
-            summary = write_report(worker.study, tune, base)
+    summary = worker.summary()
     dist.barrier()
     return summary
+
+
+def run_job(job: Job, worker: "StudyWorker | Follower", tune: TuneConfig, base: Config, dist) -> tuple[TrialState, str]:
+    """One trial on every rank, announced and told by the main process; (state, error) on every rank."""
+    if dist.is_main:
+        _announce(job, tune.study_dir)
+    dist.barrier()
+    started = time.monotonic()
+    state, value, error = _attempt(job, worker, tune, base, started)
+    dist.on_main(functools.partial(worker.tell, state, value, time.monotonic() - started, error))
+    if dist.is_main:
+        detail = f" {tune.metric}={value:.4f}" if value is not None else f" {error}" if error else ""
+        print(f"trial {job.number}: {state.name.lower()}{detail}", flush=True)
+    return state, error
+
+
+def _announce(job: Job, study_dir: Path) -> None:
+    retry = f" (retry of trial {job.retry_of})" if job.retry_of is not None else ""
+    print(f"trial {job.number}: {shown_overrides(job.overrides)}{retry}", flush=True)
+    if job.retry_of is not None:
+        _continue_from(study_dir, job)
+
+
+def _attempt(job: Job, worker: "StudyWorker | Follower", tune: TuneConfig, base: Config,
+             started: float) -> tuple[TrialState, Optional[float], str]:
+    """`run_trial` with the main process's heartbeat beating. A failed trial is a result, and the study goes on;
+    but a metric the record lacks is a setting to fix: that trial is told, then the worker stops."""
+    with worker.heartbeat():
+        try:
+            return run_trial(job, tune, base, worker.trial)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, the study goes on
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            error = f"{type(exc).__name__}: {first_line}"
+            if isinstance(exc, MetricNotInRecord):
+                worker.tell(TrialState.FAIL, None, time.monotonic() - started, error)
+                raise
+            return TrialState.FAIL, None, error
 
 
 def _open_worker(tune: TuneConfig, base: Config, space: SearchSpace) -> "StudyWorker":

@@ -10,21 +10,24 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.data.dataset import uses_specs
-from pipeline.data.specs import describe
-from pipeline.diagnosis import diagnose, read_history
-from pipeline.evaluation.analysis import analyse, confusion_matrix
-from pipeline.evaluation.loaded import load_run
-from pipeline.visualization import gradcam_gallery, predict_split
-from pipeline.visualization.hooks import default_feature_layers, feature_maps, first_conv_weight
-from pipeline.visualization.plots import (
+from pipeline.commands.diagnose import diagnose, read_history
+from pipeline.commands.visualize import (
     confusion_png,
     curves_png,
+    default_feature_layers,
+    feature_maps,
     feature_maps_png,
     filters_png,
+    first_conv_weight,
+    gradcam_gallery,
+    predict_split,
     signals_png,
     to_display,
 )
+from pipeline.data.dataset import uses_specs
+from pipeline.data.specs import describe
+from pipeline.evaluation.analysis import analyse, confusion_matrix
+from pipeline.evaluation.loaded import load_run
 
 # (id, title) of every section, in page order; the Chromium test checks each exists.
 SECTIONS = (("config", "Configuration"), ("data", "Data"), ("curves", "Training curves"),

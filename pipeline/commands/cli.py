@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch: a bad config fails in a fraction of a second
-    from pipeline.training.run import train
+    from pipeline.commands.train import train
 
     metrics = train(cfg)
     if os.environ.get("RANK", "0") != "0":
@@ -76,15 +76,15 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from pipeline.tuning import tune_study
+    from pipeline.commands.tune import tune_study
 
     tune_study(args.config, list(args.overrides))
     return 0
 
 
 def _cv(args: argparse.Namespace) -> int:
+    from pipeline.commands.cv import run_cv, summary_lines
     from pipeline.config import load_config
-    from pipeline.cv import run_cv, summary_lines
 
     # `folds=K` / `fold=k` are short for cv.folds=K / cv.fold=k.
     overrides = [f"cv.{o}" if o.split("=", 1)[0] in ("folds", "fold") else o for o in args.overrides]
@@ -103,7 +103,7 @@ def _data_summary(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.rerun import evaluate_run
+    from pipeline.commands.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.split)
     if os.environ.get("RANK", "0") != "0":
@@ -118,7 +118,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.predict import format_predictions, predict
+    from pipeline.commands.predict import format_predictions, predict
 
     results = predict(args.run_dir, args.inputs, args.top_k)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
@@ -126,7 +126,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_run
+    from pipeline.commands.export import export_run
 
     done = export_run(args.run_dir, args.format, args.out, args.tolerance)
     print(f"parity: max abs diff of logits {done.max_abs_diff:.3g} on {done.metadata['parity_images']} validation "
@@ -136,7 +136,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from pipeline.diagnosis import diagnose_run, format_findings
+    from pipeline.commands.diagnose import diagnose_run, format_findings
 
     findings = diagnose_run(args.run_dir)
     print(json.dumps([f.to_dict() for f in findings], indent=2) if args.json else format_findings(findings))
@@ -144,7 +144,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
-    from pipeline.visualization import visualize_image
+    from pipeline.commands.visualize import visualize_image
 
     path = visualize_image(args.run_dir, args.layer, args.image, args.out, args.channels)
     print(f"feature maps: {path}\nGrad-CAM: {path.with_name(path.stem + '_gradcam.png')}")
@@ -152,7 +152,7 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.reporting import write_report
+    from pipeline.commands.report import write_report
 
     path, seconds = write_report(args.run_dir, args.out)
     print(f"wrote {path} in {seconds:.1f}s")
@@ -199,7 +199,7 @@ def _spec_data(args: argparse.Namespace):
 
 
 def _data_verify(args: argparse.Namespace) -> int:
-    from pipeline.data.verify import print_report, verify_shards
+    from pipeline.commands.data.verify import print_report, verify_shards
 
     report = verify_shards(args.root, show_progress=not args.no_progress, data=_spec_data(args))
     print_report(report)
@@ -207,7 +207,7 @@ def _data_verify(args: argparse.Namespace) -> int:
 
 
 def _data_index(args: argparse.Namespace) -> int:
-    from pipeline.data.index import print_index, write_index
+    from pipeline.commands.data.index import print_index, write_index
 
     index, path = write_index(args.spec, _spec_data(args), out=args.out, sha256=args.sha256,
                               progress=not args.no_progress)

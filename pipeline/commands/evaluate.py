@@ -9,13 +9,11 @@ from pathlib import Path
 import torch
 
 from pipeline.data import faults
-from pipeline.evaluation.analysis import analyse, collect_predictions
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.evaluation.analysis import analyse
+from pipeline.evaluation.evaluate import collect_predictions, evaluate, evaluation_record
 from pipeline.evaluation.loaded import load_run, load_run_config
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.training.losses import build_loss
-
-KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix", "num_samples")
 
 
 def _gather(probs: torch.Tensor, labels: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,9 +37,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
     counts = run.dist.gather_rows(data.faults).sum(dim=0)  # bad samples are left out of the metrics
     probs, labels = _gather(*collect_predictions(run.model, run.loader(split), run.device,
                                                  run.dist.accelerator.autocast), run.dist.world_size)
-    skipped = faults.as_dict(counts)
-    return {**{k: metrics[k] for k in (*KEYS, "loss")}, "num_skipped": faults.num_skipped(counts),
-            "skipped": {r: skipped[r] for r in faults.SKIP_REASONS}, **analyse(probs, labels, run.classes)}
+    return {**evaluation_record(metrics, faults.num_skipped(counts), faults.as_dict(counts)),
+            **analyse(probs, labels, run.classes)}
 
 
 __all__ = ["evaluate_run", "load_run_config"]

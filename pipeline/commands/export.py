@@ -185,3 +185,6 @@ def read_sidecar(path: str | Path) -> dict:
 
 
 __all__ = ["FORMATS", "Exported", "export_run", "load_exported", "read_sidecar"]
+
+
+__all__ = ["Exported", "export_run", "load_exported", "read_sidecar"]

@@ -1,0 +1,57 @@
+"""The data manifest a training run uses: of its shard specs (indexed once, by the main process) or of data.root
+(the bundled digits shards are written there first when allowed and missing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.data import Manifest
+from pipeline.data.dataset import spec_manifest, uses_specs
+from pipeline.data.shards import ensure_digits_shards
+from pipeline.data.specs import describe
+from pipeline.distributed import Dist
+from pipeline.training.preflight import builds_digits, check_data_root
+
+
+def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
+    """The data manifest: of the shard specs (data.train ...; indexed by the main process, sent to every rank),
+    or of data.root (the bundled digits shards are built first if allowed and missing)."""
+    if uses_specs(cfg.data):
+        manifest = _spec_manifest(cfg, dist)
+        if not cfg.data.test and dist is not None:
+            dist.print("data.test is not set: the final evaluation uses the validation shards (data.val)")
+    else:
+        manifest = _root_manifest(cfg, dist)
+    where = f"data.train='{describe(cfg.data.train)}'" if uses_specs(cfg.data) else f"data.root='{cfg.data.root}'"
+    if manifest.num_classes < 2:
+        raise ValueError(f"{where}: its {'shards have' if uses_specs(cfg.data) else 'manifest has'} "
+                         f"{manifest.num_classes} class(es) ({', '.join(manifest.classes) or 'none'}); "
+                         f"a classifier needs at least 2")
+    return manifest
+
+
+def _spec_manifest(cfg: Config, dist: Dist | None) -> Manifest:
+    """Expanded and indexed once, by the main process; every rank gets the same manifest (or the same error)."""
+    build = lambda: spec_manifest(cfg.data, progress=cfg.logging.progress)  # noqa: E731
+    return build() if dist is None else dist.on_main(build)
+
+
+def _root_manifest(cfg: Config, dist: Dist | None) -> Manifest:
+    root = Path(cfg.data.root)
+    check_data_root(cfg)
+    if not (root / "manifest.json").is_file() and builds_digits(cfg):
+        if dist is None:
+            return ensure_digits_shards(root)
+        with dist.main_process_first():
+            if dist.is_main:
+                dist.print(f"no shards at {root}: writing scikit-learn's digits there")
+                ensure_digits_shards(root)
+    manifest = Manifest.read(root)
+    for split in ("train", "val", "test"):
+        if split not in manifest.splits:
+            raise ValueError(f"manifest in '{root}' has no '{split}' split")
+    return manifest
+
+
+__all__ = ["load_manifest"]

@@ -1,0 +1,185 @@
+"""The package's layers, checked from its imports (read with ast; nothing is imported).
+
+The core (config, data, models, training, checkpointing, distributed, tracking, evaluation) never imports the
+command layer `pipeline.commands`; a command uses another command only through the names in that command's
+`__all__` (the dispatcher `pipeline.commands.cli` may use anything); and no modules import each other in a circle.
+Every import counts: module level, inside functions, and under `if TYPE_CHECKING:`.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
+COMMANDS = "pipeline.commands"
+DISPATCHER = "pipeline.commands.cli"
+ENTRY = {"pipeline.__main__"}
+"""`python -m pipeline`: starts the dispatcher, as the console script does."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+MODULES = package_modules()
+
+
+def is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def imports(name: str) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or "", line) for each import in module `name` that names a package module.
+
+    `from a.b import c` is an import of module a.b.c when that is a module, else of name c from a.b.
+    """
+    found = []
+    tree = ast.parse(MODULES[name].read_text(), filename=str(MODULES[name]))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, "", node.lineno) for alias in node.names if alias.name in MODULES]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's own package upwards
+                package = name if is_package(name) else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    package = package.rpartition(".")[0]
+                base = f"{package}.{base}" if base else package
+            for alias in node.names:
+                if f"{base}.{alias.name}" in MODULES:
+                    found.append((f"{base}.{alias.name}", "", node.lineno))
+                elif base in MODULES:
+                    found.append((base, alias.name, node.lineno))
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    return {name: {target for target, _, _ in imports(name) if target != name} for name in MODULES}
+
+
+def is_command(name: str) -> bool:
+    return name == COMMANDS or name.startswith(COMMANDS + ".")
+
+
+def command_of(name: str) -> str:
+    """The command a module belongs to: pipeline.commands.tune.study -> pipeline.commands.tune."""
+    return ".".join(name.split(".")[:3])
+
+
+def public_names(command: str) -> set[str]:
+    """The `__all__` of a command's module (or its package's __init__): what other commands may import."""
+    tree = ast.parse(MODULES[command].read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def upward_imports() -> list[str]:
+    return [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: core module {name} imports {target}"
+            for name in MODULES if not is_command(name) and name not in ENTRY
+            for target, _, line in imports(name) if is_command(target)]
+
+
+def cross_command_imports() -> list[str]:
+    wrong = []
+    for name in MODULES:
+        if not is_command(name) or name in (COMMANDS, DISPATCHER):
+            continue
+        for target, imported, line in imports(name):
+            if not is_command(target) or command_of(target) == command_of(name):
+                continue
+            where = f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {name}"
+            if target != command_of(target) or not imported:
+                wrong.append(f"{where} imports {target}, inside another command (use a name in its __all__)")
+            elif imported not in public_names(target):
+                wrong.append(f"{where} imports {imported} from {target}, which is not in its __all__")
+    return wrong
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """One circle per strongly connected component of more than one module (Tarjan), as a closed path."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components = []
+
+    def visit(node: str) -> None:  # the package is small: recursion depth is far below the limit
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(edges[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                components.append(component)
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return [circle_in(component, edges) for component in components]
+
+
+def circle_in(component: set[str], edges: dict[str, set[str]]) -> list[str]:
+    """A shortest path from the component's first module back to itself, staying inside the component."""
+    start = min(component)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for target in sorted(edges[node] & component):
+                if target == start:
+                    return paths[node] + [start]
+                if target not in paths:
+                    paths[target] = paths[node] + [target]
+                    following.append(target)
+        frontier = following
+    raise AssertionError(f"no circle in {component}")
+
+
+def test_the_walk_sees_module_and_function_level_imports() -> None:
+    dispatcher = {target for target, _, _ in imports(DISPATCHER)}
+    assert "pipeline.commands.train" in dispatcher  # imported inside _train
+    assert "pipeline.config" in dispatcher
+    assert "pipeline.distributed" in {target for target, _, _ in imports("pipeline.checkpointing.checkpointer")}
+    assert len(MODULES) > 60
+
+
+def test_no_core_module_imports_a_command() -> None:
+    wrong = upward_imports()
+    assert not wrong, "the core must not import the command layer:\n" + "\n".join(wrong)
+
+
+def test_commands_use_only_each_others_public_names() -> None:
+    wrong = cross_command_imports()
+    assert not wrong, "a command uses another only through that command's __all__:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycles() -> None:
+    found = cycles(graph())
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(circle) for circle in found)
+
+
+def test_the_cycle_finder_finds_a_circle() -> None:
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
+    assert cycles(edges) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
