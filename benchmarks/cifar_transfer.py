@@ -135,7 +135,7 @@ def run_experiment(base: str, folder: Path, out: Path, seeds: Sequence[int], sho
                    source_per_class: int = 0, test_per_class: int = 0, pretrain_overrides: Sequence[str] = (),
                    overrides: Sequence[str] = ()) -> dict:
     """Everything above; returns {"shots": {n: {method: {"accuracy": [...], "mean", "std", ...}}}, ...}."""
-    from pipeline.training.run import train
+    from pipeline.commands.train import train
 
     out.mkdir(parents=True, exist_ok=True)
     source = build_source(folder, out / "data" / "source_0to4", source_per_class)
