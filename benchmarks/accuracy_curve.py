@@ -41,8 +41,8 @@ def plot(run: Path, out: Path, wall_seconds: float | None = None, target: float 
     if test.is_file():
         accuracy = json.loads(test.read_text())["accuracy"]
         x = wall_seconds / 60 if wall_seconds else points[-1][0]
-        ax.scatter([x], [100 * accuracy], color="C3", zorder=3,
-                   label=f"test (official 10,000): {100 * accuracy:.1f}%" + (" at the command's end" if wall_seconds else ""))
+        where = " at the command's end" if wall_seconds else ""
+        ax.scatter([x], [100 * accuracy], color="C3", zorder=3, label=f"test (10,000): {100 * accuracy:.1f}%{where}")
     if target is not None:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"{100 * target:.0f}%")
     ax.set_xlabel("minutes")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tarfile
 import time
@@ -29,15 +28,17 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.config import Config, load_config
-from pipeline.data.subsets import write_split_shards
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.transfer import FROM_SCRATCH, add_run, finish, table  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.data.subsets import write_split_shards  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SOURCE, TARGET = CLASSES[:5], CLASSES[5:]
 VAL_SHOTS = 10
 PRETRAIN = ["train.batch_size=128"]  # 22,500 images: a larger batch than the few-shot runs
 
-FROM_SCRATCH = ["finetune.weights=''", "finetune.freeze=full", "finetune.layer_decay=1.0"]
 METHODS = {
     "scratch": FROM_SCRATCH,
     # A linear probe on frozen features takes a larger step than training everything.
@@ -152,64 +153,16 @@ def run_experiment(base: str, folder: Path, out: Path, seeds: Sequence[int], sho
                      "pretrain_seconds": pretrain["seconds"], "pretrain_test_accuracy": pretrain["test_accuracy"],
                      "shots": {}}
     for n in shots:
-        results["shots"][n] = {m: {"accuracy": [], "test_samples": [], "seconds": []} for m in methods}
         for seed in seeds:
             target = build_target(folder, out / "data" / f"target_5to9_{n}shot_seed{seed}", n, seed, test_per_class)
             for method in methods:
                 started = time.perf_counter()
                 cfg = method_config(base, method, target, pretrained, out, f"{method}-{n}shot-seed{seed}", seed,
                                     [f"train.epochs={epochs}", *overrides])
-                metrics = train(cfg)
-                record = results["shots"][n][method]
-                record["accuracy"].append(float(metrics["accuracy"]))
-                record["test_samples"].append(int(metrics["num_samples"]))
-                record["seconds"].append(round(time.perf_counter() - started, 1))
-        for record in results["shots"][n].values():
-            record["mean"] = statistics.fmean(record["accuracy"])
-            record["std"] = statistics.stdev(record["accuracy"]) if len(record["accuracy"]) > 1 else 0.0
-    (out / "transfer_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "transfer_results.md").write_text("\n".join(table(results)) + "\n")
-    plot(results, out / "transfer_results.png")
-    return results
+                add_run(results, n, method, train(cfg), time.perf_counter() - started)
+    return finish(results, out, "training images per class (CIFAR-10 classes 5-9)",
+                  "Transfer from CIFAR-10 classes 0-4; official test images")
 
-
-def table(results: dict) -> list[str]:
-    rows = ["| images/class | method | test accuracy (mean ± std) | vs scratch (points) | per seed | s/run |",
-            "|---|---|---|---|---|---|"]
-    for n, methods in results["shots"].items():
-        scratch = methods.get("scratch", {}).get("mean")
-        for method, r in methods.items():
-            per_seed = ", ".join(f"{a:.3f}" for a in r["accuracy"])
-            gain = f"{100 * (r['mean'] - scratch):+.1f}" if scratch is not None and method != "scratch" else ""
-            rows.append(f"| {n} | {method.replace('_', ' ')} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} % | "
-                        f"{gain} | {per_seed} | {statistics.fmean(r['seconds']):.0f} |")
-    return rows
-
-
-def plot(results: dict, path: Path) -> None:
-    """Test accuracy against training images per class, mean ± std over seeds, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shots = sorted(results["shots"], key=int)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in results["shots"][shots[0]]:
-        means = [100 * results["shots"][n][method]["mean"] for n in shots]
-        stds = [100 * results["shots"][n][method]["std"] for n in shots]
-        ax.errorbar([int(n) for n in shots], means, yerr=stds, marker="o", capsize=3, label=method.replace("_", " "))
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ax.set_xticks([int(n) for n in shots], [str(n) for n in shots])
-    ax.set_xlabel("training images per class (CIFAR-10 classes 5-9)")
-    ax.set_ylabel("test accuracy (%), official test images")
-    ax.set_title(f"Transfer from CIFAR-10 classes 0-4, {len(results['seeds'])} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,10 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.data.subsets import write_split_shards
-from pipeline.config import Config, load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FROM_SCRATCH = ["finetune.weights=''", "finetune.freeze=full", "finetune.layer_decay=1.0"]
+from benchmarks.transfer import FROM_SCRATCH, add_run, finish, table  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.data.subsets import write_split_shards  # noqa: E402
+
 METHODS = {
     "scratch": FROM_SCRATCH,
     # A linear probe on frozen features needs a much larger step than training everything from scratch.
@@ -108,62 +108,14 @@ def run_experiment(base: str, out: Path, seeds: Sequence[int], shots: Sequence[i
                      "pretrain_seconds": round(time.perf_counter() - started, 1), "shots": {}}
     for n in shots:
         _, target = build_transfer_shards(out / "data", n)
-        results["shots"][n] = {}
         for method in methods:
-            accuracies, seconds = [], []
             for seed in seeds:
                 started = time.perf_counter()
                 cfg = method_config(base, method, target, pretrained, out, seed,
                                     [f"train.epochs={epochs}", f"run.name={method}-{n}shot-seed{seed}", *overrides])
-                accuracies.append(float(train(cfg)["accuracy"]))
-                seconds.append(time.perf_counter() - started)
-            results["shots"][n][method] = {
-                "accuracy": accuracies, "mean": statistics.fmean(accuracies),
-                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                "seconds_per_run": round(statistics.fmean(seconds), 1)}
-    (out / "transfer_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "transfer_results.md").write_text("\n".join(table(results)) + "\n")
-    plot(results, out / "transfer_results.png")
-    return results
+                add_run(results, n, method, train(cfg), time.perf_counter() - started)
+    return finish(results, out, "training images per class (digits 5-9)", "Transfer from digits 0-4")
 
-
-def table(results: dict) -> list[str]:
-    rows = ["| images/class | method | test accuracy (mean ± std) | vs scratch | per seed | s/run |",
-            "|---|---|---|---|---|---|"]
-    for n, methods in results["shots"].items():
-        scratch = methods.get("scratch", {}).get("mean")
-        for method, r in methods.items():
-            per_seed = ", ".join(f"{a:.3f}" for a in r["accuracy"])
-            gain = f"{100 * (r['mean'] - scratch):+.1f}" if scratch is not None and method != "scratch" else ""
-            rows.append(f"| {n} | {method} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} % | {gain} | {per_seed} | "
-                        f"{r['seconds_per_run']} |")
-    return rows
-
-
-def plot(results: dict, path: Path) -> None:
-    """Test accuracy against training images per class, mean ± std over seeds, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shots = sorted(results["shots"], key=int)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in results["shots"][shots[0]]:
-        means = [100 * results["shots"][n][method]["mean"] for n in shots]
-        stds = [100 * results["shots"][n][method]["std"] for n in shots]
-        ax.errorbar([int(n) for n in shots], means, yerr=stds, marker="o", capsize=3, label=method.replace("_", " "))
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ax.set_xticks([int(n) for n in shots], [str(n) for n in shots])
-    ax.set_xlabel("training images per class (digits 5-9)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Transfer from digits 0-4, {len(results['seeds'])} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
