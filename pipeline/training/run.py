@@ -31,7 +31,7 @@ from pipeline.training.preflight import builds_digits, check_data_root, prefligh
 from pipeline.training.run_folder import RunLock, check_resume, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
-from pipeline.training.signals import TrainingSignals
+from pipeline.training.grad_stats import TrainingSignals
 from pipeline.training.trainer import Trainer
 
 TEST_METRIC_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix",
