@@ -28,9 +28,9 @@ from pipeline.checkpointing import Checkpointer, CheckpointWriteError, verify
 from pipeline.checkpointing.checkpointer import _tensor_bytes, model_state
 from pipeline.config import load_config
 from pipeline.distributed import Dist
+from pipeline.testing.faults import parse_steps
 from pipeline.tracking import wandb_logger
 from pipeline.tracking.wandb_logger import NullTracker, WandbTracker, build_tracker
-from pipeline.training.nonfinite import batch_sample_keys, parse_steps
 from tests.conftest import ROOT, TINY, free_port, read_jsonl, run_cli
 
 STEPS_PER_EPOCH = 20  # 1257 training images, batch 64, 1 rank x 2 workers (10 batches each)
@@ -178,9 +178,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(digits_root: Path, tmp_path: P
 @pytest.mark.parametrize("unscaled", [True, False])
 def test_skip_closes_the_fp16_grad_scaler_iteration(unscaled: bool) -> None:
     """fp16 (no GPU here, so GradScaler on the CPU): a skipped update must leave the scaler ready for the next step."""
-    from types import SimpleNamespace
-
-    from pipeline.training.nonfinite import NonFiniteGuard
+    from pipeline.training.nonfinite import reset_scaler
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     model = nn.Linear(3, 1)
@@ -188,7 +186,7 @@ def test_skip_closes_the_fp16_grad_scaler_iteration(unscaled: bool) -> None:
     scaler.scale(model(torch.ones(2, 3)).sum()).backward()
     if unscaled:
         scaler.unscale_(optimizer)  # what clip_grad_norm_ does before measuring
-    NonFiniteGuard._reset_scaler(SimpleNamespace(dist=SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler))))
+    reset_scaler(scaler)
     optimizer.zero_grad()
     assert scaler.get_scale() == 1024.0  # a NaN loss is not an overflow of the scale: unchanged
     before = model.weight.detach().clone()
@@ -219,7 +217,7 @@ def test_batch_sample_keys_name_the_batch(digits_root: Path) -> None:
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
     for step, (_, batch_labels, _) in enumerate(loader):
         if step in (0, 3, 7, 12):
-            keys = batch_sample_keys(stream, 1, step)
+            keys = stream.batch_sample_keys(1, step)
             assert [labels[k] for k in keys] == batch_labels.tolist()
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.checkpointing.safe_load import load_tensors
 from pipeline.distributed import Dist
+from pipeline.testing import faults
 
 MARKER = "COMPLETE"
 
@@ -132,15 +133,6 @@ def _torch_save(obj: object, path: Path) -> None:
                                  f"device): {_one_line(exc)}") from None
 
 
-def maybe_fail_write(state: dict) -> None:
-    """Test hook: `PIPELINE_FAIL_SAVE_AT_STEP=N[,M...]` makes saves at those global steps fail with ENOSPC,
-    after the weights file is written (so a partial folder exists and must be cleaned up)."""
-    target = os.environ.get("PIPELINE_FAIL_SAVE_AT_STEP")
-    step = state.get("train", {}).get("global_step")
-    if target and step in {int(s) for s in target.split(",") if s.strip()}:
-        raise OSError(errno.ENOSPC, "No space left on device (injected by PIPELINE_FAIL_SAVE_AT_STEP)")
-
-
 class Checkpointer:
     """Saves and loads training checkpoints under one folder (`<run>/checkpoints`)."""
 
@@ -187,7 +179,7 @@ class Checkpointer:
         weights, optimizer_state = model_state(model), optimizer.state_dict()
         _check_free_space(self.directory, _tensor_bytes(weights) + _tensor_bytes(optimizer_state))
         save_file(weights, str(tmp / "model.safetensors"))
-        maybe_fail_write(state)
+        faults.before_save_commit(state.get("train", {}).get("global_step"))
         _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
@@ -258,14 +250,12 @@ class Checkpointer:
         return self._first_complete([self.directory / name, self.directory / f".{name}.old"])
 
     def _first_complete(self, candidates: list[Path]) -> Optional[Path]:
-        from pipeline.tracking.console import warn
 
         for folder in (c for c in candidates if c.is_dir()):
             problem = verify(folder)
             if problem is None:
                 return folder
-            if self.dist.is_main:
-                warn(f"skipping checkpoint '{folder}': {problem}")
+            self.dist.warn(f"skipping checkpoint '{folder}': {problem}")
         return None
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,

@@ -14,9 +14,9 @@ from pipeline.checkpointing import Checkpointer
 from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
 from pipeline.data.dataset import spec_manifest, uses_specs
-from pipeline.data.specs import describe
 from pipeline.data.faults import SKIP_REASONS
 from pipeline.data.shards import ensure_digits_shards
+from pipeline.data.specs import describe
 from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
@@ -25,13 +25,13 @@ from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
 from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
+from pipeline.training.grad_stats import TrainingSignals
 from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
 from pipeline.training.preflight import builds_digits, check_data_root, preflight
 from pipeline.training.run_folder import RunLock, check_resume, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
-from pipeline.training.grad_stats import TrainingSignals
 from pipeline.training.trainer import Trainer
 
 TEST_METRIC_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix",
