@@ -67,7 +67,7 @@ from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, mis
 from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
 from pipeline.data.remote import ReadOptions, net_counters, prefetch
 from pipeline.data.tar import tar_samples
-from pipeline.data.workers import init_worker, track, worker_context
+from pipeline.data.workers import track, worker_options
 from pipeline.testing import faults as injected
 
 NO_POSITION = -1
@@ -569,12 +569,9 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
     from the global torch RNG, and a resumed run (which creates its iterator at a different moment)
     would see different dropout masks. The stream seeds its own randomness per sample anyway.
     """
-    workers = {}
-    if num_workers > 0:
-        workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True,
-                   "prefetch_factor": 4, "worker_init_fn": partial(init_worker, os.getpid())}
     return track(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                            generator=torch.Generator().manual_seed(stream.seed), **workers))
+                            generator=torch.Generator().manual_seed(stream.seed),
+                            **worker_options(num_workers, start_method)))
 
 
 def shard_paths(root: str | Path, names: Sequence[str]) -> list[str]:
