@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.checkpointing.safe_load import load_tensors
 from pipeline.distributed import Dist
+from pipeline.errors import first_line
 from pipeline.testing import faults
 
 MARKER = "COMPLETE"
@@ -97,11 +98,6 @@ class CheckpointWriteError(OSError):
     same_on_every_rank = True
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _tensor_bytes(obj: object) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -130,7 +126,7 @@ def _torch_save(obj: object, path: Path) -> None:
             raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free): torch.save could not write "
                                         f"{path.name}") from None
         raise OSError(errno.EIO, f"torch.save could not write {path.name} ({free / 2**20:.1f} MiB free on the "
-                                 f"device): {_one_line(exc)}") from None
+                                 f"device): {first_line(exc)}") from None
 
 
 class Checkpointer:
@@ -214,7 +210,7 @@ class Checkpointer:
             old = self.directory / f".{name}.old"
             if old.is_dir() and not final.exists():
                 old.replace(final)
-        reasons = self.dist.gather_object(None if error is None else _one_line(error))
+        reasons = self.dist.gather_object(None if error is None else first_line(error))
         rank, reason = next((r, m) for r, m in enumerate(reasons) if m is not None)
         where = f" (rank {rank})" if self.dist.world_size > 1 else ""
         return CheckpointWriteError(f"cannot write checkpoint '{final}'{where}: {reason}")

@@ -16,6 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
+from pipeline.errors import first_line
+
 T = TypeVar("T")
 # Errors re-raised as themselves on the other ranks by `Dist.on_main` (the CLI turns them into one line).
 SHAREABLE_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, KeyError, TimeoutError)}
@@ -324,14 +326,9 @@ def describe_failure(exc: BaseException) -> str | None:
     if "timed out" in text or "timeout" in text:
         return (f"rank {rank}: a collective waited longer than dist.timeout_s for the other ranks of {world} (one "
                 "is stuck or gone); see their output (raise dist.timeout_s if a rank is legitimately slow)")
-    cause = next((m for m in _LOST_PEER if m in text), None) or _first_line(exc)
+    cause = next((m for m in _LOST_PEER if m in text), None) or first_line(exc, limit=160)
     return (f"rank {rank}: lost contact with another of the {world} ranks ({cause}: it ended, or its machine went "
             "away); the launcher names it; rerun the same command to resume from the last complete checkpoint")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:160] if lines else type(exc).__name__
 
 
 __all__ = ["EXIT_DISTRIBUTED", "Dist", "build_dist", "describe_failure", "is_main_process", "process_rank",

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from pipeline.config import Config, to_yaml
 from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
+from pipeline.errors import first_line
 from pipeline.training.run import train
 from pipeline.tuning.config import TuneConfig, load_tune_config
 from pipeline.tuning.pruning import MetricNotInRecord, TrialReporter
@@ -217,8 +218,7 @@ def tune_study(config_path: str | Path, overrides: Sequence[str] = ()) -> dict:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, the study goes on
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            state, value, error = TrialState.FAIL, None, f"{type(exc).__name__}: {first_line}"
+            state, value, error = TrialState.FAIL, None, first_line(exc, typed=True)
             if isinstance(exc, MetricNotInRecord):  # a setting the user must fix: stop the worker
                 if worker is not None:
                     worker.tell(state, value, time.monotonic() - started, error)
