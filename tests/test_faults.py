@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.checkpointing import Checkpointer, CheckpointWriteError, verify
 from pipeline.checkpointing.checkpointer import _tensor_bytes, model_state
 from pipeline.config import load_config
+from pipeline.config.schema import LoggingConfig
 from pipeline.distributed import Dist
 from pipeline.testing.faults import parse_steps
 from pipeline.tracking import wandb_logger
@@ -347,14 +348,16 @@ def wandb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def _timed_tracker(run_dir: Path, base_url: str, timeout: float = 2.0):
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    tracker = build_tracker(run_dir, "online", "pipeline-tests", None, "t", {"a": 1}, True, base_url, timeout, 5.0)
+    logging = LoggingConfig(wandb_mode="online", wandb_project="pipeline-tests", wandb_base_url=base_url,
+                            wandb_init_timeout=timeout, wandb_finish_timeout=5.0)
+    tracker = build_tracker(run_dir, logging, "t", {"a": 1}, True)
     return tracker, time.monotonic() - started
 
 
 def _offline_baseline(run_dir: Path) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    build_tracker(run_dir, "offline", "pipeline-tests", None, "t", {"a": 1}, True).finish()
+    build_tracker(run_dir, LoggingConfig(wandb_project="pipeline-tests"), "t", {"a": 1}, True).finish()
     return time.monotonic() - started
 
 
@@ -425,7 +428,7 @@ def test_wandb_without_credentials_never_prompts(tmp_path: Path, monkeypatch: py
 
 
 def test_wandb_call_that_raises_turns_the_tracker_off(tmp_path: Path, monkeypatch, capsys) -> None:
-    tracker = build_tracker(tmp_path, "offline", "pipeline-tests", None, "t", {}, True)
+    tracker = build_tracker(tmp_path, LoggingConfig(wandb_project="pipeline-tests"), "t", {}, True)
     calls = []
 
     def broken(*args, **kwargs):
@@ -449,7 +452,7 @@ def test_wandb_that_cannot_start_at_all_gives_the_null_tracker(tmp_path: Path, m
         raise RuntimeError("wandb-core did not start")
 
     monkeypatch.setattr(wandb_logger.WandbTracker, "__init__", refuse)
-    assert isinstance(build_tracker(tmp_path, "offline", "p", None, "t", {}, True), NullTracker)
+    assert isinstance(build_tracker(tmp_path, LoggingConfig(wandb_project="p"), "t", {}, True), NullTracker)
     assert "continuing without W&B (metrics.jsonl has everything)" in capsys.readouterr().err
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 from urllib.parse import urlsplit
 
+from pipeline.config.schema import LoggingConfig
 from pipeline.config.secrets import mask, mask_url, mask_value
 from pipeline.errors import first_line
 from pipeline.tracking.console import warn
@@ -175,10 +176,13 @@ def _reset_wandb() -> None:
         pass
 
 
-def build_tracker(run_dir: Path, mode: str, project: str, entity: str | None, name: str, config: dict,
-                  is_main: bool, base_url: str | None = None, init_timeout: float = 60.0,
-                  finish_timeout: float = 600.0) -> NullTracker | WandbTracker:
-    """The run's tracker; falls back online -> offline -> none, with one warning each, and never raises."""
+def build_tracker(run_dir: Path, logging: LoggingConfig, name: str, config: dict,
+                  is_main: bool) -> NullTracker | WandbTracker:
+    """The run's tracker, as `logging` (the config's logging section) sets it; falls back online -> offline ->
+    none, with one warning each, and never raises. `config` is the run's resolved config, stored with it."""
+    mode, project, entity, base_url = logging.wandb_mode, logging.wandb_project, logging.wandb_entity, \
+        logging.wandb_base_url
+    init_timeout, finish_timeout = logging.wandb_init_timeout, logging.wandb_finish_timeout
     if not is_main or mode == "disabled":
         return NullTracker()
     offline_note = f"logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)"

@@ -158,9 +158,7 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     loss_fn = build_loss(cfg.optim, manifest.num_classes, loss_class_weights(cfg, manifest)).to(dist.device)
     log_cfg = cfg.logging
     tracker = Trackers([
-        build_tracker(run_dir, log_cfg.wandb_mode, log_cfg.wandb_project, log_cfg.wandb_entity, cfg.run.name,
-                      OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main, log_cfg.wandb_base_url,
-                      log_cfg.wandb_init_timeout, log_cfg.wandb_finish_timeout),
+        build_tracker(run_dir, log_cfg, cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main),
         build_tensorboard(run_dir, log_cfg.tensorboard, dist.is_main)])
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
                       ClassificationMetrics(manifest.num_classes, dist.device),
