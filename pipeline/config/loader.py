@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, text_problem
 from pipeline.config.secrets import mask
 from pipeline.errors import first_line
 
@@ -119,8 +119,8 @@ def _check_value(value: Any, hint: Any, key: str, source: str, element: bool = F
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if isinstance(value, str) and value.strip() == MISSING_MARKER:
         raise bad(f"'{MISSING_MARKER}' marks a missing value in OmegaConf; give a real value")
-    if isinstance(value, str) and "\0" in value:
-        raise bad("the text contains a NUL character")
+    if text_problem(value):
+        raise bad(f"the text {text_problem(value)}")
     if dataclasses.is_dataclass(hint):
         if value is None:
             return  # OmegaConf says "not Optional"
