@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data.digits import write_digits_imagefolder
-from pipeline.data.shards import write_shards
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
+from pipeline.data.digits import write_digits_imagefolder
+from pipeline.data.shards import write_shards
 from pipeline.data.stream import epoch_shard_order, slot_segments
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.transforms import v2
 from PIL import Image
+from torchvision.transforms import v2
 
-from pipeline.data.digits import write_digits_jpeg_imagefolder
-from pipeline.data.shards import write_shards
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
+from pipeline.data.digits import write_digits_jpeg_imagefolder
+from pipeline.data.shards import write_shards
 from pipeline.data.transforms import BatchNormalize, SampleAugment, build_transform
 
 AUGMENT = ["data.augment.random_resized_crop=true", "data.augment.hflip=0.5", "data.augment.color_jitter=0.2"]

@@ -27,10 +27,11 @@ from torch import nn
 from pipeline.checkpointing import Checkpointer, CheckpointWriteError, verify
 from pipeline.checkpointing.checkpointer import _tensor_bytes, model_state
 from pipeline.config import load_config
+from pipeline.config.schema import LoggingConfig
 from pipeline.distributed import Dist
+from pipeline.testing.faults import parse_steps
 from pipeline.tracking import wandb_logger
 from pipeline.tracking.wandb_logger import NullTracker, WandbTracker, build_tracker
-from pipeline.training.nonfinite import batch_sample_keys, parse_steps
 from tests.conftest import ROOT, TINY, free_port, read_jsonl, run_cli
 
 STEPS_PER_EPOCH = 20  # 1257 training images, batch 64, 1 rank x 2 workers (10 batches each)
@@ -178,9 +179,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(digits_root: Path, tmp_path: P
 @pytest.mark.parametrize("unscaled", [True, False])
 def test_skip_closes_the_fp16_grad_scaler_iteration(unscaled: bool) -> None:
     """fp16 (no GPU here, so GradScaler on the CPU): a skipped update must leave the scaler ready for the next step."""
-    from types import SimpleNamespace
-
-    from pipeline.training.nonfinite import NonFiniteGuard
+    from pipeline.training.nonfinite import reset_scaler
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     model = nn.Linear(3, 1)
@@ -188,7 +187,7 @@ def test_skip_closes_the_fp16_grad_scaler_iteration(unscaled: bool) -> None:
     scaler.scale(model(torch.ones(2, 3)).sum()).backward()
     if unscaled:
         scaler.unscale_(optimizer)  # what clip_grad_norm_ does before measuring
-    NonFiniteGuard._reset_scaler(SimpleNamespace(dist=SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler))))
+    reset_scaler(scaler)
     optimizer.zero_grad()
     assert scaler.get_scale() == 1024.0  # a NaN loss is not an overflow of the scale: unchanged
     before = model.weight.detach().clone()
@@ -219,7 +218,7 @@ def test_batch_sample_keys_name_the_batch(digits_root: Path) -> None:
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
     for step, (_, batch_labels, _) in enumerate(loader):
         if step in (0, 3, 7, 12):
-            keys = batch_sample_keys(stream, 1, step)
+            keys = stream.batch_sample_keys(1, step)
             assert [labels[k] for k in keys] == batch_labels.tolist()
 
 
@@ -349,14 +348,16 @@ def wandb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def _timed_tracker(run_dir: Path, base_url: str, timeout: float = 2.0):
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    tracker = build_tracker(run_dir, "online", "pipeline-tests", None, "t", {"a": 1}, True, base_url, timeout, 5.0)
+    logging = LoggingConfig(wandb_mode="online", wandb_project="pipeline-tests", wandb_base_url=base_url,
+                            wandb_init_timeout=timeout, wandb_finish_timeout=5.0)
+    tracker = build_tracker(run_dir, logging, "t", {"a": 1}, True)
     return tracker, time.monotonic() - started
 
 
 def _offline_baseline(run_dir: Path) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    build_tracker(run_dir, "offline", "pipeline-tests", None, "t", {"a": 1}, True).finish()
+    build_tracker(run_dir, LoggingConfig(wandb_project="pipeline-tests"), "t", {"a": 1}, True).finish()
     return time.monotonic() - started
 
 
@@ -427,7 +428,7 @@ def test_wandb_without_credentials_never_prompts(tmp_path: Path, monkeypatch: py
 
 
 def test_wandb_call_that_raises_turns_the_tracker_off(tmp_path: Path, monkeypatch, capsys) -> None:
-    tracker = build_tracker(tmp_path, "offline", "pipeline-tests", None, "t", {}, True)
+    tracker = build_tracker(tmp_path, LoggingConfig(wandb_project="pipeline-tests"), "t", {}, True)
     calls = []
 
     def broken(*args, **kwargs):
@@ -451,7 +452,7 @@ def test_wandb_that_cannot_start_at_all_gives_the_null_tracker(tmp_path: Path, m
         raise RuntimeError("wandb-core did not start")
 
     monkeypatch.setattr(wandb_logger.WandbTracker, "__init__", refuse)
-    assert isinstance(build_tracker(tmp_path, "offline", "p", None, "t", {}, True), NullTracker)
+    assert isinstance(build_tracker(tmp_path, LoggingConfig(wandb_project="p"), "t", {}, True), NullTracker)
     assert "continuing without W&B (metrics.jsonl has everything)" in capsys.readouterr().err
 
 

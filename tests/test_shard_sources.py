@@ -11,8 +11,8 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from pipeline.data.shards import SOURCES_NAME, write_shards
 from pipeline.data import Manifest
+from pipeline.data.shards import SOURCES_NAME, write_shards
 
 _colours = itertools.count()
 

@@ -18,7 +18,7 @@ from pipeline.evaluation.analysis import (
     top_k_accuracy,
 )
 from pipeline.models import SimpleCNN
-from pipeline.training.signals import TrainingSignals, layer_groups
+from pipeline.training.grad_stats import TrainingSignals, layer_groups
 
 
 def fake_trainer(model: nn.Module) -> SimpleNamespace:

@@ -29,6 +29,8 @@ from torch import nn
 
 from pipeline.checkpointing.safe_load import load_tensors
 from pipeline.distributed import Dist
+from pipeline.errors import first_line
+from pipeline.testing import faults
 
 MARKER = "COMPLETE"
 
@@ -96,11 +98,6 @@ class CheckpointWriteError(OSError):
     same_on_every_rank = True
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _tensor_bytes(obj: object) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -129,16 +126,7 @@ def _torch_save(obj: object, path: Path) -> None:
             raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free): torch.save could not write "
                                         f"{path.name}") from None
         raise OSError(errno.EIO, f"torch.save could not write {path.name} ({free / 2**20:.1f} MiB free on the "
-                                 f"device): {_one_line(exc)}") from None
-
-
-def maybe_fail_write(state: dict) -> None:
-    """Test hook: `PIPELINE_FAIL_SAVE_AT_STEP=N[,M...]` makes saves at those global steps fail with ENOSPC,
-    after the weights file is written (so a partial folder exists and must be cleaned up)."""
-    target = os.environ.get("PIPELINE_FAIL_SAVE_AT_STEP")
-    step = state.get("train", {}).get("global_step")
-    if target and step in {int(s) for s in target.split(",") if s.strip()}:
-        raise OSError(errno.ENOSPC, "No space left on device (injected by PIPELINE_FAIL_SAVE_AT_STEP)")
+                                 f"device): {first_line(exc)}") from None
 
 
 class Checkpointer:
@@ -187,7 +175,7 @@ class Checkpointer:
         weights, optimizer_state = model_state(model), optimizer.state_dict()
         _check_free_space(self.directory, _tensor_bytes(weights) + _tensor_bytes(optimizer_state))
         save_file(weights, str(tmp / "model.safetensors"))
-        maybe_fail_write(state)
+        faults.before_save_commit(state.get("train", {}).get("global_step"))
         _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
@@ -222,7 +210,7 @@ class Checkpointer:
             old = self.directory / f".{name}.old"
             if old.is_dir() and not final.exists():
                 old.replace(final)
-        reasons = self.dist.gather_object(None if error is None else _one_line(error))
+        reasons = self.dist.gather_object(None if error is None else first_line(error))
         rank, reason = next((r, m) for r, m in enumerate(reasons) if m is not None)
         where = f" (rank {rank})" if self.dist.world_size > 1 else ""
         return CheckpointWriteError(f"cannot write checkpoint '{final}'{where}: {reason}")
@@ -258,14 +246,12 @@ class Checkpointer:
         return self._first_complete([self.directory / name, self.directory / f".{name}.old"])
 
     def _first_complete(self, candidates: list[Path]) -> Optional[Path]:
-        from pipeline.tracking.console import warn
 
         for folder in (c for c in candidates if c.is_dir()):
             problem = verify(folder)
             if problem is None:
                 return folder
-            if self.dist.is_main:
-                warn(f"skipping checkpoint '{folder}': {problem}")
+            self.dist.warn(f"skipping checkpoint '{folder}': {problem}")
         return None
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,

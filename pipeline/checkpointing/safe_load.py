@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import first_line
+
 
 def load_tensors(path: str | Path, map_location: str | None = "cpu") -> object:
     """`torch.load(path, weights_only=True)`; a ValueError with one line if the file is refused or unreadable."""
@@ -27,5 +29,5 @@ def load_tensors(path: str | Path, map_location: str | None = "cpu") -> object:
         raise ValueError(f"refusing to load '{path}': it holds pickled objects other than tensors, which could run "
                          f"code (torch.load weights_only=True){'; ' + found if found else ''}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, AttributeError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ValueError(f"cannot read '{path}' as a tensor file: {first}") from None

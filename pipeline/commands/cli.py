@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.commands.train import train
 
     metrics = train(cfg)
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main():
         return 0
     if args.json:
         print(json.dumps({"test": metrics}, indent=None))
@@ -89,7 +89,7 @@ def _cv(args: argparse.Namespace) -> int:
     # `folds=K` / `fold=k` are short for cv.folds=K / cv.fold=k.
     overrides = [f"cv.{o}" if o.split("=", 1)[0] in ("folds", "fold") else o for o in args.overrides]
     summary = run_cv(load_config(args.config, overrides))
-    if os.environ.get("RANK", "0") == "0":
+    if _is_main():
         print("\n".join(summary_lines(summary)) if summary else "fold done; the summary is written when all are")
     return 0
 
@@ -106,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.commands.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.split)
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main():
         return 0
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -390,7 +390,7 @@ def _run(args: argparse.Namespace) -> int:
         if code is None or os.environ.get("PIPELINE_DEBUG"):
             raise
         _leave_process_group(failed=True)
-        if getattr(exc, "same_on_every_rank", False) and os.environ.get("RANK", "0") != "0":
+        if getattr(exc, "same_on_every_rank", False) and not _is_main():
             return code  # every rank stops with this very message; rank 0 says it
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         return _fail(message, code)
@@ -418,13 +418,16 @@ def _leave_process_group(failed: bool = False) -> None:
     process group before exiting: a rank that exits with gloo's threads still running can abort ('terminate
     called without an active exception', SIGABRT) and hide the real exit code."""
     global _EXIT_AT_ONCE
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+    distributed = sys.modules.get("pipeline.distributed")  # not imported: no process group was formed
+    if distributed is not None and distributed.teardown():
         _EXIT_AT_ONCE = _EXIT_AT_ONCE or failed
-        try:
-            distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
+
+
+def _is_main() -> bool:
+    """Rank 0 of the launch, the process that prints a command's result (asked once torch is loaded)."""
+    from pipeline.distributed import is_main_process
+
+    return is_main_process()
 
 
 def entry() -> None:

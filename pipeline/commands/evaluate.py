@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.data import faults
+from pipeline.distributed import Dist
 from pipeline.evaluation.analysis import analyse
 from pipeline.evaluation.evaluate import collect_predictions, evaluate, evaluation_record
 from pipeline.evaluation.loaded import load_run, load_run_config
@@ -16,14 +17,11 @@ from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.training.losses import build_loss
 
 
-def _gather(probs: torch.Tensor, labels: torch.Tensor, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(probs: torch.Tensor, labels: torch.Tensor, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's predictions on every rank (ranks may hold different numbers of samples)."""
-    if world_size == 1:
+    if dist.world_size == 1:
         return probs, labels
-    import torch.distributed as torch_dist
-
-    parts: list = [None] * world_size
-    torch_dist.all_gather_object(parts, (probs, labels))
+    parts = dist.gather_object((probs, labels))
     return torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts])
 
 
@@ -36,7 +34,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
                        run.dist.accelerator.autocast, run.cfg.model.channels_last)
     counts = run.dist.gather_rows(data.faults).sum(dim=0)  # bad samples are left out of the metrics
     probs, labels = _gather(*collect_predictions(run.model, run.loader(split), run.device,
-                                                 run.dist.accelerator.autocast), run.dist.world_size)
+                                                 run.dist.accelerator.autocast), run.dist)
     return {**evaluation_record(metrics, faults.num_skipped(counts), faults.as_dict(counts)),
             **analyse(probs, labels, run.classes)}
 

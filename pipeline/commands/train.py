@@ -22,6 +22,7 @@ from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
 from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
+from pipeline.training.grad_stats import TrainingSignals
 from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
 from pipeline.training.preflight import preflight
@@ -29,7 +30,6 @@ from pipeline.training.run_data import load_manifest
 from pipeline.training.run_folder import RunLock, check_resume, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
-from pipeline.training.signals import TrainingSignals
 from pipeline.training.trainer import Trainer
 
 
@@ -113,9 +113,7 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     loss_fn = build_loss(cfg.optim, manifest.num_classes, loss_class_weights(cfg, manifest)).to(dist.device)
     log_cfg = cfg.logging
     tracker = Trackers([
-        build_tracker(run_dir, log_cfg.wandb_mode, log_cfg.wandb_project, log_cfg.wandb_entity, cfg.run.name,
-                      OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main, log_cfg.wandb_base_url,
-                      log_cfg.wandb_init_timeout, log_cfg.wandb_finish_timeout),
+        build_tracker(run_dir, log_cfg, cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main),
         build_tensorboard(run_dir, log_cfg.tensorboard, dist.is_main)])
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
                       ClassificationMetrics(manifest.num_classes, dist.device),

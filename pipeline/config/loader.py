@@ -18,8 +18,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, text_problem
 from pipeline.config.secrets import mask
+from pipeline.errors import first_line
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,7 @@ def _explain(exc: OmegaConfBaseException, source: str) -> str:
         return (f"unknown config key '{key}' (from {source}); {did_you_mean(key)}"
                 f"valid keys here: {_valid_keys(node, prefix)}")
     if isinstance(exc, ValidationError):
-        msg = (getattr(exc, "msg", None) or str(exc) or type(exc).__name__).splitlines()[0]
+        msg = first_line(getattr(exc, "msg", None) or exc)
         if msg.startswith("Incompatible value 'None'"):
             msg = "it is empty (null); give a value"
         if "is not a subclass of" in msg:
@@ -78,7 +79,7 @@ def _explain(exc: OmegaConfBaseException, source: str) -> str:
             return (f"'{section}' is a section, not a value (from {source}); "
                     f"set its keys instead, e.g. train.epochs=5")
         return f"bad value for '{key}' (from {source}): {msg}"
-    text = (str(exc) or type(exc).__name__).splitlines()[0]
+    text = first_line(exc)
     if key:
         return f"bad value for '{key}' (from {source}): {text}"
     return f"invalid config (from {source}): {text}"
@@ -118,8 +119,8 @@ def _check_value(value: Any, hint: Any, key: str, source: str, element: bool = F
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if isinstance(value, str) and value.strip() == MISSING_MARKER:
         raise bad(f"'{MISSING_MARKER}' marks a missing value in OmegaConf; give a real value")
-    if isinstance(value, str) and "\0" in value:
-        raise bad("the text contains a NUL character")
+    if text_problem(value):
+        raise bad(f"the text {text_problem(value)}")
     if dataclasses.is_dataclass(hint):
         if value is None:
             return  # OmegaConf says "not Optional"
@@ -203,7 +204,7 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     except Exception as exc:  # noqa: BLE001 - any parse failure becomes one line
         hint = ("; inside [ ] quote items with braces or commas: data.train=\"['a-{0..9}.tar','b.tar']\""
                 if any("{" in item for item in overrides) else "")
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {str(exc).splitlines()[0]}{hint}") from None
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {first_line(exc)}{hint}") from None
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -259,7 +260,7 @@ def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
         except OmegaConfBaseException as exc:
             raise ConfigError(_explain(exc, source)) from None
         except Exception as exc:  # noqa: BLE001 - whatever OmegaConf raises becomes one line
-            raise ConfigError(f"invalid config (from {source}): {_first_line(exc)}") from None
+            raise ConfigError(f"invalid config (from {source}): {first_line(exc)}") from None
     try:
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -268,14 +269,9 @@ def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"invalid config: {_first_line(exc)}") from None
+        raise ConfigError(f"invalid config: {first_line(exc)}") from None
     assert isinstance(config, Config)
     return config
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

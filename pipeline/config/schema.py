@@ -29,6 +29,17 @@ MAX_INT = 2**63 - 1  # what torch and numpy can hold
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
+def text_problem(value: Any) -> str:
+    """What no config text may hold, '' when `value` is fine: the one rule, asked by the loader (per layer, naming
+    where the value came from) and by `_check_values` (every config, however it was made)."""
+    return "contains a NUL character" if isinstance(value, str) and "\0" in value else ""
+
+
+def _check_finite(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value!r} is not a finite number")
+
+
 def _check_values(key: str, value: Any) -> None:
     """Every number finite and storable, no NUL in text: for all fields, whatever their own checks say."""
     if dataclasses.is_dataclass(value):
@@ -40,12 +51,12 @@ def _check_values(key: str, value: Any) -> None:
     elif isinstance(value, dict):
         for name, item in value.items():
             _check_values(f"{key}.{name}", item)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{key}={value!r} is not a finite number")
+    elif isinstance(value, float):
+        _check_finite(key, value)
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
         raise ValueError(f"{key}={value} is too large (the limit is {MAX_INT})")
-    elif isinstance(value, str) and "\0" in value:
-        raise ValueError(f"{key} contains a NUL character")
+    elif text_problem(value):
+        raise ValueError(f"{key} {text_problem(value)}")
 
 DECODE_DEVICES = ("workers", "cpu", "cuda")
 
@@ -57,8 +68,7 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
 
 def _check_range(key: str, value: float, low: float | None = None, high: float | None = None,
                  low_open: bool = False, high_open: bool = False) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{key}={value!r} is not a finite number")
+    _check_finite(key, value)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:

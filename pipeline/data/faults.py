@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipeline.data.images import to_mode
 from pipeline.data.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
+from pipeline.errors import first_line
 
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label")
 CONVERSIONS = ("mode", "size")
@@ -53,7 +54,7 @@ EXIT_BAD_DATA = 65
 def short_error(exc: BaseException, limit: int = 120) -> str:
     """'Type: first line of the message', without the object reprs PIL and webdataset add."""
     text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-    text = re.sub(r"\s*@ <.*", "", text.splitlines()[0] if text else "")  # webdataset: ' @ <file object>'
+    text = re.sub(r"\s*@ <.*", "", first_line(text))  # webdataset: ' @ <file object>'
     text = re.sub(r"\s*<_io\.\w+ (object at 0x[0-9a-f]+|name=[^>]*)>", "", text)  # PIL: '<_io.BytesIO object ...>'
     text = re.sub(r"^\w+, \S+\.(cpp|cu|h):\d+, ", "", text)  # torch ops: 'decode_jpeg, /build/path.cpp:171, '
     return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__

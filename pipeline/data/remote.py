@@ -55,6 +55,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Optional
 
+from pipeline.errors import first_line
+
 CHUNK = 1 << 20
 """Bytes per read when discarding and copying; also the object stores' read-ahead block."""
 SEEK_BY_RANGE = 4 << 20
@@ -127,10 +129,7 @@ def local_path(url: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    if isinstance(exc, _Transient):
-        return text
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+    return first_line(exc, limit=0 if isinstance(exc, _Transient) else 200, typed=not isinstance(exc, _Transient))
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -405,7 +404,7 @@ def filesystem(url: str, options: ReadOptions):
         return fsspec.core.url_to_fs(url, **kwargs)
     except ImportError as exc:
         hint = " (pip install 'pipeline[s3]')" if url.startswith(("s3://", "s3a://")) else ""
-        raise PermanentError(f"{url}: {exc}".splitlines()[0] + hint) from None
+        raise PermanentError(f"{url}: {first_line(exc)}" + hint) from None
     except ValueError as exc:
         raise PermanentError(f"{url}: {exc}") from None
 

@@ -48,6 +48,7 @@ parameters come from the position's seed, so both give the same batches.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -61,13 +62,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import fault_injection
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
 from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
 from pipeline.data.remote import ReadOptions, net_counters, prefetch
 from pipeline.data.tar import tar_samples
-from pipeline.data.workers import init_worker, track, worker_context
+from pipeline.data.workers import track, worker_options
+from pipeline.testing import faults as injected
 
 NO_POSITION = -1
 """The seed given when inspecting a sample whose position is not known yet (a fill-in for bad ones)."""
@@ -430,6 +431,15 @@ class ShardStream(IterableDataset):
         slot = self.rank * self.workers + virtual
         yield from self._slot_batches(epoch, slot, done_batches)
 
+    def batch_sample_keys(self, epoch: int, step: int) -> list[str]:
+        """`shard/key` of the samples in rank-local micro-batch `step` of `epoch`: the slot's own sample sequence
+        (step s comes from slot s mod workers, batch s // workers; see rule 4 above), replayed from the batch's
+        first position, with bad samples replaced exactly as the loader replaced them."""
+        slot = self.rank * self.workers + step % self.workers
+        first = step // self.workers * self.batch_size
+        fed = (source for _, _, source in self._slot_samples(epoch, slot, first) if source is not None)
+        return [f"{Path(source.url).name}/{source.key}" for source in itertools.islice(fed, self.batch_size)]
+
     def _seed(self, epoch: int, slot: int, position: int) -> Optional[int]:
         """Augmentation is seeded by the sample's place in the epoch, so a restart reproduces it exactly."""
         if not self.train:
@@ -440,7 +450,7 @@ class ShardStream(IterableDataset):
     def _slot_batches(self, epoch: int, slot: int, done_batches: int) -> Iterator:
         items, labels, counts = [], [], [0] * len(faults.FIELDS)
         network = NetworkDelta()
-        fault_injection.in_worker(done_batches, self.train)
+        injected.in_worker(done_batches, self.train)
         for position, check, source in self._slot_samples(epoch, slot, done_batches * self.batch_size):
             faults.count(counts, check)
             if source is None:  # evaluation: a bad sample is left out
@@ -452,7 +462,7 @@ class ShardStream(IterableDataset):
                 yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
                 items, labels, counts = [], [], [0] * len(faults.FIELDS)
                 done_batches += 1
-                fault_injection.in_worker(done_batches, self.train)
+                injected.in_worker(done_batches, self.train)
         network.add_to(counts)
         if items and not self.drop_last:
             yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
@@ -559,12 +569,9 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
     from the global torch RNG, and a resumed run (which creates its iterator at a different moment)
     would see different dropout masks. The stream seeds its own randomness per sample anyway.
     """
-    workers = {}
-    if num_workers > 0:
-        workers = {"multiprocessing_context": worker_context(start_method), "persistent_workers": True,
-                   "prefetch_factor": 4, "worker_init_fn": partial(init_worker, os.getpid())}
     return track(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                            generator=torch.Generator().manual_seed(stream.seed), **workers))
+                            generator=torch.Generator().manual_seed(stream.seed),
+                            **worker_options(num_workers, start_method)))
 
 
 def shard_paths(root: str | Path, names: Sequence[str]) -> list[str]:

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 import weakref
+from functools import partial
 from typing import Callable
 
 from torch.utils.data import DataLoader
@@ -33,6 +34,16 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in SIGNAL_NAMES)
 
 _LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
 _ATEXIT_REGISTERED = False
+
+
+def worker_options(num_workers: int, start_method: str) -> dict:
+    """DataLoader arguments for `num_workers` persistent worker processes started by `start_method` (none for 0):
+    the context (`worker_context`) and the init that makes each one deaf to the stop signals and watch the main
+    process (`init_worker`)."""
+    if num_workers <= 0:
+        return {}
+    return {"multiprocessing_context": worker_context(start_method), "persistent_workers": True,
+            "prefetch_factor": 4, "worker_init_fn": partial(init_worker, os.getpid())}
 
 
 def worker_context(start_method: str) -> multiprocessing.context.BaseContext:

@@ -16,6 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
+from pipeline.errors import first_line
+
 T = TypeVar("T")
 # Errors re-raised as themselves on the other ranks by `Dist.on_main` (the CLI turns them into one line).
 SHAREABLE_ERRORS = {e.__name__: e for e in (ValueError, FileNotFoundError, KeyError, TimeoutError)}
@@ -91,6 +93,12 @@ class Dist:
         target = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
         target.step()
         target.zero_grad(set_to_none=True)
+
+    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` (on the device) summed over ranks, on every rank (one all-reduce; none for one process)."""
+        if self.world_size == 1:
+            return values
+        return self.accelerator.reduce(values, reduction="sum")
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -202,6 +210,41 @@ class Dist:
 
             console.print(*(mask_text(a) if isinstance(a, str) else a for a in args), **kwargs)
 
+    def warn(self, message: str) -> None:
+        """A warning line on the main process only (secrets masked), for conditions every rank meets alike.
+        (`pipeline.tracking.console.warn` says it on every rank: for what only this rank saw.)"""
+        if self.is_main:
+            from pipeline.tracking.console import warn
+
+            warn(message)
+
+
+def process_rank() -> int:
+    """This process's rank in its launch (`RANK`, set by torchrun / accelerate launch); 0 when not launched.
+    For code that runs before or without a `Dist` (the CLI's last lines, warnings)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the launch (or not launched): the process that prints a command's result."""
+    return process_rank() == 0
+
+
+def teardown() -> bool:
+    """Leave the process group, if this process joined one (best effort, on the way out); True if it had.
+
+    At the end of a command, or a failure every rank agreed on: a rank that exits with gloo's threads still
+    running can abort ('terminate called without an active exception', SIGABRT) and hide the real exit code."""
+    import torch.distributed as distributed
+
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return False
+    try:
+        distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+    return True
+
 
 EXIT_DISTRIBUTED = 76
 """Exit code when a rank was lost, a collective timed out, or the process group did not form (EX_PROTOCOL)."""
@@ -283,14 +326,10 @@ def describe_failure(exc: BaseException) -> str | None:
     if "timed out" in text or "timeout" in text:
         return (f"rank {rank}: a collective waited longer than dist.timeout_s for the other ranks of {world} (one "
                 "is stuck or gone); see their output (raise dist.timeout_s if a rank is legitimately slow)")
-    cause = next((m for m in _LOST_PEER if m in text), None) or _first_line(exc)
+    cause = next((m for m in _LOST_PEER if m in text), None) or first_line(exc, limit=160)
     return (f"rank {rank}: lost contact with another of the {world} ranks ({cause}: it ended, or its machine went "
             "away); the launcher names it; rerun the same command to resume from the last complete checkpoint")
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:160] if lines else type(exc).__name__
-
-
-__all__ = ["EXIT_DISTRIBUTED", "Dist", "build_dist", "describe_failure"]
+__all__ = ["EXIT_DISTRIBUTED", "Dist", "build_dist", "describe_failure", "is_main_process", "process_rank",
+           "teardown"]

@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from pipeline.errors import first_line
+
 
 @dataclass
 class LoadReport:
@@ -94,7 +96,7 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return _unwrap(load_tensors(path), str(path))
     except OSError as exc:
-        raise ValueError(f"cannot read '{path}' as a state dict: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"cannot read '{path}' as a state dict: {first_line(exc)}") from None
 
 
 def _weights_file_of_folder(folder: Path) -> Path:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from pipeline.config.secrets import mask_text
+from pipeline.errors import first_line
 
 
 def _clean(value):
@@ -62,7 +63,7 @@ class MetricsLog:
 
                     warn(f"{self.path}:{number}: dropping a torn last line (the run was stopped while writing it)")
                     continue
-                raise ValueError(f"{self.path}:{number} is not a JSON record ({str(exc).splitlines()[0]}); fix or "
+                raise ValueError(f"{self.path}:{number} is not a JSON record ({first_line(exc)}); fix or "
                                  f"remove that line, or start a new run.name") from None
             records.append(record)
         return records

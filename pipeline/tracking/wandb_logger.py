@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 from urllib.parse import urlsplit
 
+from pipeline.config.schema import LoggingConfig
 from pipeline.config.secrets import mask, mask_url, mask_value
+from pipeline.errors import first_line
 from pipeline.tracking.console import warn
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -54,11 +56,6 @@ class NullTracker:
         pass
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _never_raises(method: Callable) -> Callable:
     """A failing W&B call warns once and turns the tracker off; training goes on."""
 
@@ -69,8 +66,8 @@ def _never_raises(method: Callable) -> Callable:
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - logging must never stop training
-            warn(f"W&B {method.__name__} failed ({_first_line(exc)}); W&B logging is off for the rest of this run "
-                 f"(metrics.jsonl has everything)")
+            warn(f"W&B {method.__name__} failed ({first_line(exc, typed=True)}); W&B logging is off for the rest of "
+                 f"this run (metrics.jsonl has everything)")
             self.run = None
             return None
 
@@ -162,11 +159,11 @@ def probe(url: str, timeout: float) -> Optional[str]:
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLError):  # it answered TLS; let wandb judge the certificate
             return None
-        return _first_line(exc.reason) if isinstance(exc.reason, BaseException) else str(exc.reason)
+        return first_line(exc.reason, typed=True) if isinstance(exc.reason, BaseException) else str(exc.reason)
     except (socket.timeout, TimeoutError):
         return f"no answer within {timeout:g}s"
     except (OSError, ValueError, http.client.HTTPException) as exc:
-        return _first_line(exc)
+        return first_line(exc, typed=True)
 
 
 def _reset_wandb() -> None:
@@ -179,10 +176,13 @@ def _reset_wandb() -> None:
         pass
 
 
-def build_tracker(run_dir: Path, mode: str, project: str, entity: str | None, name: str, config: dict,
-                  is_main: bool, base_url: str | None = None, init_timeout: float = 60.0,
-                  finish_timeout: float = 600.0) -> NullTracker | WandbTracker:
-    """The run's tracker; falls back online -> offline -> none, with one warning each, and never raises."""
+def build_tracker(run_dir: Path, logging: LoggingConfig, name: str, config: dict,
+                  is_main: bool) -> NullTracker | WandbTracker:
+    """The run's tracker, as `logging` (the config's logging section) sets it; falls back online -> offline ->
+    none, with one warning each, and never raises. `config` is the run's resolved config, stored with it."""
+    mode, project, entity, base_url = logging.wandb_mode, logging.wandb_project, logging.wandb_entity, \
+        logging.wandb_base_url
+    init_timeout, finish_timeout = logging.wandb_init_timeout, logging.wandb_finish_timeout
     if not is_main or mode == "disabled":
         return NullTracker()
     offline_note = f"logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)"
@@ -199,6 +199,6 @@ def build_tracker(run_dir: Path, mode: str, project: str, entity: str | None, na
                                 finish_timeout)
         except Exception as exc:  # noqa: BLE001 - logging must never stop training
             after = offline_note if attempt == "online" else "continuing without W&B (metrics.jsonl has everything)"
-            warn(f"W&B could not start in {attempt} mode ({_first_line(exc)}); {after}")
+            warn(f"W&B could not start in {attempt} mode ({first_line(exc, typed=True)}); {after}")
             _reset_wandb()
     return NullTracker()

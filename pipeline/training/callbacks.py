@@ -1,13 +1,16 @@
 """Hooks into the training loop, so features (fine-tuning schedules, diagnostics, tuning) plug in
 without editing the loop. Every method is optional; the default does nothing.
+
+Each hook gets the `pipeline.training.trainer.Trainer` running the loop (typed `Any` here: the trainer imports
+this module, and this one stays below it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
-if TYPE_CHECKING:
-    from pipeline.training.trainer import Trainer
+Trainer = Any
+"""What a hook receives: the loop's `Trainer`."""
 
 
 class Callback:

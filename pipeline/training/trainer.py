@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline import fault_injection
 from pipeline.checkpointing import Checkpointer, CheckpointWriteError, load_weights
 from pipeline.config.schema import Config
 from pipeline.data import SplitLoader
@@ -21,12 +20,13 @@ from pipeline.data.stream import MAX_HISTORY, Layout
 from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
-from pipeline.tracking.console import NullProgress, progress_bar, warn
+from pipeline.testing import faults as injected
+from pipeline.tracking.console import NullProgress, progress_bar
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.training.bad_data import BadDataMonitor
 from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
-from pipeline.training.nonfinite import NonFiniteGuard
+from pipeline.training.nonfinite import DIAGNOSTICS_FILE, NonFiniteGuard, Verdict, reset_scaler
 from pipeline.training.preemption import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
@@ -81,8 +81,8 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.progress = NullProgress()
         self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_steps,
-                                        check_grads=cfg.train.precision != "fp16", rank=dist.rank)
-        self.callbacks = CallbackList([*(callbacks or []), self.nonfinite])
+                                        check_grads=cfg.train.precision != "fp16", dist=dist)
+        self.callbacks = CallbackList([*(callbacks or []), GuardHooks(self.nonfinite)])
         self.stop = StopRequest(cfg.checkpoint.signals)
         self.epoch_totals = torch.zeros(3, device=dist.device)  # loss sum, correct, samples of this epoch
         self.bad_data = BadDataMonitor(cfg.data, dist)  # skipped/converted samples per epoch, max_bad_fraction
@@ -142,7 +142,7 @@ class Trainer:
                 self.after_optimizer_step()
             self.progress.advance(task)
         self.progress.remove_task(task)
-        totals = self.dist.accelerator.reduce(self.epoch_totals.clone(), reduction="sum")
+        totals = self.dist.reduce_sum(self.epoch_totals.clone())
         self.epoch_totals.zero_()
         return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
 
@@ -160,7 +160,7 @@ class Trainer:
             due = due or timed
         if due or stop:
             self.save(self.checkpointer.step_name(step), final=stop)
-        fault_injection.after_step(step, due or stop, self.dist.rank)
+        injected.after_step(step, due or stop, self.dist.rank)
         if stop:
             self.preempt()
 
@@ -208,21 +208,38 @@ class Trainer:
             with accelerator.autocast():
                 logits = self.model(images)
                 loss = self.loss_fn(logits.float(), labels)
-            loss = self.nonfinite.observe_loss(self, loss)
+            loss = self.nonfinite.observe_loss(loss, self.state.global_step + 1, self.state.step_in_epoch)
             self.dist.backward(loss / window if window > 1 else loss)
         if last_in_window:
-            self.nonfinite.measure(self)  # before clipping, which would turn a non-finite norm into NaN everywhere
+            self.nonfinite.measure()  # before clipping, which would turn a non-finite norm into NaN everywhere
             if self.cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
             self.callbacks.on_before_optimizer_step(self)
-            if self.nonfinite.update_allowed(self):  # skip (counted) or raise NonFiniteStop; one host sync
+            verdict = self.nonfinite.decide(self.state.global_step + 1, self.state.epoch + 1)  # one host sync
+            if verdict.take:
                 self.dist.optimizer_step(self.optimizer)
-                if self.nonfinite.stepped(self):  # not skipped by the fp16 GradScaler
+                if self.nonfinite.stepped(accelerator.optimizer_step_was_skipped):  # not by the fp16 GradScaler
                     self.schedule.after_optimizer_step()
             else:
-                self.optimizer.zero_grad(set_to_none=True)
+                self.skip_update(verdict)
         correct = (logits.detach().argmax(dim=-1) == labels).sum().float()
         return loss, correct
+
+    def skip_update(self, verdict: Verdict) -> None:
+        """Act on the non-finite guard's verdict: drop the update (the step still counts), or stop with
+        NonFiniteStop after writing the diagnostic record (every rank's losses and sample keys)."""
+        step, epoch = self.state.global_step + 1, self.state.epoch + 1
+        if verdict.stop:
+            path, last = self.checkpointer.directory.parent / DIAGNOSTICS_FILE, self.checkpointer.latest()
+            stream = self.train_data.stream
+            self.nonfinite.write_record(verdict, step, epoch, path,
+                                        lambda micro: stream.batch_sample_keys(self.state.epoch, micro),
+                                        [g["lr"] for g in self.optimizer.param_groups], last)
+            raise self.nonfinite.stop_error(verdict, step, epoch, path, last)
+        reset_scaler(self.dist.accelerator.scaler)
+        if verdict.warning:
+            self.dist.warn(verdict.warning)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def validate(self) -> dict:
         return evaluate(self.unwrapped, self._batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
@@ -243,16 +260,15 @@ class Trainer:
         self.schedule.after_epoch(monitor)
         improved = self.early.update(monitor, self.state.epoch)
         self.state.stopped_early = self.early.should_stop
-        if self.dist.is_main:
-            self.log.append(record)
-            self.tracker.log(record, step=self.state.global_step)
-            self.dist.print(epoch_line(record, self.cfg.train.epochs, seconds, improved))
+        self.log.append(record)  # the log, the tracker and print are the main process's only
+        self.tracker.log(record, step=self.state.global_step)
+        self.dist.print(epoch_line(record, self.cfg.train.epochs, seconds, improved))
         final = self.state.epoch >= self.cfg.train.epochs or self.state.stopped_early
         if improved and self.cfg.checkpoint.save_best:
             self.save("best", final)
         if self.cfg.checkpoint.save_last:
             self.save(self.checkpointer.step_name(self.state.global_step), final)
-            fault_injection.after_step(self.state.global_step, True, self.dist.rank)
+            injected.after_step(self.state.global_step, True, self.dist.rank)
         if self.state.stopped_early:
             self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
                             f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} "
@@ -267,7 +283,7 @@ class Trainer:
     def save(self, name: str, final: bool = False) -> Optional[Path]:
         """Checkpoint (never non-finite weights). A save that cannot be written is a warning while training goes
         on (the previous checkpoint stays; the next save retries), and an error when it is the run's last one."""
-        self.nonfinite.check_weights(self)
+        self.nonfinite.check_weights(self.unwrapped, self.state.global_step, self.checkpointer.latest)
         layout = self.train_data.stream.layout(self.state.step_in_epoch)
         state = {"train": asdict(self.state), "early_stopping": self.early.state_dict(),
                  "callbacks": self.callbacks.state_dict(),
@@ -284,8 +300,8 @@ class Trainer:
                                            f"{self.checkpointer.latest() or 'the start'} (free space and rerun the "
                                            f"same command)") from None
             kept = self.checkpointer.find(name) if name == "best" else self.checkpointer.latest()
-            if self.dist.is_main:
-                warn(f"{exc}; kept {kept or 'no earlier checkpoint'}; training goes on and the next save retries")
+            self.dist.warn(f"{exc}; kept {kept or 'no earlier checkpoint'}; training goes on and the next save "
+                           "retries")
             return None
 
     def maybe_resume(self) -> Optional[Path]:
@@ -298,8 +314,7 @@ class Trainer:
         else:
             folder = resume_folder(self.cfg, self.checkpointer.directory)  # verified, like auto: one line if not
         if folder is None:
-            if self.dist.is_main:
-                self.log.reset()
+            self.log.reset()
             return None
         state, rank_state = self.checkpointer.load(folder, self.unwrapped, self.optimizer, self.schedule,
                                                    self.dist.accelerator.scaler)
@@ -309,8 +324,8 @@ class Trainer:
         if rank_state is not None and state.get("world_size") == self.dist.world_size:
             set_rng_state(rank_state["rng"])
         self.resume_epoch(folder, state, rank_state)
+        self.log.truncate_after(self.state.epoch)
         if self.dist.is_main:
-            self.log.truncate_after(self.state.epoch)
             (self.checkpointer.directory.parent / PREEMPTED_MARKER).unlink(missing_ok=True)
         self.dist.print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.global_step}")
         self.announce_first_step = True
@@ -366,6 +381,31 @@ class Trainer:
     def _batches(self, split: SplitLoader):
         split.set_position(0, 0)
         return split.loader
+
+
+class GuardHooks(Callback):
+    """The non-finite guard's part in the callback flow: it watches the model once resumed, adds its counts to
+    the epoch record (after every other callback) and keeps them in checkpoints (as the 'nonfinite' callback)."""
+
+    name = NonFiniteGuard.name
+
+    def __init__(self, guard: NonFiniteGuard):
+        self.guard = guard
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.guard.watch(trainer.unwrapped)
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        counts, line = self.guard.end_epoch()
+        record.update(counts)
+        if line:
+            trainer.dist.print(f"epoch {trainer.state.epoch}: {line}")
+
+    def state_dict(self) -> dict:
+        return self.guard.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.guard.load_state_dict(state)
 
 
 def _saved_layout(state: dict) -> tuple[Optional[Layout], tuple[Layout, ...]]:

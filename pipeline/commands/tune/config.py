@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.config import Config, ConfigError
 from pipeline.config.loader import _parse_overrides, merge_layers
+from pipeline.errors import first_line
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -149,7 +150,7 @@ def load_tune_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[T
     except OmegaConfBaseException as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else None
         key = getattr(exc, "full_key", "") or ""
-        detail = str(cause) if cause else f"bad tune setting '{key}': {str(exc).splitlines()[0]}"
+        detail = str(cause) if cause else f"bad tune setting '{key}': {first_line(exc)}"
         if isinstance(exc, ConfigKeyError) and not cause:
             names = [f"tune.{f.name}" for f in dataclasses.fields(TuneConfig)]
             close = difflib.get_close_matches(f"tune.{key}", names, n=1, cutoff=0.6)

@@ -41,8 +41,7 @@ class TrialReporter(Callback):
             prune = self.trial.should_prune()
         if trainer.dist.broadcast_object(prune):
             record["pruned"] = True
-            if trainer.dist.is_main:  # the loop logs after callbacks; keep the pruned epoch in metrics.jsonl
-                trainer.log.append(record)
+            trainer.log.append(record)  # the loop logs after callbacks; keep the pruned epoch in metrics.jsonl
             trainer.tracker.finish()
             trainer.dist.print(f"pruned at epoch {record['epoch']}: {self.metric} {value:.4f}")
             raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} with {self.metric}={value}")

@@ -25,6 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import Config, ConfigError
+from pipeline.errors import first_line
 
 SPEC_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 TYPES = ("float", "int", "categorical")
@@ -165,6 +166,6 @@ def apply_overrides(base: Config, overrides: dict[str, Any], **run: str) -> Conf
         config = OmegaConf.to_object(conf)
     except Exception as exc:  # noqa: BLE001 - OmegaConf validation or a __post_init__ check
         cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc
-        raise ConfigError(f"trial config {overrides} is invalid: {str(cause).splitlines()[0]}") from None
+        raise ConfigError(f"trial config {overrides} is invalid: {first_line(cause)}") from None
     assert isinstance(config, Config)
     return config

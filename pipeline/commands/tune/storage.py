@@ -20,6 +20,7 @@ import sqlalchemy
 from sqlalchemy.engine import make_url
 
 from pipeline.config.secrets import mask_url
+from pipeline.errors import first_line
 
 # Heartbeats, stale-trial failing and retries are "experimental" in Optuna, and it expects heartbeats
 # only under Study.optimize; we drive them ourselves (ask/tell under the budget lock) on purpose.
@@ -46,7 +47,7 @@ def _is_postgres(url: str) -> bool:
 
 def storage_error(url: str, exc: Exception) -> ValueError:
     """One line for a storage that cannot be reached or opened, with the password masked."""
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    message = first_line(exc)
     return ValueError(f"cannot open study storage {mask_url(url)}: {message.replace(url, mask_url(url))}")
 
 

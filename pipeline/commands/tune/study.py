@@ -29,6 +29,7 @@ from pipeline.commands.tune.storage import build_storage, check_url, mask_url, s
 from pipeline.config import Config, to_yaml
 from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
+from pipeline.errors import first_line
 
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
@@ -267,8 +268,7 @@ def _attempt(job: Job, worker: "StudyWorker | Follower", tune: TuneConfig, base:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - a failed trial is recorded, the study goes on
-            first_line = str(exc).splitlines()[0] if str(exc) else ""
-            error = f"{type(exc).__name__}: {first_line}"
+            error = first_line(exc, typed=True)
             if isinstance(exc, MetricNotInRecord):
                 worker.tell(TrialState.FAIL, None, time.monotonic() - started, error)
                 raise
