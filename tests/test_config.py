@@ -88,7 +88,7 @@ def test_shipped_configs_load(name: str) -> None:
     load_config(ROOT / "configs" / name)
 
 
-def test_readme_config_reference_is_current() -> None:
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index(BEGIN):readme.index(END) + len(END)]
-    assert block == reference_markdown(), "run: python -m pipeline.config.reference README.md"
+def test_config_reference_is_current() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    block = doc[doc.index(BEGIN):doc.index(END) + len(END)]
+    assert block == reference_markdown(), "run: python -m pipeline.config.reference docs/configuration.md"

@@ -65,7 +65,7 @@ def test_feature_extraction_keeps_the_backbone_bit_identical(transfer):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="measured: on digits, 20 images/class from scratch (98.2%) beat feature "
-                                       "extraction from 0-4 features (82.4%); see README 'Fine-tuning'")
+                                       "extraction from 0-4 features (82.4%); see docs/finetuning.md")
 def test_feature_extraction_beats_scratch(transfer):
     accuracy = {}
     for method in ("scratch", "feature_extraction"):

@@ -1,5 +1,5 @@
-"""The config reference generated from the schema's field docstrings: the README's table and `pipeline config keys`
-read the same list (`config_keys`), so neither can drift from the schema."""
+"""The config reference generated from the schema's field docstrings: the table in docs/configuration.md and
+`pipeline config keys` read the same list (`config_keys`), so neither can drift from the schema."""
 
 from __future__ import annotations
 
@@ -83,17 +83,17 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def write_into(readme_path: str) -> None:
-    """Replace the block between the markers in `readme_path` with the current reference."""
+def write_into(doc_path: str) -> None:
+    """Replace the block between the markers in `doc_path` (docs/configuration.md) with the current reference."""
     from pathlib import Path
 
-    path = Path(readme_path)
+    path = Path(doc_path)
     text = path.read_text()
     start, stop = text.index(BEGIN), text.index(END) + len(END)
     path.write_text(text[:start] + reference_markdown() + text[stop:])
 
 
-if __name__ == "__main__":  # python -m pipeline.config.reference README.md
+if __name__ == "__main__":  # python -m pipeline.config.reference docs/configuration.md
     import sys
 
-    write_into(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    write_into(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md")
