@@ -49,30 +49,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _config_keys(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError
-    from pipeline.config.loader import did_you_mean
-    from pipeline.config.reference import config_keys
+    from pipeline.commands.config import print_keys
 
-    keys = config_keys(args.prefix or "")
-    if not keys:
-        raise ConfigError(f"no config key starts with '{args.prefix}'; {did_you_mean(args.prefix)}"
-                          "`pipeline config keys` lists them all")
-    if args.json:
-        print(json.dumps([{"key": k.key, "type": k.type, "default": k.default, "doc": k.doc} for k in keys], indent=2))
-        return 0
-    widths = [max(len(text) for text in column) for column in zip(*((k.key, k.type, k.shown_default) for k in keys))]
-    for k in keys:
-        print("  ".join(f"{text:<{w}}" for text, w in zip((k.key, k.type, k.shown_default), widths)) + f"  {k.doc}")
-    print(f"{len(keys)} key(s); set any with key=value after the config (see: pipeline config show CONFIG key=value)",
-          file=sys.stderr)
-    return 0
+    return print_keys(args.prefix or "", args.json)
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    from pipeline.config import to_yaml
+    from pipeline.commands.config import print_config
 
-    print(to_yaml(_load(args)), end="")  # secrets masked, as in the run folder's config.yaml
-    return 0
+    return print_config(_load(args))
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -168,25 +153,14 @@ def _data_digits(args: argparse.Namespace) -> int:
 
 
 def _data_shards(args: argparse.Namespace) -> int:
+    from pipeline.commands.data.shards import print_written
     from pipeline.data.shards import write_shards
 
     fractions = [float(x) for x in args.split.split(",")]
     manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,
                             max_bytes=int(args.max_bytes), seed=args.seed, skip_bad=args.skip_bad,
                             dedupe=args.dedupe, val_fraction=args.val_fraction)
-    if manifest.split_source == "folders":
-        kept = ", ".join(f"{split} <- {folder}/" for split, folder in manifest.split_folders.items())
-        carved = "".join(f"; {split} carved from train ({share:.0%}, stratified)"
-                         for split, share in manifest.carved_from_train.items())
-        print(f"kept the source's split folders: {kept}{carved}")
-    for name, info in manifest.splits.items():
-        print(f"{name:5s}: {info.num_samples:7d} samples in {len(info.shards)} shard(s)")
-    for line in manifest.skipped_sources:
-        print(f"skipped (cannot be decoded): {line}")
-    print(f"{manifest.num_classes} classes; manifest: {args.out}/manifest.json")
-    from pipeline.data.balance import imbalance_summary
-
-    print("\n".join(imbalance_summary(manifest)))
+    print_written(manifest, args.out)
     return 0
 
 
