@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.transfer import FROM_SCRATCH, add_run, finish, table  # noqa: E402
+from benchmarks.transfer import FROM_SCRATCH, add_arguments, add_run, finish, parse_arguments, pretrain_config, table  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data.subsets import write_split_shards  # noqa: E402
 
@@ -117,11 +117,6 @@ def build_target(folder: Path, out: Path, shots: int, seed: int, test_per_class:
     return out
 
 
-def pretrain_config(base: str, source: Path, out: Path, overrides: Sequence[str] = ()) -> Config:
-    return load_config(base, [f"data.root={source}", f"run.output_dir={out}", "run.name=pretrain_0to4",
-                              "checkpoint.resume=never", *FROM_SCRATCH, *overrides])
-
-
 def method_config(base: str, method: str, target: Path, pretrained: Path, out: Path, name: str, seed: int,
                   overrides: Sequence[str] = ()) -> Config:
     weights = [] if method == "scratch" else [f"finetune.weights={pretrained}"]
@@ -171,21 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the CIFAR-10 JPEG archive, or the folder it extracts to")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "pipeline",
                         help="where the archive is extracted (once)")
-    parser.add_argument("--config", default="configs/cifar10_transfer.yaml")
-    parser.add_argument("--out", type=Path, default=Path("runs/cifar_transfer"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--shots", type=int, nargs="+", default=[20, 100], help="training images per class")
-    parser.add_argument("--pretrain-epochs", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run (key=value, anywhere)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
+    add_arguments(parser, "configs/cifar10_transfer.yaml", "runs/cifar_transfer", [20, 100], 12, 40)
+    args = parse_arguments(parser, list(sys.argv[1:] if argv is None else argv))
     if any(n < 1 or n > 4990 for n in args.shots):
         parser.error("--shots: every value must be between 1 and 4990")
     folder = cifar10_folder(args.data, args.cache)
     results = run_experiment(args.config, folder, args.out, args.seeds, args.shots, args.pretrain_epochs, args.epochs,
-                             pretrain_overrides=PRETRAIN, overrides=[*args.overrides, *overrides])
+                             pretrain_overrides=PRETRAIN, overrides=args.overrides)
     print("\n".join(table(results)))
     return 0
 

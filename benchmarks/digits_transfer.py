@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.transfer import FROM_SCRATCH, add_run, finish, table  # noqa: E402
+from benchmarks.transfer import FROM_SCRATCH, add_arguments, add_run, finish, parse_arguments, pretrain_config, table  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.data.subsets import write_split_shards  # noqa: E402
 
@@ -81,11 +81,6 @@ def build_transfer_shards(root: Path, shots: int = 20, val_shots: int = 10, seed
     return source, target
 
 
-def pretrain_config(base: Config | str, source: Path, out: Path, overrides: Sequence[str] = ()) -> Config:
-    return load_config(base, [f"data.root={source}", f"run.output_dir={out}", "run.name=pretrain_0to4",
-                              "checkpoint.resume=never", *FROM_SCRATCH, *overrides])
-
-
 def method_config(base: str, method: str, target: Path, pretrained: Path, out: Path, seed: int,
                   overrides: Sequence[str] = ()) -> Config:
     weights = [] if method == "scratch" else [f"finetune.weights={pretrained}"]
@@ -120,22 +115,11 @@ def run_experiment(base: str, out: Path, seeds: Sequence[int], shots: Sequence[i
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/digits_transfer.yaml")
-    parser.add_argument("--out", default="runs/digits_transfer")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--shots", type=int, nargs="+", default=[20], help="training images per class (several: "
-                                                                          "one table row group each)")
-    parser.add_argument("--pretrain-epochs", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run (key=value, anywhere)")
-    # key=value tokens are overrides wherever they stand, so they never land in --seeds/--shots.
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in argv if a not in overrides])
-    args.overrides = [*args.overrides, *overrides]
+    add_arguments(parser, "configs/digits_transfer.yaml", "runs/digits_transfer", [20], 6, 30)
+    args = parse_arguments(parser, list(sys.argv[1:] if argv is None else argv))
     if any(n < 1 for n in args.shots):
         parser.error("--shots: every value must be at least 1")
-    results = run_experiment(args.config, Path(args.out), args.seeds, args.shots, args.pretrain_epochs, args.epochs,
+    results = run_experiment(args.config, args.out, args.seeds, args.shots, args.pretrain_epochs, args.epochs,
                              overrides=args.overrides)
     print("\n".join(table(results)))
     return 0

@@ -3,11 +3,42 @@ summary over seeds, the markdown table and the plot."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Sequence
+
+from pipeline.config import Config, load_config
 
 FROM_SCRATCH = ["finetune.weights=''", "finetune.freeze=full", "finetune.layer_decay=1.0"]
+
+
+def pretrain_config(base: Config | str, source: Path, out: Path, overrides: Sequence[str] = ()) -> Config:
+    """The source-task run (`<out>/pretrain_0to4`), from random weights."""
+    return load_config(base, [f"data.root={source}", f"run.output_dir={out}", "run.name=pretrain_0to4",
+                              "checkpoint.resume=never", *FROM_SCRATCH, *overrides])
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: str, out: str, shots: list[int], pretrain_epochs: int,
+                  epochs: int) -> None:
+    """The options both experiments take, with their defaults."""
+    parser.add_argument("--config", default=config)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shots", type=int, nargs="+", default=shots, help="training images per class (several: "
+                                                                            "one table row group each)")
+    parser.add_argument("--pretrain-epochs", type=int, default=pretrain_epochs)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every run (key=value, anywhere)")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """key=value tokens are overrides wherever they stand, so they never land in --seeds/--shots."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def add_run(results: dict, shots: int, method: str, metrics: dict, seconds: float) -> None:
