@@ -97,7 +97,8 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
         if entry.error:
             warn(f"{what}: shard {url} could be read only up to sample {entry.num_samples} ({entry.error}); "
                  f"the samples read are used")
-        shards.append(ShardInfo(name=url, num_samples=entry.num_samples, num_bytes=entry.num_bytes, sha256=entry.sha256))
+        shards.append(ShardInfo(name=url, num_samples=entry.num_samples, num_bytes=entry.num_bytes,
+                                sha256=entry.sha256))
         unusable += entry.no_label
         for raw, n in entry.raw_labels().items():
             label, reason, _ = named.index_of(raw, len(classes))

@@ -39,6 +39,7 @@ from torchvision.transforms.v2 import functional as F
 from pipeline.config.schema import DataConfig
 from pipeline.data.faults import FIELDS, DataQualityError, FaultWarnings, SampleCheck, short_error
 from pipeline.data.images import to_mode, to_uint8
+from pipeline.data.memory import shared_empty, storage_users
 from pipeline.data.stream import NO_POSITION
 from pipeline.data.transforms import BatchNormalize, SampleAugment
 
@@ -125,10 +126,7 @@ class WorkerDecode:
 def _empty_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised batch; in a DataLoader worker, in shared memory (as default_collate allocates it),
     so sending it to the main process costs no copy."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    elem = torch.empty(0, dtype=dtype)
-    return elem.new(elem._typed_storage()._new_shared(math.prod(shape))).view(shape)
+    return torch.empty(shape, dtype=dtype) if get_worker_info() is None else shared_empty(shape, dtype)
 
 
 class EncodedBatch:
@@ -213,17 +211,11 @@ class HostNormalize:
 
     def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         for buffer, idle in self._ring:
-            if buffer.shape == shape and idle >= 0 and _storage_users(buffer) == idle:
+            if buffer.shape == shape and idle >= 0 and storage_users(buffer) == idle:
                 return buffer.view(shape)  # a new tensor on the same memory: holding it marks the buffer busy
         buffer = torch.empty(shape, dtype=torch.float32)
-        self._ring = [(buffer, _storage_users(buffer)), *self._ring][:self.SLOTS]
+        self._ring = [(buffer, storage_users(buffer)), *self._ring][:self.SLOTS]
         return buffer.view(shape)
-
-
-def _storage_users(tensor: torch.Tensor) -> int:
-    """How many tensors (and storage objects) hold `tensor`'s memory; -1 if torch cannot say (never reused)."""
-    counter = getattr(torch._C, "_storage_Use_Count", None)
-    return counter(tensor.untyped_storage()._cdata) if counter is not None else -1
 
 
 class UndecodableBatch(DataQualityError):
