@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pipeline.config.schema import Config, text_problem
@@ -64,29 +64,37 @@ def _schema_node(dotted: str) -> tuple[type, str]:
     return type(node), prefix
 
 
-def _explain(exc: OmegaConfBaseException, source: str) -> str:
-    key = getattr(exc, "full_key", None) or ""
-    if isinstance(exc, ConfigKeyError):
-        node, prefix = _schema_node(key)
-        return (f"unknown config key '{key}' (from {source}); {did_you_mean(key)}"
-                f"valid keys here: {_valid_keys(node, prefix)}")
-    if isinstance(exc, ValidationError):
-        msg = first_line(getattr(exc, "msg", None) or exc)
-        if msg.startswith("Incompatible value 'None'"):
-            msg = "it is empty (null); give a value"
-        if "is not a subclass of" in msg:
-            section = key or msg.split("subclass of ")[-1].split(".")[0]
-            return (f"'{section}' is a section, not a value (from {source}); "
-                    f"set its keys instead, e.g. train.epochs=5")
-        return f"bad value for '{key}' (from {source}): {msg}"
-    text = first_line(exc)
-    if key:
-        return f"bad value for '{key}' (from {source}): {text}"
-    return f"invalid config (from {source}): {text}"
-
-
-SCALARS = (bool, int, float, str)
 MISSING_MARKER = "???"
+CONTAINERS = (dict, list, tuple, set, frozenset, DictConfig, ListConfig)
+SCALARS = (bool, int, float, str)
+
+
+def _unwrap(hint: Any) -> Any:
+    """X for Optional[X]; any other hint as it is."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return hint
+
+
+def _hint_at(key: str) -> Any:
+    """The schema's type hint at a key as OmegaConf names it (model.channels[1], finetune.lr_mult.a); Any if none."""
+    hint: Any = Config
+    for part in re.findall(r"[^.\[\]]+", key):
+        hint = _unwrap(hint)
+        if dataclasses.is_dataclass(hint):
+            hint = typing.get_type_hints(hint).get(part, Any)
+        elif typing.get_origin(hint) in (list, tuple, dict) and typing.get_args(hint):
+            hint = typing.get_args(hint)[-1]  # the element of list[X] / tuple[X, X], the value of dict[str, X]
+        else:
+            return Any
+    return hint
+
+
+def _is_element(key: str) -> bool:
+    """Whether `key` names an item of a list or mapping (model.channels[1], finetune.lr_mult.a), not a field."""
+    parent = re.sub(r"(\[\d+\]|\.[^.\[\]]+)$", "", key)
+    return parent != key and typing.get_origin(_unwrap(_hint_at(parent))) in (list, tuple, dict)
 
 
 def _a(noun: str) -> str:
@@ -105,67 +113,92 @@ def _kind(value: Any) -> str:
     return _a(type(value).__name__)
 
 
-def _check_value(value: Any, hint: Any, key: str, source: str, element: bool = False) -> None:
-    """The layer's `value` has the shape the schema's type `hint` wants (section, list, mapping, scalar); else
-    one line naming `key`. Scalars are then converted and range-checked by OmegaConf and `__post_init__`."""
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"bad value for '{key}' (from {source}): {why}")
+def _wanted(hint: Any) -> str:
+    """What the schema's `hint` takes, as the end of "a list where ... is expected"."""
+    hint = _unwrap(hint)
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list is expected, e.g. [1, 2]"
+    if typing.get_origin(hint) is dict:
+        return "a mapping is expected, e.g. {name: 0.1}"
+    if hint is str:
+        return "text is expected"
+    return f"{_a(hint.__name__)} is expected" if hint in SCALARS else "a number, text, a list or a mapping is expected"
 
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union and type(None) in args:  # Optional[X]
-        if value is None:
-            return
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+def _bad(key: str, source: str, why: str) -> ConfigError:
+    return ConfigError(f"bad value for '{key}' (from {source}): {why}")
+
+
+def _check_shape(value: Any, hint: Any, key: str, source: str) -> None:
+    """What OmegaConf does not check, or checks without naming the key: the shape of sections, lists and
+    mappings (a list where a mapping goes, a list inside a list of numbers, a section given one value), the
+    '???' marker, and text no config may hold (said with its source). Scalars are OmegaConf's to type (its
+    errors worded by `_explain`) and each dataclass's `__post_init__` to range-check."""
+    hint = _unwrap(hint)
+    if value is None:
+        return  # where null is not allowed, OmegaConf says so
     if isinstance(value, str) and value.strip() == MISSING_MARKER:
-        raise bad(f"'{MISSING_MARKER}' marks a missing value in OmegaConf; give a real value")
+        raise _bad(key, source, f"'{MISSING_MARKER}' marks a missing value in OmegaConf; give a real value")
     if text_problem(value):
-        raise bad(f"the text {text_problem(value)}")
+        raise _bad(key, source, f"the text {text_problem(value)}")
     if dataclasses.is_dataclass(hint):
-        if value is None:
-            return  # OmegaConf says "not Optional"
-        if not isinstance(value, (dict, DictConfig)):
-            raise ConfigError(f"'{key}' is a section, not a value (from {source}); set its keys instead, "
-                              f"e.g. {key}.{dataclasses.fields(hint)[0].name}=...")
-        _check_layer(value, hint, key + ".", source)
-    elif origin in (list, tuple):
-        if value is None:
-            return
-        if not isinstance(value, (list, tuple)) and not OmegaConf.is_list(value):
-            raise bad(f"{_kind(value)} where a list is expected, e.g. [1, 2]")
-        for index, item in enumerate(value):
-            _check_value(item, args[0] if args else Any, f"{key}[{index}]", source, element=True)
-    elif origin is dict:
-        if value is None:
-            return
-        if not isinstance(value, (dict, DictConfig)):
-            raise bad(f"{_kind(value)} where a mapping is expected, e.g. {{name: 0.1}}")
-        for name, item in value.items():
-            if not isinstance(name, str):
-                raise bad(f"key {name!r} is {_kind(name)}; keys must be text")
-            _check_value(item, args[1] if len(args) > 1 else Any, f"{key}.{name}", source, element=True)
-    elif hint in SCALARS:
-        wanted = "text" if hint is str else _a(hint.__name__)
-        if value is None:
-            if element:
-                raise bad(f"null where {wanted} is expected")
-            return  # OmegaConf says "not Optional"
-        if not isinstance(value, SCALARS):
-            raise bad(f"{_kind(value)} where {wanted} is expected")
+        _check_section(value, hint, key, source)
+    elif typing.get_origin(hint) in (list, tuple, dict):
+        _check_items(value, hint, key, source)
+    elif hint in SCALARS and isinstance(value, CONTAINERS):
+        raise _bad(key, source, f"{_kind(value)} where {_wanted(hint)}")
 
 
-def _check_layer(layer: Any, schema: type, prefix: str, source: str) -> None:
-    """Walk a raw config layer (a dict) along the schema; unknown keys are left to OmegaConf's message."""
-    hints = typing.get_type_hints(schema)
-    for name, value in layer.items():
-        where = prefix.rstrip(".") or "the top level"
+def _check_items(value: Any, hint: Any, key: str, source: str) -> None:
+    """A list or mapping where the schema has one, its keys text, each item checked against the item type."""
+    mapping = typing.get_origin(hint) is dict
+    if not isinstance(value, (dict, DictConfig) if mapping else (list, tuple, ListConfig)):
+        raise _bad(key, source, f"{_kind(value)} where {_wanted(hint)}")
+    item_hint = typing.get_args(hint)[-1] if typing.get_args(hint) else Any
+    items = value.items() if mapping else ((f"[{index}]", item) for index, item in enumerate(value))
+    for name, item in items:
+        if not isinstance(name, str):
+            raise _bad(key, source, f"key {name!r} is {_kind(name)}; keys must be text")
+        _check_shape(item, item_hint, f"{key}.{name}" if mapping else f"{key}{name}", source)
+
+
+def _check_section(value: Any, section: type, key: str, source: str) -> None:
+    if not isinstance(value, (dict, DictConfig)):
+        raise ConfigError(f"'{key}' is a section, not a value (from {source}); set its keys instead, "
+                          f"e.g. {key}.{dataclasses.fields(section)[0].name}=...")
+    hints = typing.get_type_hints(section)
+    for name, item in value.items():
+        where = key or "the top level"
         if not isinstance(name, str):
             raise ConfigError(f"config key {name!r} under '{where}' (from {source}) is {_kind(name)}; keys are "
                               "names such as train or epochs")
         if not name.strip():
             raise ConfigError(f"an empty config key under '{where}' (from {source}); keys are names such as train")
-        if name in hints:
-            _check_value(value, hints[name], prefix + name, source)
+        if name in hints:  # an unknown key: OmegaConf's (see _explain)
+            _check_shape(item, hints[name], f"{key}.{name}" if key else name, source)
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> str:
+    """OmegaConf's error as one line naming the key and what would be valid."""
+    key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError):
+        node, prefix = _schema_node(key)
+        return (f"unknown config key '{key}' (from {source}); {did_you_mean(key)}"
+                f"valid keys here: {_valid_keys(node, prefix)}")
+    value = getattr(exc, "value", None)
+    if isinstance(value, Node):
+        value = value._value()  # noqa: SLF001 - the plain value (a Node has no public accessor)
+    if not isinstance(value, (*SCALARS, type(None))) or (value is None and _is_element(key)):  # a date, a set, bytes
+        return f"bad value for '{key}' (from {source}): {_kind(value)} where {_wanted(_hint_at(key))}"
+    if isinstance(exc, ValidationError):
+        msg = first_line(getattr(exc, "msg", None) or exc)
+        if value is None:
+            msg = "it is empty (null); give a value"
+        return f"bad value for '{key}' (from {source}): {msg}"
+    text = first_line(exc)
+    if key:
+        return f"bad value for '{key}' (from {source}): {text}"
+    return f"invalid config (from {source}): {text}"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -244,9 +277,10 @@ def _one_or_list(raw: dict) -> None:
 def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
     """Schema defaults <- each (config layer, where it came from); validated; one-line ConfigError on failure.
 
-    Never a traceback: each layer's shape is checked against the schema first (sections, lists,
-    mappings, scalars), then OmegaConf converts types, then each dataclass's `__post_init__` checks
-    values. Anything unforeseen still ends as a ConfigError naming the layer.
+    Never a traceback: the shape of each layer's sections, lists and mappings is checked against the
+    schema first (`_check_shape`: what OmegaConf lets through or reports without the key), then OmegaConf
+    types the scalars (its errors worded by `_explain`), then each dataclass's `__post_init__` checks values.
+    Anything unforeseen still ends as a ConfigError naming the layer.
     """
     merged = _schema()
     for layer, source in layers:
@@ -254,7 +288,7 @@ def merge_layers(layers: Sequence[tuple[object, str]]) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"config from {source} must be a mapping of sections (data:, model:, ...)")
         _one_or_list(raw)
-        _check_layer(raw, Config, "", source)
+        _check_section(raw, Config, "", source)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(raw))
         except OmegaConfBaseException as exc:
