@@ -102,21 +102,21 @@ def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str]) ->
     return _png(fig)
 
 
-def _grid(count: int) -> tuple[int, int]:
-    cols = min(count, 8)
-    return max(1, math.ceil(count / cols)), max(cols, 1)
+def _gallery(count: int, most_cols: int, cell: tuple[float, float]):
+    """A figure of `count` tiles, at most `most_cols` a row, each `cell` inches; the axes of the tiles, axes off
+    (the spare ones of the last row stay blank)."""
+    cols = max(1, min(count, most_cols))
+    rows = max(1, math.ceil(count / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell[0], rows * cell[1]), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)[:count]
 
 
 def filters_png(weight: torch.Tensor) -> bytes:
     """The first convolution's kernels: RGB when it reads 3 channels, else the mean over input channels."""
-    out_channels = weight.shape[0]
-    rows, cols = _grid(out_channels)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if index >= out_channels:
-            continue
-        kernel = weight[index]
+    fig, tiles = _gallery(weight.shape[0], 8, (0.9, 0.9))
+    for kernel, ax in zip(weight, tiles):
         if kernel.shape[0] == 3:
             low, high = kernel.min(), kernel.max()
             ax.imshow(((kernel - low) / (high - low + 1e-12)).permute(1, 2, 0).numpy())
@@ -154,16 +154,9 @@ def feature_maps_png(image: np.ndarray, maps: dict[str, torch.Tensor], channels:
 
 def gradcam_png(images: Sequence[np.ndarray], cams: torch.Tensor, captions: Sequence[str]) -> bytes:
     """Each image with its Grad-CAM heat map overlaid (jet, alpha 0.45) and a caption."""
-    count = len(images)
-    cols = min(count, 6)
-    rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.7, rows * 1.9), squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if index >= count:
-            continue
-        image = images[index]
+    fig, tiles = _gallery(len(images), 6, (1.7, 1.9))
+    for image, cam, caption, ax in zip(images, cams, captions, tiles):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
-        ax.imshow(cams[index].numpy(), cmap="jet", alpha=0.45)
-        ax.set_title(captions[index], fontsize=7)
+        ax.imshow(cam.numpy(), cmap="jet", alpha=0.45)
+        ax.set_title(caption, fontsize=7)
     return _png(fig)
