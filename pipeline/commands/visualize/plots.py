@@ -102,7 +102,7 @@ def confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str]) ->
     return _png(fig)
 
 
-def _gallery(count: int, most_cols: int, cell: tuple[float, float]):
+def _gallery(count: int, most_cols: int, cell: tuple[float, float]) -> tuple[plt.Figure, list]:
     """A figure of `count` tiles, at most `most_cols` a row, each `cell` inches; the axes of the tiles, axes off
     (the spare ones of the last row stay blank)."""
     cols = max(1, min(count, most_cols))
@@ -116,7 +116,7 @@ def _gallery(count: int, most_cols: int, cell: tuple[float, float]):
 def filters_png(weight: torch.Tensor) -> bytes:
     """The first convolution's kernels: RGB when it reads 3 channels, else the mean over input channels."""
     fig, tiles = _gallery(weight.shape[0], 8, (0.9, 0.9))
-    for kernel, ax in zip(weight, tiles):
+    for kernel, ax in zip(weight, tiles, strict=True):
         if kernel.shape[0] == 3:
             low, high = kernel.min(), kernel.max()
             ax.imshow(((kernel - low) / (high - low + 1e-12)).permute(1, 2, 0).numpy())
@@ -155,7 +155,7 @@ def feature_maps_png(image: np.ndarray, maps: dict[str, torch.Tensor], channels:
 def gradcam_png(images: Sequence[np.ndarray], cams: torch.Tensor, captions: Sequence[str]) -> bytes:
     """Each image with its Grad-CAM heat map overlaid (jet, alpha 0.45) and a caption."""
     fig, tiles = _gallery(len(images), 6, (1.7, 1.9))
-    for image, cam, caption, ax in zip(images, cams, captions, tiles):
+    for image, cam, caption, ax in zip(images, cams, captions, tiles, strict=True):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.imshow(cam.numpy(), cmap="jet", alpha=0.45)
         ax.set_title(caption, fontsize=7)
