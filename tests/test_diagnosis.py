@@ -133,6 +133,33 @@ def test_class_imbalance_from_counts_and_recall():
     assert kinds(diagnose(records, 2, {"cat": 100, "dog": 90}, None)) == ["healthy"]
 
 
+def test_balanced_counts_are_never_called_imbalanced():
+    """CIFAR-10 as the newcomer had it: 270 images per class in training, a wide recall spread on the test set.
+    No imbalance finding and no class weights: the classes are equal in number, some are just harder."""
+    records = history([1.0, 0.5, 0.3], [1.0, 0.5, 0.31])
+    counts = {f"class{i}": 270 for i in range(10)}
+    per_class = [{"class": f"class{i}", "recall": 0.2 + 0.07 * i, "support": 1000} for i in range(10)]
+    findings = diagnose(records, 10, counts, per_class)
+    assert kinds(findings) == ["unequal_classes", "healthy"]
+    assert findings[0].summary == ("Some classes are recognised far worse than others although the training "
+                                   "classes are balanced.")
+    assert not any("class_weights" in r for r in findings[0].remedies)
+    assert kinds(diagnose(records, 10, counts, None)) == ["healthy"]
+
+
+def test_a_blown_up_first_epoch_names_the_learning_rate_to_try():
+    """lr 0.2 on 810 images: validation loss 1315 after epoch 1. That is the learning rate, and the finding says
+    which one to try."""
+    records = history([2.9, 2.1, 1.9], [1315.5386, 2.2, 2.0])
+    findings = diagnose(records, C, lr=0.2)
+    assert kinds(findings)[0] == "lr_too_high"
+    assert findings[0].epoch == 1
+    assert findings[0].evidence == ["validation loss reached 1316 at epoch 1, 571 times the chance level ln(10) = "
+                                    "2.3026: steps too large threw the weights far off"]
+    assert findings[0].remedies[0] == "lower the learning rate: try optim.lr=0.02 (a tenth of 0.2)"
+    assert diagnose(records, C)[0].remedies[0] == "lower optim.lr (e.g. by 3-10x)"
+
+
 def test_chance_loss_and_text_format():
     assert math.isclose(chance_loss(10), math.log(10))
     text = format_findings(diagnose(history([2.3, 2.29], [2.3, 2.3]), C))

@@ -47,7 +47,7 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
             classes = [str(i) for i in range(len(confusion))] if counts is None else list(counts)
             per_class = per_class or per_class_metrics(confusion, classes)
             num_classes = num_classes or len(confusion)
-    return diagnose(history, num_classes or 2, counts, per_class)
+    return diagnose(history, num_classes or 2, counts, per_class, lr=cfg.optim.lr)
 
 
 def format_findings(findings: list[Finding]) -> str:

@@ -25,6 +25,10 @@ UNDERFIT_FLAT_FRACTION = 0.10
 # Learning rate too high: a training-loss spike is a rise of this factor over the previous epoch.
 SPIKE_FACTOR = 1.5
 SPIKE_MIN_RISE_FRACTION = 0.1  # ...and by at least this fraction of the chance loss: noise near zero is no spike
+# ...or a training or validation loss this many times the chance loss: steps so large they threw the weights far off.
+BLOWUP_FACTOR = 10.0
+# The learning rate suggested then: the run's own divided by this.
+LR_CUT = 10.0
 # Learning rate too low: loss falls every epoch and still by this fraction per epoch at the end, yet stays high.
 SLOW_DECREASE_PER_EPOCH = 0.02
 SLOW_LOSS_FRACTION = 0.25
@@ -33,7 +37,7 @@ EXPLODING_NORM = 1e3
 EXPLODING_FACTOR = 20.0
 VANISHING_NORM = 1e-5
 VANISHING_GROUP_RATIO = 1e-3
-# Class imbalance: largest/smallest training class count; per-class recall spread.
+# Class imbalance: largest/smallest training class count. Unequal treatment: per-class recall spread.
 IMBALANCE_RATIO = 3.0
 RECALL_SPREAD = 0.30
 
@@ -44,7 +48,8 @@ class Finding:
 
     kind: str
     """overfitting, underfitting, lr_too_high, lr_too_low, exploding_gradients, vanishing_gradients,
-    class_imbalance, healthy."""
+    class_imbalance (the training classes' counts differ), unequal_classes (balanced counts, yet some classes are
+    recognised far worse than others), healthy."""
     summary: str
     evidence: list[str] = field(default_factory=list)
     remedies: list[str] = field(default_factory=list)
@@ -145,9 +150,12 @@ def underfitting(history: Sequence[dict], num_classes: int) -> Optional[Finding]
                     "check the learning rate (optim.lr) and that labels match images"])
 
 
-def lr_too_high(history: Sequence[dict], num_classes: int) -> Optional[Finding]:
+def lr_too_high(history: Sequence[dict], num_classes: int, lr: Optional[float] = None) -> Optional[Finding]:
+    """Divergence, non-finite losses, spikes, or a loss far above chance (`BLOWUP_FACTOR`): the learning rate.
+    With the run's `lr` known, the first remedy names the value to try (`lr / LR_CUT`)."""
     train = _series(history, "train/loss")
     epochs = _epochs(history, "train/loss")
+    chance = chance_loss(num_classes)
     evidence = []
     nonfinite = [e for e, v in zip(epochs, train) if not math.isfinite(v)]
     nonfinite += [int(r.get("epoch", 0)) for r in history if not math.isfinite(_num(r.get("val/loss", 0.0)))
@@ -158,9 +166,16 @@ def lr_too_high(history: Sequence[dict], num_classes: int) -> Optional[Finding]:
              if "nonfinite_step_fraction" in r and _num(r["nonfinite_step_fraction"]) > 0]
     if steps:
         evidence.append("non-finite gradient steps: " + ", ".join(f"epoch {e}: {100 * f:.1f}%" for e, f in steps))
+    blowups = [(int(r.get("epoch", 0)), name, _num(r[key])) for r in history
+               for key, name in (("train/loss", "training"), ("val/loss", "validation"))
+               if key in r and math.isfinite(_num(r[key])) and _num(r[key]) > BLOWUP_FACTOR * chance]
+    if blowups:
+        epoch, name, value = max(blowups, key=lambda b: b[2])
+        evidence.append(f"{name} loss reached {value:.4g} at epoch {epoch}, {value / chance:.0f} times the chance "
+                        f"level ln({num_classes}) = {chance:.4f}: steps too large threw the weights far off")
     spikes = [(epochs[i], train[i - 1], train[i]) for i in range(1, len(train))
               if math.isfinite(train[i]) and math.isfinite(train[i - 1]) and train[i] > SPIKE_FACTOR * train[i - 1]
-              and train[i] - train[i - 1] >= SPIKE_MIN_RISE_FRACTION * chance_loss(num_classes)]
+              and train[i] - train[i - 1] >= SPIKE_MIN_RISE_FRACTION * chance]
     if spikes:
         evidence.append("training loss spikes: " + ", ".join(f"epoch {e}: {a:.4f} -> {b:.4f}" for e, a, b in spikes))
     finite = [v for v in train if math.isfinite(v)]
@@ -169,9 +184,12 @@ def lr_too_high(history: Sequence[dict], num_classes: int) -> Optional[Finding]:
         evidence.append(f"training loss ended higher ({finite[-1]:.4f}) than it started ({finite[0]:.4f})")
     if not evidence:
         return None
-    first = min([*nonfinite, *(e for e, _ in steps), *(e for e, _, _ in spikes)], default=None)
+    first = min([*nonfinite, *(e for e, _ in steps), *(e for e, _, _ in spikes), *(e for e, _, _ in blowups)],
+                default=None)
+    lower = (f"lower the learning rate: try optim.lr={lr / LR_CUT:.3g} (a tenth of {lr:.3g})" if lr
+             else "lower optim.lr (e.g. by 3-10x)")
     return Finding("lr_too_high", "The learning rate looks too high: training diverges or is unstable.", evidence,
-                   ["lower optim.lr (e.g. by 3-10x)", "add or lengthen warmup (scheduler.warmup_epochs)",
+                   [lower, "add or lengthen warmup (scheduler.warmup_epochs)",
                     "clip gradients (train.max_grad_norm, e.g. 1.0)", "use fp32 or bf16 if fp16 overflows"],
                    epoch=first)
 
@@ -239,27 +257,38 @@ def gradients(history: Sequence[dict], num_classes: int) -> list[Finding]:
 
 
 def class_imbalance(class_counts: Optional[dict], per_class: Optional[Sequence[dict]]) -> Optional[Finding]:
-    evidence = []
+    """Unequal training counts (`IMBALANCE_RATIO`) are imbalance, with class weights among the remedies. A wide
+    spread of test recall on balanced counts is not: then some classes are simply harder (`unequal_classes`),
+    and weighting the loss by counts would change nothing."""
+    counted = None
     if class_counts:
         counts = {k: int(v) for k, v in class_counts.items()}
         big, small = max(counts, key=counts.get), min(counts, key=counts.get)
         ratio = counts[big] / max(counts[small], 1)
         if ratio >= IMBALANCE_RATIO:
-            evidence.append(f"training split: class '{big}' has {counts[big]} images, class '{small}' only "
-                            f"{counts[small]} ({ratio:.1f}:1)")
+            counted = (f"training split: class '{big}' has {counts[big]} images, class '{small}' only "
+                       f"{counts[small]} ({ratio:.1f}:1)")
+    spread = None
     if per_class:
         recalls = {str(c["class"]): float(c["recall"]) for c in per_class if c.get("support", 1) > 0}
         if recalls:
             best, worst = max(recalls, key=recalls.get), min(recalls, key=recalls.get)
             if recalls[best] - recalls[worst] >= RECALL_SPREAD:
-                evidence.append(f"test recall ranges from {recalls[worst]:.2f} (class '{worst}') to "
-                                f"{recalls[best]:.2f} (class '{best}')")
-    if not evidence:
-        return None
-    return Finding("class_imbalance", "Classes are imbalanced or treated unequally.", evidence,
-                   ["class weights in the loss (optim.class_weights)",
-                    "oversample rare classes or collect more of them",
-                    "report macro-averaged metrics (f1_macro) rather than accuracy"])
+                spread = (f"test recall ranges from {recalls[worst]:.2f} (class '{worst}') to "
+                          f"{recalls[best]:.2f} (class '{best}')")
+    if counted:
+        return Finding("class_imbalance", "Classes are imbalanced: some have far fewer training images.",
+                       [e for e in (counted, spread) if e],
+                       ["class weights in the loss (optim.class_weights)",
+                        "oversample rare classes (imbalance.balanced_sampling) or collect more of them",
+                        "report macro-averaged metrics (f1_macro) rather than accuracy"])
+    if spread:
+        balanced = " although the training classes are balanced" if class_counts else ""
+        return Finding("unequal_classes", f"Some classes are recognised far worse than others{balanced}.", [spread],
+                       ["look at which classes they are confused with (pipeline evaluate RUN_DIR: the confusion "
+                        "matrix)", "more or cleaner images of the weak classes", "a larger model or longer training",
+                        "report macro-averaged metrics (f1_macro) rather than accuracy"])
+    return None
 
 
 def healthy(history: Sequence[dict]) -> Finding:
@@ -280,12 +309,13 @@ def healthy(history: Sequence[dict]) -> Finding:
 
 
 def diagnose(history: Sequence[dict], num_classes: int, class_counts: Optional[dict] = None,
-             per_class: Optional[Sequence[dict]] = None) -> list[Finding]:
-    """All findings for a run, most serious first; a `healthy` finding when it neither over- nor underfits."""
+             per_class: Optional[Sequence[dict]] = None, lr: Optional[float] = None) -> list[Finding]:
+    """All findings for a run, most serious first; a `healthy` finding when it neither over- nor underfits.
+    `lr` (the configured `optim.lr`) lets a too-high learning rate finding name the value to try."""
     if not history:
         raise ValueError("the run has no epoch records in metrics.jsonl; train at least one epoch first")
     findings: list[Finding] = []
-    high = lr_too_high(history, num_classes)
+    high = lr_too_high(history, num_classes, lr)
     if high:
         findings.append(high)
     findings += gradients(history, num_classes)

@@ -78,7 +78,7 @@ def build_report(run_dir: str | Path) -> tuple[str, dict[str, bytes]]:
     details = analyse(preds.probs, preds.labels, classes)
     confusion = confusion_matrix(preds.predicted, preds.labels, len(classes)).tolist()
     counts = run.manifest.split("train").class_counts
-    findings = diagnose(history, len(classes), counts, details["per_class"])
+    findings = diagnose(history, len(classes), counts, details["per_class"], lr=cfg.optim.lr)
 
     images: dict[str, bytes | None] = {"curves": curves_png(history), "signals": signals_png(history),
                                        "confusion_matrix": confusion_png(confusion, classes),
