@@ -15,6 +15,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+SMOKE_ENV = "PIPELINE_BENCH_SMOKE"
+"""Set to 1 (tests/test_bench.py does, running docs/performance.md's command lines as written) to cap the sizes."""
+
+
+def smoke_sizes(args, **caps: int):
+    """With PIPELINE_BENCH_SMOKE=1, cap each named argument (`steps=2`, ...) so the run takes seconds; the code
+    path is the one the documented command takes. Otherwise `args` unchanged."""
+    if os.environ.get(SMOKE_ENV) == "1":
+        for name, cap in caps.items():
+            setattr(args, name, min(getattr(args, name), cap))
+    return args
+
+
+def smoke_overrides(overrides: list[str], tiny: list[str]) -> list[str]:
+    """With PIPELINE_BENCH_SMOKE=1, config overrides for a tiny model and images first (the caller's still win)."""
+    return [*tiny, *overrides] if os.environ.get(SMOKE_ENV) == "1" else overrides
+
 
 def sync(device: torch.device) -> None:
     """Wait for queued device work, so a timer measures it."""

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import alternate, environment, table, write_json  # noqa: E402
+from benchmarks.common import alternate, environment, smoke_sizes, table, write_json  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="add the decode_device=cpu contender (slow on a CPU: one process decodes)")
     parser.add_argument("--work", default=None, help="folder for the images and shards (kept; default: a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/loader_throughput.json")
-    args = parser.parse_args(argv)
+    args = smoke_sizes(parser.parse_args(argv), images=48, repeats=1, batch_size=8, image_size=32, source_size=32)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="loader_throughput_"))
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -35,6 +35,8 @@ from benchmarks.common import (  # noqa: E402
     environment,
     fresh_accelerate_state,
     ratios,
+    smoke_overrides,
+    smoke_sizes,
     sync,
     table,
     write_json,
@@ -219,7 +221,10 @@ def run_case(name: str, overrides: list[str], args) -> dict:
     from pipeline.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="loop_overhead_") as tmp:
-        common = [f"data.root={tmp}/digits", f"run.output_dir={tmp}/runs", f"run.name={name}"]
+        # The data is never read (the batches are made in memory), but building a run checks data.root: the
+        # digits demo, built there on first use.
+        common = [f"data.root={tmp}/digits", "data.auto_prepare_digits=true", f"run.output_dir={tmp}/runs",
+                  f"run.name={name}"]
         cfg = load_config(None, [*BASE, *common, *overrides, *args.overrides])
         cfg_plain = load_config(None, [*BASE, *common, *overrides, *args.overrides, "logging.training_signals=false",
                                        f"run.name={name}_plain"])
@@ -273,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-lightning", dest="lightning", action="store_false", help="skip Lightning")
     parser.add_argument("--out", default="benchmarks/results/loop_overhead.json")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every case (key=value)")
-    args = parser.parse_args(argv)
+    args = smoke_sizes(parser.parse_args(argv), steps=2, repeats=1)
+    args.overrides = smoke_overrides(args.overrides, ["model.channels=[8,16]", "data.image_size=8",
+                                                      "train.batch_size=8"])
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"benchmark": "loop_overhead", "cases": {}, "environment": environment()}

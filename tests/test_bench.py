@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +99,35 @@ def test_busy_time_counts_overlapping_and_nested_spans_once() -> None:
     spans = [(0.0, 10.0), (2.0, 5.0), (8.0, 12.0), (20.0, 25.0), (25.0, 26.0)]  # microseconds
     assert gpu_throughput.busy_seconds(spans) == pytest.approx(18e-6)
     assert gpu_throughput.busy_seconds([]) == 0.0
+
+
+def documented_benchmark_lines() -> list[str]:
+    """Every `python benchmarks/...` command line docs/performance.md shows: in bash blocks and inline code."""
+    text = (ROOT / "docs" / "performance.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    lines += re.findall(r"`(python benchmarks/[^`]+)`", text)
+    return list(dict.fromkeys(line for line in lines if line.startswith("python benchmarks/")))
+
+
+def test_every_documented_benchmark_line_runs_as_written(tmp_path: Path) -> None:
+    """Each command line of docs/performance.md, exactly as written, from a copy of benchmarks/ (their JSON goes to
+    benchmarks/results there), with PIPELINE_BENCH_SMOKE=1 capping the sizes. gpu_throughput.py needs CUDA: without
+    it, it says so in one line and exits 2."""
+    commands = documented_benchmark_lines()
+    assert {"python benchmarks/loop_overhead.py", "python benchmarks/loader_throughput.py",
+            "python benchmarks/gpu_throughput.py"} <= set(commands), commands
+    shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns("results"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_BENCH_SMOKE": "1", "OMP_NUM_THREADS": "1"}
+    for command in commands:
+        argv = [sys.executable, *shlex.split(command)[1:]]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if "gpu_throughput" in command and not torch.cuda.is_available():
+            assert done.returncode == 2, (command, done.stderr[-2000:])
+            assert done.stderr.strip().splitlines() == [
+                "gpu_throughput: no CUDA device here; run it on a GPU machine (or add --allow-cpu, with tiny sizes, "
+                "for a smoke run)"]
+            continue
+        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
+        assert "wrote benchmarks/results/" in done.stdout, command
