@@ -319,7 +319,7 @@ TRAINING_COMMANDS = ("train", "cv")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every way it can end gives its documented exit code and ends the processes it started
-    (the loader's workers) before returning. See README "Faults and failures"."""
+    (the loader's workers) before returning. See docs/preemption.md "Faults and failures"."""
     args = build_parser().parse_args(argv)
     from pipeline.training.preemption import CommandSignals
 

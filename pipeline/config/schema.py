@@ -1,7 +1,7 @@
 """Typed configuration schema: one dataclass per component.
 
 Each field carries a one-line docstring directly below it; `pipeline.config.reference` reads those
-strings to produce the README's config reference, so the schema *is* the documentation. Checks that
+strings to produce the config reference in docs/configuration.md, so the schema *is* the documentation. Checks that
 need more than a type live in `__post_init__`, which runs when the merged config is converted back
 into these dataclasses (see `pipeline.config.loader`).
 """
@@ -158,7 +158,7 @@ class DataConfig:
     """Decode JPEGs at 1/2, 1/4 or 1/8 size (PIL draft) when the crop still covers image_size pixels (workers)."""
     max_bad_fraction: float = 0.01
     """Stop (exit 65) when more than this fraction of an epoch's train or val samples were skipped as bad
-    (undecodable, unlabelled, truncated shard; see README "Bad data"); 0: any bad sample stops the run, 1: never."""
+    (undecodable, unlabelled, truncated shard; see docs/data.md "Bad data"); 0: any bad sample stops the run, 1: never."""
     retries: int = 5
     """Retries of a remote shard read after a transient failure (reset, timeout, HTTP 5xx/429), in a row; 0: none."""
     timeout_s: float = 60.0
