@@ -109,3 +109,12 @@ def test_losses() -> None:
     assert ce(torch.tensor([[0.0, 0, 0], [0, 0, 0]]), target).item() == pytest.approx(1.098612, abs=1e-5)
     with pytest.raises(ValueError, match="has 3 values; the data has 4 classes"):
         build_loss(load_config(None, ["optim.class_weights=[1,1,1]"]).optim, 4)
+
+
+def test_the_resume_line_names_the_epoch_the_epoch_lines_print():
+    """state.epoch counts completed epochs: a resume 3 batches into the fifth epoch is 'in epoch 5', not 'epoch 4'."""
+    from pipeline.training.trainer import TrainState, resume_point
+
+    assert resume_point(TrainState(epoch=4, global_step=63, step_in_epoch=3)) == \
+        "in epoch 5 after 3 of its batches (step 63)"
+    assert resume_point(TrainState(epoch=4, global_step=60, step_in_epoch=0)) == "after epoch 4 (step 60)"

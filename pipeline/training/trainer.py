@@ -54,6 +54,15 @@ class TrainState:
     """Early stopping ended training."""
 
 
+def resume_point(state: TrainState) -> str:
+    """Where a resume goes on, in the epoch numbers the epoch lines print (1-based; `state.epoch` counts the epochs
+    completed): 'in epoch 5 after 3 of its batches (step 63)' or 'after epoch 4 (step 60)'."""
+    if state.step_in_epoch:
+        return (f"in epoch {state.epoch + 1} after {state.step_in_epoch} of its batches "
+                f"(step {state.global_step})")
+    return f"after epoch {state.epoch} (step {state.global_step})"
+
+
 def epoch_line(record: dict, epochs: int, seconds: float, improved: bool) -> str:
     """The line printed after each epoch; one terminal row: <= 100 characters while epochs < 1000, losses < 10
     (cross-entropy starts at ln(classes)), throughput < 1M images/s and an epoch < 10,000 s."""
@@ -327,7 +336,7 @@ class Trainer:
         self.log.truncate_after(self.state.epoch)
         if self.dist.is_main:
             (self.checkpointer.directory.parent / PREEMPTED_MARKER).unlink(missing_ok=True)
-        self.dist.print(f"resumed from {folder} at epoch {self.state.epoch}, step {self.state.global_step}")
+        self.dist.print(f"resumed from {folder} {resume_point(self.state)}")
         self.announce_first_step = True
         return folder
 
