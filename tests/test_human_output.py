@@ -46,6 +46,11 @@ def test_epoch_line_fits_one_terminal_row() -> None:
     assert line == ("epoch 999/999  loss 9.3456  val_loss 9.2500  val_acc 1.0000  lr 1.2e-04  999999 img/s  9999.5s"
                     "  best")
     assert len(line) <= 100
+    assert epoch_line(record, 999, 9999.5, improved=True, width=100) == line
+    assert epoch_line(record, 999, 9999.5, improved=True, width=80) == \
+        "epoch 999/999  loss 9.3456  val_loss 9.2500  val_acc 1.0000  lr 1.2e-04  9999.5s  best"
+    assert epoch_line(record, 999, 9999.5, improved=True, width=70) == \
+        "epoch 999/999  loss 9.3456  val_loss 9.2500  val_acc 1.0000  9999.5s  best"
 
 
 def test_progress_shows_images_per_second_from_the_step_rate() -> None:

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Sequence
 
 EXIT_USAGE = 2  # bad input: config, files, values
@@ -33,8 +34,9 @@ def _load(args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch: a bad config fails in a fraction of a second
-    from pipeline.commands.train import train
+    from pipeline.commands.train import run_dir_of, train
 
+    started = time.monotonic()
     metrics = train(cfg)
     if not _is_main():
         return 0
@@ -42,9 +44,12 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps({"test": metrics}, indent=None))
     else:
         from pipeline.data.dataset import dataset_manifest
-        from pipeline.evaluation.summary import print_training_summary
+        from pipeline.evaluation.summary import print_training_summary, run_end_lines
+        from pipeline.tracking.console import console
 
         print_training_summary(metrics, dataset_manifest(cfg.data).classes)  # (an index comes from its cache)
+        for line in run_end_lines(run_dir_of(cfg), cfg.train.monitor, time.monotonic() - started):
+            console.print(line, markup=False)
     return 0
 
 

@@ -158,7 +158,8 @@ class DataConfig:
     """Decode JPEGs at 1/2, 1/4 or 1/8 size (PIL draft) when the crop still covers image_size pixels (workers)."""
     max_bad_fraction: float = 0.01
     """Stop (exit 65) when more than this fraction of an epoch's train or val samples were skipped as bad
-    (undecodable, unlabelled, truncated shard; see docs/data.md "Bad data"); 0: any bad sample stops the run, 1: never."""
+    (undecodable, unlabelled, truncated shard; see docs/data.md "Bad data"); 0: any bad sample stops the run,
+    1: never."""
     retries: int = 5
     """Retries of a remote shard read after a transient failure (reset, timeout, HTTP 5xx/429), in a row; 0: none."""
     timeout_s: float = 60.0

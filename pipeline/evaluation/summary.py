@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
@@ -69,6 +72,39 @@ def print_training_summary(metrics: dict, classes: Sequence[str], console: Conso
     rows = per_class_rows(metrics["confusion_matrix"], classes)
     worst = sorted(rows, key=lambda r: (r["f1"], r["class"]))[:WORST_CLASSES]
     console.print(_class_table(worst, f"worst {len(worst)} of {len(rows)} classes (by F1)"))
+
+
+def _duration(seconds: float) -> str:
+    """'42s', '3m 05s', '2h 07m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def run_end_lines(run_dir: Path, monitor: str, seconds: float) -> list[str]:
+    """What a finished run did and what to do next: the best epoch and its monitored value (from the best
+    checkpoint's early-stopping state), the wall time, where the best weights are, and the commands that use them."""
+    best = run_dir / "checkpoints" / "best"
+    lines = []
+    try:
+        early = json.loads((best / "state.json").read_text())["early_stopping"]
+        epochs = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())["train"]["epoch"] \
+            if (run_dir / "checkpoints" / "last" / "state.json").is_file() else early["best_epoch"]
+        lines.append(f"best epoch {early['best_epoch']} of {epochs}: {monitor} {early['best']:.4f}  |  "
+                     f"wall time {_duration(seconds)}")
+    except (OSError, KeyError, ValueError):
+        lines.append(f"wall time {_duration(seconds)}")
+    if not best.is_dir():
+        return lines
+    quoted = shlex.quote(str(run_dir))
+    return [*lines, f"best weights: {best}", "next:",
+            f"  pipeline evaluate {quoted}  # per-class table, confusion matrix",
+            f"  pipeline report {quoted}  # report.html: curves, diagnosis, Grad-CAM",
+            f"  pipeline export {quoted} --format onnx  # a deployable model, parity-checked",
+            f"  pipeline predict {quoted} IMAGE...  # top-k classes of your images"]
 
 
 def print_evaluation(metrics: dict, split: str, console: Console | None = None) -> None:

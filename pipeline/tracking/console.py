@@ -21,6 +21,8 @@ from rich.text import Text
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line
+_live: Console | None = None
+"""The console a progress bar is drawn on while one is (see `progress_bar`)."""
 
 
 class NullProgress:
@@ -50,20 +52,46 @@ class ImagesPerSecondColumn(ProgressColumn):
         return Text(f"{task.speed * images:,.0f} img/s")
 
 
+def terminal_width() -> int | None:
+    """Columns of the terminal stdout is, or None when it is piped or logged (lines are then never shortened)."""
+    return console.width if console.is_terminal else None
+
+
+def bar_console() -> Console | None:
+    """Where a progress bar goes: the terminal stdout is (so the lines `console` prints are drawn above the bar by
+    rich itself, not onto it), else stderr when that alone is the terminal (stdout piped to a log keeps clean
+    lines); None when neither is a terminal (a transient bar would leave only blank lines)."""
+    if console.is_terminal:
+        return console
+    stderr = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    return stderr if stderr.is_terminal else None
+
+
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Progress | NullProgress]:
-    """A rich progress bar, or a do-nothing one when disabled or not attached to a terminal/log."""
-    stderr = Console(file=sys.stderr)
-    if not enabled or not stderr.is_terminal:  # piped or logged: a transient bar would leave only blank lines
+    """A rich progress bar, or a do-nothing one when disabled or not attached to a terminal."""
+    global _live
+    target = bar_console() if enabled else None
+    if target is None or _live is not None:  # one live bar at a time (rich allows no nesting)
         yield NullProgress()
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), ImagesPerSecondColumn(), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), console=stderr, transient=True)
+                        TextColumn("ETA"), TimeRemainingColumn(), console=target, transient=True)
     with progress:
         original_add = progress.add_task
         progress.add_task = lambda *a, info="", **k: original_add(*a, info=info, **k)  # type: ignore[method-assign]
-        yield progress
+        _live = target
+        try:
+            yield progress
+        finally:
+            _live = None
+
+
+def _above_bar(target: Console) -> Console:
+    """`target`, or the console a live bar is drawn on when `target` is the terminal too: printed there, a line
+    goes above the bar; printed straight to the terminal, it would land on the bar's line and wrap."""
+    return _live if _live is not None and target is not _live and target.is_terminal else target
 
 
 def warn(message: str) -> None:
@@ -72,4 +100,4 @@ def warn(message: str) -> None:
 
     from pipeline.config.secrets import mask_text
 
-    err_console.print(f"[yellow]warning:[/yellow] {escape(mask_text(message))}")
+    _above_bar(err_console).print(f"[yellow]warning:[/yellow] {escape(mask_text(message))}")

@@ -33,7 +33,8 @@ def check_data_root(cfg: Config) -> None:
         return
     if any(mark in cfg.data.root for mark in ("://", "pipe:", "{", "*")) or is_shard_name(cfg.data.root):
         raise FileNotFoundError(f"data.root='{cfg.data.root}' names shards, not one of our folders; give WebDataset "
-                                f"shards as data.train=... data.val=... (see docs/data.md 'WebDataset shards you already have')")
+                                f"shards as data.train=... data.val=... "
+                                f"(see docs/data.md 'WebDataset shards you already have')")
     if not root.is_dir():
         raise FileNotFoundError(f"data.root='{cfg.data.root}' does not exist (the digits demo is built only at "
                                 f"{DataConfig().root} or with data.auto_prepare_digits=true); build shards with "

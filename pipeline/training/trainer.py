@@ -21,7 +21,7 @@ from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.testing import faults as injected
-from pipeline.tracking.console import NullProgress, progress_bar
+from pipeline.tracking.console import NullProgress, progress_bar, terminal_width
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.training.bad_data import BadDataMonitor
 from pipeline.training.callbacks import Callback, CallbackList
@@ -63,13 +63,22 @@ def resume_point(state: TrainState) -> str:
     return f"after epoch {state.epoch} (step {state.global_step})"
 
 
-def epoch_line(record: dict, epochs: int, seconds: float, improved: bool) -> str:
-    """The line printed after each epoch; one terminal row: <= 100 characters while epochs < 1000, losses < 10
-    (cross-entropy starts at ln(classes)), throughput < 1M images/s and an epoch < 10,000 s."""
+def epoch_line(record: dict, epochs: int, seconds: float, improved: bool, width: Optional[int] = None) -> str:
+    """The line printed after each epoch: <= 100 characters while epochs < 1000, losses < 10 (cross-entropy starts at
+    ln(classes)), throughput < 1M images/s and an epoch < 10,000 s. Given a terminal's `width`, it stays one row of
+    it: the throughput, then the learning rate, are left out when it would wrap (both are in metrics.jsonl)."""
     speed = record.get("images_per_second")
-    return (f"epoch {record['epoch']}/{epochs}  loss {record['train/loss']:.4f}  val_loss {record['val/loss']:.4f}  "
-            f"val_acc {record['val/accuracy']:.4f}  lr {record['lr']:.1e}"
-            + (f"  {speed:.0f} img/s" if speed else "") + f"  {seconds:.1f}s" + ("  best" if improved else ""))
+    fields = {"epoch": f"epoch {record['epoch']}/{epochs}", "loss": f"loss {record['train/loss']:.4f}",
+              "val_loss": f"val_loss {record['val/loss']:.4f}", "val_acc": f"val_acc {record['val/accuracy']:.4f}",
+              "lr": f"lr {record['lr']:.1e}", "speed": f"{speed:.0f} img/s" if speed else "",
+              "time": f"{seconds:.1f}s", "best": "best" if improved else ""}
+    line = "  ".join(v for v in fields.values() if v)
+    for droppable in ("speed", "lr"):
+        if width is None or len(line) <= width:
+            break
+        fields[droppable] = ""
+        line = "  ".join(v for v in fields.values() if v)
+    return line
 
 
 class Trainer:
@@ -89,6 +98,7 @@ class Trainer:
         self.steps_per_epoch = train.stream.steps_per_epoch()
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.progress = NullProgress()
+        self.epochs_task = 0
         self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_steps,
                                         check_grads=cfg.train.precision != "fp16", dist=dist)
         self.callbacks = CallbackList([*(callbacks or []), GuardHooks(self.nonfinite)])
@@ -107,13 +117,14 @@ class Trainer:
         self.stop.install()
         show = self.cfg.logging.progress and self.dist.is_main
         with progress_bar(show) as self.progress:
-            epochs = self.progress.add_task("epochs", total=self.cfg.train.epochs, completed=self.state.epoch)
+            self.epochs_task = self.progress.add_task("epochs", total=self.cfg.train.epochs,
+                                                      completed=self.state.epoch)
             while self.state.epoch < self.cfg.train.epochs and not self.state.stopped_early:
                 started = time.perf_counter()
                 train_metrics = self.train_epoch(self.state.epoch)
                 val_metrics = self.validate()
                 self.end_epoch(train_metrics, val_metrics, time.perf_counter() - started)
-                self.progress.advance(epochs)
+                self.progress.update(self.epochs_task, completed=self.state.epoch)  # exact after the steps' fractions
                 self.stop_if_requested()  # a signal during validation: the epoch's checkpoint is written
         self.stop.uninstall()
         self.restore_best()
@@ -150,6 +161,7 @@ class Trainer:
                                                 self.steps_per_epoch)
                 self.after_optimizer_step()
             self.progress.advance(task)
+            self.progress.advance(self.epochs_task, 1 / self.steps_per_epoch)  # the epochs bar moves (and has an ETA)
         self.progress.remove_task(task)
         totals = self.dist.reduce_sum(self.epoch_totals.clone())
         self.epoch_totals.zero_()
@@ -271,7 +283,7 @@ class Trainer:
         self.state.stopped_early = self.early.should_stop
         self.log.append(record)  # the log, the tracker and print are the main process's only
         self.tracker.log(record, step=self.state.global_step)
-        self.dist.print(epoch_line(record, self.cfg.train.epochs, seconds, improved))
+        self.dist.print(epoch_line(record, self.cfg.train.epochs, seconds, improved, terminal_width()))
         final = self.state.epoch >= self.cfg.train.epochs or self.state.stopped_early
         if improved and self.cfg.checkpoint.save_best:
             self.save("best", final)
