@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 from rich.progress import Progress
 
@@ -47,9 +48,9 @@ def test_epoch_line_fits_one_terminal_row() -> None:
                     "  best")
     assert len(line) <= 100
     assert epoch_line(record, 999, 9999.5, improved=True, width=100) == line
-    assert epoch_line(record, 999, 9999.5, improved=True, width=80) == \
+    assert epoch_line(record, 999, 9999.5, improved=True, width=90) == \
         "epoch 999/999  loss 9.3456  val_loss 9.2500  val_acc 1.0000  lr 1.2e-04  9999.5s  best"
-    assert epoch_line(record, 999, 9999.5, improved=True, width=70) == \
+    assert epoch_line(record, 999, 9999.5, improved=True, width=80) == \
         "epoch 999/999  loss 9.3456  val_loss 9.2500  val_acc 1.0000  9999.5s  best"
 
 
@@ -82,3 +83,24 @@ def test_data_shards_of_equal_classes_says_so_and_keeps_stderr_empty(tmp_path, c
     assert "train: 12 samples, 2 classes; 6 per class (balanced)" in lines
     assert "val  : 4 samples, 2 classes; 2 per class (balanced)" in lines
     assert not any("smallest" in line for line in lines)
+
+
+def test_cpu_threads_leave_a_core_to_each_loader_worker() -> None:
+    from pipeline.training.threads import choose_threads
+
+    # The quick start on 2 cores: 2 workers -> 1 thread (torch would take 2, oversubscribing with the workers).
+    assert choose_threads("auto", 2, 1, cores=2, env={}) == (1, "auto: 2 cores - 2 loader workers")
+    assert choose_threads("auto", 0, 1, cores=2, env={}) == (2, "auto: 2 cores - 0 loader workers")
+    assert choose_threads("auto", 4, 2, cores=32, env={}) == (12, "auto: 32 cores / 2 ranks - 4 loader workers")
+    assert choose_threads("auto", 8, 8, cores=16, env={})[0] == 1
+    assert choose_threads("auto", 2, 1, cores=16, env={"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    assert choose_threads("6", 2, 1, cores=2, env={"OMP_NUM_THREADS": "3"}) == (6, "train.cpu_threads")
+
+
+def test_cpu_threads_bad_values_are_one_line() -> None:
+    from pipeline.config import load_config
+
+    for bad in ("0", "many", "-1"):
+        with pytest.raises(ValueError, match=r"^train.cpu_threads='.*' is not valid; give auto or a whole number"):
+            load_config(None, [f"train.cpu_threads={bad}"])
+    assert load_config(None, ["train.cpu_threads=3"]).train.cpu_threads == "3"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from pipeline.training.run_data import load_manifest
 from pipeline.training.run_folder import RunLock, check_resume, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
+from pipeline.training.threads import set_threads
 from pipeline.training.trainer import Trainer
 
 
@@ -48,6 +50,8 @@ class Run:
     trainer: Trainer
     lock: RunLock
     """The run folder's lock (held by the main process only), released when `train` ends, however it ends."""
+    threads: str = ""
+    """torch's intra-op threads in this process and why, for the start line (`pipeline.training.threads`)."""
 
 
 def build_run(cfg: Config, callbacks: list | None = None) -> Run:
@@ -61,6 +65,7 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
                       init_timeout_s=cfg.dist.init_timeout_s)
     if precision_note:
         dist.print(precision_note)
+    threads = set_threads(cfg.train.cpu_threads, cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)
@@ -70,7 +75,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     config_yaml = to_yaml(cfg)
     lock = claim_run_folder(cfg, dist, run_dir, config_yaml)
     try:
-        return _build_rest(cfg, dist, run_dir, manifest, config_yaml, lock, callbacks, gradual)
+        return dataclasses.replace(_build_rest(cfg, dist, run_dir, manifest, config_yaml, lock, callbacks, gradual),
+                                   threads=threads)
     except BaseException:
         lock.release()
         raise
@@ -141,7 +147,7 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     run = build_run(cfg, callbacks)
     dist = run.dist
     dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}, "
-               f"{run.cfg.train.precision}  |  "
+               f"{run.cfg.train.precision}, {run.threads}  |  "
                f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes")
     try:
         run.trainer.fit()

@@ -337,8 +337,14 @@ class TrainConfig:
     """skip: stop (exit 70) after this many non-finite optimizer steps in a row."""
     cudnn_benchmark: bool = True
     """GPU: let cuDNN time its convolution algorithms for the input shapes once (faster for fixed image sizes)."""
+    cpu_threads: str = "auto"
+    """torch's intra-op threads in each training process: auto (OMP_NUM_THREADS when set, else this node's usable
+    cores / ranks on it - data.num_workers, at least 1, so the loader's workers and the main process never
+    oversubscribe the cores) or a number."""
 
     def __post_init__(self) -> None:
+        if self.cpu_threads != "auto" and not (str(self.cpu_threads).isdigit() and int(self.cpu_threads) >= 1):
+            raise ValueError(f"train.cpu_threads={self.cpu_threads!r} is not valid; give auto or a whole number >= 1")
         _check_range("train.epochs", self.epochs, 1)
         _check_range("train.batch_size", self.batch_size, 1)
         _check_range("train.eval_batch_size", self.eval_batch_size, 1)

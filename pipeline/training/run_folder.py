@@ -39,7 +39,7 @@ HARMLESS_PREFIXES = ("logging.", "report.", "checkpoint.", "run.", "cv.", "dist.
 HARMLESS_KEYS = {"data.num_workers", "data.worker_start", "data.pin_memory", "data.max_bad_fraction",
                  "data.auto_prepare_digits", "train.log_every_steps", "train.eval_batch_size",
                  "train.cudnn_benchmark", "train.early_stopping_patience", "train.early_stopping_min_delta",
-                 "train.nonfinite", "train.max_nonfinite_steps"}
+                 "train.nonfinite", "train.max_nonfinite_steps", "train.cpu_threads"}
 """Keys a resume may change: they touch neither the weights' shapes nor the optimisation trajectory. Every other
 key (model.*, data.*, optim.*, scheduler.*, train.batch_size/precision/seed, finetune.*...) is refused unless
 checkpoint.resume_changes=allow: an allow-list, so a key added later is refused until someone judges it."""
