@@ -34,7 +34,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
                        run.dist.accelerator.autocast, run.cfg.model.channels_last)
     counts = run.dist.gather_rows(data.faults).sum(dim=0)  # bad samples are left out of the metrics
     probs, labels = _gather(*collect_predictions(run.model, run.loader(split), run.device,
-                                                 run.dist.accelerator.autocast), run.dist)
+                                                 run.dist.accelerator.autocast, run.cfg.model.channels_last),
+                            run.dist)
     return {**evaluation_record(metrics, faults.num_skipped(counts), faults.as_dict(counts)),
             **analyse(probs, labels, run.classes)}
 

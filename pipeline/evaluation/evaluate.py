@@ -47,10 +47,10 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, metrics: C
 
 
 def collect_predictions(model: nn.Module, batches: Iterable, device: torch.device,
-                        autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        autocast=None, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities (N, C) and labels (N,) on the CPU (see `predict_batches`)."""
     probs, labels = [], []
-    for logits, target in predict_batches(model, batches, device, autocast):
+    for logits, target in predict_batches(model, batches, device, autocast, channels_last):
         probs.append(logits.softmax(dim=-1).cpu())
         labels.append(target.cpu())
     return torch.cat(probs), torch.cat(labels)

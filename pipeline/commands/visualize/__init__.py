@@ -42,13 +42,21 @@ class TestPredictions:
 
 
 def predict_split(run, split: str = "test") -> TestPredictions:
-    images, labels, probs = [], [], []
-    with torch.inference_mode():
-        for batch, target in run.loader(split):
-            probs.append(run.model(batch.to(run.device)).float().softmax(dim=-1).cpu())
+    """The split's predictions by the one eval loop `pipeline evaluate` uses (`collect_predictions`: the run's
+    autocast and memory format), so the report's numbers are evaluate's to the last digit; the images are kept
+    for the galleries."""
+    from pipeline.evaluation.evaluate import collect_predictions
+
+    images = []
+
+    def keeping_images(batches):
+        for batch, target in batches:
             images.append(batch)
-            labels.append(target)
-    return TestPredictions(torch.cat(images), torch.cat(labels), torch.cat(probs))
+            yield batch, target
+
+    probs, labels = collect_predictions(run.model, keeping_images(run.loader(split)), run.device,
+                                        run.dist.accelerator.autocast, run.cfg.model.channels_last)
+    return TestPredictions(torch.cat(images), labels, probs)
 
 
 def gradcam_gallery(run, preds: TestPredictions, count: int, correct: bool, layer: str | None = None) -> bytes | None:
@@ -61,8 +69,8 @@ def gradcam_gallery(run, preds: TestPredictions, count: int, correct: bool, laye
     cams, _ = grad_cam(run.model, layer, preds.images[index].to(run.device))
     data = run.cfg.data
     shown = [to_display(preds.images[i], data.mean, data.std) for i in index.tolist()]
-    captions = [f"true {run.classes[int(preds.labels[i])]} / pred {run.classes[int(preds.predicted[i])]} "
-                f"({float(preds.probs[i].max()):.2f})" for i in index.tolist()]
+    captions = [f"true {run.classes[int(preds.labels[i])]}\npred {run.classes[int(preds.predicted[i])]} "
+                f"({float(preds.probs[i].max()):.2f})" for i in index.tolist()]  # two lines: narrow tiles
     return gradcam_png(shown, cams, captions)
 
 

@@ -37,13 +37,24 @@ def _values(history: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
     return epochs, values
 
 
+LOG_SPAN = 20.0
+"""A loss axis whose largest value is this many times its smallest is drawn on a log scale: one blown-up epoch (a
+validation loss of 1,315 beside 0.5) would otherwise flatten every other epoch onto the floor."""
+
+
 def curves_png(history: Sequence[dict]) -> bytes:
-    """Loss and accuracy (train vs validation) and the learning rate per epoch."""
+    """Loss and accuracy (train vs validation) and the learning rate per epoch; the loss on a log scale when its
+    values span more than `LOG_SPAN`."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for ax, metric in zip(axes[:2], ("loss", "accuracy")):
+        shown = []
         for split, style in (("train", "-o"), ("val", "-s")):
             epochs, values = _values(history, f"{split}/{metric}")
             ax.plot(epochs, values, style, markersize=3, label=split)
+            shown += [v for v in values if math.isfinite(v) and v > 0]
+        if metric == "loss" and shown and max(shown) > LOG_SPAN * min(shown):
+            ax.set_yscale("log")
+            metric = "loss (log scale)"
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.legend()
@@ -154,9 +165,11 @@ def feature_maps_png(image: np.ndarray, maps: dict[str, torch.Tensor], channels:
 
 def gradcam_png(images: Sequence[np.ndarray], cams: torch.Tensor, captions: Sequence[str]) -> bytes:
     """Each image with its Grad-CAM heat map overlaid (jet, alpha 0.45) and a caption."""
-    fig, tiles = _gallery(len(images), 6, (1.7, 1.9))
+    lines = max((c.count("\n") + 1 for c in captions), default=1)
+    fig, tiles = _gallery(len(images), 6, (1.9, 1.8 + 0.16 * lines))  # room for every caption line: no overlap
     for image, cam, caption, ax in zip(images, cams, captions, tiles, strict=True):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.imshow(cam.numpy(), cmap="jet", alpha=0.45)
         ax.set_title(caption, fontsize=7)
+    fig.subplots_adjust(hspace=0.2 * lines, wspace=0.05)  # titles sit between the rows
     return _png(fig)
