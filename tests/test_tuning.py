@@ -3,6 +3,7 @@ and two parallel workers against a real PostgreSQL (tests/services/start_postgre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -175,6 +176,13 @@ def test_study_prunes_writes_best_config_that_retrains_and_restart_continues(tmp
     assert summary["numbers"] == [0, 1, 2, 3]
     assert states["complete"] + states["pruned"] == 4 and states["fail"] == 0
     assert states["pruned"] >= 1
+    # A pruned trial shows its last epoch line, then why it stopped; the console summary is text, not Markdown.
+    lines = done.stdout.splitlines()
+    pruned_at = [i for i, line in enumerate(lines) if line.startswith("pruned at epoch 1:")]
+    assert len(pruned_at) == states["pruned"]
+    assert all(lines[i - 1].startswith("epoch 1/2  loss ") for i in pruned_at), done.stdout
+    assert "![" not in done.stdout and "`" not in done.stdout
+    assert f"plot: {tmp_path / 'studies' / 'tiny' / 'optimization_history.png'}" in lines
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir / 'study.db'}")
     for trial in study.trials:
         run_dir = study_dir / "trials" / f"trial-{trial.number:04d}"
@@ -222,6 +230,35 @@ def test_study_prunes_writes_best_config_that_retrains_and_restart_continues(tmp
     assert f"trial 5: {retried.user_attrs['overrides']} (retry of trial 4)" in again.stdout
     assert "no new trial: the study has its 6 trials" in again.stdout
     assert json.loads((study_dir / "study.json").read_text())["numbers"] == numbers
+
+
+def test_tune_checks_the_base_config_and_data_before_any_trial(tmp_path, shards):
+    """A rerun whose data is missing, or whose base config differs from the study's, stops with one line (exit 2)
+    before a trial is created: no failed trials left in the study for ever."""
+    tune = {"sampler": "random", "n_trials": 1, "space": {"optim.lr": {"choices": [0.02]}}}
+    path = tiny_tuning_file(tmp_path, shards, tune, train={"epochs": 1})
+    first = run_cli("tune", str(path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    db = tmp_path / "studies" / "tiny" / "study.db"
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    cases = {f"data.root={tmp_path / 'gone'}": f"data.root='{tmp_path / 'gone'}' does not exist",
+             "model.dropout=0.3": "study 'tiny' began with another base config"}
+    for override, message in cases.items():
+        started = time.monotonic()
+        done = run_cli("tune", str(path), override, "tune.n_trials=3")
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.startswith("error: ") and message in done.stderr.splitlines()[0], done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert "model.dropout 0.0 -> 0.3" in done.stderr or "dropout" not in override
+        assert time.monotonic() - started < 60
+        assert "trial " not in done.stdout
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before  # not one trial (nor anything else) added
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+    # Settings a resume may change are no reason to refuse: the study goes on.
+    again = run_cli("tune", str(path), "train.log_every_steps=5", "tune.n_trials=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "base config changed where it does not matter: train.log_every_steps 20 -> 5" in again.stdout
 
 
 # ---- two workers, one PostgreSQL study --------------------------------------------------------------

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Optional
 
 import optuna
 
+from pipeline.tracking.console import terminal_width
 from pipeline.training.callbacks import Callback
+from pipeline.training.trainer import epoch_line
 
 if TYPE_CHECKING:
     from pipeline.training.trainer import Trainer
@@ -43,6 +45,9 @@ class TrialReporter(Callback):
             record["pruned"] = True
             trainer.log.append(record)  # the loop logs after callbacks; keep the pruned epoch in metrics.jsonl
             trainer.tracker.finish()
+            # The loop prints the epoch line after the callbacks: print it here, or the pruned epoch shows none.
+            trainer.dist.print(epoch_line(record, trainer.cfg.train.epochs, record.get("epoch_seconds", 0.0),
+                                          improved=False, width=terminal_width()))
             trainer.dist.print(f"pruned at epoch {record['epoch']}: {self.metric} {value:.4f}")
             raise optuna.TrialPruned(f"pruned at epoch {record['epoch']} with {self.metric}={value}")
 

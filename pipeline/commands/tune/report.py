@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import optuna
@@ -154,5 +155,17 @@ def write_report(study: optuna.Study, tune: TuneConfig, base: Config) -> dict:
     summary["plots"] = plots
     _write(study_dir / "summary.md", "".join(text))
     _write(study_dir / "study.json", json.dumps(summary, indent=2) + "\n")
-    print("".join(text), flush=True)
+    print(console_text("".join(text), study_dir), flush=True)
     return summary
+
+
+def console_text(markdown: str, study_dir: Path) -> str:
+    """summary.md for a terminal: no heading marks, code marks or Markdown line breaks, and each plot as its path."""
+    lines = []
+    for line in markdown.splitlines():
+        image = re.fullmatch(r"!\[[^\]]*\]\(([^)]+)\)", line.strip())
+        if image:
+            lines.append(f"plot: {study_dir / image.group(1)}")
+            continue
+        lines.append(line.removeprefix("# ").replace("`", "").rstrip())
+    return "\n".join(lines).strip("\n") + "\n"

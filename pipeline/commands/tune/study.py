@@ -275,7 +275,34 @@ def _attempt(job: Job, worker: "StudyWorker | Follower", tune: TuneConfig, base:
             return TrialState.FAIL, None, error
 
 
+def check_base(tune: TuneConfig, base: Config) -> None:
+    """Before the study is opened and any trial exists: the base config's data is there (the checks `pipeline
+    train` makes first), and a study that already ran keeps the base config it began with. Otherwise every trial
+    would fail (and stay in the study as failed for ever), or later trials would be compared with earlier ones
+    trained on other settings. Changes a resume may make (logging, workers, ...) are only noted."""
+    import yaml
+
+    from pipeline.data.dataset import dataset_manifest
+    from pipeline.training.preflight import check_data_root
+    from pipeline.training.run_folder import config_changes, is_harmless
+
+    check_data_root(base)
+    dataset_manifest(base.data)  # shards readable, classes known (an index comes from its cache)
+    saved = tune.study_dir / "base_config.yaml"
+    if not saved.is_file():
+        return
+    changes = config_changes(yaml.safe_load(saved.read_text()), yaml.safe_load(to_yaml(base)), None, 1)
+    refused = [c for c in changes if not is_harmless(*c)]
+    described = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in (refused or changes))
+    if refused:
+        raise ValueError(f"study '{tune.study_name}' began with another base config ({saved}): {described}; rerun "
+                         f"with the same config and overrides, or start a new study (tune.study_name=...)")
+    if changes:
+        print(f"study '{tune.study_name}': base config changed where it does not matter: {described}", flush=True)
+
+
 def _open_worker(tune: TuneConfig, base: Config, space: SearchSpace) -> "StudyWorker":
+    check_base(tune, base)
     tune.study_dir.mkdir(parents=True, exist_ok=True)
     worker = StudyWorker(tune, base, space)
     _save_settings(tune, base)
