@@ -156,7 +156,8 @@ def test_predict_never_runs_code_planted_in_an_exported_model_without_trust_code
         f"'{program.with_suffix('.safetensors')}' (weights only, written beside it by pipeline export), or pass "
         f"--trust-code if you trust this file"]
     assert refused.stdout == "" and not marker.exists() and snapshot(tmp_path) == before
-    assert seconds < 60, seconds  # measured 2-6 s (the CLI's start; the file is never opened)
+    print(f"predict refused: exit {refused.returncode} in {seconds:.1f} s")
+    assert seconds < 150, seconds  # the CLI's start (torch) only: the file is never opened; see REFUSED_WITHIN_S
     # the plant is real: with the flag, loading the file runs it
     trusted = run_cli(["predict", str(program), str(images), "--trust-code"], check=False, timeout=120)
     assert marker.exists() and trusted.returncode != 0
