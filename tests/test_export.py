@@ -1,11 +1,16 @@
 """`pipeline export`: parity checked by the command itself (TorchScript and torch.export without extras; ONNX with
-the [export] extra), the sidecar and safetensors metadata, a mismatch refused, predict from an exported model."""
+the [export] extra), the sidecar and safetensors metadata, a mismatch refused, predict from an exported model; where
+an export may write (never into checkpoints), and what predict loads without --trust-code (nothing that runs code)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,8 @@ import pipeline.commands.export as export
 from pipeline.commands.cli import main
 from pipeline.commands.train import train
 from pipeline.config import load_config
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, run_cli
+from tests.test_run_folder import snapshot
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +93,131 @@ def test_predict_with_an_exported_model_equals_predict_with_the_run(run_dir: Pat
         Image.new("L", (8, 8), color=40 * i).save(tmp_path / f"{i}.png")
     assert main(["predict", str(run_dir), str(tmp_path), "--json"]) == 0
     from_run = json.loads(capsys.readouterr().out)
-    assert main(["predict", str(written["path"]), str(tmp_path), "--json"]) == 0
+    assert main(["predict", str(written["path"]), str(tmp_path), "--json", "--trust-code"]) == 0
     from_export = json.loads(capsys.readouterr().out)
     assert [[t["class"] for t in r["top_k"]] for r in from_export] == [[t["class"] for t in r["top_k"]]
                                                                          for r in from_run]
     assert [t["probability"] for r in from_export for t in r["top_k"]] == pytest.approx(
         [t["probability"] for r in from_run for t in r["top_k"]], abs=1e-6)
+
+
+# ---- what predict trusts (issue 26, item 8) ----------------------------------------------------------------
+class _Exploit:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant_code(program: Path, marker: Path) -> None:
+    """Edit a torch.export .pt2 as a stranger could: its first weight becomes a pickle (use_pickle: true in the
+    weights config) whose unpickling creates `marker`; torch.export.load unpickles such weights with
+    weights_only=False."""
+    with zipfile.ZipFile(program) as archive:
+        entries = [(info, archive.read(info.filename)) for info in archive.infolist()]
+    config_name = next(info.filename for info, _ in entries if info.filename.endswith("/model_weights_config.json"))
+    config = json.loads(dict((i.filename, d) for i, d in entries)[config_name])
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    payload = io.BytesIO()
+    torch.save(_Exploit(marker), payload)
+    with zipfile.ZipFile(program, "w", zipfile.ZIP_STORED) as archive:
+        for info, data in entries:
+            if info.filename == config_name:
+                data = json.dumps(config).encode()
+            elif info.filename.endswith(f"/data/weights/{first['path_name']}"):
+                data = payload.getvalue()
+            archive.writestr(info, data)
+
+
+def _images(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    for i in range(3):
+        Image.new("L", (8, 8), color=40 * i).save(folder / f"{i}.png")
+    return folder
+
+
+def test_predict_never_runs_code_planted_in_an_exported_model_without_trust_code(run_dir: Path, tmp_path: Path,
+                                                                                    capsys) -> None:
+    _, written = _export(run_dir, "exported", capsys, "--out", str(tmp_path / "model.pt2"))
+    program, marker = written["path"], tmp_path / "pwned"
+    plant_code(program, marker)
+    images = _images(tmp_path / "images")
+    before = snapshot(tmp_path)
+    started = time.monotonic()
+    refused = run_cli(["predict", str(program), str(images)], check=False, timeout=120)
+    seconds = time.monotonic() - started
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.splitlines() == [
+        f"error: '{program}' is a torch.export program, and loading one runs the code inside it; predict from "
+        f"'{program.with_suffix('.safetensors')}' (weights only, written beside it by pipeline export), or pass "
+        f"--trust-code if you trust this file"]
+    assert refused.stdout == "" and not marker.exists() and snapshot(tmp_path) == before
+    print(f"predict refused: exit {refused.returncode} in {seconds:.1f} s")
+    assert seconds < 150, seconds  # the CLI's start (torch) only: the file is never opened; see REFUSED_WITHIN_S
+    # the plant is real: with the flag, loading the file runs it
+    trusted = run_cli(["predict", str(program), str(images), "--trust-code"], check=False, timeout=120)
+    assert marker.exists() and trusted.returncode != 0
+
+
+def test_torchscript_is_refused_without_trust_code_and_loads_with_it(run_dir: Path, tmp_path: Path, capsys) -> None:
+    _, written = _export(run_dir, "torchscript", capsys, "--out", str(tmp_path / "ts.pt"))
+    images = _images(tmp_path / "images")
+    assert main(["predict", str(written["path"]), str(images)]) == 2
+    assert capsys.readouterr().err.strip().endswith("or pass --trust-code if you trust this file")
+    assert main(["predict", str(written["path"]), str(images), "--trust-code", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+
+
+def test_predict_from_the_exported_safetensors_needs_no_trust_and_equals_the_run(run_dir: Path, tmp_path: Path,
+                                                                                   capsys) -> None:
+    _, written = _export(run_dir, "exported", capsys, "--out", str(tmp_path / "model.pt2"))
+    images = _images(tmp_path / "images")
+    assert main(["predict", str(run_dir), str(images), "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(written["path"].with_suffix(".safetensors")), str(images), "--json"]) == 0
+    from_weights = json.loads(capsys.readouterr().out)
+    assert [[t["class"] for t in r["top_k"]] for r in from_weights] == [[t["class"] for t in r["top_k"]]
+                                                                          for r in from_run]
+    assert [t["probability"] for r in from_weights for t in r["top_k"]] == pytest.approx(
+        [t["probability"] for r in from_run for t in r["top_k"]], abs=1e-6)
+
+
+# ---- where an export writes (issue 26, item 10) ------------------------------------------------------------
+@pytest.mark.parametrize("inside", ["checkpoints/best/model.pt", "checkpoints/last/model.pt", "checkpoints/model.pt"])
+def test_export_never_writes_into_a_runs_checkpoints(run_dir: Path, capsys, inside: str) -> None:
+    checkpoints = run_dir / "checkpoints"
+    before = snapshot(checkpoints)
+    started = time.monotonic()
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(run_dir / inside)]) == 2
+    seconds = time.monotonic() - started
+    folder = {"checkpoints/best/model.pt": checkpoints / "best", "checkpoints/model.pt": checkpoints,
+              "checkpoints/last/model.pt": Path(os.path.realpath(checkpoints / "last"))}[inside]
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out '{run_dir / inside}' would write model.pt into the checkpoint folder '{folder}'; export never "
+        f"writes into a run's checkpoints: choose a path outside them (default {run_dir / 'export' / 'torchscript'}/)"]
+    assert snapshot(checkpoints) == before
+    assert seconds < 5, seconds  # refused before the run is loaded
+
+
+def test_out_naming_a_folder_writes_model_files_inside_it(run_dir: Path, tmp_path: Path, capsys) -> None:
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    _, written = _export(run_dir, "torchscript", capsys, "--out", str(existing))
+    assert written["path"] == existing / "model.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no existing.json, existing.safetensors
+    assert sorted(p.name for p in existing.iterdir()) == ["model.json", "model.pt", "model.safetensors"]
+    _, written = _export(run_dir, "torchscript", capsys, "--out", f"{tmp_path / 'new'}/")  # a folder to create
+    assert written["path"] == tmp_path / "new" / "model.pt"
+
+
+def test_out_with_another_formats_suffix_is_refused(run_dir: Path, tmp_path: Path, capsys) -> None:
+    for out in ("model.safetensors", "model.json", "model.onnx"):
+        assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / out)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: --out '{tmp_path / out}' must end with .pt for --format torchscript (the .json and .safetensors "
+            f"go beside it, same stem), or name a folder to write model.pt into"]
+    assert list(tmp_path.iterdir()) == []

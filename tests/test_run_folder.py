@@ -5,9 +5,11 @@ End-to-end through the CLI on the tiny digits config (data.num_workers=0: failin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -232,3 +234,191 @@ def test_ranks_may_trade_for_accumulation_steps_but_the_global_batch_may_not_cha
     assert config_changes(old, old, 2, 4) == [(GLOBAL_WINDOW, 2, 4)]
     assert not is_harmless("train.epochs", 3, 2) and is_harmless("train.epochs", 2, 3)
     assert not is_harmless("data.augment.hflip", 0.0, 0.5) and not is_harmless("some.future_key", 1, 2)
+
+
+# ---- history that cannot be resumed, data that changed (issue 26, items 1 and 4) ---------------------------
+WORKERS = {"default": (), "0": ("data.num_workers=0",)}
+"""The shipped loader workers (data.num_workers=2, forkserver) and none: a refusal must come before either starts."""
+
+
+def with_workers(args: list[str], workers: str) -> list[str]:
+    return [a for a in args if a != "data.num_workers=0"] + list(WORKERS[workers])
+
+
+REFUSED_WITHIN_S = 150.0
+"""Start to exit of a refused `pipeline train`: the CLI's start (torch, Accelerate, the manifest) and the checks, no
+model and no loader. Measured 44-54 s at load average 16 on the shared 2-core VM, as long as the older config-change
+refusals take there (38-50 s); about 10 s of CPU."""
+LINE_TO_EXIT_S = 30.0
+"""Error line to exit: the interpreter's own teardown (torch loaded; no child process exists). Measured 6-12 s at
+load average 16-18 for these refusals and 10-17 s for the older config-change refusal; well under 1 s of CPU."""
+
+
+def timed_cli(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the CLI watched (tests.test_exits.run_watched): the result and the seconds from start to exit; the error
+    line comes at most LINE_TO_EXIT_S before the exit, and no process the command started is left (by PID)."""
+    from tests.test_exits import run_watched
+
+    started = time.monotonic()
+    ended = run_watched([sys.executable, "-m", "pipeline", *args], tmp_path, timeout_s=240)
+    seconds = time.monotonic() - started
+    print(f"exit {ended.code} {seconds:.1f} s after the start, {ended.seconds:.1f} s after the error line")
+    assert ended.seconds < LINE_TO_EXIT_S and seconds < REFUSED_WITHIN_S, (ended.seconds, seconds)
+    assert ended.left == [], f"processes left: {ended.left}"
+    return subprocess.CompletedProcess(args, ended.code, ended.stdout, ended.stderr), seconds
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("workers", list(WORKERS))
+def test_history_without_a_usable_checkpoint_is_refused_and_left_as_it_was(digits_root: Path, copy: Path,
+                                                                            workers: str) -> None:
+    run_dir = copy / "digits"
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert [s.name for s in steps] == ["step-00000040", "step-00000080"]
+    for step in steps:  # every step checkpoint damaged; best intact
+        flip_a_byte(step / "model.safetensors")
+    before = snapshot(run_dir)
+    result, _ = timed_cli(with_workers(base_args(digits_root, copy, "train.epochs=3"), workers), copy.parent)
+    assert result.returncode == 2, result.stderr[-2000:]
+    best = run_dir / "checkpoints" / "best"
+    assert error_lines(result) == [
+        f"error: run folder '{run_dir}' holds an earlier run (metrics.jsonl epochs 1-2, checkpoints/step-00000080, "
+        f"checkpoints/step-00000040, checkpoints/best) but no checkpoint to resume: step-00000080: model.safetensors "
+        f"does not match its sha256; step-00000040: model.safetensors does not match its sha256; continue with "
+        f"checkpoint.resume={best}, or start afresh with another run.name or with checkpoint.resume=never (which "
+        f"moves the earlier run's files to {run_dir / 'earlier'}/)"]
+    assert result.stderr.splitlines()[0].startswith("error: run folder")  # the first line of output, no warnings
+    assert result.stdout == ""
+    assert snapshot(run_dir) == before  # metrics.jsonl, best, config, history: byte for byte
+
+
+def test_resume_never_moves_the_earlier_run_aside_and_says_so(digits_root: Path, copy: Path) -> None:
+    run_dir = copy / "digits"
+    before = snapshot(run_dir)
+    result = run_cli(base_args(digits_root, copy, "train.epochs=1", "checkpoint.resume=never"), timeout=300)
+    earlier = sorted((run_dir / "earlier").iterdir())
+    assert len(earlier) == 1
+    assert result.stdout.splitlines()[0] == (
+        f"checkpoint.resume=never: moved the earlier run's files (checkpoints, config.yaml, metrics.jsonl, "
+        f"run_info.json, test_metrics.json) to {earlier[0]}/; this run starts from scratch")
+    moved = snapshot(earlier[0])
+    assert moved == {k: v for k, v in before.items() if k != "config_history.jsonl"}  # every old file, unchanged
+    assert epochs_of(run_dir) == [1]  # the new run's own history, not appended to the old
+    history = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and history[1]["set_aside"] == str(earlier[0]) and history[1]["resumed_from"] is None
+
+
+@pytest.fixture(scope="module")
+def five_classes(tmp_path_factory) -> Path:
+    """Shards of the digits 0-4 only: what data.root holds after the data was rebuilt with 5 classes."""
+    from pipeline.data.digits import write_digits_imagefolder
+    from pipeline.data.shards import write_shards
+
+    folder = tmp_path_factory.mktemp("five")
+    write_digits_imagefolder(folder / "images")
+    for label in range(5, 10):
+        shutil.rmtree(folder / "images" / str(label))
+    write_shards(folder / "images", folder / "shards", max_samples=64, show_progress=False)
+    return folder / "shards"
+
+
+def test_resume_on_data_whose_classes_changed_is_refused_before_any_file_changes(
+        digits_root: Path, five_classes: Path, tmp_path: Path) -> None:
+    data = tmp_path / "shards"
+    shutil.copytree(digits_root, data)
+    run_cli(base_args(data, tmp_path / "out", "train.epochs=1"), timeout=300)
+    shutil.rmtree(data)
+    shutil.copytree(five_classes, data)  # the same data.root, rebuilt with 5 classes
+    run_dir = tmp_path / "out" / "digits"
+    before = snapshot(run_dir)
+    step = run_dir / "checkpoints" / "step-00000040"
+    for workers in WORKERS:
+        args = with_workers(base_args(data, tmp_path / "out", "train.epochs=2"), workers)
+        result, _ = timed_cli(args, tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert error_lines(result) == [
+            f"error: cannot resume {step}: the data's classes changed: 10 [0, 1, 2, 3, 4, 5, ...] -> "
+            f"5 [0, 1, 2, 3, 4], and its weights have one output per old class; start a new run (another run.name), "
+            f"or give the data it was trained on"]
+        assert result.stderr.splitlines()[0].startswith("error: cannot resume")
+        assert snapshot(run_dir) == before  # config.yaml, config_history.jsonl, run_info.json untouched
+    # checkpoint.resume_changes=allow cannot override it: the weights' outputs are the old classes
+    result = run_cli(base_args(data, tmp_path / "out", "train.epochs=2", "checkpoint.resume_changes=allow"),
+                     check=False, timeout=180)
+    assert result.returncode == 2 and "the data's classes changed" in error_lines(result)[0]
+    assert snapshot(run_dir) == before
+
+
+def test_data_identity_tells_rebuilt_shards_from_the_same_ones(digits_root: Path, five_classes: Path,
+                                                               tmp_path: Path) -> None:
+    from pipeline.data.manifest import Manifest
+    from pipeline.training.run_folder import DATA_IN_CHECKPOINT, data_change, data_identity
+
+    digits = data_identity(Manifest.read(digits_root))
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / DATA_IN_CHECKPOINT).write_text(json.dumps(digits))
+    assert data_change(folder, digits) == ("", True)
+    assert data_change(folder, None) == ("", True)  # nothing to compare with
+    reshuffled = Manifest.read(digits_root)
+    reshuffled.splits["train"].shards[0].sha256 = "0" * 64  # same classes and counts, other bytes
+    what, allowable = data_change(folder, data_identity(reshuffled))
+    assert allowable and what == f"the data's shards changed (fingerprint {digits['fingerprint'][:12]} -> " \
+                                  f"{data_identity(reshuffled)['fingerprint'][:12]})"
+    what, allowable = data_change(folder, data_identity(Manifest.read(five_classes)))
+    assert not allowable and what.startswith("the data's classes changed: 10 [0, 1, 2, 3, 4, 5, ...] -> 5 [0, 1")
+    (folder / DATA_IN_CHECKPOINT).unlink()  # a checkpoint written before the record: compared by config only
+    assert data_change(folder, data_identity(Manifest.read(five_classes))) == ("", True)
+
+
+@contextlib.contextmanager
+def read_only(*folders: Path):
+    """Folders in which nothing can be created, removed or renamed, for root too (chattr +i; else chmod 0555)."""
+    root = os.geteuid() == 0
+    done = []
+    try:
+        for folder in folders:
+            if root:
+                if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+                    pytest.skip("chattr +i is not available here (root ignores permissions)")
+            else:
+                folder.chmod(0o555)
+            done.append(folder)
+        yield
+    finally:
+        for folder in done:
+            if root:
+                subprocess.run(["chattr", "-i", str(folder)], check=True)
+            else:
+                folder.chmod(0o755)
+
+
+def test_a_failed_last_save_in_a_read_only_run_folder_keeps_the_line_naming_the_checkpoint(
+        digits_root: Path, copy: Path) -> None:
+    run_dir = copy / "digits"
+    args = base_args(digits_root, copy, "train.epochs=3")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    lock = run_dir / ".run.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert lock.exists(), "the run never took the lock"
+        with read_only(run_dir, run_dir / "checkpoints"):  # the folder went read-only while epoch 3 trains
+            out, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.returncode == 74, err[-2000:]
+    lines = err.splitlines()
+    assert re.fullmatch(
+        rf"error: cannot write checkpoint '{run_dir}/checkpoints/(best|step-00000120)': \[Errno \d+\] .*; this was "
+        rf"the run's last save: it resumes from {run_dir}/checkpoints/step-00000080 \(free space and rerun the same "
+        rf"command\)", lines[-1]), lines  # the last word, not the lock's
+    assert f"warning: cannot remove the run folder lock '{lock}'" in err and "Traceback" not in err

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder: `model.safetensors`, `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16),
 `rng/rank<r>.pt` for each rank (its RNG states and partial-epoch sums), `state.json` (epoch,
-step, position in the epoch, best metric...) and `config.yaml` (the resolved config it was trained
-with). Periodic and epoch-end checkpoints are `step-NNNNNNNN` folders (the newest complete one is
+step, position in the epoch, best metric...), `config.yaml` (the resolved config it was trained
+with) and `data.json` (the identity of the data it was trained on: classes, shard fingerprint).
+Periodic and epoch-end checkpoints are `step-NNNNNNNN` folders (the newest complete one is
 what `resume=auto` continues from; `last` is a symbolic link to it for people); `best` holds the
 best weights by the monitored metric. It is written to a hidden temporary folder, every file is
 fsynced, `COMPLETE` (a JSON list of file sizes and sha256 digests) is written last, and only then
@@ -132,9 +133,11 @@ def _torch_save(obj: object, path: Path) -> None:
 class Checkpointer:
     """Saves and loads training checkpoints under one folder (`<run>/checkpoints`)."""
 
-    def __init__(self, directory: str | Path, dist: Dist, keep_last: int = 2, config_yaml: str = ""):
+    def __init__(self, directory: str | Path, dist: Dist, keep_last: int = 2, config_yaml: str = "",
+                 data_identity: Optional[dict] = None):
         self.directory = Path(directory)
         self.config_yaml = config_yaml  # stored in every checkpoint: what a resume compares its config with
+        self.data_identity = data_identity  # ... and its data with (see pipeline.training.run_folder.data_identity)
         self.dist = dist
         self.keep_last = keep_last
 
@@ -183,6 +186,8 @@ class Checkpointer:
         (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.dist.world_size}, indent=2))
         if self.config_yaml:
             (tmp / "config.yaml").write_text(self.config_yaml)
+        if self.data_identity is not None:
+            (tmp / "data.json").write_text(json.dumps(self.data_identity, indent=1))
         _fsync_tree(tmp)
         files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -257,7 +262,12 @@ class Checkpointer:
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
              scaler: Optional[object]) -> tuple[dict, Optional[dict]]:
         """Restore everything; return (state, this rank's saved state or None if it was not saved)."""
-        load_weights(model, folder / "model.safetensors")
+        try:
+            load_weights(model, folder / "model.safetensors")
+        except RuntimeError as exc:  # e.g. other classes, with a checkpoint older than its data.json
+            detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
+            raise ValueError(f"cannot load '{folder / 'model.safetensors'}' into this model (was it trained on other "
+                             f"data or another architecture?): {detail}; start a new run (another run.name)") from None
         optimizer.load_state_dict(load_tensors(folder / "optimizer.pt"))
         scheduler.load_state_dict(load_tensors(folder / "scheduler.pt", map_location=None))
         if scaler is not None and (folder / "scaler.pt").is_file():

@@ -110,7 +110,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.commands.predict import format_predictions, predict
 
-    results = predict(args.run_dir, args.inputs, args.top_k)
+    results = predict(args.run_dir, args.inputs, args.top_k, args.trust_code)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
 
@@ -244,10 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights or an "
                                   "exported model")
     predict.add_argument("run_dir", metavar="RUN_DIR_OR_EXPORTED_MODEL",
-                         help="a run folder, or a file written by pipeline export (its sidecar .json beside it)")
+                         help="a run folder, or a file written by pipeline export: .safetensors or .onnx (a .pt or "
+                         ".pt2 only with --trust-code; its sidecar .json beside it)")
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    predict.add_argument("--trust-code", action="store_true",
+                         help="allow a TorchScript (.pt) or torch.export (.pt2) file, which runs the code inside it "
+                         "when loaded (default: only run folders, exported .safetensors and .onnx)")
     predict.set_defaults(func=_predict)
 
     export = commands.add_parser("export", help="the best weights as TorchScript, ONNX or a torch.export program, "
@@ -255,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--format", required=True, choices=["torchscript", "onnx", "exported"],
                         help="torchscript (.pt), onnx (.onnx; needs pip install -e \".[export]\"), exported (.pt2)")
-    export.add_argument("--out", help="file to write (default RUN_DIR/export/FORMAT/model.pt|.onnx|.pt2); a sidecar "
-                        ".json and a .safetensors with the same stem go beside it")
+    export.add_argument("--out", help="file to write, with the format's suffix (default RUN_DIR/export/FORMAT/"
+                        "model.pt|.onnx|.pt2), or a folder (existing, or ending in /) to write model.* into; a sidecar "
+                        ".json and a .safetensors with the same stem go beside it; never inside a run's checkpoints")
     export.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest max abs diff of logits accepted (default 1e-4); above it nothing is written")
     export.set_defaults(func=_export)

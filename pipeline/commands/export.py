@@ -5,13 +5,23 @@ normalisation, image size, channels, config hash, git commit, the parity figures
 weights carrying the same metadata. Before anything is written where asked, the exported model is loaded back and
 run on real validation images at two batch sizes; its logits must match the PyTorch model's (max abs diff printed),
 else nothing is written. ONNX needs the optional extra: pip install -e ".[export]" (onnx, onnxruntime).
+
+Where: `--out` names a file with the format's suffix, or a folder (existing, or given with a trailing '/') that
+gets `model.<suffix>`, `model.json` and `model.safetensors`; an export never writes into a checkpoint folder or a
+run's `checkpoints/` (its `model.safetensors` would replace the weights there).
+
+Loading: TorchScript and torch.export programs hold code that runs when they are loaded, so `pipeline predict`
+loads them only with --trust-code (`CODE_FORMATS`); ONNX and the safetensors weights (rebuilt into the recorded
+architecture) hold none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -30,6 +40,8 @@ TOLERANCE = 1e-4
 PARITY_IMAGES = 32
 """Validation images the parity check runs (as one batch, then the first one alone: the batch size is dynamic)."""
 SIDECAR_SUFFIX = ".json"
+CODE_FORMATS = ("torchscript", "exported")
+"""Formats whose files hold code that runs when they are loaded (TorchScript, a torch.export program's pickles)."""
 
 
 @dataclass
@@ -113,7 +125,8 @@ def export_metadata(run, fmt: str) -> dict:
     """The sidecar's content for a loaded run (before the parity figures are added)."""
     data = run.cfg.data
     config_text = (run.run_dir / "config.yaml").read_text()
-    return {"format": fmt, "model": run.cfg.model.name, "classes": run.classes, "num_classes": len(run.classes),
+    return {"format": fmt, "model": run.cfg.model.name, "model_config": dataclasses.asdict(run.cfg.model),
+            "classes": run.classes, "num_classes": len(run.classes),
             "channels": data.channels, "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
             "random_resized_crop": data.augment.random_resized_crop,
             "input": "float32 NCHW batch, RGB/L scaled to [0, 1] then (x - mean) / std; any batch size",
@@ -146,18 +159,52 @@ def max_abs_diff(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tens
     return worst
 
 
+def checkpoint_folder_of(path: Path) -> Path | None:
+    """The checkpoint folder (one with a COMPLETE marker) or run `checkpoints/` folder `path` would be written in,
+    following links; None when it lies outside every one."""
+    from pipeline.checkpointing.checkpointer import MARKER
+
+    for folder in Path(os.path.realpath(path)).parents:
+        if (folder / MARKER).is_file() or folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def output_path(run_dir: Path, fmt: str, out: str | Path | None) -> Path:
+    """The exported model's path: default RUN_DIR/export/FORMAT/model.SUFFIX; a folder `out` (existing, or ending
+    in '/') gets model.SUFFIX inside; a file `out` must end with the format's suffix (its .json and .safetensors go
+    beside it). ValueError, before anything is read, for a path inside a checkpoint."""
+    suffix = FORMATS[fmt]
+    if out is None:
+        path = run_dir / "export" / fmt / f"model{suffix}"
+    elif Path(out).is_dir() or str(out).endswith(("/", os.sep)):
+        path = Path(out) / f"model{suffix}"
+    elif Path(out).suffix != suffix:
+        raise ValueError(f"--out '{out}' must end with {suffix} for --format {fmt} (the .json and .safetensors go "
+                         f"beside it, same stem), or name a folder to write model{suffix} into")
+    else:
+        path = Path(out)
+    for target in (path, path.with_suffix(SIDECAR_SUFFIX), path.with_suffix(".safetensors")):
+        folder = checkpoint_folder_of(target)
+        if folder is not None:
+            raise ValueError(f"--out '{out}' would write {target.name} into the checkpoint folder '{folder}'; export "
+                             f"never writes into a run's checkpoints: choose a path outside them (default "
+                             f"{run_dir / 'export' / fmt}/)")
+    return path
+
+
 def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tolerance: float = TOLERANCE) -> Exported:
-    """Export the run's best weights to `out` (default RUN_DIR/export/FORMAT/model.pt|.pt2|.onnx), checked for parity
-    first; the sidecar (.json) and the weights with metadata (.safetensors) are written beside it, same stem."""
+    """Export the run's best weights to `out` (see output_path), checked for parity first; the sidecar (.json) and
+    the weights with metadata (.safetensors) are written beside it, same stem."""
     from pipeline.checkpointing.checkpointer import model_state
     from pipeline.evaluation.loaded import load_run
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
+    path = output_path(Path(run_dir), fmt, out)
     run = load_run(run_dir)
     model = run.model.to("cpu").float().eval()
     images = parity_images(run)
-    path = Path(out) if out is not None else run.run_dir / "export" / fmt / f"model{FORMATS[fmt]}"
     metadata = export_metadata(run, fmt)
     with tempfile.TemporaryDirectory(prefix="pipeline-export-") as tmp:
         staged = Path(tmp) / path.name
@@ -184,7 +231,4 @@ def read_sidecar(path: str | Path) -> dict:
     return json.loads(sidecar.read_text())
 
 
-__all__ = ["FORMATS", "Exported", "export_run", "load_exported", "read_sidecar"]
-
-
-__all__ = ["Exported", "export_run", "load_exported", "read_sidecar"]
+__all__ = ["CODE_FORMATS", "FORMATS", "Exported", "export_run", "load_exported", "output_path", "read_sidecar"]

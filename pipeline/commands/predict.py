@@ -1,9 +1,16 @@
 """`pipeline predict RUN_DIR|EXPORTED_MODEL IMAGE_OR_FOLDER...`: top-k classes with probabilities for image files,
 using the run's own evaluation transform and best weights, or a model written by `pipeline export` and its sidecar.
+
+What predict trusts: it loads by default only what cannot run code: a run folder's safetensors weights, the
+`.safetensors` an export writes (weights and metadata; the architecture is rebuilt from the recorded model config,
+a name looked up among ours and torchvision's), and ONNX (run by onnxruntime). TorchScript (.pt) and torch.export
+(.pt2) files run the code inside them when loaded; they are refused with one line unless --trust-code is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -11,9 +18,10 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config.schema import AugmentConfig, DataConfig
+from pipeline.config.schema import AugmentConfig, DataConfig, ModelConfig
 from pipeline.data.images import to_mode
 from pipeline.data.transforms import build_transform
+from pipeline.errors import first_line
 from pipeline.evaluation.loaded import LoadedRun, load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -72,14 +80,55 @@ def classifier_from_run(run_dir: str | Path) -> Classifier:
     return Classifier(run.model, run.classes, run.cfg.data, run.device)
 
 
-def classifier_from_export(path: str | Path) -> Classifier:
-    """A model written by `pipeline export`, with the input description of its sidecar JSON."""
-    from pipeline.commands.export import load_exported, read_sidecar
-
-    meta = read_sidecar(path)
-    data = DataConfig(image_size=meta["image_size"], channels=meta["channels"], mean=meta["mean"], std=meta["std"],
+def _input_of(meta: dict) -> DataConfig:
+    return DataConfig(image_size=meta["image_size"], channels=meta["channels"], mean=meta["mean"], std=meta["std"],
                       augment=AugmentConfig(random_resized_crop=meta.get("random_resized_crop", False)))
-    return Classifier(load_exported(path, meta["format"]), list(meta["classes"]), data, torch.device("cpu"))
+
+
+def classifier_from_weights(path: Path) -> Classifier:
+    """The `.safetensors` written by `pipeline export`: the recorded architecture, built here, with its weights (no
+    code is loaded: safetensors holds tensors and a JSON header)."""
+    from safetensors import SafetensorError, safe_open
+
+    from pipeline.checkpointing import load_weights
+    from pipeline.models import create_model
+
+    try:
+        with safe_open(str(path), "pt") as weights:
+            meta = {k: json.loads(v) for k, v in (weights.metadata() or {}).items()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot read '{path}' as safetensors weights written by pipeline export: "
+                         f"{first_line(exc)}") from None
+    if "model_config" not in meta or "classes" not in meta:
+        raise ValueError(f"'{path}' does not record its architecture and classes (exported by an older version, or "
+                         f"not by pipeline export); export the run again with pipeline export")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in meta["model_config"].items() if k in known})
+    model = create_model(dataclasses.replace(model_cfg, compile=False), len(meta["classes"]), meta["channels"])
+    try:
+        load_weights(model, path)
+    except RuntimeError as exc:
+        raise ValueError(f"'{path}': its weights do not fit the recorded {model_cfg.name} "
+                         f"({first_line(exc)})") from None
+    return Classifier(model.eval(), list(meta["classes"]), _input_of(meta), torch.device("cpu"))
+
+
+def classifier_from_export(path: str | Path, trust_code: bool = False) -> Classifier:
+    """A model written by `pipeline export`, with the input description of its sidecar JSON. TorchScript and
+    torch.export files run code when loaded: refused unless `trust_code`."""
+    from pipeline.commands.export import CODE_FORMATS, FORMATS, load_exported, read_sidecar
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return classifier_from_weights(path)
+    meta = read_sidecar(path)
+    code = meta["format"] in CODE_FORMATS or path.suffix in (FORMATS[f] for f in CODE_FORMATS)
+    if code and not trust_code:
+        kind = "torch.export program" if meta["format"] == "exported" else "TorchScript model"
+        raise ValueError(f"'{path}' is a {kind}, and loading one runs the code inside it; predict "
+                         f"from '{path.with_suffix('.safetensors')}' (weights only, written beside it by pipeline "
+                         f"export), or pass --trust-code if you trust this file")
+    return Classifier(load_exported(path, meta["format"]), list(meta["classes"]), _input_of(meta), torch.device("cpu"))
 
 
 def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> list[dict]:
@@ -97,12 +146,13 @@ def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> l
     return results
 
 
-def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3) -> list[dict]:
-    """Top-k for the images, with a run folder's best weights or a file written by `pipeline export`."""
+def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3, trust_code: bool = False) -> list[dict]:
+    """Top-k for the images, with a run folder's best weights or a file written by `pipeline export` (TorchScript
+    and torch.export files only with `trust_code`)."""
     if top_k < 1:
         raise ValueError(f"--top-k={top_k} must be at least 1")
     paths = image_paths(inputs)
-    model = classifier_from_export(source) if Path(source).is_file() else classifier_from_run(source)
+    model = classifier_from_export(source, trust_code) if Path(source).is_file() else classifier_from_run(source)
     return predict_paths(model, paths, top_k)
 
 

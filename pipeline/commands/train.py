@@ -28,7 +28,7 @@ from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
 from pipeline.training.preflight import preflight
 from pipeline.training.run_data import load_manifest
-from pipeline.training.run_folder import RunLock, check_resume, record_start
+from pipeline.training.run_folder import RunLock, check_resume, data_identity, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
 from pipeline.training.threads import set_threads
@@ -73,7 +73,7 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     manifest = load_manifest(cfg, dist)
     preflight(cfg, dist, manifest)  # shards present, batch fits, run folder writable (created here)
     config_yaml = to_yaml(cfg)
-    lock = claim_run_folder(cfg, dist, run_dir, config_yaml)
+    lock = claim_run_folder(cfg, dist, run_dir, config_yaml, manifest)
     try:
         return dataclasses.replace(_build_rest(cfg, dist, run_dir, manifest, config_yaml, lock, callbacks, gradual),
                                    threads=threads)
@@ -82,15 +82,16 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
         raise
 
 
-def claim_run_folder(cfg: Config, dist: Dist, run_dir: Path, config_yaml: str) -> RunLock:
-    """Lock the run folder, check a resume's config against its checkpoint, then record this start (main process;
-    every rank gets the verdict). Nothing in the folder is written before both checks pass."""
+def claim_run_folder(cfg: Config, dist: Dist, run_dir: Path, config_yaml: str, manifest: Manifest) -> RunLock:
+    """Lock the run folder, check a resume's config and data against its checkpoint (or that a fresh start writes
+    over no earlier run), then record this start (main process; every rank gets the verdict). Nothing in the
+    folder is written before the checks pass."""
     lock, problem = RunLock(run_dir), ""
     if dist.is_main:
         try:
             lock.acquire()
-            record_start(run_dir, config_yaml, check_resume(cfg, config_yaml, run_dir, dist.world_size),
-                         dist.world_size)
+            record = check_resume(cfg, config_yaml, run_dir, dist.world_size, data_identity(manifest))
+            record_start(run_dir, config_yaml, record, dist.world_size)
         except (ValueError, FileNotFoundError) as exc:
             lock.release()
             problem = str(exc)
@@ -123,7 +124,8 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
         build_tensorboard(run_dir, log_cfg.tensorboard, dist.is_main)])
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
                       ClassificationMetrics(manifest.num_classes, dist.device),
-                      Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml),
+                      Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml,
+                                   data_identity(manifest)),
                       MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks)
     return Run(cfg, dist, run_dir, manifest, trainer, lock)
 

@@ -371,7 +371,9 @@ class CheckpointConfig:
     """Checkpoints under <run folder>/checkpoints/: step-NNNNNNNN folders, `last` (link) and `best`."""
 
     resume: str = "auto"
-    """auto (continue from the newest complete checkpoint if any), never, or a checkpoint folder path."""
+    """auto (continue from the newest complete checkpoint; refused when the folder holds an earlier run but no intact
+    checkpoint), never (start from scratch; an earlier run's files are moved to <run>/earlier/<UTC time>/), or a
+    checkpoint folder path."""
     every_steps: int = 0
     """Also checkpoint every N optimizer steps, mid-epoch (0: only at epoch ends)."""
     every_minutes: float = 0.0
@@ -386,8 +388,9 @@ class CheckpointConfig:
     """Signals that make every rank finish the current step, checkpoint, and exit with code 75."""
     resume_changes: str = "refuse"
     """refuse: a resume whose config differs from its checkpoint's in a key that changes the weights or their
-    trajectory (model, data, batch, optimizer, schedule, precision, seed...) stops with exit 2; allow: resume anyway
-    (recorded in config_history.jsonl). Logging, reporting and checkpoint cadence may always change."""
+    trajectory (model, data, batch, optimizer, schedule, precision, seed...), or whose data differs (its data.json:
+    classes, shard fingerprint), stops with exit 2; allow: resume anyway (recorded in config_history.jsonl), except
+    onto another number of classes. Logging, reporting and checkpoint cadence may always change."""
     check_every_steps: int = 1
     """Optimizer steps between the ranks' agreement on stop signals and time-based saves (one all-reduce of CPU
     flags over a gloo group: it does not wait for the GPU)."""

@@ -1,5 +1,6 @@
-"""The run folder's guards: one run per folder (a lock), resume only with the config that made the weights,
-and a record of every start (config_history.jsonl, run_info.json).
+"""The run folder's guards: one run per folder (a lock), resume only with the config and the data that made the
+weights, never write over an earlier run's history unasked, and a record of every start (config_history.jsonl,
+run_info.json).
 
 The lock is a file created atomically (O_CREAT|O_EXCL, which NFS v3+ and Lustre honour) holding the holder's
 host, PID, start time and a heartbeat a daemon thread refreshes; flock alone is not enough on shared file
@@ -10,6 +11,7 @@ over with a warning.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -34,6 +36,10 @@ STALE_AFTER_S = 600.0
 HISTORY_NAME = "config_history.jsonl"
 RUN_INFO_NAME = "run_info.json"
 CONFIG_IN_CHECKPOINT = "config.yaml"
+DATA_IN_CHECKPOINT = "data.json"
+"""The identity of the data a checkpoint was trained on (classes, shard fingerprint), beside its config.yaml."""
+EARLIER_NAME = "earlier"
+"""checkpoint.resume=never moves an earlier run's files to <run>/earlier/<UTC time>/ instead of writing over them."""
 
 HARMLESS_PREFIXES = ("logging.", "report.", "checkpoint.", "run.", "cv.", "dist.")
 HARMLESS_KEYS = {"data.num_workers", "data.worker_start", "data.pin_memory", "data.max_bad_fraction",
@@ -125,12 +131,19 @@ class RunLock:
                 pass  # a full disk must not kill the run; the next beat retries
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the lock. Never raises: it runs while a run ends, and the line saying how
+        the run ended (e.g. which checkpoint to resume from) must stay the last word. A lock that cannot be removed
+        (a read-only folder) is a warning; its process is gone, so the next run takes it over."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-            if (self._holder() or {}).get("pid") == self.info["pid"]:
-                self.path.unlink(missing_ok=True)
+            try:
+                if (self._holder() or {}).get("pid") == self.info["pid"]:
+                    self.path.unlink(missing_ok=True)
+            except OSError as exc:
+                warn(f"cannot remove the run folder lock '{self.path}' ({exc.strerror or exc}); the next run takes "
+                     f"it over (its process is gone)")
 
 
 def _flat(data: object, prefix: str = "") -> dict:
@@ -197,10 +210,121 @@ def stored_config(folder: Path, run_dir: Path) -> Optional[dict]:
     return None
 
 
-def check_resume(cfg, config_yaml: str, run_dir: Path, world_size: int) -> dict:
-    """Compare this start's config with the checkpoint it resumes; the history record, or ValueError (refused)."""
+# ---- an earlier run's history ------------------------------------------------------------------------------
+def _logged_epochs(path: Path) -> list[int]:
+    """The epochs metrics.jsonl records (lines that do not parse are not counted here; MetricsLog judges them)."""
+    if not path.is_file():
+        return []
+    epochs = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            epochs.append(record["epoch"])
+    return epochs
+
+
+def _checkpoint_folders(checkpoints: Path) -> list[Path]:
+    """The checkpoint folders (step-*, best), newest step first; not the `last` link nor hidden temporary ones."""
+    if not checkpoints.is_dir():
+        return []
+    folders = (p for p in checkpoints.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+    return sorted(folders, key=lambda p: (p.name.startswith(STEP_PREFIX), p.name), reverse=True)
+
+
+def earlier_history(run_dir: Path) -> list[str]:
+    """What an earlier run left in the folder that a fresh start would write over: its epoch records and its
+    checkpoints (e.g. ['metrics.jsonl epochs 1-2', 'checkpoints/step-00000080', 'checkpoints/best']); [] if none."""
+    epochs = _logged_epochs(run_dir / "metrics.jsonl")
+    found = [f"metrics.jsonl epochs {min(epochs)}-{max(epochs)}"] if epochs else []
+    return found + [f"checkpoints/{p.name}" for p in _checkpoint_folders(run_dir / "checkpoints")]
+
+
+def unusable_history(run_dir: Path, history: list[str]) -> str:
+    """The one line refusing a resume=auto start into a folder whose earlier run left no checkpoint to continue."""
+    folders = _checkpoint_folders(run_dir / "checkpoints")
+    problems = {p: verify(p) for p in folders}
+    damaged = [f"{p.name}: {why}" for p, why in problems.items() if why]
+    intact = [p for p, why in problems.items() if not why]
+    what = "; ".join(damaged[:3]) + (f"; and {len(damaged) - 3} more" if len(damaged) > 3 else "") \
+        if damaged else "it completed no checkpoint"
+    resume = f"checkpoint.resume={intact[0]}" if intact else "checkpoint.resume=<path of an intact checkpoint> " \
+                                                            "(none here is intact)"
+    return (f"run folder '{run_dir}' holds an earlier run ({', '.join(history)}) but no checkpoint to resume: {what}; "
+            f"continue with {resume}, or start afresh with another run.name or with checkpoint.resume=never "
+            f"(which moves the earlier run's files to {run_dir / EARLIER_NAME}/)")
+
+
+def set_aside(run_dir: Path) -> Optional[Path]:
+    """Move every file of an earlier run (all but config_history.jsonl, earlier/ and hidden files such as the lock)
+    to <run>/earlier/<UTC time>/, with a printed line; None when there was nothing to move."""
+    entries = sorted(p for p in run_dir.iterdir()
+                     if p.name not in (HISTORY_NAME, EARLIER_NAME) and not p.name.startswith("."))
+    if not entries:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest, n = run_dir / EARLIER_NAME / stamp, 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / EARLIER_NAME / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for entry in entries:
+        entry.rename(dest / entry.name)
+    print(f"checkpoint.resume=never: moved the earlier run's files ({', '.join(p.name for p in entries)}) to "
+          f"{dest}/; this run starts from scratch", flush=True)
+    return dest
+
+
+# ---- the data a checkpoint was trained on --------------------------------------------------------------------
+def data_identity(manifest) -> dict:
+    """What identifies a run's data beyond data.root as a path: the class list, and a fingerprint of every split's
+    shards (name, sample count, bytes, sha256 where known) and class counts: rebuilt shards at the same path differ."""
+    splits = {name: {"num_samples": split.num_samples, "class_counts": dict(sorted(split.class_counts.items())),
+                     "shards": [[s.name, s.num_samples, s.num_bytes, s.sha256] for s in split.shards]}
+              for name, split in sorted(manifest.splits.items())}
+    text = json.dumps({"classes": list(manifest.classes), "splits": splits}, sort_keys=True)
+    return {"classes": list(manifest.classes), "fingerprint": hashlib.sha256(text.encode()).hexdigest(),
+            "samples": {name: split["num_samples"] for name, split in splits.items()}}
+
+
+def _names(classes: list) -> str:
+    shown = ", ".join(map(str, classes[:6])) + (", ..." if len(classes) > 6 else "")
+    return f"{len(classes)} [{shown}]"
+
+
+def data_change(folder: Path, identity: Optional[dict]) -> tuple[str, bool]:
+    """(what changed in the data since `folder` was written, whether allow may override it); ('', True) when the
+    data is the same or the checkpoint predates the record. Another number of classes can never be resumed (the
+    weights have one output per old class); renamed or reordered classes and other shards only with allow."""
+    path = folder / DATA_IN_CHECKPOINT
+    if identity is None or not path.is_file():
+        return "", True
+    old = json.loads(path.read_text())
+    if old.get("classes") != identity["classes"]:
+        return f"the data's classes changed: {_names(old.get('classes') or [])} -> {_names(identity['classes'])}", \
+            len(old.get("classes") or []) == len(identity["classes"])
+    if old.get("fingerprint") != identity["fingerprint"]:
+        counts = ", ".join(f"{k} {old.get('samples', {}).get(k)} -> {v}" for k, v in identity["samples"].items()
+                           if old.get("samples", {}).get(k) != v)
+        return (f"the data's shards changed (fingerprint {str(old.get('fingerprint'))[:12]} -> "
+                f"{identity['fingerprint'][:12]}{'; samples ' + counts if counts else ''})"), True
+    return "", True
+
+
+# ---- the checks of a start ----------------------------------------------------------------------------------
+def check_resume(cfg, config_yaml: str, run_dir: Path, world_size: int, identity: Optional[dict] = None) -> dict:
+    """Decide how this start treats the run folder, before anything in it is written: the history record, or
+    ValueError (refused). A resume's config and data (`identity`, see data_identity) must be those of its checkpoint;
+    resume=auto into a folder with history but no usable checkpoint is refused; resume=never sets history aside."""
     record = {"time": _now(), "resumed_from": None, "changes": [], "allowed": [], "forced": []}
     folder = resume_folder(cfg, run_dir / "checkpoints")
+    history = earlier_history(run_dir) if folder is None else []
+    if history and cfg.checkpoint.resume == "auto":
+        raise ValueError(unusable_history(run_dir, history))
+    if history:  # resume=never
+        return {**record, "set_aside": True}
     old = stored_config(folder, run_dir) if folder is not None else None
     if old is None:
         return record
@@ -213,13 +337,34 @@ def check_resume(cfg, config_yaml: str, run_dir: Path, world_size: int) -> dict:
         raise ValueError(f"cannot resume {folder}: {_describe(refused)} would change the weights or their "
                          f"trajectory; start a new run (another run.name), or set checkpoint.resume_changes=allow "
                          f"to resume anyway (recorded in {HISTORY_NAME})")
+    data, allowable = data_change(folder, identity)
+    if data and not allowable:
+        raise ValueError(f"cannot resume {folder}: {data}, and its weights have one output per old class; start a "
+                         f"new run (another run.name), or give the data it was trained on")
+    if data and cfg.checkpoint.resume_changes != "allow":
+        raise ValueError(f"cannot resume {folder}: {data}; start a new run (another run.name), give the data it was "
+                         f"trained on, or set checkpoint.resume_changes=allow to resume anyway (recorded in "
+                         f"{HISTORY_NAME})")
     if harmless:
         print(f"resuming with changed settings: {_describe(harmless)}", flush=True)
-    if refused:
-        warn(f"resuming despite changes (checkpoint.resume_changes=allow): {_describe(refused)}")
+    if refused or data:
+        forced = "; ".join(text for text in (_describe(refused), data) if text)
+        warn(f"resuming despite changes (checkpoint.resume_changes=allow): {forced}")
     as_list = [[k, old_v, new_v] for k, old_v, new_v in changes]
-    return {**record, "resumed_from": str(folder), "changes": as_list,
-            "allowed": [c[0] for c in harmless], "forced": [c[0] for c in refused]}
+    return {**record, "resumed_from": str(folder), "changes": as_list, "allowed": [c[0] for c in harmless],
+            "forced": [c[0] for c in refused] + (["data"] if data else [])}
+
+
+def record_start(run_dir: Path, config_yaml: str, history: dict, world_size: int) -> None:
+    """Set an earlier run's files aside (resume=never), write config.yaml, append the start to
+    config_history.jsonl, write run_info.json: only after every check passed."""
+    if history.get("set_aside"):
+        moved = set_aside(run_dir)
+        history = {**history, "set_aside": str(moved) if moved else None}
+    (run_dir / "config.yaml").write_text(config_yaml)
+    with open(run_dir / HISTORY_NAME, "a") as handle:
+        handle.write(json.dumps(history, default=str) + "\n")
+    (run_dir / RUN_INFO_NAME).write_text(json.dumps(run_info(world_size), indent=2) + "\n")
 
 
 def _git(args: list[str]) -> Optional[str]:
@@ -247,12 +392,5 @@ def run_info(world_size: int) -> dict:
             "versions": {p: _version(p) for p in ("torch", "torchvision", "accelerate", "webdataset", "pipeline")}}
 
 
-def record_start(run_dir: Path, config_yaml: str, history: dict, world_size: int) -> None:
-    """Write config.yaml, append the start to config_history.jsonl, write run_info.json (after the checks)."""
-    (run_dir / "config.yaml").write_text(config_yaml)
-    with open(run_dir / HISTORY_NAME, "a") as handle:
-        handle.write(json.dumps(history, default=str) + "\n")
-    (run_dir / RUN_INFO_NAME).write_text(json.dumps(run_info(world_size), indent=2) + "\n")
-
-
-__all__ = ["RunLock", "check_resume", "record_start", "resume_folder", "CONFIG_IN_CHECKPOINT"]
+__all__ = ["RunLock", "check_resume", "data_identity", "record_start", "resume_folder", "CONFIG_IN_CHECKPOINT",
+           "DATA_IN_CHECKPOINT"]
