@@ -15,7 +15,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.remote import ReadOptions
 from pipeline.data.stream import ShardStream, make_loader, shard_paths
 from pipeline.data.transforms import build_transform
-from pipeline.data.workers import WorkerStuck, timed_out, waited_on
+from pipeline.data.workers import WorkerStuck, timed_out, waited_on, worker_pid
 
 
 class SplitLoader:
@@ -37,9 +37,11 @@ class SplitLoader:
 
     @property
     def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = iter(self.dataloader)
+        batches = None
         while True:
-            try:
+            try:  # persistent workers: `iter` already waits for each one to take up the new epoch
+                if batches is None:
+                    batches = iter(self.dataloader)
                 images, labels, counts = next(batches)
             except StopIteration:
                 return
@@ -53,11 +55,12 @@ class SplitLoader:
             if labels.numel():  # an empty batch only carries counts (evaluation)
                 yield images, labels
 
-
     def _stuck(self) -> WorkerStuck:
         """The error for a worker that delivered nothing for data.worker_timeout_s; the caller ends the workers."""
-        worker, pid = waited_on(self.dataloader)
         stream = self.stream
+        worker = waited_on(self.dataloader)
+        worker = stream.stalest_worker() if worker is None else worker  # (while it waited for all to start)
+        pid = worker_pid(self.dataloader, worker)
         who = f"rank {stream.rank}: " if stream.world_size > 1 else ""
         data = "training" if stream.train else "evaluation"
         return WorkerStuck(f"{who}loader worker {worker} (pid {pid}) delivered no {data} batch for "

@@ -52,6 +52,7 @@ import itertools
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -345,8 +346,9 @@ class ShardStream(IterableDataset):
         self._position = torch.zeros(3 + 5 * MAX_HISTORY, dtype=torch.int64).share_memory_()
         self._plans: dict[tuple, EpochPlan] = {}  # per process: plans of the positions met so far
         self._generation = 0  # plan generation of the slot this process reads (seeds; one slot at a time)
-        # Per loader worker, what it reads now: (shard + 1, index of the next sample to read); see `reading`.
-        self._reading = torch.zeros((self.workers, 2), dtype=torch.int64).share_memory_()
+        # Per loader worker, what it reads now: (shard + 1, index of the next sample to read, monotonic ms of the
+        # last sample read); see `reading`.
+        self._reading = torch.zeros((self.workers, 3), dtype=torch.int64).share_memory_()
         self._physical = 0  # the loader worker this process is (0 in the main process)
 
     elastic = True
@@ -569,14 +571,19 @@ class ShardStream(IterableDataset):
     def _published(self, samples: Iterator[dict], shard: int, start: int) -> Iterator[dict]:
         """`samples` of shard `shard` from index `start`, each read published as this worker's position."""
         row = self._reading[self._physical].numpy()  # shared memory: the main process reads it (`reading`)
-        row[:] = (shard + 1, start)
+        row[:] = (shard + 1, start, time.monotonic() * 1000)
         for sample in samples:
+            row[2] = time.monotonic() * 1000
             yield sample
             row[1] += 1
 
+    def stalest_worker(self) -> int:
+        """The loader worker that read its last sample longest ago."""
+        return int(self._reading[:, 2].argmin())
+
     def reading(self, worker: int) -> str:
         """What loader worker `worker` was reading when it last read a sample: its shard and the sample's index."""
-        shard, index = (int(v) for v in self._reading[worker])
+        shard, index, _ = (int(v) for v in self._reading[worker])
         if not shard:
             return "it had not opened a shard yet"
         return f"it was reading shard '{self.shard_paths[shard - 1]}' at sample {index}"

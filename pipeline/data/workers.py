@@ -268,14 +268,18 @@ def timed_out(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader timed out after")
 
 
-def waited_on(loader: DataLoader) -> tuple[int, int | None]:
-    """(worker id, pid) of the worker whose batch `loader`'s iterator waits for: DataLoader hands out batches
-    round-robin and returns them in order, so it is the worker of the first batch not yet received."""
+def waited_on(loader: DataLoader) -> int | None:
+    """The worker whose batch `loader`'s iterator waits for (DataLoader hands out batches round-robin and returns
+    them in order: the worker of the first batch not yet received); None while none is due (a new epoch's start)."""
     iterator = loader._iterator
     info = getattr(iterator, "_task_info", {}).get(getattr(iterator, "_rcvd_idx", -1))
-    worker = info[0] if info else 0
-    workers = getattr(iterator, "_workers", [])
-    return worker, workers[worker].pid if worker < len(workers) else None
+    return info[0] if info else None
+
+
+def worker_pid(loader: DataLoader, worker: int) -> int | None:
+    """The process id of `loader`'s worker `worker` (None if it has none)."""
+    workers = getattr(loader._iterator, "_workers", [])
+    return workers[worker].pid if 0 <= worker < len(workers) else None
 
 
 def track(loader: DataLoader) -> DataLoader:
