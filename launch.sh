@@ -8,7 +8,8 @@
 # The exit code is training's own: 0 done, 75 (EX_TEMPFAIL) stopped by SIGUSR1/SIGTERM after a checkpoint, so
 # run it again (or requeue the job) to resume; 2 bad config; 70 stopped on non-finite loss/gradients; 74 a
 # checkpoint (or another file) could not be written; 76 a rank was lost (the launcher returns the lost rank's code,
-# 137 when it was SIGKILLed); 130 Ctrl-C (checkpoint saved). A repeated signal never changes the code.
+# 137 when it was SIGKILLed), a collective waited over dist.timeout_s or a loader worker delivered nothing for
+# data.worker_timeout_s; 130 Ctrl-C (checkpoint saved). A repeated signal never changes the code.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PIPELINE_PYTHON:-${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}}

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -67,9 +68,11 @@ def _descendants(root: int, known: set[int]) -> set[int]:
 
 def run_watched(cmd: list[str], tmp_path: Path, env: dict | None = None, signals: tuple[str, ...] = (),
                 gap_s: float = 0.3, trigger: str = "epoch 1/", message: str = "error:",
-                timeout_s: float = 240.0) -> Ended:
-    """Run `cmd`; once `trigger` is in its stdout send `signals` (`gap_s` apart) to it. `seconds` counts from
-    the first signal, or else from the moment `message` appeared in stderr, to the exit."""
+                timeout_s: float = 240.0, target: Callable[[int], list[int]] | None = None,
+                gone_within_s: float = GONE_WITHIN_S, last_output: str = "") -> Ended:
+    """Run `cmd`; once `trigger` is in its stdout send `signals` (`gap_s` apart) to it, or to the processes
+    `target(pid of cmd)` names (once it names any). `seconds` counts from the first signal, or else from the
+    moment `message` appeared in stderr (or, if given, `last_output` in stdout), to the exit."""
     out, err = tmp_path / "stdout", tmp_path / "stderr"  # files, not pipes: a surviving worker would hold a pipe
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     pids: set[int] = set()
@@ -81,18 +84,24 @@ def run_watched(cmd: list[str], tmp_path: Path, env: dict | None = None, signals
             assert time.monotonic() - started < timeout_s, f"no exit within {timeout_s} s:\n{err.read_text()[-3000:]}"
             pids = _descendants(proc.pid, pids | {proc.pid})
             if pending and trigger in out.read_text():
-                since = since or time.monotonic()
-                os.kill(proc.pid, getattr(signal, pending.pop(0)))
-                time.sleep(gap_s if pending else 0.0)
-                continue
+                receivers = target(proc.pid) if target else [proc.pid]
+                if receivers:
+                    since = since or time.monotonic()
+                    signum = getattr(signal, pending.pop(0))
+                    for pid in receivers:
+                        os.kill(pid, signum)
+                    time.sleep(gap_s if pending else 0.0)
+                    continue
             if since is None and not signals and message in err.read_text():
                 since = time.monotonic()
+            if last_output and last_output in out.read_text():
+                since, last_output = time.monotonic(), ""
             time.sleep(0.05)
         ended = time.monotonic()
         if since is None and message in err.read_text():
             since = ended  # the message came in the last poll interval
         left = sorted(pids - {proc.pid})
-        while left and time.monotonic() - ended < GONE_WITHIN_S:
+        while left and time.monotonic() - ended < gone_within_s:
             time.sleep(0.1)
             left = [pid for pid in left if _stat(pid) is not None]
     finally:
@@ -236,3 +245,206 @@ def test_a_rank_that_never_joins_is_an_error_line_within_the_init_timeout(tmp_pa
     assert ended.stderr.strip().splitlines()[-1].startswith(
         "error: rank 0: the 2 ranks did not all join the process group at 127.0.0.1:"), ended.stderr
     assert ended.left == []
+
+
+# ---- stuck loader workers (data.worker_timeout_s) -------------------------------------------------------------
+
+WORKER_TIMEOUT_S = 5.0  # small for the test; the default is 600 s (docs/configuration.md)
+
+
+def _children(pid: int) -> list[int]:
+    """Live children of `pid`, oldest first."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                found.append((int(fields[19]), int(entry.name)))  # field 22 of stat: start time
+    return [child for _, child in sorted(found)]
+
+
+def loader_workers(main_pid: int) -> list[int]:
+    """The loader workers of a run, oldest first (the training loader's come first): the children of the
+    forkserver that `main_pid` started."""
+    servers = [pid for pid in _children(main_pid)
+               if b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [worker for server in servers for worker in _children(server)]
+
+
+def test_a_stopped_loader_worker_ends_the_run_with_one_line_naming_it(digits_root: Path, tmp_path: Path) -> None:
+    """SIGSTOP one training worker (default workers, forkserver) of a 1-rank run: within data.worker_timeout_s and
+    seconds more the run ends with 76 and one line naming the worker, its shard and position, and leaves no
+    process (the stopped worker included); the last complete checkpoint stays."""
+    case = Case(76, "error: loader worker ", args=(f"data.worker_timeout_s={WORKER_TIMEOUT_S:g}",),
+                signals=("SIGSTOP",))
+    cmd = [sys.executable, "-m", "pipeline", *_train_args(case, tmp_path / "runs", 2, digits_root, digits_root)]
+    ended = run_watched(cmd, tmp_path, signals=case.signals, target=lambda pid: loader_workers(pid)[:1])
+    # The main process first uses the batches the other worker (and the stopped one) had already delivered.
+    _check(case, ended, 2, WORKER_TIMEOUT_S + 2 * EXIT_WITHIN_S)
+    (line,) = [line for line in ended.stderr.splitlines() if line.startswith("error:")]
+    assert re.match(r"error: loader worker [01] \(pid \d+\) delivered no training batch for 5 s "
+                    r"\(data.worker_timeout_s\); it was reading shard '.*/train-\d{6}\.tar' at sample \d+\. The last "
+                    r"complete checkpoint is kept: rerun the same command", line), line
+    assert "Traceback" not in ended.stderr
+    checkpoint = _checkpointer(tmp_path / "runs/r").latest()  # the end of epoch 1, complete
+    assert checkpoint is not None and checkpoint.name.startswith("step-")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_workers_stopped_after_the_last_epoch_do_not_hold_the_exit(workers: int, digits_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """The training workers stopped (SIGSTOP) once the last epoch's line is out: validation is done, the test
+    split is read by its own workers, and the run must still exit 0 in seconds with no process left (it used
+    to park for ever in an atexit poll: SIGTERM, which a worker ignores, then join)."""
+    case = Case(0, "epoch 1/1", signals=("SIGSTOP",))
+    cmd = [sys.executable, "-m", "pipeline",
+           *_train_args(case, tmp_path / "runs", workers, digits_root, digits_root), "train.epochs=1"]
+    ended = run_watched(cmd, tmp_path, signals=case.signals if workers else (), trigger="epoch 1/1",
+                        target=lambda pid: loader_workers(pid)[:2], last_output="AUROC")  # the test table's end
+    if workers:
+        _check(case, ended, workers, EXIT_WITHIN_S)
+    assert ended.code == 0 and (tmp_path / "runs/r/test_metrics.json").is_file(), ended.stderr[-3000:]
+    assert ended.seconds <= EXIT_WITHIN_S and ended.left == [], (ended.seconds, ended.left)
+    print(f"\nstopped after the last epoch | {workers} workers | exit {ended.code} {ended.seconds:.1f} s after the "
+          f"test table | {len(ended.pids)} processes, {len(ended.left)} left")
+
+
+# ---- loaders outside `pipeline train` -------------------------------------------------------------------------
+
+LOADER_SCRIPT = """
+import os, sys, time
+import torch
+from pipeline.config import load_config
+from pipeline.data import Manifest, SplitLoader, build_stream
+from pipeline.data.stream import make_loader
+from pipeline.data.workers import worker_context
+
+
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return torch.tensor([index])
+
+
+def main(root, workers, wait):
+    # As benchmarks/loader_throughput.py does: our loaders, and a plain DataLoader in our worker context.
+    cfg = load_config(None, [f"data.root={root}", "data.image_size=8", *([f"data.num_workers={workers}"]
+                                                                        if workers != "default" else [])])
+    manifest = Manifest.read(root)
+    splits = []
+    for split, train in (("train", True), ("val", False)):
+        stream = build_stream(cfg, manifest, split, 0, 1, train=train)
+        loader = make_loader(stream, cfg.data.num_workers, False, cfg.data.worker_start)
+        splits.append(SplitLoader(stream, loader))
+    count = cfg.data.num_workers
+    plain = torch.utils.data.DataLoader(
+        Numbers(), batch_size=8, num_workers=count, persistent_workers=count > 0, prefetch_factor=4 if count else None,
+        multiprocessing_context=worker_context(cfg.data.worker_start) if count else None)
+    batches = [iter(split.loader) for split in splits] + [iter(plain)]
+    for batch in batches:  # half-read, as a script that fails midway leaves them
+        next(batch)
+        next(batch)
+    print("iterated", flush=True)
+    print("iterated", file=sys.stderr, flush=True)
+    if wait:
+        time.sleep(600)
+    raise RuntimeError("the script fails")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3] == "wait")
+"""
+
+
+def _loader_script(tmp_path: Path, root: Path, workers: str, wait: bool) -> list[str]:
+    script = tmp_path / "loaders.py"
+    script.write_text(LOADER_SCRIPT)
+    return [sys.executable, str(script), str(root), workers, "wait" if wait else "raise"]
+
+
+@pytest.mark.parametrize("workers", ["0", "default"])
+def test_a_script_that_raises_with_loaders_alive_exits_and_leaves_no_process(workers: str, digits_root: Path,
+                                                                            tmp_path: Path) -> None:
+    """A script that half-reads our loaders and a plain DataLoader in `worker_context` and then raises: the
+    traceback, exit 1 within 10 s of the raise, and no worker, forkserver or resource tracker left."""
+    ended = run_watched(_loader_script(tmp_path, digits_root, workers, wait=False), tmp_path, message="iterated",
+                        env={"PYTHONPATH": str(ROOT)})
+    report = f"exit {ended.code} after {ended.seconds:.1f} s\n{ended.stderr[-3000:]}"
+    assert ended.code == 1 and ended.seconds <= 10.0, report
+    assert ended.stderr.strip().splitlines()[-1] == "RuntimeError: the script fails", report
+    assert "Traceback (most recent call last)" in ended.stderr
+    if workers == "default":  # 3 loaders x 2 workers, the forkserver, the resource tracker
+        assert len(ended.pids) >= 1 + 3 * 2 + 2, (ended.pids, report)
+    assert ended.left == [], f"processes left: {ended.left}\n{report}"
+    print(f"\nscript raises | {workers} workers | exit {ended.code} after {ended.seconds:.1f} s | "
+          f"{len(ended.pids)} processes, {len(ended.left)} left")
+
+
+@pytest.mark.parametrize("workers", ["0", "default"])
+def test_a_killed_script_leaves_no_worker_or_forkserver(workers: str, digits_root: Path, tmp_path: Path) -> None:
+    """SIGKILL of a script that holds loaders: its workers and forkserver (which ignore SIGTERM) are gone within
+    5 s, as they watch the process that owns them."""
+    ended = run_watched(_loader_script(tmp_path, digits_root, workers, wait=True), tmp_path, trigger="iterated",
+                        signals=("SIGKILL",), env={"PYTHONPATH": str(ROOT)}, gone_within_s=5.0)
+    report = f"exit {ended.code}\n{ended.stderr[-3000:]}"
+    assert ended.code == -signal.SIGKILL, report
+    if workers == "default":
+        assert len(ended.pids) >= 1 + 3 * 2 + 2, (ended.pids, report)
+    assert ended.left == [], f"processes left 5 s after the SIGKILL: {ended.left}\n{report}"
+    print(f"\nscript killed | {workers} workers | {len(ended.pids)} processes, {len(ended.left)} left after 5 s")
+
+
+# ---- a rank stuck under a collective (dist.timeout_s), under each launcher --------------------------------------
+
+def _rank_processes(launcher_pid: int, rank: int) -> list[int]:
+    """The process of `rank` among the launcher's descendants (read from its RANK variable)."""
+    found = []
+    for pid in _descendants(launcher_pid, set()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"-m\0pipeline" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            found.append(pid)
+    return found[:1]
+
+
+LAUNCHERS = {
+    "pipeline.distributed.launch": ["-m", "pipeline.distributed.launch", "--multi_gpu", "--num_processes", "2",
+                                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "accelerate launch": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2"],
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_a_rank_stuck_under_a_collective_ends_the_job_with_76(launcher: str, digits_root: Path,
+                                                              tmp_path: Path) -> None:
+    """SIGSTOP rank 1 mid-training (default workers): rank 0 waits dist.timeout_s in its next collective, then says
+    so in one line and exits 76. `pipeline.distributed.launch` (launch.sh) returns 76, not the 137 of the stopped
+    rank that torchrun kills afterwards; plain `accelerate launch` and torchrun turn every failure into 1 and
+    report the ranks' own codes (rank 0: 76)."""
+    port = ["--main_process_port", str(free_port())] if launcher != "torchrun" else [f"--master_port={free_port()}"]
+    cmd = [sys.executable, *LAUNCHERS[launcher], *port, "-m", "pipeline",
+           *_train_args(Case(76, "", signals=("SIGSTOP",)), tmp_path / "runs", 2, digits_root, digits_root),
+           "dist.timeout_s=10"]
+    ended = run_watched(cmd, tmp_path, env={"ACCELERATE_USE_CPU": "1"}, signals=("SIGSTOP",),
+                        target=lambda pid: _rank_processes(pid, 1), timeout_s=300)
+    report = f"exit {ended.code} after {ended.seconds:.1f} s\nSTDERR:\n{ended.stderr[-4000:]}"
+    errors = [re.sub(r"^\[rank\d+\]: ", "", line) for line in ended.stderr.splitlines()
+              if re.sub(r"^\[rank\d+\]: ", "", line).startswith("error:")]
+    assert errors and errors[0].startswith("error: rank 0: a collective waited longer than dist.timeout_s"), report
+    assert "Traceback" not in ended.stderr, report
+    if launcher == "pipeline.distributed.launch":
+        assert ended.code == 76, report
+        assert "launch: rank 0 exited with code 76 after waiting longer than its timeout" in ended.stderr, report
+    else:  # torchrun's agent exits 1 for any failed rank; its summary gives each rank's own code
+        assert ended.code == 1 and re.search(r"exitcode\s*:\s*76", ended.stderr), report
+    assert ended.seconds <= 10 + 30 + 30, report  # dist.timeout_s, torchrun's 30 s before SIGKILL, slack
+    assert ended.left == [], f"processes left: {ended.left}\n{report}"
+    print(f"\nstuck collective | {launcher} | exit {ended.code} after {ended.seconds:.1f} s | "
+          f"{len(ended.pids)} processes, {len(ended.left)} left | {errors[0][:80]}")

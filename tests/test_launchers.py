@@ -83,6 +83,15 @@ def test_exit_code_of_prefers_preemption() -> None:
     assert exit_code_of({0: failure(-9)}) == 137
 
 
+def test_exit_code_of_a_timeout_is_76_not_the_stuck_rank_torchrun_killed() -> None:
+    """Rank 0 waited over dist.timeout_s for the stopped rank 1 (and said so: `report_timeout`), then torchrun
+    killed rank 1: 76. Without that report the same codes mean rank 1 died first (the OOM killer): 137."""
+    failure = lambda code: SimpleNamespace(exitcode=code)  # noqa: E731
+    assert exit_code_of({0: failure(76), 1: failure(-9)}, timed_out={0}) == 76
+    assert exit_code_of({0: failure(76), 1: failure(-15)}, timed_out={0}) == 76
+    assert exit_code_of({0: failure(76), 1: failure(-9)}) == 137
+
+
 def _machine_command(how: str, rank: int, port: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """Machine `rank` of 2 on localhost: our accelerate-launch wrapper, or launch.sh as srun starts it per node."""
     if how == "accelerate":

@@ -374,6 +374,8 @@ def _run(args: argparse.Namespace) -> int:
         if code is None or os.environ.get("PIPELINE_DEBUG"):
             raise
         _leave_process_group(failed=True)
+        if code == EXIT_DISTRIBUTED and _timed_out(lost or str(exc)):
+            _report_timeout()
         if getattr(exc, "same_on_every_rank", False) and not _is_main():
             return code  # every rank stops with this very message; rank 0 says it
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -385,6 +387,19 @@ def _end_workers() -> None:
     workers = sys.modules.get("pipeline.data.workers")
     if workers is not None:
         workers.shutdown_workers()
+
+
+def _timed_out(line: str) -> bool:
+    """Whether a 76 line says this rank waited too long (a collective, a loader worker), not that it lost a peer."""
+    return "waited longer than dist.timeout_s" in line or "(data.worker_timeout_s)" in line
+
+
+def _report_timeout() -> None:
+    """Tell `pipeline.distributed.launch` that this rank timed out (when it started this one); see there."""
+    if "pipeline.distributed" in sys.modules:
+        from pipeline.distributed.launch import report_timeout
+
+        report_timeout()
 
 
 def _distributed_failure(exc: BaseException) -> str | None:

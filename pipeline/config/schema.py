@@ -141,6 +141,11 @@ class DataConfig:
     """Per-channel normalisation standard deviation (one value per channel, or one for all)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 reads in the main process)."""
+    worker_timeout_s: float = 600.0
+    """Seconds the run waits for a loader worker's next batch; a worker that delivers nothing for that long (stuck in
+    a read, stopped) ends the run with exit 76, naming it and the shard it was reading. 0: wait for ever. The default
+    outlasts the slowest read the default network settings allow (6 attempts of up to data.timeout_s=60 s, with
+    backoff) and equals dist.timeout_s; raise it with data.timeout_s or data.retries, or for very slow batches."""
     worker_start: str = "forkserver"
     """How workers start: forkserver (forked from a clean single-threaded server; immune to the fork deadlocks a
     multi-threaded main process can cause, e.g. CPython < 3.11.8's gh-112275), fork (fastest start), or spawn."""
@@ -185,6 +190,7 @@ class DataConfig:
         _check_range("data.image_size", self.image_size, 1)
         _check_choice("data.channels", self.channels, (1, 3))
         _check_range("data.num_workers", self.num_workers, 0)
+        _check_range("data.worker_timeout_s", self.worker_timeout_s, 0.0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 1)
         _check_choice("data.decode_device", self.decode_device, DECODE_DEVICES)
         _check_choice("data.worker_start", self.worker_start, tuple(multiprocessing.get_all_start_methods()))

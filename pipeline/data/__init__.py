@@ -15,6 +15,7 @@ from pipeline.data.manifest import Manifest
 from pipeline.data.remote import ReadOptions
 from pipeline.data.stream import ShardStream, make_loader, shard_paths
 from pipeline.data.transforms import build_transform
+from pipeline.data.workers import WorkerStuck, timed_out, waited_on, worker_pid
 
 
 class SplitLoader:
@@ -36,12 +37,36 @@ class SplitLoader:
 
     @property
     def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, counts in self.dataloader:
+        batches = None
+        while True:
+            try:  # persistent workers: `iter` already waits for each one to take up the new epoch
+                if batches is None:
+                    batches = iter(self.dataloader)
+                images, labels, counts = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if not timed_out(exc):
+                    raise
+                raise self._stuck() from None
             if labels.numel() and self.finish is not None:  # (it may find and count more bad samples)
                 images, labels = self.finish(images, labels, counts)
             self.faults += counts
             if labels.numel():  # an empty batch only carries counts (evaluation)
                 yield images, labels
+
+    def _stuck(self) -> WorkerStuck:
+        """The error for a worker that delivered nothing for data.worker_timeout_s; the caller ends the workers."""
+        stream = self.stream
+        worker = waited_on(self.dataloader)
+        worker = stream.stalest_worker() if worker is None else worker  # (while it waited for all to start)
+        pid = worker_pid(self.dataloader, worker)
+        who = f"rank {stream.rank}: " if stream.world_size > 1 else ""
+        data = "training" if stream.train else "evaluation"
+        return WorkerStuck(f"{who}loader worker {worker} (pid {pid}) delivered no {data} batch for "
+                           f"{self.dataloader.timeout:g} s (data.worker_timeout_s); {stream.reading(worker)}. "
+                           "The last complete checkpoint is kept: rerun the same command to resume from it (raise "
+                           "data.worker_timeout_s if reads are legitimately this slow)")
 
 
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
@@ -69,7 +94,8 @@ def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
     """The loader for one split on one rank; its batches are ready for the model on `device` (None: CPU)."""
     codec, finish = build_decoding(cfg.data, train, device, warn_prefix=f"rank {rank}: " if world_size > 1 else "")
     stream = build_stream(cfg, manifest, split, rank, world_size, train, codec=codec)
-    loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory, cfg.data.worker_start)
+    loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory, cfg.data.worker_start,
+                         cfg.data.worker_timeout_s)
     return SplitLoader(stream, loader, finish)
 
 

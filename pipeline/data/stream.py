@@ -52,6 +52,7 @@ import itertools
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -345,6 +346,10 @@ class ShardStream(IterableDataset):
         self._position = torch.zeros(3 + 5 * MAX_HISTORY, dtype=torch.int64).share_memory_()
         self._plans: dict[tuple, EpochPlan] = {}  # per process: plans of the positions met so far
         self._generation = 0  # plan generation of the slot this process reads (seeds; one slot at a time)
+        # Per loader worker, what it reads now: (shard + 1, index of the next sample to read, monotonic ms of the
+        # last sample read); see `reading`.
+        self._reading = torch.zeros((self.workers, 3), dtype=torch.int64).share_memory_()
+        self._physical = 0  # the loader worker this process is (0 in the main process)
 
     elastic = True
     """Whether an epoch begun in another layout can be continued (rule 6); a resampling stream cannot."""
@@ -426,6 +431,7 @@ class ShardStream(IterableDataset):
     def worker_batches(self, physical: int) -> Iterator[tuple[object, torch.Tensor, torch.Tensor]]:
         """The batches loader worker `physical` yields from the position on (the DataLoader takes them round-robin)."""
         epoch, step = int(self._position[0]), int(self._position[1])
+        self._physical = physical
         virtual = (physical + step) % self.workers
         done_batches = step // self.workers + (1 if virtual < step % self.workers else 0)
         slot = self.rank * self.workers + virtual
@@ -551,6 +557,7 @@ class ShardStream(IterableDataset):
         if not self.train:  # no shuffle: the skipped samples are not even read
             segment, skip = Segment(segment.shard, segment.start + skip, segment.stop), 0
         raw = shard_slice(self.shard_paths[segment.shard], segment.start, segment.stop, self.read_options)
+        raw = self._published(raw, segment.shard, segment.start)
         if segment.keep is not None:
             raw = _kept(raw, segment.start, segment.keep)
         if self.train:
@@ -561,17 +568,39 @@ class ShardStream(IterableDataset):
                 yield sample
 
 
+    def _published(self, samples: Iterator[dict], shard: int, start: int) -> Iterator[dict]:
+        """`samples` of shard `shard` from index `start`, each read published as this worker's position."""
+        row = self._reading[self._physical].numpy()  # shared memory: the main process reads it (`reading`)
+        row[:] = (shard + 1, start, time.monotonic() * 1000)
+        for sample in samples:
+            row[2] = time.monotonic() * 1000
+            yield sample
+            row[1] += 1
+
+    def stalest_worker(self) -> int:
+        """The loader worker that read its last sample longest ago."""
+        return int(self._reading[:, 2].argmin())
+
+    def reading(self, worker: int) -> str:
+        """What loader worker `worker` was reading when it last read a sample: its shard and the sample's index."""
+        shard, index, _ = (int(v) for v in self._reading[worker])
+        if not shard:
+            return "it had not opened a shard yet"
+        return f"it was reading shard '{self.shard_paths[shard - 1]}' at sample {index}"
+
+
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool,
-                start_method: str = "forkserver") -> DataLoader:
+                start_method: str = "forkserver", timeout_s: float = 0.0) -> DataLoader:
     """A DataLoader over a ShardStream (batches are formed in the workers).
 
     The loader gets its own generator: otherwise each `iter(loader)` draws the workers' base seed
     from the global torch RNG, and a resumed run (which creates its iterator at a different moment)
     would see different dropout masks. The stream seeds its own randomness per sample anyway.
+    `timeout_s` (0: none): the longest the loader waits for a worker's next batch (`SplitLoader` says which).
     """
     return track(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                             generator=torch.Generator().manual_seed(stream.seed),
-                            **worker_options(num_workers, start_method)))
+                            **worker_options(num_workers, start_method, timeout_s)))
 
 
 def shard_paths(root: str | Path, names: Sequence[str]) -> list[str]:

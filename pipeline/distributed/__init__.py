@@ -307,8 +307,9 @@ def init_watchdog(seconds: float) -> Iterator[None]:
 
 _LOST_PEER = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
               "socket closed")
-_BACKEND = ("gloo", "nccl", "c10d", "processgroup", "torch.distributed")
-"""Words that mark an error as the process group's own (gloo raises plain RuntimeErrors naming its sources)."""
+_BACKEND = ("gloo", "nccl", "c10d", "processgroup", "torch.distributed", "pair closure")
+"""Words that mark an error as the process group's own (gloo raises plain RuntimeErrors naming its sources; its
+'Application timeout caused pair closure' names none)."""
 
 
 def describe_failure(exc: BaseException) -> str | None:

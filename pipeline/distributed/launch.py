@@ -6,15 +6,21 @@ both needed for preemption (see launch.sh and slurm/train.sbatch):
 - SIGUSR1 and SIGTERM sent to the launcher are forwarded to the ranks, and the launcher then waits for them.
   Plain torchrun would die on SIGUSR1 (default action) and answers SIGTERM by terminating the ranks and killing
   them 30 s later, which can cut a checkpoint save short. SIGINT (Ctrl-C) keeps torchrun's behaviour.
-- The exit code is the ranks' own: 75 (EX_TEMPFAIL) when they stopped for preemption, where torchrun would
+- The exit code is the ranks' own: 75 (EX_TEMPFAIL) when they stopped for preemption, 76 when a rank timed out
+  waiting (a collective past dist.timeout_s, a loader worker past data.worker_timeout_s), where torchrun would
   turn any failing rank into exit code 1.
+
+A rank that timed out says so in a file of the folder `REPORTS_ENV` names (`report_timeout`): torchrun then ends
+the rank that was stuck (SIGTERM, SIGKILL 30 s later: 137), and that death must not read as the cause.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +29,25 @@ EX_TEMPFAIL = 75
 EX_INTERRUPTED = 130
 EX_LOST_RANK = 76  # what a rank says when another one ended under it (pipeline.distributed.EXIT_DISTRIBUTED)
 TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
+REPORTS_ENV = "PIPELINE_LAUNCH_REPORTS"
+"""The folder where a rank that timed out leaves its rank number (set by `main` for the ranks)."""
+
+
+def report_timeout() -> None:
+    """In a rank that ends because it waited too long (a collective, a loader worker): tell `main` it was not a
+    victim (a no-op when not started by it)."""
+    folder = os.environ.get(REPORTS_ENV)
+    if folder:
+        try:
+            Path(folder, f"timeout-{int(os.environ.get('RANK', '0') or 0)}").touch()
+        except OSError:
+            pass
+
+
+def _timed_out_ranks(folder: str | None) -> set[int]:
+    if not folder:
+        return set()
+    return {int(p.name.split("-", 1)[1]) for p in Path(folder).glob("timeout-*") if p.name.split("-", 1)[1].isdigit()}
 
 
 def _child_pids(parent: int) -> list[int]:
@@ -46,23 +71,26 @@ def _forward(signum: int, _frame: object) -> None:
             pass
 
 
-def exit_code_of(failures: dict) -> int:
+def exit_code_of(failures: dict, timed_out: set[int] = frozenset()) -> int:
     """One exit code for a set of failed ranks: 75 if any rank asked to be resumed, 130 if they stopped for
-    Ctrl-C, else the first failure's.
+    Ctrl-C, 76 if a rank (in `timed_out`) ended because it waited too long for another, else the first failure's.
 
     Once one rank exits, torchrun sends SIGTERM to the others, and the others may notice it first as a lost
     peer (exit 76); a rank still finishing its own exit then reads as killed by SIGTERM. Such victims do not
     hide the code of the rank that really failed (137 for one killed by SIGKILL, e.g. the OOM killer).
     """
-    return _shell_code(_cause(failures)[1])
+    return _shell_code(_cause(failures, timed_out)[1])
 
 
-def _cause(failures: dict) -> tuple[int, int]:
+def _cause(failures: dict, timed_out: set[int] = frozenset()) -> tuple[int, int]:
     """(rank, exit code) of the failure that explains the others; see `exit_code_of`."""
     ranked = sorted((rank, failure.exitcode) for rank, failure in failures.items())
     for wanted in (EX_TEMPFAIL, EX_INTERRUPTED):
         if any(code == wanted for _, code in ranked):
             return next(item for item in ranked if item[1] == wanted)
+    waited = [item for item in ranked if item[0] in timed_out and item[1] == EX_LOST_RANK]
+    if waited:  # the stuck rank was then ended by torchrun (137 or 143): a victim, not the cause
+        return waited[0]
     causes = [item for item in ranked if item[1] not in (-signal.SIGTERM, EX_LOST_RANK)] or ranked
     return causes[0] if causes else (0, 1)
 
@@ -71,12 +99,14 @@ def _shell_code(code: int) -> int:
     return 128 - code if code < 0 else code  # a rank killed by signal N reads as 128+N, as in a shell
 
 
-def describe(failures: dict) -> str:
+def describe(failures: dict, timed_out: set[int] = frozenset()) -> str:
     """One line naming the rank whose failure ended the job."""
-    rank, code = _cause(failures)
+    rank, code = _cause(failures, timed_out)
     if code in (EX_TEMPFAIL, EX_INTERRUPTED):
         return ""
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    if rank in timed_out:
+        how += " after waiting longer than its timeout for another rank or a loader worker (its line says which)"
     return f"launch: rank {rank} {how}; the job ends with exit code {_shell_code(code)}"
 
 
@@ -91,14 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     args.signals_to_handle = TORCHRUN_SIGNALS  # torchrun's agent must leave SIGUSR1/SIGTERM to `_forward`
+    reports = os.environ[REPORTS_ENV] = tempfile.mkdtemp(prefix="pipeline-launch-")
     try:
         launch_command(args)
     except ChildFailedError as error:
         ignore_stop_signals()  # the code is decided: a repeated signal must not change it during teardown
-        line = describe(error.failures)
+        timed_out = _timed_out_ranks(reports)
+        line = describe(error.failures, timed_out)
         if line:
             print(line, file=sys.stderr, flush=True)
-        return exit_code_of(error.failures)
+        return exit_code_of(error.failures, timed_out)
+    finally:
+        shutil.rmtree(reports, ignore_errors=True)
     ignore_stop_signals()
     return 0
 
