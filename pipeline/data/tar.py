@@ -185,7 +185,8 @@ def _open(url: str, options: Optional[ReadOptions]) -> Iterator[tuple[BinaryIO, 
                     yield unzipped, content_type
                 except gzip.BadGzipFile as exc:
                     if unzipped.tell() == 0:  # not even the first bytes inflated: no gzip stream at all
-                        raise _not_a_tar("gzip", head.head, content_type) from exc
+                        shown = head.head + handle.read(HEAD_SHOWN - len(head.head))  # (gzip read only 2)
+                        raise _not_a_tar("gzip", shown, content_type) from exc
                     raise tarfile.ReadError(f"unexpected end of data ({exc})") from exc
                 except (EOFError, zlib.error) as exc:  # a cut or corrupt gzip stream
                     raise tarfile.ReadError(f"unexpected end of data ({exc})") from exc
