@@ -25,8 +25,8 @@ CLASSES = ["a", "b", "c", "d"]
 UNDECODABLE, RGBA, NO_LABEL, BAD_LABEL = (3, 17, 29), (8, 22), 12, 35
 GOOD = 40 - len(UNDECODABLE) - 2  # 35: the two RGBA images are converted and kept
 NO_NETWORK = {"net_retries": 0, "net_resumed": 0, "net_failed": 0}  # local shards: no network events
-EXPECTED = {"seen": 40, "truncated": 0, "undecodable": 3, "no_label": 1, "bad_label": 1, "oversize": 0, "converted_mode": 2,
-            "converted_size": 0, **NO_NETWORK}
+EXPECTED = {"seen": 40, "truncated": 0, "undecodable": 3, "no_label": 1, "bad_label": 1, "oversize": 0,
+            "converted_mode": 2, "converted_size": 0, **NO_NETWORK}
 
 
 def _png(seed: int, mode: str = "RGB", size: tuple[int, int] = (8, 8)) -> bytes:
