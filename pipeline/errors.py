@@ -12,3 +12,13 @@ def first_line(error: BaseException | str, typed: bool = False, limit: int = 0) 
     if not line:
         return name
     return f"{name}: {line}" if typed and name else line
+
+
+def raised_again_line(message: str) -> str:
+    """An error's own message, out of the text torch's DataLoader gives an exception it raises again in the main
+    process ('Caught X in DataLoader worker process 0.\\nOriginal Traceback ...\\nmodule.X: the line'); any other
+    text as it is. For errors that carry their own exit code and one line across the loader's workers."""
+    if not message.startswith("Caught ") or "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().rsplit("\n", 1)[-1]
+    return last.split(": ", 1)[1] if ": " in last else last

@@ -25,8 +25,8 @@ CLASSES = ["a", "b", "c", "d"]
 UNDECODABLE, RGBA, NO_LABEL, BAD_LABEL = (3, 17, 29), (8, 22), 12, 35
 GOOD = 40 - len(UNDECODABLE) - 2  # 35: the two RGBA images are converted and kept
 NO_NETWORK = {"net_retries": 0, "net_resumed": 0, "net_failed": 0}  # local shards: no network events
-EXPECTED = {"seen": 40, "truncated": 0, "undecodable": 3, "no_label": 1, "bad_label": 1, "converted_mode": 2,
-            "converted_size": 0, **NO_NETWORK}
+EXPECTED = {"seen": 40, "truncated": 0, "undecodable": 3, "no_label": 1, "bad_label": 1, "oversize": 0,
+            "converted_mode": 2, "converted_size": 0, **NO_NETWORK}
 
 
 def _png(seed: int, mode: str = "RGB", size: tuple[int, int] = (8, 8)) -> bytes:
@@ -171,7 +171,7 @@ def test_odd_sizes_and_gray_images_are_converted_not_skipped(tmp_path: Path) -> 
     write_set(tmp_path / "odd", samples, shard_size=6)
     _, labels, counts = _epoch(tmp_path / "odd", "test", 1, 0, train=False)
     assert len(labels) == 12
-    assert counts == {"seen": 12, "truncated": 0, "undecodable": 0, "no_label": 0, "bad_label": 0,
+    assert counts == {"seen": 12, "truncated": 0, "undecodable": 0, "no_label": 0, "bad_label": 0, "oversize": 0,
                       "converted_mode": 1, "converted_size": 1, **NO_NETWORK}
 
 
@@ -217,7 +217,7 @@ def test_bad_samples_are_reported_in_metrics_console_and_test_metrics(faulty_roo
     row = read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]
     for split in ("train", "val"):
         assert {k.rsplit("/", 1)[1]: row[k] for k in row if k.startswith(f"data/{split}/skipped/")} == \
-            {"truncated": 0, "undecodable": 3, "no_label": 1, "bad_label": 1}
+            {"truncated": 0, "undecodable": 3, "no_label": 1, "bad_label": 1, "oversize": 0}
         assert row[f"data/{split}/converted/mode"] == 2 and row[f"data/{split}/seen"] == 40
     assert row["val/num_samples"] == 35
     test = json.loads((tmp_path / "r" / "test_metrics.json").read_text())

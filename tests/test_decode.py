@@ -208,7 +208,8 @@ def test_broken_jpegs_decoded_in_the_main_process_are_replaced_and_counted(broke
     """decode_device=cpu|cuda: an image whose header reads but whose data does not decode is met by the main
     process; it is counted and warned about as in the workers, replaced in training, left out in evaluation."""
     base = [f"data.num_workers={workers}", "data.jpeg_draft=false", "train.eval_batch_size=8"]
-    counts = {"seen": 48, "truncated": 0, "undecodable": 3, "no_label": 0, "bad_label": 0, "converted_mode": 0,
+    counts = {"seen": 48, "truncated": 0, "undecodable": 3, "no_label": 0, "bad_label": 0, "oversize": 0,
+              "converted_mode": 0,
               "converted_size": 0, "net_retries": 0, "net_resumed": 0, "net_failed": 0}
     sizes = []
     for decode in ("workers", "cpu"):

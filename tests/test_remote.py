@@ -111,7 +111,7 @@ def test_a_shard_given_up_mid_way_becomes_counted_truncated_samples(shard_dir: P
     missing = [s for s in samples if faults.MISSING in s]
     assert len(samples) == SAMPLES and 3 < len(missing) < SAMPLES - 3
     assert samples[SAMPLES - len(missing)]["__key__"] == f"#{SAMPLES - len(missing)}"
-    assert missing[0][faults.MISSING].startswith(f"OSError: network: {url}: gave up at byte 60000 after 5 retries")
+    assert missing[0][faults.MISSING].startswith(f"NetworkError: network: {url}: gave up at byte 60000 after 5 retries")
 
 
 def test_not_found_fails_at_once_with_one_line(shard_dir: Path) -> None:

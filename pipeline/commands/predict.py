@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config.schema import AugmentConfig, DataConfig, ModelConfig
-from pipeline.data.images import to_mode
+from pipeline.data.images import ImageTooLarge, open_image, to_mode
 from pipeline.data.transforms import build_transform
 from pipeline.errors import first_line
 from pipeline.evaluation.loaded import LoadedRun, load_run
@@ -48,9 +48,13 @@ def image_paths(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def load_image(path: Path, channels: int) -> Image.Image:
+    """The image at `path` in the mode the model reads; one-line ValueError for what is not a readable image,
+    or is larger than PIL decodes safely (`open_image`)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return to_mode(image, "L" if channels == 1 else "RGB")
+    except ImageTooLarge as exc:
+        raise ValueError(f"'{path}': {exc}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"'{path}' is not a readable image ({type(exc).__name__})") from None
 

@@ -177,6 +177,14 @@ class DataConfig:
     """S3-compatible endpoint for s3:// shards (MinIO, Ceph, ...: http://host:9000); empty: AWS_ENDPOINT_URL or AWS."""
     prefetch_mb: float = 32.0
     """Each worker opens its next remote shard and reads up to this many MB of it while reading the current one (0: off)."""
+    min_bytes_per_s: float = 1000.0
+    """A remote read slower than this over data.slow_window_s seconds fails like a timeout (retried, counted; curl's
+    --speed-limit); 0: no minimum (only data.timeout_s, an idle timeout, applies)."""
+    slow_window_s: float = 60.0
+    """Seconds of waiting for a connection's bytes over which data.min_bytes_per_s is measured (curl's --speed-time)."""
+    max_sample_mb: float = 64.0
+    """A sample whose files hold more than this many MB is skipped unread and counted as 'oversize' (never held in
+    memory: a tar or .tar.gz bomb costs time, not memory); 0: no cap."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
 
@@ -199,6 +207,9 @@ class DataConfig:
         _check_range("data.timeout_s", self.timeout_s, 0.0, low_open=True)
         _check_range("data.cache_max_gb", self.cache_max_gb, 0.0, low_open=True)
         _check_range("data.prefetch_mb", self.prefetch_mb, 0.0)
+        _check_range("data.min_bytes_per_s", self.min_bytes_per_s, 0.0)
+        _check_range("data.slow_window_s", self.slow_window_s, 0.0, low_open=True)
+        _check_range("data.max_sample_mb", self.max_sample_mb, 0.0)
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"data.endpoint_url={self.endpoint_url!r} must start with http:// or https://")
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):

@@ -16,7 +16,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pipeline.config.schema import DataConfig
 from pipeline.data.index import SpecIndex, label_summary, load_or_build
@@ -38,10 +38,14 @@ def sample_keys(data: DataConfig, classes: list[str] | tuple[str, ...] = ()) -> 
     return SampleKeys(image_key=data.image_key, label_key=data.label_key, classes=tuple(classes))
 
 
-def read_options(data: DataConfig) -> ReadOptions:
-    """How shards are read (remote ones: retries, timeouts, cache, endpoint); see `pipeline.data.remote`."""
+def read_options(data: DataConfig, shards: Sequence[ShardInfo] = ()) -> ReadOptions:
+    """How shards are read (remote ones: retries, timeouts, pace, cache, endpoint; the sample cap); see
+    `pipeline.data.remote`. `shards`: the indexed ones are pinned to the size and version their index saw."""
     return ReadOptions(retries=data.retries, timeout_s=data.timeout_s, cache_dir=data.cache_dir,
-                       cache_max_gb=data.cache_max_gb, endpoint_url=data.endpoint_url, prefetch_mb=data.prefetch_mb)
+                       cache_max_gb=data.cache_max_gb, endpoint_url=data.endpoint_url, prefetch_mb=data.prefetch_mb,
+                       min_bytes_per_s=data.min_bytes_per_s, slow_window_s=data.slow_window_s,
+                       max_sample_mb=data.max_sample_mb,
+                       pinned={s.name: (s.num_bytes, s.version) for s in shards if s.version})
 
 
 def dataset_manifest(data: DataConfig, progress: bool = False) -> Manifest:
@@ -85,6 +89,7 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
     from pipeline.tracking.console import warn
 
     entries = {entry.url: entry for entry in index.shards} if index is not None else {}
+    lost = _lost_samples(index) if index is not None else {}
     shards, counts = [], Counter()
     for manifest in owns:
         counts.update(manifest.split(split).class_counts)
@@ -94,11 +99,13 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
             shards.append(ShardInfo(name=url, num_samples=own[url], num_bytes=0, sha256=""))
             continue
         entry = entries[url]
-        if entry.error:
-            warn(f"{what}: shard {url} could be read only up to sample {entry.num_samples} ({entry.error}); "
-                 f"the samples read are used")
-        shards.append(ShardInfo(name=url, num_samples=entry.num_samples, num_bytes=entry.num_bytes,
-                                sha256=entry.sha256))
+        if url in lost:
+            got = f"could be read only up to sample {entry.num_samples} ({entry.error})" if entry.error else \
+                "holds no samples"
+            warn(f"{what}: shard {url} {got}; counted as {lost[url]} lost sample(s) ('truncated', against "
+                 f"data.max_bad_fraction)")
+        shards.append(ShardInfo(name=url, num_samples=entry.num_samples + lost.get(url, 0), num_bytes=entry.num_bytes,
+                                sha256=entry.sha256, version=entry.version))
         unusable += entry.no_label
         for raw, n in entry.raw_labels().items():
             label, reason, _ = named.index_of(raw, len(classes))
@@ -111,6 +118,18 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
              f"for the {len(classes)} classes; they are skipped and counted (see data.max_bad_fraction)")
     total = sum(s.num_samples for s in shards)
     return SplitInfo(num_samples=total, class_counts={name: counts.get(name, 0) for name in classes}, shards=shards)
+
+
+def _lost_samples(index: SpecIndex) -> dict[str, int]:
+    """URL -> samples a shard lost: one that could not be read to its end (not a tar, cut short, ...) or holds no
+    samples at all. How many a shard held cannot be known, so it counts as the split's mean shard (the mean of
+    the shards read whole, rounded; 1 if there is none), less what was read, and at least 1 (the sample the error
+    cut). The manifest then promises those samples, and the stream counts them as 'truncated' when they are not
+    there: against data.max_bad_fraction, like any bad sample."""
+    whole = [entry.num_samples for entry in index.shards if not entry.error and entry.num_samples]
+    mean = max(1, round(sum(whole) / len(whole))) if whole else 1
+    return {entry.url: max(1, mean - entry.num_samples) for entry in index.shards
+            if entry.error or not entry.num_samples}
 
 
 def _classes(data: DataConfig, parts: dict, options: ReadOptions) -> list[str]:

@@ -7,9 +7,11 @@ Every sample the stream reads is inspected once, as a pure function of its bytes
   whose size differs from the dataset's (`manifest.image_size`, when all written images shared one
   size) is resized by the transforms like every other image.
 - skipped (counted by reason): `truncated` (the manifest promises the sample but its shard ends
-  before it), `undecodable` (no image, or the image bytes do not decode), `no_label` (nothing under
-  `data.label_key`, or nothing readable there; see `pipeline.data.keys`), `bad_label` (an index outside
-  the classes, or a name not among them).
+  before it, or is not a tar at all), `undecodable` (no image, the image bytes do not decode, or a file
+  name repeated in the sample), `no_label` (nothing under `data.label_key`, or nothing readable there; see
+  `pipeline.data.keys`), `bad_label` (an index outside the classes, or a name not among them), `oversize`
+  (the sample's files hold more than `data.max_sample_mb`, skipped unread by `pipeline.data.tar`; or the
+  image has more pixels than PIL's decompression-bomb limit, see `pipeline.data.images.open_image`).
 
 Network counts (not skips; `pipeline.data.remote`): `net_retries` (failed attempts that were retried),
 `net_resumed` (connections re-established in the middle of a shard), `net_failed` (shards given up;
@@ -30,11 +32,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from PIL import Image
 
-from pipeline.data.images import to_mode
+from pipeline.data.images import ImageTooLarge, open_image, to_mode
 from pipeline.data.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
+from pipeline.data.tar import BAD
 from pipeline.errors import first_line
 
-SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label")
+SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label", "oversize")
 CONVERSIONS = ("mode", "size")
 NETWORK_FIELDS = {"retries": "net_retries", "resumed": "net_resumed", "failed": "net_failed"}
 """remote.net_counters() name -> counts field."""
@@ -124,6 +127,9 @@ def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, imag
     if MISSING in sample:
         check.reason, check.detail = "truncated", str(sample[MISSING])  # why the shard ended early
         return check
+    if BAD in sample:  # the tar reader let go of its files: oversize, or a file name given twice
+        check.reason, check.detail = sample[BAD]
+        return check
     check.label, check.reason, check.detail = parse_label(sample, num_classes, keys)
     if check.reason:
         return check
@@ -133,13 +139,16 @@ def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, imag
         return check
     check.data, check.ext = sample[key], key
     try:
-        image = Image.open(io.BytesIO(sample[key]))
+        image = open_image(io.BytesIO(sample[key]))
         source_mode, source_size = image.mode, image.size
         if decode is not None:
             check.image = decode(image, sample[key], key)
         else:
             image.draft(mode, image.size)  # cheap for JPEG, ignored otherwise
             check.image = to_mode(image, mode)  # decodes: broken data raises here
+    except ImageTooLarge as exc:
+        check.reason, check.detail = "oversize", str(exc)
+        return check
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes; all mean "undecodable"
         check.reason, check.detail = "undecodable", short_error(exc)
         return check
@@ -252,7 +261,8 @@ class FaultWarnings:
         if check.reason == "truncated":  # one line per shard, not per missing sample
             if check.url not in self.truncated_shards:
                 self.truncated_shards.add(check.url)
-                why = "could not be read to its end" if "network: " in check.detail else \
+                why = "is not a tar file" if check.detail.startswith("NotATar") else \
+                    "could not be read to its end" if "network: " in check.detail else \
                     "ends before the manifest's sample count"
                 warn(f"{self.prefix}shard {check.url.rsplit('/', 1)[-1]} {why} ({check.detail}); its missing "
                      f"samples are {action} and counted as 'truncated'")

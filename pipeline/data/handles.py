@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass, field
+from typing import Optional
 
 CHUNK = 1 << 20
 """Bytes per read when discarding and copying; also the object stores' read-ahead block."""
@@ -36,15 +37,63 @@ class ReadOptions:
     is read (0: off); see `prefetch`."""
     storage_options: dict = field(default_factory=dict)
     """Extra keyword arguments for the fsspec filesystem of object-store URLs (e.g. {"anon": true})."""
+    min_bytes_per_s: float = 1000.0
+    """A connection slower than this over `slow_window_s` seconds of waiting fails like a timeout (0: no minimum)."""
+    slow_window_s: float = 60.0
+    """Seconds of waiting for a connection's bytes over which its rate is measured (curl's --speed-time)."""
+    max_sample_mb: float = 64.0
+    """A tar sample whose files hold more than this many MB is skipped unread (`pipeline.data.tar`; 0: no cap)."""
+    pinned: dict = field(default_factory=dict)
+    """URL -> (size in bytes or 0, version or '') each shard had when indexed; a shard that answers another size or
+    version at an open raises `ShardChanged` (see `pipeline.data.remote`). Empty: nothing compared."""
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0 or self.cache_max_gb <= 0:
             raise ValueError(f"ReadOptions needs retries >= 0, timeout_s > 0, backoff_s >= 0 and cache_max_gb > 0; "
                              f"got {self.retries}, {self.timeout_s}, {self.backoff_s}, {self.cache_max_gb}")
+        if self.min_bytes_per_s < 0 or self.slow_window_s <= 0 or self.max_sample_mb < 0:
+            raise ValueError(f"ReadOptions needs min_bytes_per_s >= 0, slow_window_s > 0 and max_sample_mb >= 0; got "
+                             f"{self.min_bytes_per_s}, {self.slow_window_s}, {self.max_sample_mb}")
+
+    @property
+    def max_sample_bytes(self) -> int:
+        """`max_sample_mb` in bytes (0: no cap)."""
+        return int(self.max_sample_mb * 1e6)
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1-based)."""
         return min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+
+
+class Pace:
+    """A connection's delivery rate against a minimum, as curl's --speed-limit/--speed-time.
+
+    Only the time spent waiting in reads counts (a reader that pauses does not make the server slow). Once
+    `window_s` seconds of waiting have gathered, `add` gives the verdict on them and starts a new window.
+    """
+
+    def __init__(self, min_bytes_per_s: float, window_s: float):
+        self.min_bytes_per_s, self.window_s = min_bytes_per_s, window_s
+        self.restart()
+
+    def restart(self) -> None:
+        """A new connection: a new window."""
+        self.waited, self.received = 0.0, 0
+
+    def add(self, received: int, waited: float) -> Optional[str]:
+        """None while the window is open; at its end '' (fast enough) or the line saying how slow it was."""
+        if not self.min_bytes_per_s:
+            return None
+        self.waited += waited
+        self.received += received
+        if self.waited < self.window_s:
+            return None
+        rate, waited = self.received / self.waited, self.waited
+        self.restart()
+        if rate >= self.min_bytes_per_s:
+            return ""
+        return (f"slower than data.min_bytes_per_s={self.min_bytes_per_s:g}: {rate:.1f} bytes/s over "
+                f"{waited:.1f} s")
 
 
 class ForwardReader(io.RawIOBase):

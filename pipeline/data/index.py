@@ -24,8 +24,8 @@ from typing import Callable, Optional, Sequence
 
 from pipeline.data.faults import short_error
 from pipeline.data.keys import SampleKeys
-from pipeline.data.remote import ReadOptions, stat_shard
-from pipeline.data.tar import tar_samples
+from pipeline.data.remote import ReadOptions, RemoteError, stat_shard
+from pipeline.data.tar import BAD, tar_samples
 
 INDEX_VERSION = 1
 
@@ -96,12 +96,16 @@ def index_shard(url: str, keys: SampleKeys, options: ReadOptions | None = None, 
     try:
         for sample in tar_samples(url, options=options):
             entry.num_samples += 1
+            if BAD in sample:  # counted; skipped (and counted as bad) when the stream meets it
+                continue
             members.update(k for k in sample if not k.startswith("__"))
             raw, _ = keys.raw_label(sample)
             if raw is None:
                 entry.no_label += 1
             else:
                 labels[json.dumps(raw)] += 1
+    except RemoteError:  # not the shard's fault (404, the server gave up, changed): never cached as its content
+        raise
     except Exception as exc:  # noqa: BLE001 - a shard that cannot be read to its end is recorded, not fatal here
         entry.error = short_error(exc)
     entry.labels, entry.members = dict(labels), dict(members)

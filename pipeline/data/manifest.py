@@ -19,6 +19,8 @@ class ShardInfo:
     num_samples: int
     num_bytes: int
     sha256: str
+    version: str = ""
+    """What the shard looked like when indexed (foreign shards: size and mtime, or ETag); '' for our own."""
 
 
 @dataclass

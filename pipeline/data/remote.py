@@ -9,11 +9,20 @@ What a handle from `open_shard` guarantees:
   and discarded. Object stores re-open the object and seek to N (a ranged GET). A shard that changes
   size or ETag between two connections fails instead of being stitched together.
 - **Retries, bounded.** Transient failures (connection refused or reset, timeouts, a body shorter than
-  its Content-Length, HTTP 5xx, 408 and 429) are retried up to `ReadOptions.retries` times in a row
-  (the count restarts once bytes arrive again), waiting `backoff_s * 2**k` (capped at `backoff_max_s`,
-  +-20% jitter) before retry k+1. Permanent ones (HTTP 4xx such as 404/403, a missing object, access
-  denied, a malformed URL) fail at once. Either way the error is an `OSError` whose message is one line:
-  the URL, the byte offset and the last error. Nothing ever waits longer than `timeout_s` for a byte.
+  its Content-Length, HTTP 5xx, 408 and 429, a server slower than `min_bytes_per_s`) are retried up to
+  `ReadOptions.retries` times in a row (the count restarts once bytes arrive again at speed), waiting
+  `backoff_s * 2**k` (capped at `backoff_max_s`, +-20% jitter) before retry k+1; then `NetworkError`
+  (exit 69 on the command line). Permanent ones (HTTP 4xx such as 404/403, a missing object, access
+  denied, a malformed URL) fail at once: `PermanentError` (exit 2: the URL names nothing readable).
+  Either way the message is one line: the URL, the byte offset and the last error. Nothing ever waits
+  longer than `timeout_s` for a byte.
+- **Never slower than asked** (curl's --speed-limit/--speed-time): a connection that delivers less than
+  `min_bytes_per_s` over `slow_window_s` seconds of waiting for it (time spent in reads: a consumer that
+  pauses is not the server's fault) fails like a timeout, and is retried and counted as one. A server
+  that trickles 2 bytes a second thus ends in `NetworkError` after the retries, never in a hang.
+- **The version the index saw.** `ReadOptions.pinned` holds the size and version (ETag or Last-Modified;
+  local: size and mtime) each shard had when it was indexed; a shard that answers another at any open
+  raises `ShardChanged` (exit 65): never a run that mixes two versions of its data.
 - **Bounded memory.** Bytes are streamed in the caller's read sizes; no shard is held in memory.
 - **Counted.** `net_counters()` gives this process's cumulative `retries` (failed attempts that were
   retried), `resumed` (connections re-established in the middle of a shard) and `failed` (shards given
@@ -21,7 +30,9 @@ What a handle from `open_shard` guarantees:
 - **pipe:** is not retried (a command's output cannot be resumed); a non-zero exit of the command
   before its output was read to the end is an `OSError` naming it.
 - **Cache** (`cache_dir`, see `pipeline.data.shard_cache`): remote shards read to their end are kept
-  locally and later opens read the copy.
+  locally and later opens read the copy (one per pinned version).
+- **Stat without HEAD.** `stat_shard` asks HEAD; a server that refuses it (405, 501; 403 from S3 presigned
+  GET URLs; 400) is asked for its first byte with a ranged GET instead, whose answer carries the same.
 
 Handles offer read(n), tell(), seekable(), seek(pos), close(); `shard_size(handle)` gives the size in
 bytes, or None when unknown (remote handles carry it as `size`; local ones are plain files, for speed).
@@ -53,13 +64,19 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
-from pipeline.data.handles import CHUNK, ForwardReader, ReadOptions, open_local
-from pipeline.errors import first_line
+from pipeline.data.handles import CHUNK, ForwardReader, Pace, ReadOptions, open_local
+from pipeline.errors import first_line, raised_again_line
 
 SEEK_BY_RANGE = 4 << 20
 """A forward HTTP seek longer than this re-connects with a Range request instead of reading through."""
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 """HTTP statuses that are retried (any other 5xx is too); other 4xx fail at once."""
+HEAD_REFUSED = frozenset({400, 403, 405, 501})
+"""Answers to HEAD after which `stat_shard` asks a ranged GET instead (S3 presigned GET URLs: 403)."""
+EXIT_REMOTE_DATA = 69
+"""Exit code when remote data cannot be had after the retries (EX_UNAVAILABLE: a service is unavailable)."""
+EXIT_CHANGED_DATA = 65
+"""Exit code when a shard changed during the run (EX_DATAERR, as data.max_bad_fraction)."""
 USER_AGENT = "pipeline-shard-reader/1"
 
 _COUNTERS = {"retries": 0, "resumed": 0, "failed": 0}
@@ -70,8 +87,36 @@ def net_counters() -> dict[str, int]:
     return dict(_COUNTERS)
 
 
-class PermanentError(OSError):
-    """A failure that retrying cannot fix (HTTP 404/403, missing object, ...); the message is one line."""
+class RemoteError(OSError):
+    """The reader's own errors: one line, kept when torch's DataLoader raises one again in the main process."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(raised_again_line(message))
+
+
+class PermanentError(RemoteError):
+    """A failure that retrying cannot fix (HTTP 404/403, missing object, ...); the message is one line.
+    On the command line it is bad input (exit 2), as a missing local file is: the URL names nothing readable."""
+
+    exit_code = 2
+
+
+class NetworkError(RemoteError):
+    """A remote read given up after `ReadOptions.retries` retries (the server fails, stalls, is too slow or
+    cannot be reached); exit 69 on the command line."""
+
+    exit_code = EXIT_REMOTE_DATA
+
+
+class ShardChanged(PermanentError):
+    """A shard that answers another size or version than the index recorded (`ReadOptions.pinned`): reading on
+    would mix two versions of the data in one run (exit 65)."""
+
+    exit_code = EXIT_CHANGED_DATA
+
+
+class _HeadRefused(Exception):
+    """HEAD answered with one of HEAD_REFUSED: `stat_shard` asks a ranged GET instead."""
 
 
 class _Transient(OSError):
@@ -117,8 +162,11 @@ class ShardReader(ForwardReader):
         self.url, self.options = url, options
         self.size: Optional[int] = None
         self.tag = ""  # ETag or Last-Modified, to notice a shard that changes between connections
+        self.content_type = ""  # what the server says it sends (for the line about a shard that is not a tar)
         self.pos = 0
         self._failures = 0  # failed attempts in a row
+        self._slow = 0  # windows in a row under options.min_bytes_per_s (bytes arriving then do not reset _failures)
+        self._pace = Pace(options.min_bytes_per_s, options.slow_window_s)
         self._connected = False
         self._connect(0, resuming=False)
 
@@ -179,7 +227,7 @@ class ShardReader(ForwardReader):
         """Up to n bytes (b"" only at the end), re-connecting at the exact byte after a transient failure."""
         while True:
             try:
-                data = self._raw_read(n)
+                data = self._paced_read(n)
                 if not data and n and self.size is not None and self.pos < self.size:
                     raise _Transient(f"the connection ended at byte {self.pos} of {self.size}")
             except Exception as exc:  # noqa: BLE001 - _is_transient decides; the rest is raised as is
@@ -187,8 +235,20 @@ class ShardReader(ForwardReader):
                 continue
             if data:
                 self.pos += len(data)
-                self._failures = 0
+                if not self._slow:
+                    self._failures = 0
             return data
+
+    def _paced_read(self, n: int) -> bytes:
+        """`_raw_read`, timed: a connection slower than options.min_bytes_per_s fails (its bytes are not taken)."""
+        began = time.monotonic()
+        data = self._raw_read(n)
+        verdict = self._pace.add(len(data), time.monotonic() - began)
+        if verdict is not None:
+            self._slow = self._slow + 1 if verdict else 0
+            if verdict:
+                raise _Transient(verdict)
+        return data
 
     def _recover(self, exc: BaseException) -> None:
         """Count a failure, then re-connect at `pos` (raise if it is permanent or the retries are spent)."""
@@ -202,6 +262,7 @@ class ShardReader(ForwardReader):
             if error is not None:
                 self._give_up_or_wait(error, offset)
             try:
+                self._pace.restart()
                 start = self._open_at(offset)
                 self._connected = True
                 self._discard(offset - start)
@@ -217,7 +278,7 @@ class ShardReader(ForwardReader):
     def _discard(self, count: int) -> None:
         """Read and drop `count` bytes of a body that started before the wanted offset (no Range support)."""
         while count > 0:
-            data = self._raw_read(min(CHUNK, count))
+            data = self._paced_read(min(CHUNK, count))
             if not data:
                 raise _Transient(f"the connection ended {count} bytes before byte {self.pos}")
             count -= len(data)
@@ -232,8 +293,8 @@ class ShardReader(ForwardReader):
         self._failures += 1
         if self._failures > self.options.retries:
             _COUNTERS["failed"] += 1
-            raise OSError(f"network: {self.url}: gave up at byte {offset} after {self.options.retries} retries; "
-                          f"last error: {_one_line(error)}") from error
+            raise NetworkError(f"network: {self.url}: gave up at byte {offset} after {self.options.retries} "
+                               f"retries; last error: {_one_line(error)}") from error
         _COUNTERS["retries"] += 1
         time.sleep(self.options.backoff(self._failures))
 
@@ -248,20 +309,22 @@ class HttpReader(ShardReader):
         headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={offset}-"} if offset else {})}
         response = _http_request(self.url, headers, self.options.timeout_s, offset)
         start, size = _body_start(response, offset)
-        self._check_same_shard(size, response.headers.get("ETag") or response.headers.get("Last-Modified") or "")
+        self.content_type = response.headers.get("Content-Type", "")
+        self._check_same_shard(size, _http_tag(response))
         self._response = response
         self._ranges = self._ranges or response.status == 206 or response.headers.get("Accept-Ranges") == "bytes"
         return start
 
     def _check_same_shard(self, size: Optional[int], tag: str) -> None:
         if self.size is None and not self.tag:
+            check_pinned(self.url, self.options, size, tag, self.content_type)
             self.size, self.tag = size, tag
         elif (size is not None and self.size is not None and size != self.size) or (tag and tag != self.tag):
-            raise PermanentError(f"{self.url}: the shard changed while being read (size {self.size} -> {size}, "
+            raise ShardChanged(f"{self.url}: the shard changed while being read (size {self.size} -> {size}, "
                                  f"tag {self.tag!r} -> {tag!r}); restart the run")
 
     def _raw_read(self, n: int) -> bytes:
-        return self._response.read(n)
+        return self._response.read1(n)  # one recv at most: a trickling server cannot hold a read for ever
 
     def _close_raw(self) -> None:
         if self._response is not None:
@@ -280,6 +343,8 @@ def _http_request(url: str, headers: dict, timeout: float, offset: int,
     except urllib.error.HTTPError as exc:
         exc.close()
         what = f"{exc.code} {exc.reason}"
+        if method == "HEAD" and exc.code in HEAD_REFUSED:
+            raise _HeadRefused(what) from None
         if exc.code in RETRY_STATUS or exc.code >= 500:
             raise _Transient(what) from None
         raise PermanentError(f"{url}: {what}" + (f" (at byte {offset})" if offset else "")) from None
@@ -301,6 +366,28 @@ def _body_start(response: http.client.HTTPResponse, offset: int) -> tuple[int, O
     return 0, int(length) if length and length.isdigit() else None
 
 
+def _http_tag(response: http.client.HTTPResponse) -> str:
+    """The version an HTTP answer carries: its ETag (a weak one's W/ dropped), else its Last-Modified."""
+    tag = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def check_pinned(url: str, options: ReadOptions, size: Optional[int], version: str, content_type: str = "") -> None:
+    """Raise ShardChanged when the shard at `url` answers another size or version than `options.pinned` has for it
+    (what the index recorded); unknown values on either side are not compared."""
+    pinned = options.pinned.get(url)
+    if not pinned:
+        return
+    old_size, old_version = pinned
+    other_size = bool(old_size and size is not None and size != old_size)
+    other_version = bool(old_version and version and version != old_version)
+    if other_size or other_version:
+        sent = f"; it now sends {content_type}" if content_type else ""
+        raise ShardChanged(f"shard {url} changed since it was indexed (size {old_size} -> {size}, version "
+                           f"{old_version!r} -> {version!r}{sent}); a run must not mix two versions of its data: "
+                           f"restore the shard, or start a new run (run.name), which indexes it again")
+
+
 class FsspecReader(ShardReader):
     """Object stores (s3://, gs://, az://, ...) through fsspec; re-opened and seeked after a failure."""
 
@@ -312,7 +399,9 @@ class FsspecReader(ShardReader):
             self._file = fs.open(path, "rb", block_size=CHUNK, cache_type="readahead")
         size = getattr(self._file, "size", None)
         if self.size is not None and size is not None and size != self.size:
-            raise PermanentError(f"{self.url}: the shard changed size while being read ({self.size} -> {size})")
+            raise ShardChanged(f"{self.url}: the shard changed size while being read ({self.size} -> {size})")
+        if self.size is None:
+            check_pinned(self.url, self.options, size, _fsspec_tag(getattr(self._file, "details", None) or {}))
         self.size = self.size if size is None else size
         self._file.seek(offset)
         return offset
@@ -430,7 +519,15 @@ def open_shard(url: str, options: Optional[ReadOptions] = None):
 def _open(url: str, options: ReadOptions):
     kind = url_kind(url)
     if kind == "local":
-        return open_local(local_path(url))
+        handle = open_local(local_path(url))
+        if url in options.pinned:
+            info = os.fstat(handle.fileno())
+            try:
+                check_pinned(url, options, info.st_size, _local_version(info))
+            except ShardChanged:
+                handle.close()
+                raise
+        return handle
     if kind == "pipe":
         return PipeReader(url, options)
     if options.cache_dir:
@@ -453,25 +550,37 @@ def stat_shard(url: str, options: Optional[ReadOptions] = None) -> tuple[Optiona
     kind = url_kind(url)
     if kind == "local":
         info = os.stat(local_path(url))
-        return info.st_size, f"size={info.st_size} mtime_ns={info.st_mtime_ns}"
+        return info.st_size, _local_version(info)
     if kind == "pipe":
         return None, ""
     return _retrying(url, options, _stat_http if kind == "http" else _stat_fsspec)
 
 
+def _local_version(info: os.stat_result) -> str:
+    return f"size={info.st_size} mtime_ns={info.st_mtime_ns}"
+
+
 def _stat_http(url: str, options: ReadOptions) -> tuple[Optional[int], str]:
-    response = _http_request(url, {"User-Agent": USER_AGENT}, options.timeout_s, 0, method="HEAD")
+    headers = {"User-Agent": USER_AGENT}
+    try:
+        response = _http_request(url, headers, options.timeout_s, 0, method="HEAD")
+        _, size = _body_start(response, 0)
+    except _HeadRefused:  # the first byte's answer carries the size (Content-Range) and the version too
+        response = _http_request(url, {**headers, "Range": "bytes=0-0"}, options.timeout_s, 0)
+        _, size = _body_start(response, 0)
     with response:
-        length = response.headers.get("Content-Length")
-        tag = response.headers.get("ETag") or response.headers.get("Last-Modified") or ""
-        return (int(length) if length and length.isdigit() else None), tag
+        return size, _http_tag(response)
 
 
 def _stat_fsspec(url: str, options: ReadOptions) -> tuple[Optional[int], str]:
     fs, path = filesystem(url, options)
     info = fs.info(path)
+    return info.get("size"), _fsspec_tag(info)
+
+
+def _fsspec_tag(info: dict) -> str:
     tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
-    return info.get("size"), str(tag).strip('"') if tag else ""
+    return str(tag).strip('"') if tag else ""
 
 
 def _retrying(url: str, options: ReadOptions, call):
@@ -486,8 +595,8 @@ def _retrying(url: str, options: ReadOptions, call):
             failures += 1
             if failures > options.retries:
                 _COUNTERS["failed"] += 1
-                raise OSError(f"network: {url}: gave up after {options.retries} retries; "
-                              f"last error: {_one_line(exc)}") from exc
+                raise NetworkError(f"network: {url}: gave up after {options.retries} retries; "
+                                   f"last error: {_one_line(exc)}") from exc
             _COUNTERS["retries"] += 1
             time.sleep(options.backoff(failures))
 
@@ -537,6 +646,11 @@ class Prefetched(ForwardReader):
     def size(self) -> Optional[int]:
         self._wait(lambda: self._inner is not None)
         return shard_size(self._inner) if self._inner is not None else None
+
+    @property
+    def content_type(self) -> str:
+        self._wait(lambda: self._inner is not None)
+        return getattr(self._inner, "content_type", "")
 
     def _fill(self, options: ReadOptions) -> None:
         try:

@@ -12,8 +12,10 @@ What it guarantees:
 - **Several processes at once.** Each writer has its own temporary file; the rename makes the last
   complete copy win (the same bytes). A copy another process removes between lookup and open falls
   back to the network; a temporary file left by a killed process is removed after a day.
-- A copy is trusted while it exists: the index's `stat_shard` notices a changed remote shard; delete
-  the folder to start over.
+- **One copy per version.** A shard pinned to the version its index saw (`ReadOptions.pinned`) is cached
+  under a name that includes that version, so a shard that changed and was indexed again is fetched
+  again, never read from the old copy (which leaves with the least recently used). Unpinned shards: a
+  copy is trusted while it exists; delete the folder to start over.
 
 pipe: URLs and local files are never cached.
 """
@@ -37,15 +39,17 @@ STALE_TEMP_S = 24 * 3600
 TEMP_PREFIX = ".tmp-"
 
 
-def cache_path(url: str, cache_dir: str) -> Path:
-    """The copy's path: a hash of the URL (unique) and its file name (readable)."""
+def cache_path(url: str, cache_dir: str, version: str = "") -> Path:
+    """The copy's path: a hash of the URL and the pinned version (unique) and its file name (readable)."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:]
-    return Path(cache_dir) / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    key = f"{url}\n{version}" if version else url
+    return Path(cache_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-{name}"
 
 
 def open_cached(url: str, options: ReadOptions, open_remote: Callable[[str, ReadOptions], object]):
     """The local copy of `url` if there is one, else the remote handle, copied into the cache as it is read."""
-    path = cache_path(url, options.cache_dir)
+    pinned = options.pinned.get(url)
+    path = cache_path(url, options.cache_dir, f"{pinned[0]} {pinned[1]}" if pinned else "")
     try:
         handle = open_local(str(path))
     except FileNotFoundError:
@@ -64,6 +68,7 @@ class CachingReader(ForwardReader):
         super().__init__()
         self.reader, self.path, self.max_bytes = reader, path, max_bytes
         self.url, self.size = reader.url, reader.size
+        self.content_type = getattr(reader, "content_type", "")
         self._eof = False
         path.parent.mkdir(parents=True, exist_ok=True)
         self._temp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{path.name}"

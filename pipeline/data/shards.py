@@ -41,15 +41,14 @@ def check_image(path: Path) -> ImageCheck:
     """Decode the whole image (PIL `load`), as the loader will, and hash its bytes; never raises."""
     import io
 
-    from PIL import Image
-
     from pipeline.data.faults import short_error
+    from pipeline.data.images import open_image
 
     digest = ""
     try:
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(io.BytesIO(data)) as image:
             image.load()
             return ImageCheck(image.mode, image.size, sha256=digest)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files; all mean "unreadable"

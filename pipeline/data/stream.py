@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
 from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
-from pipeline.data.remote import ReadOptions, net_counters, prefetch
+from pipeline.data.remote import ReadOptions, ShardChanged, net_counters, prefetch
 from pipeline.data.tar import tar_samples
 from pipeline.data.workers import track, worker_options
 from pipeline.testing import faults as injected
@@ -266,7 +266,9 @@ def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = N
             yield sample
             index += 1
         error = "it has fewer samples than the manifest says"
-    except Exception as exc:  # noqa: BLE001 - any read error means the rest of the shard is lost
+    except ShardChanged:  # reading on would mix two versions of the data: the run stops (exit 65)
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other read error means the rest of the shard is lost
         error = short_error(exc, limit=300)  # a network failure names the URL and byte offset
     finally:
         raw.close()

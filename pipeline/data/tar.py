@@ -14,6 +14,22 @@ not (pipes, gzip streams), it is read and discarded, which also finds a cut. `.t
 are read through a gzip stream (forward only). Either way a shard cut short raises
 `tarfile.ReadError("unexpected end of data")`; a network failure that outlasts the retries raises
 the reader's one-line OSError.
+
+What a shard may not do to the reader:
+
+- **Not be a tar.** The first header's checksum is checked: an HTML page served with 200, garbage, or a
+  .tar.gz that is not gzip raises `NotATar` (a `tarfile.ReadError`) with the content type the server
+  gave and the first bytes; a later header that does not parse is a ReadError too.
+- **Hold a bomb.** A sample whose files add up to more than `ReadOptions.max_sample_mb` is never held:
+  the files over the cap are skipped unread (seeked past, or read and discarded in 1 MiB pieces through
+  a gzip stream), and the sample is yielded without them, marked `BAD` ("oversize"). So a 1.5 MB
+  .tar.gz holding a 1.5 GB member costs the time to inflate it, not the memory. PAX and GNU long-name
+  headers over 1 MiB are a ReadError.
+- **Repeat a file name in a sample.** Which copy is right cannot be known: the sample is marked `BAD`
+  ("undecodable") and the rest of the shard is read as usual (webdataset raises, losing the rest).
+
+A sample marked `BAD` still counts as one sample (the index and the stream agree on the count), and
+`pipeline.data.faults` skips and counts it.
 """
 
 from __future__ import annotations
@@ -28,6 +44,32 @@ from typing import BinaryIO, Iterator, Optional
 from pipeline.data.remote import CHUNK, ReadOptions, open_shard, shard_size
 
 BLOCK = 512
+MAX_NAME_HEADER = 1 << 20
+"""Largest PAX extended header or GNU long name read (they only name the next member)."""
+BAD = "__bad__"
+"""Key of a sample's (reason, detail) when the reader dropped its files (oversize, repeated file name)."""
+HEAD_SHOWN = 48
+"""Bytes of a shard that is not a tar shown in the error line."""
+
+
+class NotATar(tarfile.ReadError):
+    """The shard does not start with a tar header (an HTML page, garbage); the message names what it is."""
+
+
+def _not_a_tar(kind: str, head: bytes, content_type: str) -> NotATar:
+    sent = f" (content type {content_type})" if content_type else ""
+    return NotATar(f"not a {kind} file{sent}: it starts with {head[:HEAD_SHOWN]!r}")
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """Whether a header's checksum field matches its bytes (as tarfile: unsigned or signed sums)."""
+    try:
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"x", 8)
+    except ValueError:
+        return False
+    unsigned = 256 + sum(header[:148]) + sum(header[156:])
+    high = sum(1 for b in header[:148] if b >= 128) + sum(1 for b in header[156:] if b >= 128)
+    return stored in (unsigned, unsigned - 256 * high)
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members
 
@@ -36,7 +78,10 @@ def _number(field: bytes) -> int:
     if field[0] & 0x80:  # base-256 (sizes of 8 GiB and more)
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise tarfile.ReadError(f"invalid tar header: {bytes(field)!r} is not a number") from None
 
 
 def _pax_path(data: bytes) -> Optional[str]:
@@ -55,17 +100,22 @@ def _pax_path(data: bytes) -> Optional[str]:
     return None
 
 
-def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
+def _members(handle: BinaryIO, content_type: str = "") -> Iterator[tuple[str, int, int]]:
     """(name, size, offset of the data) of each regular file; the caller may read the data in between.
 
-    A file cut short raises tarfile.ReadError("unexpected end of data"), as tarfile does.
+    A file cut short raises tarfile.ReadError("unexpected end of data"), as tarfile does; one that does not start
+    with a tar header raises NotATar.
     """
     file_size = shard_size(handle)
     long_name: Optional[str] = None
+    first = True
     while True:
         header = handle.read(BLOCK)
         if not header or not header.strip(b"\0"):
             return
+        if first and (len(header) < BLOCK or not _checksum_ok(header)):
+            raise _not_a_tar("tar", header, content_type)
+        first = False
         if len(header) < BLOCK:
             raise tarfile.ReadError("unexpected end of data")
         size, kind = _number(header[124:136]), header[156:157]
@@ -74,6 +124,9 @@ def _members(handle: BinaryIO) -> Iterator[tuple[str, int, int]]:
             raise tarfile.ReadError("unexpected end of data")
         padded = size + (-size) % BLOCK
         if kind in (b"x", b"L"):  # PAX extended header / GNU long name: they name the next member
+            if size > MAX_NAME_HEADER:
+                raise tarfile.ReadError(f"a {'PAX' if kind == b'x' else 'long name'} header of {size} bytes "
+                                        f"(at most {MAX_NAME_HEADER} are read)")
             data = _read_exactly(handle, padded)[:size]
             long_name = (_pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8")) or long_name
             continue
@@ -106,31 +159,61 @@ def _read_forward(handle: BinaryIO, position: int) -> None:
             raise tarfile.ReadError("unexpected end of data")
 
 
+class _Head:
+    """A handle whose first bytes are kept, to say what a shard that is not a gzip stream starts with."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle, self.head = handle, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.handle.read(n)
+        if len(self.head) < HEAD_SHOWN:
+            self.head += data[:HEAD_SHOWN - len(self.head)]
+        return data
+
+
 @contextmanager
-def _open(url: str, options: Optional[ReadOptions]) -> Iterator[BinaryIO]:
-    """The shard's tar stream: the handle itself, or a gzip stream over it for .tar.gz/.tgz."""
+def _open(url: str, options: Optional[ReadOptions]) -> Iterator[tuple[BinaryIO, str]]:
+    """(the shard's tar stream: the handle itself, or a gzip stream over it for .tar.gz/.tgz; its content type)."""
     handle = open_shard(url, options)
+    content_type = getattr(handle, "content_type", "")
     try:
         if url.endswith((".gz", ".tgz")):
-            with gzip.GzipFile(fileobj=handle, mode="rb") as unzipped:
+            head = _Head(handle)
+            with gzip.GzipFile(fileobj=head, mode="rb") as unzipped:
                 try:
-                    yield unzipped
-                except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut or corrupt gzip stream
+                    yield unzipped, content_type
+                except gzip.BadGzipFile as exc:
+                    if unzipped.tell() == 0:  # not even the first bytes inflated: no gzip stream at all
+                        shown = head.head + handle.read(HEAD_SHOWN - len(head.head))  # (gzip read only 2)
+                        raise _not_a_tar("gzip", shown, content_type) from exc
+                    raise tarfile.ReadError(f"unexpected end of data ({exc})") from exc
+                except (EOFError, zlib.error) as exc:  # a cut or corrupt gzip stream
                     raise tarfile.ReadError(f"unexpected end of data ({exc})") from exc
         else:
-            yield handle
+            yield handle, content_type
     finally:
         handle.close()
+
+
+def _drop(sample: dict, reason: str, detail: str) -> None:
+    """Let go of a sample's files and mark it BAD (it still counts as a sample)."""
+    for ext in [k for k in sample if not k.startswith("__")]:
+        del sample[ext]
+    sample[BAD] = (reason, detail)
 
 
 def tar_samples(url: str, start: int = 0, stop: Optional[int] = None,
                 options: Optional[ReadOptions] = None) -> Iterator[dict]:
     """Samples number `start` to `stop` (exclusive; None: the end) of the shard at `url` (see the module
-    docstring for the kinds of URL); `options`: how remote shards are read (retries, timeouts, cache)."""
+    docstring for the kinds of URL); `options`: how remote shards are read (retries, timeouts, cache) and the
+    cap on a sample's size."""
     index, key = -1, None
     sample: Optional[dict] = None
-    with _open(url, options) as handle:
-        for name, size, _offset in _members(handle):
+    cap = (options or ReadOptions()).max_sample_bytes
+    held = 0  # bytes of the current sample's files
+    with _open(url, options) as (handle, content_type):
+        for name, size, _offset in _members(handle, content_type):
             match = _KEY_EXT.match(name)
             if match is None or _META.match(name):
                 continue
@@ -143,10 +226,16 @@ def tar_samples(url: str, start: int = 0, stop: Optional[int] = None,
                 if stop is not None and index >= stop:
                     return
                 if index >= start:
-                    sample = {"__key__": base, "__url__": url}
-            if sample is not None:
+                    sample, held = {"__key__": base, "__url__": url}, 0
+            if sample is not None and BAD not in sample:  # (a dropped sample's further files are skipped unread)
                 if ext in sample:
-                    raise ValueError(f"{url}: duplicate file name {name} in the tar file")
+                    _drop(sample, "undecodable", f"the file name {name} appears twice in the sample")
+                    continue
+                held += size
+                if cap and held > cap:
+                    _drop(sample, "oversize", f"its files hold {held / 1e6:.1f} MB or more, over data.max_sample_mb="
+                                              f"{cap / 1e6:g}; skipped unread")
+                    continue
                 data = sample[ext] = handle.read(size)
                 if len(data) < size:
                     raise tarfile.ReadError("unexpected end of data")

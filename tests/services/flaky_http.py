@@ -14,7 +14,12 @@ What the flaky server does, deterministically:
   with or without Range support. `stall_s` > 0 waits that long before cutting (a client timeout test).
 - `ranges`: `Range: bytes=N-` is answered 206 from byte N; False: ignored (200, whole file).
 - `always_fail`: file names always answered `fail_status`.
-HEAD requests answer Content-Length, ETag and Last-Modified and are never failed.
+- `head_status`: HEAD requests answered with this status (e.g. 501, 405; 403 as to S3 presigned GET URLs).
+- `html`: file names answered 200 with `HTML_PAGE` (text/html) instead of their bytes, as a login page would be.
+- `trickle`: file names whose body is sent at `trickle_bytes_per_s` (a server that never stalls, never delivers).
+- `swap`: name -> (n, other file name): after n GETs of `name`, its bytes, size and ETag are the other file's
+  (a shard replaced on the server during a run).
+HEAD requests answer Content-Length, ETag and Last-Modified and are never failed (unless `head_status`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
+
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please sign in.</body></html>\n"
 
 
 @dataclass
@@ -55,6 +62,11 @@ class FlakyServer:
     fail_status: int = 503
     always_fail: tuple[str, ...] = ()
     stall_s: float = 0.0
+    head_status: int = 0
+    html: tuple[str, ...] = ()
+    trickle: tuple[str, ...] = ()
+    trickle_bytes_per_s: float = 2.0
+    swap: dict[str, tuple[int, str]] = field(default_factory=dict)
     log: list[Event] = field(default_factory=list)
     dropped_at: dict[str, set[int]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -98,9 +110,21 @@ class _FlakyHandler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         path = self._file()
-        if path is not None:
+        if path is not None and self.server_state.head_status:
+            self._record("HEAD", self.server_state.head_status)
+            self.send_error(self.server_state.head_status)
+        elif path is not None and path.name in self.server_state.html:
+            self._record("HEAD", 200)
+            self._html_headers()
+        elif path is not None:
             self._record("HEAD", 200)
             self._headers(200, path.stat().st_size, path)
+
+    def _html_headers(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(HTML_PAGE)))
+        self.end_headers()
 
     def do_GET(self) -> None:
         state, path = self.server_state, self._file()
@@ -112,6 +136,15 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             self._record("GET", state.fail_status)
             self.send_error(state.fail_status)
             return
+        if path.name in state.html:
+            self._record("GET", 200, 0, len(HTML_PAGE))
+            self._html_headers()
+            self.wfile.write(HTML_PAGE)
+            return
+        if path.name in state.swap:
+            after, other = state.swap[path.name]
+            if len(state.gets(path.name)) >= after:
+                path = state.folder / other
         size = path.stat().st_size
         match = re.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
         start = int(match.group(1)) if match and state.ranges else 0
@@ -126,7 +159,10 @@ class _FlakyHandler(BaseHTTPRequestHandler):
         with open(path, "rb") as handle:
             handle.seek(start)
             try:
-                self.wfile.write(handle.read(cut - start))
+                if path.name in state.trickle:
+                    self._trickle(handle.read(cut - start))
+                else:
+                    self.wfile.write(handle.read(cut - start))
                 self.wfile.flush()
             except OSError:  # the client went away
                 pass
@@ -135,6 +171,14 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
+
+    def _trickle(self, body: bytes) -> None:
+        """A byte at a time, at trickle_bytes_per_s, until the client goes away (then writing raises)."""
+        pause = 1.0 / self.server_state.trickle_bytes_per_s
+        for position in range(len(body)):
+            self.wfile.write(body[position:position + 1])
+            self.wfile.flush()
+            time.sleep(pause)
 
     def _file(self) -> Path | None:
         name = self.path.lstrip("/").split("?", 1)[0]
@@ -164,10 +208,12 @@ class _FlakyHandler(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def serve(folder: str | os.PathLike, drop_every_bytes: int = 0, fail_first_n: int = 0, ranges: bool = True,
-          fail_status: int = 503, always_fail: tuple[str, ...] = (), stall_s: float = 0.0) -> Iterator[FlakyServer]:
+          fail_status: int = 503, always_fail: tuple[str, ...] = (), stall_s: float = 0.0, head_status: int = 0,
+          html: tuple[str, ...] = (), trickle: tuple[str, ...] = (), trickle_bytes_per_s: float = 2.0,
+          swap: dict[str, tuple[int, str]] | None = None) -> Iterator[FlakyServer]:
     """A flaky HTTP server for the files of `folder` (see the module docstring), on a free port of 127.0.0.1."""
     state = FlakyServer("", Path(folder), drop_every_bytes, fail_first_n, ranges, fail_status, tuple(always_fail),
-                        stall_s)
+                        stall_s, head_status, tuple(html), tuple(trickle), trickle_bytes_per_s, dict(swap or {}))
     handler = type("Handler", (_FlakyHandler,), {"server_state": state})
     with _running(ThreadingHTTPServer(("127.0.0.1", 0), handler)) as url:
         state.url = url
