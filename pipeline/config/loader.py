@@ -18,7 +18,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, Node, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pipeline.config.schema import Config, text_problem
+from pipeline.config.schema import MAX_KEY, Config, text_problem
 from pipeline.config.secrets import mask
 from pipeline.errors import first_line
 
@@ -46,6 +46,8 @@ def did_you_mean(key: str) -> str:
 
     from pipeline.config.reference import config_keys
 
+    if len(key) > MAX_KEY:
+        return ""  # (difflib's cost grows with the key's length)
     leaves = [k.key for k in config_keys()]
     sections = sorted({leaf.rsplit(".", 1)[0] for leaf in leaves})
     close = difflib.get_close_matches(key, leaves + sections, n=1, cutoff=0.6)
@@ -139,8 +141,8 @@ def _check_shape(value: Any, hint: Any, key: str, source: str) -> None:
         return  # where null is not allowed, OmegaConf says so
     if isinstance(value, str) and value.strip() == MISSING_MARKER:
         raise _bad(key, source, f"'{MISSING_MARKER}' marks a missing value in OmegaConf; give a real value")
-    if text_problem(value):
-        raise _bad(key, source, f"the text {text_problem(value)}")
+    if text_problem(value, key):
+        raise _bad(key, source, f"the text {text_problem(value, key)}")
     if dataclasses.is_dataclass(hint):
         _check_section(value, hint, key, source)
     elif typing.get_origin(hint) in (list, tuple, dict):
@@ -159,6 +161,8 @@ def _check_items(value: Any, hint: Any, key: str, source: str) -> None:
     for name, item in items:
         if not isinstance(name, str):
             raise _bad(key, source, f"key {name!r} is {_kind(name)}; keys must be text")
+        if len(name) > MAX_KEY:
+            raise _bad(key, source, f"a key of {len(name):,} characters; at most {MAX_KEY} are allowed")
         _check_shape(item, item_hint, f"{key}.{name}" if mapping else f"{key}{name}", source)
 
 
@@ -174,6 +178,9 @@ def _check_section(value: Any, section: type, key: str, source: str) -> None:
                               "names such as train or epochs")
         if not name.strip():
             raise ConfigError(f"an empty config key under '{where}' (from {source}); keys are names such as train")
+        if len(name) > MAX_KEY:
+            raise ConfigError(f"a config key of {len(name):,} characters under '{where}' (from {source}); keys are "
+                              f"names such as train (at most {MAX_KEY} characters)")
         if name in hints:  # an unknown key: OmegaConf's (see _explain)
             _check_shape(item, hints[name], f"{key}.{name}" if key else name, source)
 
@@ -201,7 +208,18 @@ def _explain(exc: OmegaConfBaseException, source: str) -> str:
     return f"invalid config (from {source}): {text}"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+MAX_CONFIG_BYTES = 16 * 2**20
+"""Largest config file read (16 MiB); a file is read whole before anything in it is checked."""
+MAX_CONFIG_VALUES = 100_000
+"""Most values (mappings, lists, scalars) one config layer may hold once its aliases are expanded."""
+MAX_ALIAS_VALUES = 2_000
+"""Most values YAML aliases (*name) may add by repeating anchors (&name): enough to reuse a list of shards or
+numbers, far below a "billion laughs" (7 nested levels of 9 aliases expand 2 KB to 4.8 million values)."""
+MAX_CONFIG_DEPTH = 32
+"""Deepest nesting of mappings and lists (the schema needs 4: finetune.lr_mult.<pattern>)."""
+
+
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when present: 50x faster
     """YAML where a key given twice in one mapping is an error, not 'the last one silently wins'."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -222,6 +240,57 @@ OVERRIDE_KEY = re.compile(r"[A-Za-z0-9_\-*?]+(?:\.[A-Za-z0-9_\-*?]+)*")
 """A dotted key (with fnmatch patterns allowed for finetune.lr_mult: finetune.lr_mult.layer*=0.1)."""
 
 
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _size_problem(root: yaml.Node) -> str:
+    """Why the YAML node graph `root` is too big to build, or ''. Counted on the composed graph, where an alias is
+    one shared node, so a bomb costs its file size here and never its expansion: each node's expanded size (values,
+    characters, depth) is summed once from its children's, bottom-up without recursion."""
+    sizes: dict[int, tuple[int, int, int]] = {}  # id(node) -> (values, characters, depth) once expanded
+    distinct = 0
+    open_nodes: set[int] = set()  # started, not finished: the path from the root to the node at hand
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            kids = [sizes[id(kid)] for kid in _children(node)]
+            values = 1 + sum(k[0] for k in kids)
+            chars = (len(node.value) if isinstance(node, yaml.ScalarNode) else 0) + sum(k[1] for k in kids)
+            depth = 1 + max((k[2] for k in kids), default=0)
+            sizes[id(node)] = (values, chars, depth)
+            open_nodes.discard(id(node))
+            distinct += 1
+            if values - distinct > MAX_ALIAS_VALUES:
+                return (f"its anchors and aliases (&name, *name) expand to more than {MAX_ALIAS_VALUES:,} repeated "
+                        f"values (a 'billion laughs' bomb?); write the values out or use fewer aliases")
+            if values > MAX_CONFIG_VALUES or chars > MAX_CONFIG_BYTES:
+                return (f"it holds more than {MAX_CONFIG_VALUES:,} values or {MAX_CONFIG_BYTES // 2**20} MiB of text "
+                        "once its aliases are expanded; a config is far smaller")
+            if depth > MAX_CONFIG_DEPTH:
+                return f"it nests mappings and lists more than {MAX_CONFIG_DEPTH} levels deep; the schema needs 4"
+        elif id(node) in open_nodes:
+            return "an alias (*name) refers to a mapping or list that holds it (&name): the value would be endless"
+        elif id(node) not in sizes:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((kid, False) for kid in _children(node))
+    return ""
+
+
+def _compose(text: str) -> tuple[_UniqueKeyLoader, yaml.Node | None]:
+    """The YAML node graph of `text` (parsed, nothing built yet) and the loader that builds it."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader, loader.get_single_node()
+    except BaseException:
+        loader.dispose()
+        raise
+
+
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -232,6 +301,7 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         if not OVERRIDE_KEY.fullmatch(key):
             raise ConfigError(f"override key {key!r} is not a dotted name such as train.epochs (lists are given "
                               "whole: data.mean=[0.5])")
+        _check_override_size(item)
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except Exception as exc:  # noqa: BLE001 - any parse failure becomes one line
@@ -240,11 +310,42 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {first_line(exc)}{hint}") from None
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def _check_override_size(item: str) -> None:
+    """An override's value is YAML to OmegaConf, which builds it whole: its size is checked first, as a file's is."""
+    key, _, value = item.partition("=")
+    if "*" not in value and "&" not in value and len(value) < 4096:  # no alias, and too short to hold much
+        return
+    try:
+        loader, node = _compose(value)
+        loader.dispose()
+    except (yaml.YAMLError, RecursionError):
+        return  # not YAML OmegaConf can read either: _parse_overrides words its error
+    problem = _size_problem(node) if node is not None else ""
+    if problem:
+        raise ConfigError(f"override {key}=... (command line) is refused: {problem}")
+
+
+def read_yaml(path: Path) -> object:
+    """The YAML document at `path`, refused (one line) before it is built when it is too big, too deep or an alias
+    bomb: aliases are counted on the parsed node graph, where each is one node, so the check costs the file's size."""
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found (pass an existing YAML file, e.g. configs/default.yaml)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file '{path}' is {path.stat().st_size:,} bytes; a config file is at most "
+                          f"{MAX_CONFIG_BYTES // 2**20} MiB")
+    loader, node = _compose(path.read_text())
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
+        problem = _size_problem(node) if node is not None else ""
+        if problem:
+            raise ConfigError(f"config file '{path}' is refused: {problem}")
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        data = read_yaml(path) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

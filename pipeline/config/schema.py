@@ -25,14 +25,35 @@ CLASS_WEIGHT_MODES = ("none", "auto")
 NONFINITE_POLICIES = ("skip", "halt", "ignore")
 
 
+MAX_IMAGE_SIZE = 4096
+"""Largest data.image_size: one 4096 px RGB image is 200 MB as float32 (a batch of 64: 13 GB); 100,000 px tried to
+allocate 30 GB for a single batch."""
 MAX_INT = 2**63 - 1  # what torch and numpy can hold
 MAX_SEED = 2**32 - 1  # numpy's seed range
 
 
-def text_problem(value: Any) -> str:
+MAX_TEXT = 16_384
+"""Longest text value (characters): above any path (4,096), URL with a signed query or pipe: command."""
+TEXT_LIMITS = {"run.name": 255, "logging.wandb_project": 128, "logging.wandb_entity": 128}
+"""Keys with a tighter limit: a folder name (255 bytes), W&B's project and entity names (128 characters)."""
+MAX_KEY = 256
+"""Longest key (a field name, or a finetune.lr_mult pattern)."""
+
+
+def text_limit(key: str) -> int:
+    """The most characters the text at `key` may hold (data.train[3] is limited as data.train is)."""
+    return TEXT_LIMITS.get(key.split("[", 1)[0], MAX_TEXT)
+
+
+def text_problem(value: Any, key: str = "") -> str:
     """What no config text may hold, '' when `value` is fine: the one rule, asked by the loader (per layer, naming
-    where the value came from) and by `_check_values` (every config, however it was made)."""
-    return "contains a NUL character" if isinstance(value, str) and "\0" in value else ""
+    where the value came from) and by `_check_values` (every config, however it was made). Length first: a NUL
+    search or a message quoting 10 MB of text would be the slow part."""
+    if not isinstance(value, str):
+        return ""
+    if len(value) > text_limit(key):
+        return f"is {len(value):,} characters long; at most {text_limit(key):,} are allowed"
+    return "contains a NUL character" if "\0" in value else ""
 
 
 def _check_finite(key: str, value: Any) -> None:
@@ -50,13 +71,15 @@ def _check_values(key: str, value: Any) -> None:
             _check_values(f"{key}[{index}]", item)
     elif isinstance(value, dict):
         for name, item in value.items():
+            if len(name) > MAX_KEY:
+                raise ValueError(f"{key} has a key of {len(name):,} characters; at most {MAX_KEY} are allowed")
             _check_values(f"{key}.{name}", item)
     elif isinstance(value, float):
         _check_finite(key, value)
     elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
         raise ValueError(f"{key}={value} is too large (the limit is {MAX_INT})")
-    elif text_problem(value):
-        raise ValueError(f"{key} {text_problem(value)}")
+    elif text_problem(value, key):
+        raise ValueError(f"{key}: the text {text_problem(value, key)}")
 
 DECODE_DEVICES = ("workers", "cpu", "cuda")
 
@@ -132,7 +155,8 @@ class DataConfig:
     """If `root` has no manifest, build scikit-learn's digits shards there first (the bundled demo). null: only at the
     default root data/digits_shards; true: at any local folder; false: never. A URL or pattern root is never built."""
     image_size: int = 32
-    """Side length in pixels the model sees (images are resized/cropped to image_size x image_size)."""
+    """Side length in pixels the model sees (images are resized/cropped to image_size x image_size); at most 4096, at
+    least what model.name takes (simple_cnn: 2 ** len(model.channels); a torchvision model is tried at start)."""
     channels: int = 3
     """Colour channels fed to the model: 1 (grayscale) or 3 (RGB); images are converted on load."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -195,7 +219,7 @@ class DataConfig:
         if not member or (member == "json" and not path) or (path and not all(path.split("."))):
             raise ValueError(f"data.label_key={self.label_key!r} is not a sample key such as cls, txt or json.label "
                              "(json.<field>[.<field>...])")
-        _check_range("data.image_size", self.image_size, 1)
+        _check_range("data.image_size", self.image_size, 1, MAX_IMAGE_SIZE)
         _check_choice("data.channels", self.channels, (1, 3))
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.worker_timeout_s", self.worker_timeout_s, 0.0)
@@ -613,6 +637,12 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_values("", self)
+        if self.model.name == "simple_cnn":  # each block halves the image: its last pooling needs 2 x 2 pixels
+            smallest = 2 ** len(self.model.channels)
+            if not smallest <= self.data.image_size <= MAX_IMAGE_SIZE:
+                raise ValueError(f"data.image_size={self.data.image_size} is out of range for model.name=simple_cnn "
+                                 f"with {len(self.model.channels)} blocks (model.channels, each halves the image); it "
+                                 f"must be >= {smallest} and <= {MAX_IMAGE_SIZE}")
         if self.train.precision == "fp16" and self.train.cpu:
             raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 with train.cpu=true")
         if self.imbalance.class_weights == "auto" and self.optim.class_weights is not None:

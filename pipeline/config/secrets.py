@@ -42,12 +42,19 @@ SECRET_NAME = re.compile(r"passw(?:or)?d|pwd|token(?!iz)|secret|api[_-]?key|cred
 NOT_SECRET_NAMES = frozenset({"PWD", "OLDPWD"})
 """Names that match SECRET_NAME by accident but hold nothing secret (never masked as environment values)."""
 _URL_HEAD = r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#\s]*:"
-URL_PASSWORD = re.compile(rf"(?P<head>{_URL_HEAD})(?P<password>\S+)(?=@)")
-"""A URL password in free text: up to the last `@` before whitespace (greedy `\\S+` backs off to it)."""
+URL_PASSWORD = re.compile(r"(?<![A-Za-z0-9+.\-])(?P<before>[0-9+.\-]*+)"
+                          r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*+://[^:/?#\s]*+:)(?P<password>\S+)(?=@)")
+"""A URL password in free text: up to the last `@` before whitespace (greedy `\\S+` backs off to it). A scheme is
+tried only from the start of its run of scheme characters (`before`: digits and +.- ahead of its first letter), and
+possessively, so the search is linear in the text (tried from every character, long words cost quadratic time)."""
 WHOLE_URL_PASSWORD = re.compile(rf"(?P<head>(?:[^=\s]*=)?{_URL_HEAD})(?P<password>.+)(?=@)", re.DOTALL)
 """A URL password in a whole string that starts with the URL (or `key=`): up to its last `@`, spaces and all."""
-KEY_VALUE = re.compile(r"(?P<key>[A-Za-z0-9_.\-]*(?:" + SECRET_NAME.pattern + r")[A-Za-z0-9_.\-]*)"
-                       r"(?P<sep>\s*[=:]\s*|=)(?P<value>[^\s&,;'\"}]+)", re.IGNORECASE)
+_WORD = r"[A-Za-z0-9_.\-]"
+KEY_VALUE = re.compile(rf"(?<!{_WORD})(?P<key>(?>{_WORD}*?(?:{SECRET_NAME.pattern})){_WORD}*+)"
+                       r"(?P<sep>\s*+[=:]\s*+)(?P<value>[^\s&,;'\"}]+)", re.IGNORECASE)
+"""`key=value` (or `key: value`) whose key holds a secret name. Linear in the text: a key is tried only from the
+start of its word, the word's first secret name is the only one tried (atomic group), and the rest of the word is
+taken possessively; a 10 KB word cost 10 s with backtracking from every character."""
 MIN_ENV_SECRET = 6
 """Shorter environment values are not masked by value (masking "1" or "true" everywhere would garble text)."""
 URL_ENV_NAMES = ("PIPELINE_TUNE_STORAGE", "DATABASE_URL")
@@ -105,14 +112,31 @@ def mask_url(url: str) -> str:
     return mask_value(url)
 
 
+def _mask_url_passwords(text: str) -> str:
+    """URL_PASSWORD masked in each whitespace-free run of `text`, searched only up to the run's last `@` (where the
+    password ends): a scheme after it, with no `@` to end a password, would otherwise scan to the run's end again."""
+    if "://" not in text or "@" not in text:
+        return text
+
+    def run(match: re.Match) -> str:
+        word = match[0]
+        end = word.rfind("@") + 1
+        if not end or "://" not in word[:end]:
+            return word
+        return URL_PASSWORD.sub(lambda m: m["before"] + m["head"] + MASK, word[:end]) + word[end:]
+
+    return re.sub(r"\S+", run, text)
+
+
 def mask_text(text: str, extra_secrets: Iterable[str] = ()) -> str:
     """`text` with URL passwords, secret `key=value` values and secret environment values masked."""
     if not text:
         return text
     for head, password in _known_spaced_passwords():
         text = text.replace(f"{head}{password}@", f"{head}{MASK}@")
-    text = URL_PASSWORD.sub(lambda m: m["head"] + MASK, text)
-    text = KEY_VALUE.sub(lambda m: m["key"] + m["sep"] + (m["value"] if m["value"] == MASK else MASK), text)
+    text = _mask_url_passwords(text)
+    if SECRET_NAME.search(text):  # most text names no secret: one quick scan instead of the key search
+        text = KEY_VALUE.sub(lambda m: m["key"] + m["sep"] + (m["value"] if m["value"] == MASK else MASK), text)
     for secret in [*_env_secrets(), *extra_secrets]:
         if secret and secret in text:
             text = text.replace(secret, MASK)

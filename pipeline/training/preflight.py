@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pipeline.config.schema import Config, DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
 from pipeline.data.specs import is_shard_name, is_url
 from pipeline.distributed import Dist
+from pipeline.errors import first_line
 
 
 def builds_digits(cfg: Config) -> bool:
@@ -103,12 +105,58 @@ def missing_weights(cfg: Config) -> str:
     return ""
 
 
+def _input_problem(model: Any, channels: int, size: int) -> Exception | None:
+    """The error `model` (on the meta device: no memory, no arithmetic) raises for a batch of size x size images."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(torch.empty(2, channels, size, size, device="meta"))
+    except NotImplementedError:
+        return None  # an operation without a meta kernel: nothing can be said here
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises for this input size
+        return exc
+    return None
+
+
+def image_size_misfit(cfg: Config) -> str:
+    """'' if model.name takes data.image_size pixels, else the one-line reason with the smallest size it takes.
+    simple_cnn's range is the schema's; a torchvision model is tried on the meta device (shapes only: milliseconds),
+    as a 1 px image once ended in a traceback from the first pooling layer, after the data was read."""
+    if cfg.model.name == "simple_cnn":
+        return ""
+    import torch
+
+    from pipeline.config.schema import MAX_IMAGE_SIZE
+    from pipeline.models import create_model
+
+    try:
+        with torch.device("meta"):
+            model = create_model(cfg.model, 2, cfg.data.channels).train()
+    except ValueError:
+        return ""  # an unknown model name: create_model says so where the model is built
+    size, channels = cfg.data.image_size, cfg.data.channels
+    problem = _input_problem(model, channels, size)
+    if problem is None:
+        return ""
+    where = f"data.image_size={size} does not fit model.name={cfg.model.name} ({first_line(problem, limit=160)})"
+    low, high = size, min(2 * size, MAX_IMAGE_SIZE)  # doubled until it fits: a few probes, not twelve
+    while _input_problem(model, channels, high) is not None:
+        if high == MAX_IMAGE_SIZE:
+            return where  # nothing up to the limit fits, e.g. a ViT takes one size (its message says which)
+        low, high = high, min(2 * high, MAX_IMAGE_SIZE)
+    while high - low > 1:  # low fails, high fits: the smallest size that fits lies in (low, high]
+        middle = (low + high) // 2
+        low, high = (middle, high) if _input_problem(model, channels, middle) is not None else (low, middle)
+    return f"{where}; it must be >= {high} and <= {MAX_IMAGE_SIZE}"
+
+
 def preflight(cfg: Config, dist: Dist, manifest: Manifest) -> None:
     """Raise the first problem found (the same on every rank); create the run folder (the last check, so that a
     failing one leaves no folder behind)."""
     problem = ""
     if dist.is_main:
-        problem = missing_shards(cfg, manifest) or missing_weights(cfg) \
+        problem = missing_shards(cfg, manifest) or missing_weights(cfg) or image_size_misfit(cfg) \
             or batch_too_large(cfg, manifest, dist.world_size) or unwritable_output(cfg)
     problem = dist.broadcast_object(problem)
     if problem:
