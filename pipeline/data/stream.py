@@ -196,11 +196,12 @@ def lane_share(count: int, lane: int, mix_shards: int) -> int:
 class EpochPlan:
     """What each of `num_slots` slots reads in one epoch (module docstring, rules 2, 3 and 6).
 
-    The plan's sequence is cut into `num_slots x mix_shards` lanes (training; evaluation: one lane per slot);
-    slot g reads lanes g, g + num_slots, g + 2 num_slots, ... round-robin. Generation 0 splits the epoch's
+    The plan's sequence is cut into `num_slots x mix_shards` consecutive lanes (training; evaluation: one lane per
+    slot); slot g reads lanes g, g + num_slots, g + 2 num_slots, ... round-robin, so its j-th lane is as long as its
+    round-robin share of the slot's samples (the first lanes one more). Generation 0 splits the epoch's
     virtual sequence (`order`); generation k > 0 splits `remaining`, the global ids (shard offset + index) the k
     earlier layouts of this epoch left unread, ordered by shard in the epoch's order, ascending within a shard.
-    Training lanes (hence slots) get equal lengths; evaluation keeps all.
+    Training slots get equal lengths (total // num_slots); evaluation keeps all.
     """
 
     def __init__(self, sizes: Sequence[int], order: Sequence[int], num_slots: int, batch_size: int,
@@ -213,6 +214,12 @@ class EpochPlan:
         self.total = int(self.offsets[-1]) if remaining is None else len(remaining)
         self.mix_shards = mix_shards if train else 1
         self.num_lanes = num_slots * self.mix_shards
+        if train:  # every slot total // num_slots samples; its lanes differ by at most one (round-robin shares)
+            per_slot = self.total // num_slots
+            lengths = [lane_share(per_slot, lane // num_slots, self.mix_shards) for lane in range(self.num_lanes)]
+        else:  # one lane per slot; every sample is read
+            lengths = np.diff([lane * self.total // self.num_lanes for lane in range(self.num_lanes + 1)])
+        self.lane_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
     def lanes(self, slot: int) -> list[int]:
         """The lanes slot `slot` interleaves, in round-robin order."""
@@ -220,10 +227,7 @@ class EpochPlan:
 
     def lane_range(self, lane: int) -> tuple[int, int]:
         """Positions [start, stop) of the plan's sequence that lane `lane` owns."""
-        if self.train:
-            per_lane = self.total // self.num_lanes
-            return lane * per_lane, (lane + 1) * per_lane
-        return lane * self.total // self.num_lanes, (lane + 1) * self.total // self.num_lanes
+        return int(self.lane_starts[lane]), int(self.lane_starts[lane + 1])
 
     def slot_length(self, slot: int) -> int:
         return sum(stop - start for start, stop in map(self.lane_range, self.lanes(slot)))
