@@ -4,15 +4,21 @@ How an epoch is laid out (the contract the resume logic relies on):
 
 1. The split's shards are permuted by `(seed, epoch)` (training) or kept in order (evaluation),
    and their samples are seen as one virtual sequence of N samples.
-2. There are W = world_size x workers_per_rank "slots". Slot g = rank * workers + v reads the
-   contiguous range [g*N/W, (g+1)*N/W) of that sequence: it opens only the shards overlapping its
-   range and skips (without decoding) to its first sample. Training drops the N mod W samples left
-   over so every slot, hence every rank, yields the same number of batches: DDP never waits on a
-   rank that ran out of data. Evaluation keeps every sample, so each is counted exactly once.
-3. Inside a slot, samples pass a shuffle buffer that is reset at every shard boundary and seeded by
-   `(seed, epoch, slot, segment)`. Augmentation is seeded per sample by its position. Hence a slot
-   that has already produced `c` samples can restart at sample `c` by skipping whole shards and
-   re-reading only the current one, and still produce the very same batches.
+2. There are W = world_size x workers_per_rank "slots" (slot g = rank * workers + v), and in training each slot
+   mixes k = mix_shards "lanes": the sequence is cut into k*W consecutive lanes, and slot g reads lanes g, g + W,
+   g + 2W, ..., which lie spread over the whole epoch (evaluation: k = 1, slot g reads the contiguous range
+   [g*N/W, (g+1)*N/W)). A lane opens only the shards overlapping it and skips (without decoding) to its first
+   sample. Training gives every slot floor(N/W) samples, its lanes their round-robin shares of them (the first
+   lanes one more), and drops the N mod W samples left over, so every slot, hence every rank, yields the same
+   number of batches: DDP never waits on a rank that ran out of data. Evaluation keeps every sample, so each is
+   counted exactly once, in order.
+3. Inside a lane, samples pass a shuffle buffer of shuffle_buffer // k samples (a worker holds as many as with
+   one lane) that is reset at every shard boundary and seeded by `(seed, epoch, lane, segment)`. A slot takes its
+   lanes' samples in turn: its position p is sample p // k of its lane p mod k, so a batch of B holds about B/k
+   samples of each of k places of the epoch (class-sorted shards give batches of many classes). Augmentation is
+   seeded per sample by its slot position. Hence a slot that has already produced `c` samples can restart at
+   sample `c`: each lane skips whole shards and re-reads only its current one, and the very same batches follow.
+   Cost per worker: k open shards (files or connections), one read-ahead per lane sharing data.prefetch_mb.
 4. The DataLoader takes batches from its workers round-robin, and every worker holds the same number
    of batches, so rank-local step `s` comes from worker `s mod workers`. To restart at step `s`,
    physical worker p plays slot v = (p + s) mod workers; see `set_position`.
@@ -25,19 +31,21 @@ How an epoch is laid out (the contract the resume logic relies on):
    it covers; a final empty batch carries any counts not yet delivered (evaluation only).
 
 6. Elastic continuation. A checkpoint records its layout (`Layout`: ranks, workers, batch size, drop_last,
-   rank-local step). Resumed in another layout, the epoch continues with what the old one left unread: slot
-   g of the old layout had consumed the first c_g samples of its stream (c_g follows from the step, rule
-   4), and which (shard, index) those were follows from replaying its shuffle buffers on indices alone
-   (`_shuffled` draws as a function of the count only). The unread samples, ordered by shard in the
-   epoch's order and by index within a shard, are split equally over the new slots (`EpochPlan`
-   generation 1; a further change of layout in the same epoch makes generation 2, and so on). A new slot
-   reads its pieces shard by shard, seeking to the first wanted sample and passing over the others, with
-   shuffle buffers and augmentation seeded by the new slot, position and generation. Memory: one boolean
+   rank-local step, mix_shards). Resumed in another layout, the epoch continues with what the old one left
+   unread: slot g of the old layout had consumed the first c_g samples of its stream (c_g follows from the
+   step, rule 4), hence each of its lanes its round-robin share of them (rule 3, with the old layout's k), and
+   which (shard, index) those were follows from replaying its shuffle buffers on indices alone (`_shuffled`
+   draws as a function of the count only). The unread samples, ordered by shard in the epoch's order and by
+   index within a shard, are cut into lanes for the new slots as in rules 2-3 (`EpochPlan` generation 1; a
+   further change of layout in the same epoch makes generation 2, and so on). A new lane reads its pieces
+   shard by shard, seeking to the first wanted sample and passing over the others, with shuffle buffers and
+   augmentation seeded by the new lane or slot, position and generation. Memory: one boolean
    and one int64 per sample of the epoch while the plan is made (about 11 MB for ImageNet's 1.28M).
 
-Guarantees: at the same layout (world size, workers, batch size, drop_last), a resume gives the very same
-batches (bit-exact). Across layouts, every sample of the epoch (as its first layout laid it out) is read
-exactly once over the old and new processes, except the `EpochPlan.left_out()` samples the new layout
+Guarantees: the order is a pure function of (seed, epoch, layout). At the same layout (world size, workers, batch
+size, drop_last, mix_shards), a resume gives the very same batches (bit-exact). Across layouts (mix_shards
+included), every sample of the epoch (as its first layout laid it out) is read exactly once over the old and new
+processes, except the `EpochPlan.left_out()` samples the new layout
 cannot share equally (fewer than its slot count; with drop_last, also each slot's tail short of a full
 batch). A stream that draws with replacement (balance.py) is not `elastic`: the trainer restarts the epoch.
 
