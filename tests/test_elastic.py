@@ -55,10 +55,11 @@ def shards(tmp_path_factory) -> list[str]:
     return paths
 
 
-def _streams(paths: list[str], world: int, workers: int, batch: int, drop_last: bool) -> list[ShardStream]:
+def _streams(paths: list[str], world: int, workers: int, batch: int, drop_last: bool,
+             mix: int = 1) -> list[ShardStream]:
     return [ShardStream(paths, SIZES, batch_size=batch, codec=KeyCodec(), channels=1, rank=rank, world_size=world,
                         num_workers=workers, seed=3, train=True, shuffle_buffer=BUFFER, drop_last=drop_last,
-                        num_classes=3) for rank in range(world)]
+                        num_classes=3, mix_shards=mix) for rank in range(world)]
 
 
 def _rank_batches(stream: ShardStream) -> list[list[str]]:
@@ -99,16 +100,17 @@ PAIRS = [((2, 2), (1, 0)), ((1, 0), (2, 2)), ((2, 1), (1, 3)), ((1, 2), (1, 0)),
 
 
 def _check_continuation(paths: list[str], old: tuple, new: tuple, batch: int, drop_last: bool,
-                        new_batch: Optional[int] = None) -> None:
-    """Cut the epoch in layout `old` (ranks, workers) at several steps, continue in `new`: each sample once."""
+                        new_batch: Optional[int] = None, mix: tuple[int, int] = (1, 1)) -> None:
+    """Cut the epoch in layout `old` (ranks, workers) at several steps, continue in `new`: each sample once.
+    `mix`: shards each worker mixes in the old and the new layout."""
     epoch, new_batch = 2, new_batch or batch
-    before = _streams(paths, *old, batch, drop_last)
+    before = _streams(paths, *old, batch, drop_last, mix[0])
     whole = _read(before, epoch)  # the uninterrupted epoch in the old layout
     assert len(whole) == len(set(whole))
     for step in (1, 2, 3, before[0].steps_per_epoch() - 1):
         done = _read(before, epoch, stop_at=step)
-        after = _streams(paths, *new, new_batch, drop_last)
-        rest = _read(after, epoch, 0, (Layout(old[0], old[1], batch, drop_last, step),))
+        after = _streams(paths, *new, new_batch, drop_last, mix[1])
+        rest = _read(after, epoch, 0, (Layout(old[0], old[1], batch, drop_last, step, mix[0]),))
         left_out = after[0].plan(epoch).left_out()
         assert len(rest) == len(set(rest)) and not set(rest) & set(done)
         assert set(done) | set(rest) <= set(whole)
@@ -128,6 +130,46 @@ def test_continued_epoch_reads_every_sample_once(shards: list[str], old, new, ba
 def test_continued_epoch_with_another_batch_size(shards: list[str], drop_last: bool) -> None:
     """(checkpoint.resume_changes=allow): the old layout's batch size says what it read."""
     _check_continuation(shards, (2, 1), (1, 2), 4, drop_last, new_batch=6)
+
+
+MIXES = [(3, 3), (4, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("old, new", PAIRS[:3])
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("batch, drop_last", [(4, False), (5, True)])
+def test_mixed_epoch_continued_in_another_layout_reads_every_sample_once(shards: list[str], old, new, mix,
+                                                                         batch: int, drop_last: bool) -> None:
+    """Interleaved lanes (rule 3) are replayed from counts alone, also when data.mix_shards changes."""
+    _check_continuation(shards, old, new, batch, drop_last, mix=mix)
+
+
+@pytest.mark.parametrize("world, workers, mix", [(1, 2, 3), (2, 2, 4), (1, 0, 5)])
+def test_mixed_resume_at_the_same_layout_is_exact(shards: list[str], world: int, workers: int, mix: int) -> None:
+    full = _streams(shards, world, workers, 4, False, mix)
+    whole = []
+    for stream in full:
+        stream.set_position(1)
+        whole.append(_rank_batches(stream))
+    for step in (1, 3, len(whole[0]) - 1):
+        for rank, stream in enumerate(_streams(shards, world, workers, 4, False, mix)):
+            stream.set_position(1, step)
+            assert _rank_batches(stream) == whole[rank][step:]
+
+
+def test_mixing_reads_each_sample_once_and_every_lane_in_each_batch(shards: list[str]) -> None:
+    """An epoch at mix 4: each sample once (but the one 2 slots cannot share: as without mixing); each batch of a
+    worker takes its samples round-robin from its 4 lanes, which lie in 4 different places of the epoch."""
+    (stream,) = _streams(shards, 1, 2, 8, False, 4)
+    keys = _read([stream], 0)
+    plan = stream.plan(0)
+    assert len(keys) == len(set(keys)) == sum(SIZES) - 1 and plan.left_out() == 1
+    lanes = [plan.segments(lane) for lane in plan.lanes(0)]
+    assert len({segments[0].shard for segments in lanes}) >= 3  # the lanes start in different shards
+    first = _rank_batches(stream)[0]
+    lane_of = {f"shard-{s.shard:02d}.tar/s{s.shard:02d}_{i:03d}": n for n, segments in enumerate(lanes)
+               for s in segments for i in range(s.start, s.stop)}
+    assert [lane_of[key] for key in first] == [0, 1, 2, 3] * 2
 
 
 def test_a_second_change_of_layout_continues_the_remainder(shards: list[str]) -> None:

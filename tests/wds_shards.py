@@ -62,3 +62,39 @@ def write(folder: Path, form: str, per_shard: int = 250) -> dict[str, int]:
                 shutil.copyfileobj(src, dst)
             tar.unlink()
     return {split: hi - lo for split, (lo, hi) in SPLITS.items()}
+
+
+def write_class_sorted(folder: Path, sort: bool = True) -> dict[str, list[str]]:
+    """Digits as a user's `ShardWriter` loop over an ImageFolder writes them: `train/` in class order, one class per
+    shard (sort=False: the same images and shard sizes, shuffled), `val/` and `test/` shuffled; 8x8 grayscale
+    PNGs as our digits demo. Returns the shard paths per split (for data.train / data.val / data.test)."""
+    import webdataset as wds
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.images))
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+
+    def sample(i: int) -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[i], mode="L").save(buffer, format="PNG")
+        return {"__key__": f"d{i:05d}", "png": buffer.getvalue(), "cls": int(digits.target[i])}
+
+    train = order[slice(*SPLITS["train"])]
+    by_class = [[i for i in train if digits.target[i] == c] for c in range(10)]
+    chunks = by_class if sort else np.array_split(train, np.cumsum([len(c) for c in by_class])[:-1])
+    paths: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for split in paths:
+        (folder / split).mkdir(parents=True, exist_ok=True)
+    for number, chunk in enumerate(chunks):
+        paths["train"].append(str(folder / "train" / f"train-{number:06d}.tar"))
+        with wds.TarWriter(paths["train"][-1]) as sink:
+            for i in chunk:
+                sink.write(sample(int(i)))
+    for split in ("val", "test"):
+        paths[split].append(str(folder / split / f"{split}-000000.tar"))
+        with wds.TarWriter(paths[split][-1]) as sink:
+            for i in order[slice(*SPLITS[split])]:
+                sink.write(sample(int(i)))
+    return paths

@@ -174,7 +174,12 @@ class DataConfig:
     """How workers start: forkserver (forked from a clean single-threaded server; immune to the fork deadlocks a
     multi-threaded main process can cause, e.g. CPython < 3.11.8's gh-112275), fork (fastest start), or spawn."""
     shuffle_buffer: int = 1000
-    """Samples held in each worker's shuffle buffer; the buffer is refilled per shard."""
+    """Samples held in each worker's shuffle buffer, shared by the shards it mixes (data.mix_shards); the buffer is
+    refilled per shard."""
+    mix_shards: int = 16
+    """Training shards each worker reads at once, taking their samples in turn, so a batch draws from many shards
+    (class-sorted shards still give mixed batches); 1: one shard after another. Costs per worker: as many open
+    files or connections, the same shuffle-buffer memory, data.prefetch_mb shared (docs/data.md)."""
     drop_last: bool = False
     """Drop each worker's final partial batch (all ranks always run the same number of steps)."""
     pin_memory: bool = True
@@ -224,6 +229,7 @@ class DataConfig:
         _check_range("data.num_workers", self.num_workers, 0)
         _check_range("data.worker_timeout_s", self.worker_timeout_s, 0.0)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 1)
+        _check_range("data.mix_shards", self.mix_shards, 1)
         _check_choice("data.decode_device", self.decode_device, DECODE_DEVICES)
         _check_choice("data.worker_start", self.worker_start, tuple(multiprocessing.get_all_start_methods()))
         _check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)

@@ -1,9 +1,12 @@
-"""Class imbalance: loss weights from the manifest's counts, a class-balanced shard stream, a summary."""
+"""Class imbalance: loss weights from the manifest's counts, a class-balanced shard stream, a summary; and how the
+classes lie across the training shards (class-sorted or mixed)."""
 
 from __future__ import annotations
 
+import math
 import random
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional, Sequence
 
 from pipeline.data.faults import MISSING, UNDRAWN, parse_label
 from pipeline.data.manifest import Manifest
@@ -87,3 +90,63 @@ class BalancedShardStream(ShardStream):
         """Draw weight of a raw sample: 1/count of its class; 0 for one without a usable label."""
         label, reason, _ = parse_label(sample, len(self.class_weight), self.keys)
         return 0.0 if reason or MISSING in sample else self.class_weight[label]
+
+
+SORTED_BELOW = 0.5
+"""Shards whose mean class entropy is below this share of the dataset's are called class-sorted (or nearly so): a
+shard then holds about the square root of the dataset's (effective) number of classes, or fewer."""
+
+
+def class_entropy(counts: Mapping[object, int]) -> float:
+    """Shannon entropy (bits) of a label distribution given as label -> samples."""
+    total = sum(counts.values())
+    return -sum(n / total * math.log2(n / total) for n in counts.values() if n) if total else 0.0
+
+
+@dataclass(frozen=True)
+class ShardMixing:
+    """How mixed the classes of a split's shards are: the samples-weighted mean of the per-shard class entropy
+    against the entropy of the whole split. Ratio 1: every shard holds the split's class mix (shuffled shards);
+    0: every shard holds one class (a ShardWriter loop over an ImageFolder)."""
+
+    shard_entropy: float
+    dataset_entropy: float
+    num_shards: int
+
+    @property
+    def ratio(self) -> float:
+        return self.shard_entropy / self.dataset_entropy if self.dataset_entropy > 0 else 1.0
+
+    @property
+    def class_sorted(self) -> bool:
+        return self.ratio < SORTED_BELOW
+
+    def describe(self) -> str:
+        verdict = "class-sorted or nearly so" if self.class_sorted else "mixed"
+        return (f"per-shard class entropy {self.shard_entropy:.2f} bits on average, {self.ratio:.0%} of the "
+                f"{self.dataset_entropy:.2f} bits of all {self.num_shards} shards together: {verdict}")
+
+
+def shard_mixing(per_shard: Sequence[Mapping[object, int]]) -> Optional[ShardMixing]:
+    """The mixing measure of shards given as label -> samples each; None without labelled samples."""
+    total: dict = {}
+    for counts in per_shard:
+        for label, n in counts.items():
+            total[label] = total.get(label, 0) + n
+    samples = sum(total.values())
+    if not samples:
+        return None
+    mean = sum(sum(c.values()) * class_entropy(c) for c in per_shard) / samples
+    return ShardMixing(mean, class_entropy(total), len(per_shard))
+
+
+def mixing_line(mixing: Optional[ShardMixing], mix_shards: int, batch_size: int) -> str:
+    """The line a run prints at start when its training shards are class-sorted ('' when they are not)."""
+    if mixing is None or not mixing.class_sorted:
+        return ""
+    if mix_shards > 1:
+        remedy = (f"each loader worker reads {mix_shards} places of the epoch at once and takes their samples in "
+                  f"turn (data.mix_shards={mix_shards}), so a batch of {batch_size} draws from {mix_shards} of them")
+    else:
+        remedy = "data.mix_shards=1 reads one shard after another, so a batch holds one or two classes; raise it"
+    return f"training shards: {mixing.describe()}; {remedy}"

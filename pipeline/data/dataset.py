@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.index import SpecIndex, label_summary, load_or_build
+from pipeline.data.index import SpecIndex, cache_path, label_summary, load_or_build
 from pipeline.data.keys import SampleKeys
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
 from pipeline.data.remote import ReadOptions, open_shard
@@ -82,6 +82,19 @@ def specs_manifest(specs: dict[str, list[str]], data: DataConfig, progress: bool
     first = next(iter(specs.values()))
     return Manifest(classes=classes, splits=splits, source=describe(first), split_source="specs",
                     split_folders={split: describe(spec) for split, spec in specs.items()})
+
+
+def training_shard_labels(data: DataConfig) -> list[Counter]:
+    """Per indexed training shard (data.train's shards other than our own folders'), raw label -> samples, from the
+    index cache `spec_manifest` has just made true; [] when the config names data.root (our writer shuffles)."""
+    if not data.train:
+        return []
+    expanded = expand(data.train, "data.train", "train")
+    foreign = [url for url in expanded.urls if url not in expanded.own]
+    path = cache_path(data.index_dir, foreign, sample_keys(data)) if foreign else None
+    if path is None or not path.is_file():
+        return []
+    return [entry.raw_labels() for entry in SpecIndex.read(path).shards]
 
 
 def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: list[str], own: dict[str, int],

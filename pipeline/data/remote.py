@@ -607,14 +607,15 @@ MAX_PREFETCHED = 2
 """Shards read ahead per process at most (a worker needs one: its slot's next shard)."""
 
 
-def prefetch(url: str, options: Optional[ReadOptions] = None) -> None:
+def prefetch(url: str, options: Optional[ReadOptions] = None, keep: int = MAX_PREFETCHED) -> None:
     """Start opening remote shard `url` and reading its first `options.prefetch_mb` MB in a thread, so the
     next `open_shard(url)` in this process continues from there instead of waiting for the network.
-    Local files are not prefetched (the page cache does that); nor is a shard already being prefetched."""
+    Local files are not prefetched (the page cache does that); nor is a shard already being prefetched.
+    `keep`: read-aheads held at most (a stream reading several shards at once prefetches one per shard)."""
     options = options or ReadOptions()
     if url_kind(url) == "local" or not options.prefetch_mb or url in _PREFETCHED:
         return
-    while len(_PREFETCHED) >= MAX_PREFETCHED:  # never handed over (the iteration stopped): let it go
+    while len(_PREFETCHED) >= keep:  # never handed over (the iteration stopped): let it go
         _PREFETCHED.pop(next(iter(_PREFETCHED))).close()
     _PREFETCHED[url] = Prefetched(url, options, int(options.prefetch_mb * 1e6))
 

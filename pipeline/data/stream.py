@@ -4,15 +4,21 @@ How an epoch is laid out (the contract the resume logic relies on):
 
 1. The split's shards are permuted by `(seed, epoch)` (training) or kept in order (evaluation),
    and their samples are seen as one virtual sequence of N samples.
-2. There are W = world_size x workers_per_rank "slots". Slot g = rank * workers + v reads the
-   contiguous range [g*N/W, (g+1)*N/W) of that sequence: it opens only the shards overlapping its
-   range and skips (without decoding) to its first sample. Training drops the N mod W samples left
-   over so every slot, hence every rank, yields the same number of batches: DDP never waits on a
-   rank that ran out of data. Evaluation keeps every sample, so each is counted exactly once.
-3. Inside a slot, samples pass a shuffle buffer that is reset at every shard boundary and seeded by
-   `(seed, epoch, slot, segment)`. Augmentation is seeded per sample by its position. Hence a slot
-   that has already produced `c` samples can restart at sample `c` by skipping whole shards and
-   re-reading only the current one, and still produce the very same batches.
+2. There are W = world_size x workers_per_rank "slots" (slot g = rank * workers + v), and in training each slot
+   mixes k = mix_shards "lanes": the sequence is cut into k*W consecutive lanes, and slot g reads lanes g, g + W,
+   g + 2W, ..., which lie spread over the whole epoch (evaluation: k = 1, slot g reads the contiguous range
+   [g*N/W, (g+1)*N/W)). A lane opens only the shards overlapping it and skips (without decoding) to its first
+   sample. Training gives every slot floor(N/W) samples, its lanes their round-robin shares of them (the first
+   lanes one more), and drops the N mod W samples left over, so every slot, hence every rank, yields the same
+   number of batches: DDP never waits on a rank that ran out of data. Evaluation keeps every sample, so each is
+   counted exactly once, in order.
+3. Inside a lane, samples pass a shuffle buffer of shuffle_buffer // k samples (a worker holds as many as with
+   one lane) that is reset at every shard boundary and seeded by `(seed, epoch, lane, segment)`. A slot takes its
+   lanes' samples in turn: its position p is sample p // k of its lane p mod k, so a batch of B holds about B/k
+   samples of each of k places of the epoch (class-sorted shards give batches of many classes). Augmentation is
+   seeded per sample by its slot position. Hence a slot that has already produced `c` samples can restart at
+   sample `c`: each lane skips whole shards and re-reads only its current one, and the very same batches follow.
+   Cost per worker: k open shards (files or connections), one read-ahead per lane sharing data.prefetch_mb.
 4. The DataLoader takes batches from its workers round-robin, and every worker holds the same number
    of batches, so rank-local step `s` comes from worker `s mod workers`. To restart at step `s`,
    physical worker p plays slot v = (p + s) mod workers; see `set_position`.
@@ -25,19 +31,21 @@ How an epoch is laid out (the contract the resume logic relies on):
    it covers; a final empty batch carries any counts not yet delivered (evaluation only).
 
 6. Elastic continuation. A checkpoint records its layout (`Layout`: ranks, workers, batch size, drop_last,
-   rank-local step). Resumed in another layout, the epoch continues with what the old one left unread: slot
-   g of the old layout had consumed the first c_g samples of its stream (c_g follows from the step, rule
-   4), and which (shard, index) those were follows from replaying its shuffle buffers on indices alone
-   (`_shuffled` draws as a function of the count only). The unread samples, ordered by shard in the
-   epoch's order and by index within a shard, are split equally over the new slots (`EpochPlan`
-   generation 1; a further change of layout in the same epoch makes generation 2, and so on). A new slot
-   reads its pieces shard by shard, seeking to the first wanted sample and passing over the others, with
-   shuffle buffers and augmentation seeded by the new slot, position and generation. Memory: one boolean
+   rank-local step, mix_shards). Resumed in another layout, the epoch continues with what the old one left
+   unread: slot g of the old layout had consumed the first c_g samples of its stream (c_g follows from the
+   step, rule 4), hence each of its lanes its round-robin share of them (rule 3, with the old layout's k), and
+   which (shard, index) those were follows from replaying its shuffle buffers on indices alone (`_shuffled`
+   draws as a function of the count only). The unread samples, ordered by shard in the epoch's order and by
+   index within a shard, are cut into lanes for the new slots as in rules 2-3 (`EpochPlan` generation 1; a
+   further change of layout in the same epoch makes generation 2, and so on). A new lane reads its pieces
+   shard by shard, seeking to the first wanted sample and passing over the others, with shuffle buffers and
+   augmentation seeded by the new lane or slot, position and generation. Memory: one boolean
    and one int64 per sample of the epoch while the plan is made (about 11 MB for ImageNet's 1.28M).
 
-Guarantees: at the same layout (world size, workers, batch size, drop_last), a resume gives the very same
-batches (bit-exact). Across layouts, every sample of the epoch (as its first layout laid it out) is read
-exactly once over the old and new processes, except the `EpochPlan.left_out()` samples the new layout
+Guarantees: the order is a pure function of (seed, epoch, layout). At the same layout (world size, workers, batch
+size, drop_last, mix_shards), a resume gives the very same batches (bit-exact). Across layouts (mix_shards
+included), every sample of the epoch (as its first layout laid it out) is read exactly once over the old and new
+processes, except the `EpochPlan.left_out()` samples the new layout
 cannot share equally (fewer than its slot count; with drop_last, also each slot's tail short of a full
 batch). A stream that draws with replacement (balance.py) is not `elastic`: the trainer restarts the epoch.
 
@@ -53,10 +61,10 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -136,6 +144,8 @@ def shuffle_rng(seed: int, epoch: int, slot: int, number: int, shard: int, gener
 
 MAX_HISTORY = 8
 """Layouts one epoch may pass through before its current one (each resume with another layout adds one)."""
+LAYOUT_INTS = 6
+"""Integers per Layout in the position shared with the workers (`Layout.as_ints`)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,8 @@ class Layout:
     batch_size: int
     drop_last: bool
     step: int = 0
+    mix_shards: int = 1
+    """Lanes each slot interleaves (rule 3; 1 in checkpoints written before mixing existed)."""
 
     @property
     def slots_per_rank(self) -> int:
@@ -155,8 +167,8 @@ class Layout:
 
     def reads_like(self, other: "Layout") -> bool:
         """Whether both lay an epoch out alike (the step aside): then a resume is bit-exact."""
-        return (self.world_size, self.slots_per_rank, self.batch_size, self.drop_last) == \
-            (other.world_size, other.slots_per_rank, other.batch_size, other.drop_last)
+        return (self.world_size, self.slots_per_rank, self.batch_size, self.drop_last, self.mix_shards) == \
+            (other.world_size, other.slots_per_rank, other.batch_size, other.drop_last, other.mix_shards)
 
     def consumed(self, slot: int, limit: int) -> int:
         """Samples of slot `slot` (limit: its samples read per epoch) in the batches its rank consumed by `step`;
@@ -167,58 +179,85 @@ class Layout:
         return min(done * self.batch_size, limit)
 
     def as_ints(self) -> list[int]:
-        return [self.world_size, self.workers, self.batch_size, int(self.drop_last), self.step]
+        return [self.world_size, self.workers, self.batch_size, int(self.drop_last), self.step, self.mix_shards]
 
     @classmethod
     def from_ints(cls, values: Sequence[int]) -> "Layout":
-        world, workers, batch, drop, step = (int(v) for v in values)
-        return cls(world, workers, batch, bool(drop), step)
+        world, workers, batch, drop, step, mix = (int(v) for v in values)
+        return cls(world, workers, batch, bool(drop), step, mix)
 
     def describe(self) -> str:
-        return f"{self.world_size} rank(s) x {self.workers} worker(s), batch {self.batch_size}"
+        mixed = f", {self.mix_shards} shards mixed per worker" if self.mix_shards > 1 else ""
+        return f"{self.world_size} rank(s) x {self.workers} worker(s), batch {self.batch_size}{mixed}"
+
+
+def lane_buffer(shuffle_buffer: int, mix_shards: int) -> int:
+    """A lane's shuffle buffer: the worker's buffer shared by its lanes, so a worker holds as many samples as
+    with one lane (rule 3)."""
+    return max(1, shuffle_buffer // mix_shards)
+
+
+def lane_share(count: int, lane: int, mix_shards: int) -> int:
+    """How many of a slot's first `count` positions fall to its lane number `lane` (round-robin, rule 3)."""
+    return max(0, (count - lane + mix_shards - 1) // mix_shards)
 
 
 class EpochPlan:
-    """What each of `num_slots` slots reads in one epoch (module docstring, rules 2 and 6).
+    """What each of `num_slots` slots reads in one epoch (module docstring, rules 2, 3 and 6).
 
-    Generation 0 splits the epoch's virtual sequence (`order`); generation k > 0 splits `remaining`, the
-    global ids (shard offset + index) the k earlier layouts of this epoch left unread, ordered by shard in
-    the epoch's order, ascending within a shard. Training slots get equal lengths; evaluation keeps all.
+    The plan's sequence is cut into `num_slots x mix_shards` consecutive lanes (training; evaluation: one lane per
+    slot); slot g reads lanes g, g + num_slots, g + 2 num_slots, ... round-robin, so its j-th lane is as long as its
+    round-robin share of the slot's samples (the first lanes one more). Generation 0 splits the epoch's
+    virtual sequence (`order`); generation k > 0 splits `remaining`, the global ids (shard offset + index) the k
+    earlier layouts of this epoch left unread, ordered by shard in the epoch's order, ascending within a shard.
+    Training slots get equal lengths (total // num_slots); evaluation keeps all.
     """
 
     def __init__(self, sizes: Sequence[int], order: Sequence[int], num_slots: int, batch_size: int,
-                 drop_last: bool, train: bool, remaining: Optional[np.ndarray] = None, generation: int = 0):
+                 drop_last: bool, train: bool, remaining: Optional[np.ndarray] = None, generation: int = 0,
+                 mix_shards: int = 1):
         self.sizes, self.order, self.num_slots = list(sizes), list(order), num_slots
         self.batch_size, self.drop_last, self.train = batch_size, drop_last, train
         self.remaining, self.generation = remaining, generation
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.total = int(self.offsets[-1]) if remaining is None else len(remaining)
+        self.mix_shards = mix_shards if train else 1
+        self.num_lanes = num_slots * self.mix_shards
+        if train:  # every slot total // num_slots samples; its lanes differ by at most one (round-robin shares)
+            per_slot = self.total // num_slots
+            lengths = [lane_share(per_slot, lane // num_slots, self.mix_shards) for lane in range(self.num_lanes)]
+        else:  # one lane per slot; every sample is read
+            lengths = np.diff([lane * self.total // self.num_lanes for lane in range(self.num_lanes + 1)])
+        self.lane_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
-    def slot_range(self, slot: int) -> tuple[int, int]:
-        """Positions [start, stop) of the plan's sequence that slot `slot` owns."""
-        if self.train:
-            per_slot = self.total // self.num_slots
-            return slot * per_slot, (slot + 1) * per_slot
-        return slot * self.total // self.num_slots, (slot + 1) * self.total // self.num_slots
+    def lanes(self, slot: int) -> list[int]:
+        """The lanes slot `slot` interleaves, in round-robin order."""
+        return [slot + number * self.num_slots for number in range(self.mix_shards)]
+
+    def lane_range(self, lane: int) -> tuple[int, int]:
+        """Positions [start, stop) of the plan's sequence that lane `lane` owns."""
+        return int(self.lane_starts[lane]), int(self.lane_starts[lane + 1])
+
+    def slot_length(self, slot: int) -> int:
+        return sum(stop - start for start, stop in map(self.lane_range, self.lanes(slot)))
 
     def batches(self, slot: int) -> int:
-        start, stop = self.slot_range(slot)
         rounding = math.floor if self.drop_last else math.ceil
-        return rounding((stop - start) / self.batch_size)
+        return rounding(self.slot_length(slot) / self.batch_size)
 
     def limit(self, slot: int) -> int:
-        """Samples the slot reads: its range, or (training with drop_last) only its full batches."""
-        start, stop = self.slot_range(slot)
+        """Samples the slot reads: its lanes, or (training with drop_last) only its full batches."""
         if self.train and self.drop_last:
             return self.batches(slot) * self.batch_size
-        return stop - start
+        return self.slot_length(slot)
 
     def left_out(self) -> int:
         """Samples of the plan's sequence no slot reads (so every rank runs the same steps)."""
         return self.total - sum(self.limit(g) for g in range(self.num_slots))
 
-    def segments(self, slot: int) -> list[Segment]:
-        start, stop = self.slot_range(slot)
+    def segments(self, lane: int) -> list[Segment]:
+        """The shard slices lane `lane` reads, in order."""
+        start, stop = self.lane_range(lane)
         if self.remaining is None:
             return slot_segments(self.sizes, self.order, start, stop)
         ids = self.remaining[start:stop]
@@ -232,27 +271,38 @@ class EpochPlan:
 
     def unread(self, layout: Layout, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
         """Global ids this plan's slots still had to read when `layout` stopped at its step, in the epoch's
-        shard order. A slot consumed the first samples of its stream; which ones follows from replaying its
-        shuffle buffers on indices alone (`_shuffled` draws as a function of the count only)."""
+        shard order. A slot consumed the first samples of its stream, taken round-robin from its lanes; which
+        ones a lane gave follows from replaying its shuffle buffers on indices alone (`_shuffled` draws as a
+        function of the count only)."""
         unread = np.zeros(int(self.offsets[-1]), dtype=bool)
+        buffer = lane_buffer(shuffle_buffer, self.mix_shards)
         for slot in range(self.num_slots):
             limit = self.limit(slot)
-            first, position = layout.consumed(slot, limit), 0
-            for number, segment in enumerate(self.segments(slot)):
-                lo, hi = max(first, position), min(limit, position + segment.length)
-                if lo < hi:
-                    local = segment.indices()
-                    if hi - lo < segment.length:  # partly read: which ones depends on the shuffle
-                        rng = shuffle_rng(seed, epoch, slot, number, segment.shard, self.generation)
-                        order = np.fromiter(_shuffled(iter(range(segment.length)), shuffle_buffer, rng),
-                                            dtype=np.int64, count=segment.length)
-                        local = local[order[lo - position:hi - position]]
-                    unread[self.offsets[segment.shard] + local] = True
-                position += segment.length
-                if position >= limit:
-                    break
+            consumed = layout.consumed(slot, limit)
+            for number, lane in enumerate(self.lanes(slot)):
+                first = lane_share(consumed, number, self.mix_shards)
+                self._lane_unread(unread, lane, first, lane_share(limit, number, self.mix_shards), seed, epoch,
+                                  buffer)
         return np.concatenate([self.offsets[s] + np.flatnonzero(unread[self.offsets[s]:self.offsets[s + 1]])
                                for s in self.order]).astype(np.int64)
+
+    def _lane_unread(self, unread: np.ndarray, lane: int, first: int, limit: int, seed: int, epoch: int,
+                     buffer: int) -> None:
+        """Mark the samples of lane positions [first, limit) in `unread`."""
+        position = 0
+        for number, segment in enumerate(self.segments(lane)):
+            lo, hi = max(first, position), min(limit, position + segment.length)
+            if lo < hi:
+                local = segment.indices()
+                if hi - lo < segment.length:  # partly read: which ones depends on the shuffle
+                    rng = shuffle_rng(seed, epoch, lane, number, segment.shard, self.generation)
+                    order = np.fromiter(_shuffled(iter(range(segment.length)), buffer, rng),
+                                        dtype=np.int64, count=segment.length)
+                    local = local[order[lo - position:hi - position]]
+                unread[self.offsets[segment.shard] + local] = True
+            position += segment.length
+            if position >= limit:
+                break
 
 
 def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = None) -> Iterator[dict]:
@@ -322,7 +372,7 @@ class ShardStream(IterableDataset):
                  seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False,
                  num_classes: int | None = None, image_mode: str | None = None,
                  image_size: Sequence[int] | None = None, keys: SampleKeys = DEFAULT_KEYS,
-                 read_options: ReadOptions | None = None):
+                 read_options: ReadOptions | None = None, mix_shards: int = 1):
         if len(shard_paths) != len(shard_sizes):
             raise ValueError("shard_paths and shard_sizes differ in length")
         # What a good sample looks like (from the manifest); see pipeline.data.faults.
@@ -338,14 +388,17 @@ class ShardStream(IterableDataset):
         self.num_workers, self.workers = num_workers, max(1, num_workers)
         self.seed, self.train = seed, train
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
+        if mix_shards < 1:
+            raise ValueError(f"mix_shards={mix_shards}: a worker reads at least 1 shard at a time")
+        self.mix_shards = mix_shards  # lanes per training slot (rule 3); evaluation always reads one
         self.num_samples = sum(self.shard_sizes)
         self.num_slots = world_size * self.workers
         if train and self.num_samples < self.num_slots:
             raise ValueError(f"{self.num_samples} training samples cannot feed {world_size} rank(s) x "
                              f"{self.workers} worker(s); lower data.num_workers")
         # Shared with (even persistent) workers: the epoch, the rank-local step to start from, and the
-        # earlier layouts of the epoch (a count, then 5 ints per Layout); see `set_position`.
-        self._position = torch.zeros(3 + 5 * MAX_HISTORY, dtype=torch.int64).share_memory_()
+        # earlier layouts of the epoch (a count, then 6 ints per Layout); see `set_position`.
+        self._position = torch.zeros(3 + LAYOUT_INTS * MAX_HISTORY, dtype=torch.int64).share_memory_()
         self._plans: dict[tuple, EpochPlan] = {}  # per process: plans of the positions met so far
         self._generation = 0  # plan generation of the slot this process reads (seeds; one slot at a time)
         # Per loader worker, what it reads now: (shard + 1, index of the next sample to read, monotonic ms of the
@@ -379,11 +432,12 @@ class ShardStream(IterableDataset):
     def history(self) -> tuple[Layout, ...]:
         """The earlier layouts of the current epoch (see `set_position`)."""
         values = self._position.tolist()
-        return tuple(Layout.from_ints(values[3 + 5 * i:8 + 5 * i]) for i in range(values[2]))
+        return tuple(Layout.from_ints(values[3 + LAYOUT_INTS * i:3 + LAYOUT_INTS * (i + 1)]) for i in range(values[2]))
 
     def layout(self, step: int = 0) -> Layout:
         """This stream's layout, at rank-local `step`."""
-        return Layout(self.world_size, self.num_workers, self.batch_size, self.drop_last, step)
+        return Layout(self.world_size, self.num_workers, self.batch_size, self.drop_last, step,
+                      self.mix_shards if self.train else 1)
 
     # ---- layout ---------------------------------------------------------------------------------
     def plan(self, epoch: Optional[int] = None) -> EpochPlan:
@@ -400,15 +454,13 @@ class ShardStream(IterableDataset):
         layouts = [*history, self.layout()]
         first = layouts[0]
         plan = EpochPlan(self.shard_sizes, order, first.world_size * first.slots_per_rank, first.batch_size,
-                         first.drop_last, self.train)
+                         first.drop_last, self.train, mix_shards=first.mix_shards)
         for generation, (done, layout) in enumerate(zip(layouts, layouts[1:]), start=1):
             remaining = plan.unread(done, self.seed, epoch, self.shuffle_buffer)
             plan = EpochPlan(self.shard_sizes, order, layout.world_size * layout.slots_per_rank, layout.batch_size,
-                             layout.drop_last, self.train, remaining=remaining, generation=generation)
+                             layout.drop_last, self.train, remaining=remaining, generation=generation,
+                             mix_shards=layout.mix_shards)
         return plan
-
-    def slot_range(self, slot: int) -> tuple[int, int]:
-        return self.plan().slot_range(slot)
 
     def batches_in_slot(self, slot: int) -> int:
         return self.plan().batches(slot)
@@ -478,41 +530,59 @@ class ShardStream(IterableDataset):
             yield torch.empty(0), torch.empty(0, dtype=torch.long), torch.tensor(counts)
 
     def _slot_samples(self, epoch: int, slot: int, skip: int) -> Iterator[tuple[int, SampleCheck, SampleCheck | None]]:
-        """(position, inspection, what to feed) for every position of the slot from `skip` on."""
+        """(position, inspection, what to feed) for every position of the slot from `skip` on: its lanes'
+        samples taken round-robin (rule 3); position p is lane p mod mix_shards's sample p // mix_shards."""
         plan = self.plan(epoch)
         self._generation = plan.generation
         limit = plan.limit(slot)  # with drop_last, the tail that makes no full batch is not even read
-        position = skip  # index of the next sample within this slot's stream
-        segments = list(plan.segments(slot))
-        for number, segment in enumerate(segments):
+        mix = plan.mix_shards
+        lanes = [self._lane_samples(epoch, slot, number, lane, lane_share(skip, number, mix), mix)
+                 for number, lane in enumerate(plan.lanes(slot))]
+        try:
+            for position in range(skip, limit):
+                check, source = next(lanes[position % mix])
+                yield position, check, source
+        finally:
+            for lane in lanes:
+                lane.close()  # the lanes' open shards (and connections) go now, not when collected
+
+    def _lane_samples(self, epoch: int, slot: int, number: int, lane: int, skip: int,
+                      mix: int) -> Iterator[tuple[SampleCheck, SampleCheck | None]]:
+        """(inspection, what to feed) for the samples of lane `lane` (the slot's lane `number`) from `skip` on;
+        the lane's position q is the slot's position q * mix + number (augmentation seeds)."""
+        plan = self.plan(epoch)
+        segments = plan.segments(lane)
+        for index, segment in enumerate(segments):
             length = segment.length
             if skip >= length:  # finished before the restart: not even opened
                 skip -= length
                 continue
-            self._read_ahead(segments[number + 1:number + 2])
-            for check, source in self._resolved(epoch, slot, number, segment, skip, position):
-                if position >= limit:
-                    return
-                yield position, check, source
-                position += 1
+            self._read_ahead(segments[index + 1:index + 2], mix)
+            position = sum(s.length for s in segments[:index]) + skip
+            yield from self._resolved(epoch, slot, lane, index, segment, skip,
+                                      lambda q: q * mix + number, position)
             skip = 0
 
-    def _read_ahead(self, following: list[Segment]) -> None:
-        """Open the next remote shard (from its start) while this one is read; see `remote.prefetch`."""
+    def _read_ahead(self, following: list[Segment], mix: int) -> None:
+        """Open the lane's next remote shard (from its start) while this one is read; see `remote.prefetch`.
+        The worker's read-ahead budget (data.prefetch_mb) is shared by its lanes."""
         if following and following[0].start == 0:
-            prefetch(self.shard_paths[following[0].shard], self.read_options)
+            options = self.read_options or ReadOptions()
+            if mix > 1:
+                options = replace(options, prefetch_mb=options.prefetch_mb / mix)
+            prefetch(self.shard_paths[following[0].shard], options, keep=mix + 1)
 
-    def _resolved(self, epoch: int, slot: int, number: int, segment: Segment, skip: int,
-                  position: int) -> Iterator[tuple[SampleCheck, SampleCheck | None]]:
-        """(inspection, what to feed) per sample of a segment from `skip` on; see rule 5 above.
+    def _resolved(self, epoch: int, slot: int, lane: int, number: int, segment: Segment, skip: int,
+                  in_slot: Callable[[int], int], position: int) -> Iterator[tuple[SampleCheck, SampleCheck | None]]:
+        """(inspection, what to feed) per sample of a lane's segment from `skip` on; see rule 5 above.
 
-        `position` is that of the first pair; a sample is inspected (decoded) for its own position,
-        which follows the bad samples still waiting for it.
+        `position` is the lane position of the first pair (`in_slot` maps it to the slot's); a sample is inspected
+        (decoded) for its own position, which follows the bad samples still waiting for it.
         """
         action = "replaced by another sample of the same shard" if self.train else "left out of evaluation"
         pending: list[SampleCheck] = []  # bad samples waiting for the next good one (training)
-        for sample in self._segment_samples(epoch, slot, number, segment, skip):
-            check = self._inspect(sample, self._seed(epoch, slot, position + len(pending)))
+        for sample in self._segment_samples(epoch, lane, number, segment, skip):
+            check = self._inspect(sample, self._seed(epoch, slot, in_slot(position + len(pending))))
             for bad in check.undrawn:  # carried by a resampling stream (balance.py): never drawn
                 self.warnings(bad, "never drawn")
             if check.reason or check.converted:
@@ -528,16 +598,16 @@ class ShardStream(IterableDataset):
                 position += 1
                 yield check, None
         if pending:
-            fill = self._first_good(epoch, slot, number, segment)
+            fill = self._first_good(epoch, lane, number, segment)
             yield from ((bad, fill) for bad in pending)
 
     def _inspect(self, sample: dict, seed: Optional[int]) -> SampleCheck:
         return inspect_sample(sample, self.mode, self.num_classes, self.image_mode, self.image_size,
                               decode=partial(self.codec.decode, seed=seed), keys=self.keys)
 
-    def _first_good(self, epoch: int, slot: int, number: int, segment: Segment) -> SampleCheck:
+    def _first_good(self, epoch: int, lane: int, number: int, segment: Segment) -> SampleCheck:
         """The segment's first good sample; if it has none, the split's (shards in order)."""
-        for sample in self._segment_samples(epoch, slot, number, segment, 0):
+        for sample in self._segment_samples(epoch, lane, number, segment, 0):
             check = self._inspect(sample, NO_POSITION)
             if check.ok:
                 return check
@@ -553,8 +623,8 @@ class ShardStream(IterableDataset):
                                  f"starting with '{self.shard_paths[0]}'; check them with `pipeline data verify`")
         return self._fallback
 
-    def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
-        """Raw (undecoded) samples of a segment, shuffled, minus the first `skip` of them; always
+    def _segment_samples(self, epoch: int, lane: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
+        """Raw (undecoded) samples of a lane's segment `number`, shuffled, minus the first `skip` of them; always
         `segment.length - skip` of them (missing ones are stand-ins, see `shard_slice`)."""
         if not self.train:  # no shuffle: the skipped samples are not even read
             segment, skip = Segment(segment.shard, segment.start + skip, segment.stop), 0
@@ -563,12 +633,11 @@ class ShardStream(IterableDataset):
         if segment.keep is not None:
             raw = _kept(raw, segment.start, segment.keep)
         if self.train:
-            rng = shuffle_rng(self.seed, epoch, slot, number, segment.shard, self._generation)
-            raw = _shuffled(raw, self.shuffle_buffer, rng)
+            rng = shuffle_rng(self.seed, epoch, lane, number, segment.shard, self._generation)
+            raw = _shuffled(raw, lane_buffer(self.shuffle_buffer, self.plan(epoch).mix_shards), rng)
         for index, sample in enumerate(raw):
             if index >= skip:
                 yield sample
-
 
     def _published(self, samples: Iterator[dict], shard: int, start: int) -> Iterator[dict]:
         """`samples` of shard `shard` from index `start`, each read published as this worker's position."""

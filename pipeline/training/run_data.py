@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.data import Manifest
-from pipeline.data.dataset import spec_manifest, uses_specs
+from pipeline.data.balance import mixing_line, shard_mixing
+from pipeline.data.dataset import spec_manifest, training_shard_labels, uses_specs
 from pipeline.data.shards import ensure_digits_shards
 from pipeline.data.specs import describe
 from pipeline.distributed import Dist
@@ -23,6 +24,10 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
             dist.print("data.test is not set: the final evaluation uses the validation shards (data.val)")
     else:
         manifest = _root_manifest(cfg, dist)
+    if dist is not None and dist.is_main and uses_specs(cfg.data):
+        line = mixing_line(shard_mixing(training_shard_labels(cfg.data)), cfg.data.mix_shards, cfg.train.batch_size)
+        if line:
+            dist.print(line)
     where = f"data.train='{describe(cfg.data.train)}'" if uses_specs(cfg.data) else f"data.root='{cfg.data.root}'"
     if manifest.num_classes < 2:
         raise ValueError(f"{where}: its {'shards have' if uses_specs(cfg.data) else 'manifest has'} "

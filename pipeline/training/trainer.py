@@ -435,9 +435,9 @@ def _saved_layout(state: dict) -> tuple[Optional[Layout], tuple[Layout, ...]]:
     record = state.get("data_layout")
     if not record:
         return None, ()
-    fields = ("world_size", "workers", "batch_size", "drop_last", "step")
-    return (Layout(**{k: record[k] for k in fields}),
-            tuple(Layout(**{k: h[k] for k in fields}) for h in record.get("history", [])))
+    fields = ("world_size", "workers", "batch_size", "drop_last", "step", "mix_shards")  # mix_shards: 1 if absent
+    return (Layout(**{k: record[k] for k in fields if k in record}),
+            tuple(Layout(**{k: h[k] for k in fields if k in h}) for h in record.get("history", [])))
 
 
 def _cannot_continue(elastic: bool, saved: Optional[Layout], history: tuple[Layout, ...]) -> str:

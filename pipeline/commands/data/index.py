@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.data.balance import shard_mixing
 from pipeline.data.index import SpecIndex, cache_path, index_with_progress, label_summary
 
 
@@ -45,3 +46,7 @@ def print_index(index: SpecIndex, path: Path) -> None:
     console.print(escape(f"{len(index.shards)} shard(s), {index.num_samples} samples; labels under "
                          f"'{index.label_key}': {label_summary(counts)}"
                          f"{f'; {no_label} without a label' if no_label else ''}; index: {path}"))
+    mixing = shard_mixing([shard.raw_labels() for shard in index.shards])
+    if mixing is not None:
+        advice = "; training mixes data.mix_shards shards per worker" if mixing.class_sorted else ""
+        console.print(escape(f"classes across shards: {mixing.describe()}{advice}"))
