@@ -90,7 +90,7 @@ def _data_summary(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.commands.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, args.split)
+    metrics = evaluate_run(args.run_dir, args.split, args.tta)
     if not _is_main():
         return 0
     if args.json:
@@ -105,7 +105,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.commands.predict import format_predictions, predict
 
-    results = predict(args.run_dir, args.inputs, args.top_k)
+    results = predict(args.run_dir, args.inputs, args.top_k, args.tta)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", choices=["test", "val"], default="test")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of tables")
+    evaluate.add_argument("--tta", choices=["none", "flip", "flip_shift"], default=None,
+                          help="test-time augmentation (default: the run's eval.tta)")
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights or an "
@@ -243,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    predict.add_argument("--tta", choices=["none", "flip", "flip_shift"], default=None,
+                         help="test-time augmentation (default: the run's eval.tta, or the exported model's sidecar)")
     predict.set_defaults(func=_predict)
 
     export = commands.add_parser("export", help="the best weights as TorchScript, ONNX or a torch.export program, "

@@ -115,8 +115,12 @@ def export_metadata(run, fmt: str) -> dict:
     config_text = (run.run_dir / "config.yaml").read_text()
     return {"format": fmt, "model": run.cfg.model.name, "classes": run.classes, "num_classes": len(run.classes),
             "channels": data.channels, "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
-            "random_resized_crop": data.augment.random_resized_crop,
+            "random_resized_crop": data.augment.random_resized_crop, "eval_crop_pct": data.eval_crop_pct,
+            "weights": run.weights, "tta": run.cfg.eval.tta,
             "input": "float32 NCHW batch, RGB/L scaled to [0, 1] then (x - mean) / std; any batch size",
+            "tta_rule": "the model is exported without test-time augmentation; tta flip: average the logits of the "
+                        "batch and its mirror (flip of the last axis); flip_shift: 1/4 each of those, 1/8 each of the "
+                        "two for the batch shifted one pixel up-left and down-right (reflection pad 1, crop)",
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "git_commit": _git_commit(run.run_dir),
             "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), "torch": torch.__version__}
 

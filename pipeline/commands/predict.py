@@ -15,6 +15,7 @@ from pipeline.config.schema import AugmentConfig, DataConfig
 from pipeline.data.images import to_mode
 from pipeline.data.transforms import build_transform
 from pipeline.evaluation.loaded import LoadedRun, load_run
+from pipeline.evaluation.tta import tta_views, with_tta
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BATCH = 64
@@ -67,19 +68,24 @@ class Classifier:
     device: torch.device
 
 
-def classifier_from_run(run_dir: str | Path) -> Classifier:
+def classifier_from_run(run_dir: str | Path, tta: str | None = None) -> Classifier:
+    """The run's best weights (EMA when it kept them) with test-time augmentation `tta` (None: the run's eval.tta)."""
     run = load_run(run_dir)
-    return Classifier(run.model, run.classes, run.cfg.data, run.device)
+    return Classifier(with_tta(run.model, run.cfg.eval.tta if tta is None else tta), run.classes, run.cfg.data,
+                      run.device)
 
 
-def classifier_from_export(path: str | Path) -> Classifier:
-    """A model written by `pipeline export`, with the input description of its sidecar JSON."""
+def classifier_from_export(path: str | Path, tta: str | None = None) -> Classifier:
+    """A model written by `pipeline export`, with the input description and test-time augmentation of its sidecar
+    JSON (`tta` overrides the latter)."""
     from pipeline.commands.export import load_exported, read_sidecar
 
     meta = read_sidecar(path)
     data = DataConfig(image_size=meta["image_size"], channels=meta["channels"], mean=meta["mean"], std=meta["std"],
+                      eval_crop_pct=meta.get("eval_crop_pct"),
                       augment=AugmentConfig(random_resized_crop=meta.get("random_resized_crop", False)))
-    return Classifier(load_exported(path, meta["format"]), list(meta["classes"]), data, torch.device("cpu"))
+    model = with_tta(load_exported(path, meta["format"]), meta.get("tta", "none") if tta is None else tta)
+    return Classifier(model, list(meta["classes"]), data, torch.device("cpu"))
 
 
 def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> list[dict]:
@@ -97,12 +103,15 @@ def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> l
     return results
 
 
-def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3) -> list[dict]:
-    """Top-k for the images, with a run folder's best weights or a file written by `pipeline export`."""
+def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3, tta: str | None = None) -> list[dict]:
+    """Top-k for the images, with a run folder's best weights or a file written by `pipeline export`; `tta`: test-time
+    augmentation (None: the run's eval.tta, or the exported model's sidecar)."""
     if top_k < 1:
         raise ValueError(f"--top-k={top_k} must be at least 1")
+    if tta is not None:
+        tta_views(torch.zeros(1, 1, 2, 2), tta)
     paths = image_paths(inputs)
-    model = classifier_from_export(source) if Path(source).is_file() else classifier_from_run(source)
+    model = classifier_from_export(source, tta) if Path(source).is_file() else classifier_from_run(source, tta)
     return predict_paths(model, paths, top_k)
 
 
