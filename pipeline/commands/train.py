@@ -105,10 +105,10 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin,
                        device=dist.device)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
+    if cfg.model.sync_bn and dist.world_size > 1:  # before freezing hooks BatchNorm layers and DDP wraps them
+        model = convert_sync_batchnorm(model, dist.device)
     finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
-    if cfg.model.sync_bn and dist.world_size > 1:
-        model = convert_sync_batchnorm(model, dist.device)  # same parameters: the optimizer is built after
     optimizer = build_optimizer(cfg.optim, model, finetune.param_groups, fused=dist.device.type == "cuda")
     model, optimizer = dist.prepare(model, optimizer, register_frozen=gradual)
     ema = build_ema(cfg.train, dist.accelerator.unwrap_model(model))  # on the device, before torch.compile
