@@ -18,8 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchvision.transforms import v2
 from torchvision.ops import StochasticDepth
+from torchvision.transforms import v2
 
 from pipeline.config.schema import AugmentConfig, DataConfig, ModelConfig
 from pipeline.data.transforms import build_transform
