@@ -51,7 +51,7 @@ def test_ema_equals_swa_utils_ema_of_parameters_and_buffers() -> None:
     model = SimpleCNN(4, 3, [8, 16], residual=True)
     ema = ModelEma(model, decay=0.9)
     reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
-    _train_steps(model, 12, lambda step: (ema.update(model, step), reference.update_parameters(model)))
+    _train_steps(model, 12, lambda step: (ema.update(step), reference.update_parameters(model)))
     ours, theirs = ema.module.state_dict(), reference.module.state_dict()
     floats = [k for k, v in ours.items() if v.is_floating_point()]
     assert any("running_var" in k for k in floats)  # BatchNorm statistics are averaged too (timm's default)
@@ -81,7 +81,7 @@ def test_ema_decay_is_timms_with_warmup_and_every_steps() -> None:
                 p.add_(1.0)
             model.train()(torch.randn(8, 4))
         before = [p.clone() for p in ema.module.parameters()]
-        ema.update(model, step)
+        ema.update(step)
         seen.append(not all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters())))
         if step == 3:  # decay 0.5 at step 3: halfway between the start and the weights
             for p0, pe, pm in zip(start, ema.module.parameters(), model.parameters()):
@@ -118,8 +118,8 @@ from pipeline.distributed.sync_bn import CpuSyncBatchNorm, convert_sync_batchnor
 distributed.init_process_group("gloo")
 rank = distributed.get_rank()
 torch.manual_seed(0)
-model = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), torch.device("cpu"))
-assert isinstance(model[1], CpuSyncBatchNorm)
+model, converted = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), torch.device("cpu"))
+assert isinstance(model[1], CpuSyncBatchNorm) and converted == 1
 full = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(1)) * 3 + 1
 x = (full[:4] if rank == 0 else full[4:]).clone().requires_grad_(True)  # ranks hold unequal batches
 for _ in range(2):
@@ -267,6 +267,7 @@ def test_two_cpu_ranks_with_ema_drop_path_and_sync_bn(digits_root: Path, tmp_pat
     extra = ("model.sync_bn=true", "train.epochs=1")
     reference = run_cli(_args(digits_root, tmp_path, "ref", *extra), nproc=2)
     assert "2 process(es)" in reference.stdout
+    assert "model.sync_bn: 6 BatchNorm layer(s) normalise over the batch of all 2 ranks" in reference.stdout
     args = _args(digits_root, tmp_path, "cut", *extra)
     assert run_cli(args, nproc=2, check=False, env={"PIPELINE_KILL_AT_STEP": "10"}).returncode != 0
     run_cli(args, nproc=2)

@@ -106,7 +106,9 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
                        device=dist.device)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
     if cfg.model.sync_bn and dist.world_size > 1:  # before freezing hooks BatchNorm layers and DDP wraps them
-        model = convert_sync_batchnorm(model, dist.device)
+        model, converted = convert_sync_batchnorm(model, dist.device)
+        dist.print(f"model.sync_bn: {converted} BatchNorm layer(s) normalise over the batch of all "
+                   f"{dist.world_size} ranks")
     finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
     optimizer = build_optimizer(cfg.optim, model, finetune.param_groups, fused=dist.device.type == "cuda")

@@ -67,11 +67,13 @@ def _to_cpu_sync(module: nn.Module) -> nn.Module:
     return converted
 
 
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm of `model` as a synchronised one for `device` (call before wrapping it in DDP)."""
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> tuple[nn.Module, int]:
+    """Every BatchNorm of `model` as a synchronised one for `device` (call before wrapping it in DDP), and how many
+    were converted."""
+    count = sum(isinstance(m, _BatchNorm) for m in model.modules())
     if device.type == "cpu":
-        return _to_cpu_sync(model)
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return _to_cpu_sync(model), count
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model), count
 
 
 __all__ = ["CpuSyncBatchNorm", "convert_sync_batchnorm"]

@@ -42,7 +42,7 @@ def ema_decay(step: int, decay: float, warmup: bool) -> float:
 
 
 class ModelEma:
-    """The EMA copy of a model (`module`, in eval mode, no gradients) and how it is updated."""
+    """The EMA copy (`module`, in eval mode, no gradients) of the trained model `source` and how it is updated."""
 
     enabled = True
     weights_name = "ema"
@@ -50,15 +50,17 @@ class ModelEma:
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False, every_steps: int = 1,
                  buffers: str = "average"):
+        self.source = model
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup, self.every_steps = decay, warmup, every_steps
         self.average_buffers = buffers == "average"
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """After optimizer step `step`: move the copy towards `model` (every `every_steps` steps)."""
+    def update(self, step: int) -> None:
+        """After optimizer step `step`: move the copy towards the trained weights (every `every_steps` steps)."""
         if step % self.every_steps:
             return
+        model = self.source
         weight = 1.0 - ema_decay(step, self.decay, self.warmup)
         if self.average_buffers:
             pairs = zip(self.module.state_dict().values(), model.state_dict().values())
@@ -77,9 +79,9 @@ class ModelEma:
             torch._foreach_lerp_(averaged, current, weight)
 
     @torch.no_grad()
-    def copy_from(self, model: nn.Module) -> None:
-        """Make the copy equal to `model` (a resume from a checkpoint that held no EMA)."""
-        for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
+    def copy_source(self) -> None:
+        """Make the copy equal to the trained weights (a resume from a checkpoint that held no EMA)."""
+        for ema_v, model_v in zip(self.module.state_dict().values(), self.source.state_dict().values()):
             ema_v.copy_(model_v)
 
     def sync(self, dist: Dist) -> None:
@@ -95,10 +97,10 @@ class NoEma:
     module: Optional[nn.Module] = None
     weights_name = "model"
 
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, step: int) -> None:
         pass
 
-    def copy_from(self, model: nn.Module) -> None:
+    def copy_source(self) -> None:
         pass
 
     def sync(self, dist: Dist) -> None:
@@ -106,7 +108,8 @@ class NoEma:
 
 
 def build_ema(cfg: TrainConfig, model: nn.Module) -> ModelEma | NoEma:
-    """The EMA of `model` (the unwrapped module, on its device) per train.ema_*, or the do-nothing one."""
+    """The EMA of `model` (the unwrapped module, on its device, whose parameters the optimizer steps) per
+    train.ema_*, or the do-nothing one."""
     if cfg.ema_decay <= 0:
         return NoEma()
     return ModelEma(model, cfg.ema_decay, cfg.ema_warmup, cfg.ema_every_steps, cfg.ema_buffers)

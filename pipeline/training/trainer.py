@@ -137,7 +137,7 @@ class Trainer:
             self.state.step_in_epoch += 1
             if last_in_window:
                 self.state.global_step += 1
-                self.ema.update(self.unwrapped, self.state.global_step)
+                self.ema.update(self.state.global_step)
                 if self.state.global_step % self.cfg.train.log_every_steps == 0:  # the only host sync of a step
                     self.progress.update(task, info=f"loss {loss.item():.4f}")
                     self.bad_data.check_running(self.train_data, epoch + 1, self.state.step_in_epoch,
@@ -329,7 +329,7 @@ class Trainer:
         state, rank_state = self.checkpointer.load(folder, self.unwrapped, self.optimizer, self.schedule,
                                                    self.dist.accelerator.scaler, self.ema.module)
         if self.ema.enabled and not (folder / EMA_WEIGHTS).is_file():
-            self.ema.copy_from(self.unwrapped)
+            self.ema.copy_source()
             self.dist.warn(f"{folder} holds no EMA weights (saved with train.ema_decay=0): the EMA starts from the "
                            "resumed weights")
         self.state = TrainState(**state["train"])
