@@ -274,3 +274,41 @@ def test_two_cpu_ranks_with_ema_drop_path_and_sync_bn(digits_root: Path, tmp_pat
     for name in ("model.safetensors", "ema.safetensors"):
         assert _same(tmp_path / "ref/checkpoints/best" / name, tmp_path / "cut/checkpoints/best" / name), name
     assert (tmp_path / "ref/test_metrics.json").read_text() == (tmp_path / "cut/test_metrics.json").read_text()
+
+
+def _fake_checkpoint(folder: Path, weights: dict, step_in_epoch: int, ema: dict | None = None) -> None:
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / "model.safetensors"))
+    if ema is not None:
+        save_file(ema, str(folder / "ema.safetensors"))
+    (folder / "state.json").write_text(json.dumps({"train": {"step_in_epoch": step_in_epoch}}))
+    (folder / "config.yaml").write_text("{}\n")
+    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(folder.iterdir())}
+    (folder / "COMPLETE").write_text(json.dumps({"files": files}))
+
+
+def test_average_takes_the_mean_of_the_last_epoch_end_checkpoints(tmp_path: Path) -> None:
+    from pipeline.commands.average import average_run
+
+    def state(value: float) -> dict:
+        return {"w": torch.full((2, 3), value), "n": torch.tensor(int(value))}
+
+    checkpoints = tmp_path / "run/checkpoints"
+    _fake_checkpoint(checkpoints / "step-00000010", state(1.0), 0, ema=state(10.0))
+    _fake_checkpoint(checkpoints / "step-00000020", state(2.0), 0, ema=state(20.0))
+    _fake_checkpoint(checkpoints / "step-00000025", state(9.0), 5, ema=state(90.0))  # mid-epoch: left out
+    _fake_checkpoint(checkpoints / "step-00000030", state(4.0), 0, ema=state(40.0))
+    folder, sources = average_run(tmp_path / "run", last=2)
+    assert [s.name for s in sources] == ["step-00000030", "step-00000020"]
+    averaged = load_file(str(folder / "model.safetensors"))
+    assert torch.equal(averaged["w"], torch.full((2, 3), 30.0)) and averaged["n"].item() == 40  # EMA, newest int
+    from pipeline.checkpointing import verify
+
+    assert verify(folder) is None
+    with pytest.raises(ValueError, match="holds 3 complete epoch-end checkpoint"):
+        average_run(tmp_path / "run", last=4)

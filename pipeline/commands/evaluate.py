@@ -26,10 +26,11 @@ def _gather(probs: torch.Tensor, labels: torch.Tensor, dist: Dist) -> tuple[torc
     return torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts])
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", tta: str | None = None) -> dict:
-    """The run's best weights (EMA when it kept them) on `split`, with test-time augmentation `tta` (None: the
-    run's eval.tta)."""
-    run = load_run(run_dir)
+def evaluate_run(run_dir: str | Path, split: str = "test", tta: str | None = None,
+                 checkpoint: str | None = None) -> dict:
+    """The run's best weights (EMA when it kept them; or those of the checkpoint folder `checkpoint`) on `split`, with
+    test-time augmentation `tta` (None: the run's eval.tta)."""
+    run = load_run(run_dir, checkpoint)
     tta = run.cfg.eval.tta if tta is None else tta
     tta_views(torch.zeros(1, 1, 2, 2), tta)  # an unknown mode: one line before any data is read
     model = with_tta(run.model, tta)
@@ -42,7 +43,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", tta: str | None = Non
     probs, labels = _gather(*collect_predictions(model, run.loader(split), run.device,
                                                  run.dist.accelerator.autocast), run.dist)
     return {**evaluation_record(metrics, faults.num_skipped(counts), faults.as_dict(counts)),
-            **analyse(probs, labels, run.classes), "weights": run.weights, "tta": tta}
+            **analyse(probs, labels, run.classes), "weights": run.weights, "tta": tta,
+            "checkpoint": run.checkpoint.name}
 
 
 __all__ = ["evaluate_run", "load_run_config"]

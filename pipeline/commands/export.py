@@ -150,7 +150,8 @@ def max_abs_diff(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tens
     return worst
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tolerance: float = TOLERANCE) -> Exported:
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tolerance: float = TOLERANCE,
+               checkpoint: str | None = None) -> Exported:
     """Export the run's best weights to `out` (default RUN_DIR/export/FORMAT/model.pt|.pt2|.onnx), checked for parity
     first; the sidecar (.json) and the weights with metadata (.safetensors) are written beside it, same stem."""
     from pipeline.checkpointing.checkpointer import model_state
@@ -158,7 +159,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tol
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
-    run = load_run(run_dir)
+    run = load_run(run_dir, checkpoint)
     model = run.model.to("cpu").float().eval()
     images = parity_images(run)
     path = Path(out) if out is not None else run.run_dir / "export" / fmt / f"model{FORMATS[fmt]}"

@@ -68,9 +68,10 @@ class Classifier:
     device: torch.device
 
 
-def classifier_from_run(run_dir: str | Path, tta: str | None = None) -> Classifier:
-    """The run's best weights (EMA when it kept them) with test-time augmentation `tta` (None: the run's eval.tta)."""
-    run = load_run(run_dir)
+def classifier_from_run(run_dir: str | Path, tta: str | None = None, checkpoint: str | None = None) -> Classifier:
+    """The run's best weights (EMA when it kept them; or the checkpoint folder `checkpoint`'s) with test-time
+    augmentation `tta` (None: the run's eval.tta)."""
+    run = load_run(run_dir, checkpoint)
     return Classifier(with_tta(run.model, run.cfg.eval.tta if tta is None else tta), run.classes, run.cfg.data,
                       run.device)
 
@@ -103,7 +104,8 @@ def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> l
     return results
 
 
-def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3, tta: str | None = None) -> list[dict]:
+def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3, tta: str | None = None,
+            checkpoint: str | None = None) -> list[dict]:
     """Top-k for the images, with a run folder's best weights or a file written by `pipeline export`; `tta`: test-time
     augmentation (None: the run's eval.tta, or the exported model's sidecar)."""
     if top_k < 1:
@@ -111,7 +113,12 @@ def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3, tt
     if tta is not None:
         tta_views(torch.zeros(1, 1, 2, 2), tta)
     paths = image_paths(inputs)
-    model = classifier_from_export(source, tta) if Path(source).is_file() else classifier_from_run(source, tta)
+    if Path(source).is_file():
+        if checkpoint is not None:
+            raise ValueError(f"--checkpoint is for a run folder; '{source}' is an exported model")
+        model = classifier_from_export(source, tta)
+    else:
+        model = classifier_from_run(source, tta, checkpoint)
     return predict_paths(model, paths, top_k)
 
 

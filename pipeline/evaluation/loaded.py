@@ -58,15 +58,21 @@ class LoadedRun:
         return self.split_loader(split).loader
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Load the run's best weights (or its last checkpoint when it kept no best) into a fresh model: the EMA copy
-    when the checkpoint holds one (what the run validated and tested), else the trained weights."""
+def load_run(run_dir: str | Path, checkpoint: str | None = None) -> LoadedRun:
+    """Load the run's best weights (or its last checkpoint when it kept no best), or those of the checkpoint folder
+    named `checkpoint` (e.g. averaged), into a fresh model: the EMA copy when the checkpoint holds one (what the run
+    validated and tested), else the trained weights."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     dist = build_dist("fp32" if cfg.train.precision == "fp16" else cfg.train.precision, cfg.train.cpu)
     manifest = dataset_manifest(cfg.data)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist)
-    folder = checkpointer.find("best") or checkpointer.find("last")
+    if checkpoint is not None:
+        folder = checkpointer.find(checkpoint)
+        if folder is None:
+            raise FileNotFoundError(f"'{run_dir}/checkpoints' has no complete checkpoint '{checkpoint}'")
+    else:
+        folder = checkpointer.find("best") or checkpointer.find("last")
     if folder is None:
         raise FileNotFoundError(f"'{run_dir}/checkpoints' has no complete best or last checkpoint")
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels).to(dist.device)
