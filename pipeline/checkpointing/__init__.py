@@ -1,5 +1,12 @@
 """Checkpointing: atomic, verified checkpoint folders and safetensors weights."""
 
-from pipeline.checkpointing.checkpointer import Checkpointer, CheckpointWriteError, load_weights, save_weights, verify
+from pipeline.checkpointing.checkpointer import (
+    EMA_WEIGHTS,
+    Checkpointer,
+    CheckpointWriteError,
+    load_weights,
+    save_weights,
+    verify,
+)
 
-__all__ = ["CheckpointWriteError", "Checkpointer", "load_weights", "save_weights", "verify"]
+__all__ = ["EMA_WEIGHTS", "CheckpointWriteError", "Checkpointer", "load_weights", "save_weights", "verify"]

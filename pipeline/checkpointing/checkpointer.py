@@ -1,6 +1,7 @@
 """Atomic, verifiable checkpoints.
 
-A checkpoint is a folder: `model.safetensors`, `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16),
+A checkpoint is a folder: `model.safetensors`, `ema.safetensors` (the EMA of the weights, when train.ema_decay > 0),
+`optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16),
 `rng/rank<r>.pt` for each rank (its RNG states and partial-epoch sums), `state.json` (epoch,
 step, position in the epoch, best metric...), `config.yaml` (the resolved config it was trained
 with) and `data.json` (the identity of the data it was trained on: classes, shard fingerprint).
@@ -88,6 +89,8 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True):
     return model.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
 
 
+EMA_WEIGHTS = "ema.safetensors"
+"""The EMA copy's weights in a checkpoint folder; what evaluation loads when present (see pipeline.training.ema)."""
 STEP_PREFIX = "step-"
 EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR
 
@@ -146,7 +149,7 @@ class Checkpointer:
         return f"{STEP_PREFIX}{global_step:08d}"
 
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-             scaler: Optional[object], state: dict, rank_state: dict) -> Path:
+             scaler: Optional[object], state: dict, rank_state: dict, ema: Optional[nn.Module] = None) -> Path:
         """Collective: every rank calls it (each writes its own RNG state and partial sums).
 
         If any rank cannot write its part (disk full, permissions...), every rank raises the same
@@ -157,7 +160,8 @@ class Checkpointer:
         main = self.dist.is_main
         stages = [(main, lambda: self._begin(tmp)),
                   (True, lambda: _torch_save(rank_state, tmp / "rng" / f"rank{self.dist.rank}.pt")),
-                  (main, lambda: self._write_and_swap(name, tmp, final, model, optimizer, scheduler, scaler, state))]
+                  (main, lambda: self._write_and_swap(name, tmp, final, model, optimizer, scheduler, scaler, state,
+                                                           ema))]
         error: Optional[BaseException] = None
         for runs_here, stage in stages:
             if runs_here:
@@ -174,10 +178,14 @@ class Checkpointer:
         (tmp / "rng").mkdir(parents=True)
 
     def _write_and_swap(self, name: str, tmp: Path, final: Path, model: nn.Module, optimizer, scheduler,
-                        scaler: Optional[object], state: dict) -> None:
+                        scaler: Optional[object], state: dict, ema: Optional[nn.Module] = None) -> None:
         weights, optimizer_state = model_state(model), optimizer.state_dict()
-        _check_free_space(self.directory, _tensor_bytes(weights) + _tensor_bytes(optimizer_state))
+        ema_weights = model_state(ema) if ema is not None else {}
+        _check_free_space(self.directory, _tensor_bytes(weights) + _tensor_bytes(optimizer_state)
+                          + _tensor_bytes(ema_weights))
         save_file(weights, str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_file(ema_weights, str(tmp / EMA_WEIGHTS))
         faults.before_save_commit(state.get("train", {}).get("global_step"))
         _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -260,14 +268,17 @@ class Checkpointer:
         return None
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-             scaler: Optional[object]) -> tuple[dict, Optional[dict]]:
-        """Restore everything; return (state, this rank's saved state or None if it was not saved)."""
+             scaler: Optional[object], ema: Optional[nn.Module] = None) -> tuple[dict, Optional[dict]]:
+        """Restore everything; return (state, this rank's saved state or None if it was not saved). `ema` is
+        loaded when the folder holds its weights (the caller copies the model into it when it does not)."""
         try:
             load_weights(model, folder / "model.safetensors")
         except RuntimeError as exc:  # e.g. other classes, with a checkpoint older than its data.json
             detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
             raise ValueError(f"cannot load '{folder / 'model.safetensors'}' into this model (was it trained on other "
                              f"data or another architecture?): {detail}; start a new run (another run.name)") from None
+        if ema is not None and (folder / EMA_WEIGHTS).is_file():
+            load_weights(ema, folder / EMA_WEIGHTS)
         optimizer.load_state_dict(load_tensors(folder / "optimizer.pt"))
         scheduler.load_state_dict(load_tensors(folder / "scheduler.pt", map_location=None))
         if scaler is not None and (folder / "scaler.pt").is_file():

@@ -96,7 +96,7 @@ def _data_summary(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.commands.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, args.split)
+    metrics = evaluate_run(args.run_dir, args.split, args.tta, args.checkpoint)
     if not _is_main():
         return 0
     if args.json:
@@ -111,7 +111,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.commands.predict import format_predictions, predict
 
-    results = predict(args.run_dir, args.inputs, args.top_k, args.trust_code)
+    results = predict(args.run_dir, args.inputs, args.top_k, args.tta, args.checkpoint, args.trust_code)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
 
@@ -119,10 +119,19 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pipeline.commands.export import export_run
 
-    done = export_run(args.run_dir, args.format, args.out, args.tolerance)
+    done = export_run(args.run_dir, args.format, args.out, args.tolerance, args.checkpoint)
     print(f"parity: max abs diff of logits {done.max_abs_diff:.3g} on {done.metadata['parity_images']} validation "
           f"images (and 1 alone); tolerance {args.tolerance:g}")
     print(f"wrote {done.path} (+ {done.sidecar.name}, {done.weights.name} with the same metadata)")
+    return 0
+
+
+def _average(args: argparse.Namespace) -> int:
+    from pipeline.commands.average import average_run
+
+    folder, sources = average_run(args.run_dir, args.last)
+    print(f"wrote {folder}: the mean of {', '.join(s.name for s in sources)}; use it with "
+          f"pipeline evaluate|predict|export {args.run_dir} --checkpoint averaged")
     return 0
 
 
@@ -240,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", choices=["test", "val"], default="test")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON instead of tables")
+    evaluate.add_argument("--tta", choices=["none", "flip", "flip_shift"], default=None,
+                          help="test-time augmentation (default: the run's eval.tta)")
+    evaluate.add_argument("--checkpoint", default=None, metavar="NAME",
+                          help="a checkpoint folder under RUN_DIR/checkpoints instead of best (e.g. averaged)")
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="top-k classes for images with a run's best weights or an "
@@ -250,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     predict.add_argument("--json", action="store_true", help="print JSON instead of text")
+    predict.add_argument("--tta", choices=["none", "flip", "flip_shift"], default=None,
+                         help="test-time augmentation (default: the run's eval.tta, or the exported model's sidecar)")
+    predict.add_argument("--checkpoint", default=None, metavar="NAME",
+                         help="a checkpoint folder under RUN_DIR/checkpoints instead of best (e.g. averaged)")
     predict.add_argument("--trust-code", action="store_true",
                          help="allow a TorchScript (.pt) or torch.export (.pt2) file, which runs the code inside it "
                          "when loaded (default: only run folders, exported .safetensors and .onnx)")
@@ -265,7 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
                         ".json and a .safetensors with the same stem go beside it; never inside a run's checkpoints")
     export.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest max abs diff of logits accepted (default 1e-4); above it nothing is written")
+    export.add_argument("--checkpoint", default=None, metavar="NAME",
+                        help="a checkpoint folder under RUN_DIR/checkpoints instead of best (e.g. averaged)")
     export.set_defaults(func=_export)
+
+    average = commands.add_parser("average", help="average the weights of a run's last K epoch-end checkpoints into "
+                                  "checkpoints/averaged")
+    average.add_argument("run_dir")
+    average.add_argument("--last", type=int, default=5, help="how many epoch-end checkpoints (default 5)")
+    average.set_defaults(func=_average)
 
     diagnose = commands.add_parser("diagnose", help="explain a run's training in plain sentences")
     diagnose.add_argument("run_dir")

@@ -14,6 +14,7 @@ from pipeline.evaluation.analysis import analyse
 from pipeline.evaluation.evaluate import collect_predictions, evaluate, evaluation_record
 from pipeline.evaluation.loaded import load_run, load_run_config
 from pipeline.evaluation.metrics import ClassificationMetrics
+from pipeline.evaluation.tta import tta_views, with_tta
 from pipeline.training.losses import build_loss
 
 
@@ -25,19 +26,26 @@ def _gather(probs: torch.Tensor, labels: torch.Tensor, dist: Dist) -> tuple[torc
     return torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts])
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
-    run = load_run(run_dir)
+def evaluate_run(run_dir: str | Path, split: str = "test", tta: str | None = None,
+                 checkpoint: str | None = None) -> dict:
+    """The run's best weights (EMA when it kept them; or those of the checkpoint folder `checkpoint`) on `split`, with
+    test-time augmentation `tta` (None: the run's eval.tta)."""
+    run = load_run(run_dir, checkpoint)
+    tta = run.cfg.eval.tta if tta is None else tta
+    tta_views(torch.zeros(1, 1, 2, 2), tta)  # an unknown mode: one line before any data is read
+    model = with_tta(run.model, tta)
     num_classes = run.manifest.num_classes
     data = run.split_loader(split)
-    metrics = evaluate(run.model, data.loader, build_loss(run.cfg.optim, num_classes).to(run.device),
+    metrics = evaluate(model, data.loader, build_loss(run.cfg.optim, num_classes).to(run.device),
                        ClassificationMetrics(num_classes, run.device), run.device,
                        run.dist.accelerator.autocast, run.cfg.model.channels_last)
     counts = run.dist.gather_rows(data.faults).sum(dim=0)  # bad samples are left out of the metrics
-    probs, labels = _gather(*collect_predictions(run.model, run.loader(split), run.device,
+    probs, labels = _gather(*collect_predictions(model, run.loader(split), run.device,
                                                  run.dist.accelerator.autocast, run.cfg.model.channels_last),
                             run.dist)
     return {**evaluation_record(metrics, faults.num_skipped(counts), faults.as_dict(counts)),
-            **analyse(probs, labels, run.classes)}
+            **analyse(probs, labels, run.classes), "weights": run.weights, "tta": tta,
+            "checkpoint": run.checkpoint.name}
 
 
 __all__ = ["evaluate_run", "load_run_config"]

@@ -128,8 +128,12 @@ def export_metadata(run, fmt: str) -> dict:
     return {"format": fmt, "model": run.cfg.model.name, "model_config": dataclasses.asdict(run.cfg.model),
             "classes": run.classes, "num_classes": len(run.classes),
             "channels": data.channels, "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
-            "random_resized_crop": data.augment.random_resized_crop,
+            "random_resized_crop": data.augment.random_resized_crop, "eval_crop_pct": data.eval_crop_pct,
+            "weights": run.weights, "tta": run.cfg.eval.tta,
             "input": "float32 NCHW batch, RGB/L scaled to [0, 1] then (x - mean) / std; any batch size",
+            "tta_rule": "the model is exported without test-time augmentation; tta flip: average the logits of the "
+                        "batch and its mirror (flip of the last axis); flip_shift: 1/4 each of those, 1/8 each of the "
+                        "two for the batch shifted one pixel up-left and down-right (reflection pad 1, crop)",
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "git_commit": _git_commit(run.run_dir),
             "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), "torch": torch.__version__}
 
@@ -193,16 +197,18 @@ def output_path(run_dir: Path, fmt: str, out: str | Path | None) -> Path:
     return path
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tolerance: float = TOLERANCE) -> Exported:
-    """Export the run's best weights to `out` (see output_path), checked for parity first; the sidecar (.json) and
-    the weights with metadata (.safetensors) are written beside it, same stem."""
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tolerance: float = TOLERANCE,
+               checkpoint: str | None = None) -> Exported:
+    """Export the run's best weights (or those of checkpoint folder `checkpoint`) to `out` (see output_path), checked
+    for parity first; the sidecar (.json) and the weights with metadata (.safetensors) are written beside it, same
+    stem."""
     from pipeline.checkpointing.checkpointer import model_state
     from pipeline.evaluation.loaded import load_run
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")
     path = output_path(Path(run_dir), fmt, out)
-    run = load_run(run_dir)
+    run = load_run(run_dir, checkpoint)
     model = run.model.to("cpu").float().eval()
     images = parity_images(run)
     metadata = export_metadata(run, fmt)

@@ -23,6 +23,7 @@ from pipeline.data.images import ImageTooLarge, open_image, to_mode
 from pipeline.data.transforms import build_transform
 from pipeline.errors import first_line
 from pipeline.evaluation.loaded import LoadedRun, load_run
+from pipeline.evaluation.tta import tta_views, with_tta
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BATCH = 64
@@ -79,17 +80,26 @@ class Classifier:
     device: torch.device
 
 
-def classifier_from_run(run_dir: str | Path) -> Classifier:
-    run = load_run(run_dir)
-    return Classifier(run.model, run.classes, run.cfg.data, run.device)
+def classifier_from_run(run_dir: str | Path, tta: str | None = None, checkpoint: str | None = None) -> Classifier:
+    """The run's best weights (EMA when it kept them; or the checkpoint folder `checkpoint`'s) with test-time
+    augmentation `tta` (None: the run's eval.tta)."""
+    run = load_run(run_dir, checkpoint)
+    return Classifier(with_tta(run.model, run.cfg.eval.tta if tta is None else tta), run.classes, run.cfg.data,
+                      run.device)
 
 
 def _input_of(meta: dict) -> DataConfig:
     return DataConfig(image_size=meta["image_size"], channels=meta["channels"], mean=meta["mean"], std=meta["std"],
+                      eval_crop_pct=meta.get("eval_crop_pct"),
                       augment=AugmentConfig(random_resized_crop=meta.get("random_resized_crop", False)))
 
 
-def classifier_from_weights(path: Path) -> Classifier:
+def _tta_of(meta: dict, tta: str | None) -> str:
+    """The test-time augmentation: `tta` when given, else what the export recorded."""
+    return meta.get("tta", "none") if tta is None else tta
+
+
+def classifier_from_weights(path: Path, tta: str | None = None) -> Classifier:
     """The `.safetensors` written by `pipeline export`: the recorded architecture, built here, with its weights (no
     code is loaded: safetensors holds tensors and a JSON header)."""
     from safetensors import SafetensorError, safe_open
@@ -114,17 +124,19 @@ def classifier_from_weights(path: Path) -> Classifier:
     except RuntimeError as exc:
         raise ValueError(f"'{path}': its weights do not fit the recorded {model_cfg.name} "
                          f"({first_line(exc)})") from None
-    return Classifier(model.eval(), list(meta["classes"]), _input_of(meta), torch.device("cpu"))
+    return Classifier(with_tta(model.eval(), _tta_of(meta, tta)), list(meta["classes"]), _input_of(meta),
+                      torch.device("cpu"))
 
 
-def classifier_from_export(path: str | Path, trust_code: bool = False) -> Classifier:
-    """A model written by `pipeline export`, with the input description of its sidecar JSON. TorchScript and
-    torch.export files run code when loaded: refused unless `trust_code`."""
+def classifier_from_export(path: str | Path, tta: str | None = None, trust_code: bool = False) -> Classifier:
+    """A model written by `pipeline export`, with the input description and test-time augmentation of its sidecar
+    JSON (`tta` overrides the latter). TorchScript and torch.export files run code when loaded: refused unless
+    `trust_code`."""
     from pipeline.commands.export import CODE_FORMATS, FORMATS, load_exported, read_sidecar
 
     path = Path(path)
     if path.suffix == ".safetensors":
-        return classifier_from_weights(path)
+        return classifier_from_weights(path, tta)
     meta = read_sidecar(path)
     code = meta["format"] in CODE_FORMATS or path.suffix in (FORMATS[f] for f in CODE_FORMATS)
     if code and not trust_code:
@@ -132,7 +144,8 @@ def classifier_from_export(path: str | Path, trust_code: bool = False) -> Classi
         raise ValueError(f"'{path}' is a {kind}, and loading one runs the code inside it; predict "
                          f"from '{path.with_suffix('.safetensors')}' (weights only, written beside it by pipeline "
                          f"export), or pass --trust-code if you trust this file")
-    return Classifier(load_exported(path, meta["format"]), list(meta["classes"]), _input_of(meta), torch.device("cpu"))
+    model = with_tta(load_exported(path, meta["format"]), _tta_of(meta, tta))
+    return Classifier(model, list(meta["classes"]), _input_of(meta), torch.device("cpu"))
 
 
 def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> list[dict]:
@@ -150,13 +163,22 @@ def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> l
     return results
 
 
-def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3, trust_code: bool = False) -> list[dict]:
+def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3, tta: str | None = None,
+            checkpoint: str | None = None, trust_code: bool = False) -> list[dict]:
     """Top-k for the images, with a run folder's best weights or a file written by `pipeline export` (TorchScript
-    and torch.export files only with `trust_code`)."""
+    and torch.export files only with `trust_code`); `tta`: test-time augmentation (None: the run's eval.tta, or the
+    exported model's sidecar)."""
     if top_k < 1:
         raise ValueError(f"--top-k={top_k} must be at least 1")
+    if tta is not None:
+        tta_views(torch.zeros(1, 1, 2, 2), tta)
     paths = image_paths(inputs)
-    model = classifier_from_export(source, trust_code) if Path(source).is_file() else classifier_from_run(source)
+    if Path(source).is_file():
+        if checkpoint is not None:
+            raise ValueError(f"--checkpoint is for a run folder; '{source}' is an exported model")
+        model = classifier_from_export(source, tta, trust_code)
+    else:
+        model = classifier_from_run(source, tta, checkpoint)
     return predict_paths(model, paths, top_k)
 
 

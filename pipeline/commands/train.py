@@ -16,12 +16,15 @@ from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
 from pipeline.data.faults import SKIP_REASONS
 from pipeline.distributed import Dist, build_dist, choose_precision
+from pipeline.distributed.sync_bn import convert_sync_batchnorm
 from pipeline.evaluation.evaluate import evaluate, evaluation_record
 from pipeline.evaluation.metrics import ClassificationMetrics
+from pipeline.evaluation.tta import with_tta
 from pipeline.models import create_model
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
+from pipeline.training.ema import build_ema
 from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
 from pipeline.training.grad_stats import TrainingSignals
 from pipeline.training.losses import build_loss
@@ -91,7 +94,7 @@ def claim_run_folder(cfg: Config, dist: Dist, run_dir: Path, config_yaml: str, m
         try:
             lock.acquire()
             record = check_resume(cfg, config_yaml, run_dir, dist.world_size, data_identity(manifest))
-            record_start(run_dir, config_yaml, record, dist.world_size)
+            record_start(run_dir, config_yaml, record, dist.world_size, evaluated_weights(cfg))
         except (ValueError, FileNotFoundError) as exc:
             lock.release()
             problem = str(exc)
@@ -109,10 +112,15 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     val = build_loader(cfg, manifest, "val", dist.rank, dist.world_size, train=False, pin_memory=pin,
                        device=dist.device)
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels)
+    if cfg.model.sync_bn and dist.world_size > 1:  # before freezing hooks BatchNorm layers and DDP wraps them
+        model, converted = convert_sync_batchnorm(model, dist.device)
+        dist.print(f"model.sync_bn: {converted} BatchNorm layer(s) normalise over the batch of all "
+                   f"{dist.world_size} ranks")
     finetune = build_finetune(cfg, model, run_dir, dist.print, dist.is_main)
     callbacks = [*finetune.callbacks, *(callbacks or [])]
     optimizer = build_optimizer(cfg.optim, model, finetune.param_groups, fused=dist.device.type == "cuda")
     model, optimizer = dist.prepare(model, optimizer, register_frozen=gradual)
+    ema = build_ema(cfg.train, dist.accelerator.unwrap_model(model))  # on the device, before torch.compile
     if cfg.model.compile:
         model = torch.compile(model)
     steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
@@ -126,22 +134,31 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
                       ClassificationMetrics(manifest.num_classes, dist.device),
                       Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml,
                                    data_identity(manifest)),
-                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks)
+                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks, ema)
     return Run(cfg, dist, run_dir, manifest, trainer, lock)
 
 
 def test_split(run: Run, split: str = "test") -> dict:
-    """Evaluate the trainer's current (best) weights on a split; counts every sample once."""
+    """Evaluate the trainer's current (best) weights, the EMA copy when on, with eval.tta, on a split; counts every
+    sample once."""
     cfg, dist = run.cfg, run.dist
     data = build_loader(cfg, run.manifest, split, dist.rank, dist.world_size, train=False,
                         pin_memory=dist.device.type == "cuda", device=dist.device)
     data.set_position(0, 0)
     trainer = run.trainer
-    metrics = evaluate(trainer.unwrapped, data.loader, trainer.loss_fn, trainer.metrics, dist.device,
-                       dist.accelerator.autocast, cfg.model.channels_last)
+    metrics = evaluate(with_tta(trainer.eval_model, cfg.eval.tta), data.loader, trainer.loss_fn, trainer.metrics,
+                       dist.device, dist.accelerator.autocast, cfg.model.channels_last)
     skipped = trainer.bad_data.collect(data, split)  # summed over ranks; bad samples are left out, not padded
-    return evaluation_record(metrics, skipped[f"data/{split}/skipped"],
-                       {r: skipped[f"data/{split}/skipped/{r}"] for r in SKIP_REASONS})
+    return {**evaluation_record(metrics, skipped[f"data/{split}/skipped"],
+                                {r: skipped[f"data/{split}/skipped/{r}"] for r in SKIP_REASONS}),
+            "weights": trainer.ema.weights_name, "tta": cfg.eval.tta}
+
+
+def evaluated_weights(cfg: Config) -> str:
+    """What validation, the best checkpoint and the test use, in words (the summary line, run_info.json)."""
+    weights = (f"EMA weights (train.ema_decay={cfg.train.ema_decay:g})" if cfg.train.ema_decay > 0
+               else "trained weights")
+    return f"the {weights}" + (f", tested with eval.tta={cfg.eval.tta}" if cfg.eval.tta != "none" else "")
 
 
 def train(cfg: Config, callbacks: list | None = None) -> dict:
@@ -150,7 +167,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     dist = run.dist
     dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}, "
                f"{run.cfg.train.precision}, {run.threads}  |  "
-               f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes")
+               f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes  |  "
+               f"evaluates {evaluated_weights(run.cfg)}")
     try:
         run.trainer.fit()
         metrics = test_split(run)

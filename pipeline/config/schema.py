@@ -23,6 +23,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 FREEZE_STRATEGIES = ("full", "feature_extraction", "partial", "gradual")
 CLASS_WEIGHT_MODES = ("none", "auto")
 NONFINITE_POLICIES = ("skip", "halt", "ignore")
+EMA_BUFFERS = ("average", "copy")
+TTA_MODES = ("none", "flip", "flip_shift")
 
 
 MAX_IMAGE_SIZE = 4096
@@ -184,6 +186,9 @@ class DataConfig:
     """Drop each worker's final partial batch (all ranks always run the same number of steps)."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    eval_crop_pct: Optional[float] = None
+    """Evaluation crop: resize the short side to floor(image_size / eval_crop_pct), then centre-crop image_size (timm's
+    crop_pct; torchvision's ImageNet 256 -> 224 is 0.875). null: 0.875 with data.augment.random_resized_crop, else 1."""
     decode_device: str = "workers"
     """workers (decode + augment per image in the loader workers), or cpu / cuda: workers only read JPEG bytes and
     draw each image's augmentation parameters; the main process decodes the batch (torchvision decode_jpeg, nvJPEG
@@ -240,6 +245,8 @@ class DataConfig:
         _check_range("data.min_bytes_per_s", self.min_bytes_per_s, 0.0)
         _check_range("data.slow_window_s", self.slow_window_s, 0.0, low_open=True)
         _check_range("data.max_sample_mb", self.max_sample_mb, 0.0)
+        if self.eval_crop_pct is not None:
+            _check_range("data.eval_crop_pct", self.eval_crop_pct, 0.0, 1.0, low_open=True)
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
             raise ValueError(f"data.endpoint_url={self.endpoint_url!r} must start with http:// or https://")
         for key, values in (("data.mean", self.mean), ("data.std", self.std)):
@@ -270,6 +277,12 @@ class ModelConfig:
     """Store activations as NHWC (channels_last); faster on GPUs with tensor cores."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    drop_path: Optional[float] = None
+    """Stochastic depth: the largest probability of skipping a residual branch, rising linearly with depth. Taken by
+    simple_cnn with model.residual=true and by torchvision's stochastic_depth_prob families (efficientnet_*,
+    efficientnet_v2_*, convnext_*, swin_*, swin_v2_*, maxvit_t); null: the model's own default (0 for simple_cnn)."""
+    sync_bn: bool = False
+    """Several ranks: BatchNorm statistics over the global batch (SyncBatchNorm; CPU ranks: all-reduces over gloo)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -277,6 +290,8 @@ class ModelConfig:
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ValueError(f"model.channels={list(self.channels)} must be a non-empty list of positive ints")
         _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        if self.drop_path is not None:
+            _check_range("model.drop_path", self.drop_path, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -384,6 +399,17 @@ class TrainConfig:
     """skip: stop (exit 70) after this many non-finite optimizer steps in a row."""
     cudnn_benchmark: bool = True
     """GPU: let cuDNN time its convolution algorithms for the input shapes once (faster for fixed image sizes)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (timm's ModelEmaV3), e.g. 0.999; 0 disables. When on, the EMA copy is
+    what validation, the best checkpoint, the test metrics, evaluate, predict and export use."""
+    ema_warmup: bool = False
+    """timm's EMA decay warm-up: the decay after optimizer step t is min(ema_decay, 1 - t^(-2/3)), so the early
+    weights fade fast; either way the first update (t = 1) copies the weights."""
+    ema_every_steps: int = 1
+    """Optimizer steps between EMA updates (each update applies the decay once, as timm's update(model, step))."""
+    ema_buffers: str = "average"
+    """BatchNorm running statistics and other float buffers of the EMA copy: average (timm ModelEmaV3's default) or
+    copy (taken from the trained model at each update: timm's exclude_buffers=True)."""
     cpu_threads: str = "auto"
     """torch's intra-op threads in each training process: auto (OMP_NUM_THREADS when set, else this node's usable
     cores / ranks on it - data.num_workers, at least 1, so the loader's workers and the main process never
@@ -408,6 +434,9 @@ class TrainConfig:
         _check_range("train.seed", self.seed, 0, MAX_SEED)
         _check_choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
         _check_range("train.max_nonfinite_steps", self.max_nonfinite_steps, 1)
+        _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        _check_range("train.ema_every_steps", self.ema_every_steps, 1)
+        _check_choice("train.ema_buffers", self.ema_buffers, EMA_BUFFERS)
 
 
 SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
@@ -611,6 +640,18 @@ class DistConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How the final test, `pipeline evaluate` and `pipeline predict` run the model (validation is always plain)."""
+
+    tta: str = "none"
+    """Test-time augmentation, logits averaged: none, flip (the image and its mirror, 1/2 each), or flip_shift (as
+    airbench: 1/2 flip of the image, 1/4 flip of it shifted one pixel up-left, 1/4 down-right; reflection padding)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.tta", self.tta, TTA_MODES)
+
+
+@dataclass
 class Config:
     """The whole run. Merge order: these defaults <- YAML file <- command-line dotted overrides."""
 
@@ -640,6 +681,8 @@ class Config:
     """k-fold cross-validation."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Several ranks: timeouts."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Final evaluation: test-time augmentation."""
 
     def __post_init__(self) -> None:
         _check_values("", self)

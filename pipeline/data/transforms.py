@@ -30,6 +30,16 @@ def _normalize(cfg: DataConfig) -> v2.Normalize:
     return v2.Normalize(mean=mean, std=std)
 
 
+def eval_resize(cfg: DataConfig) -> int:
+    """The short side evaluation resizes to before its centre crop of image_size: floor(image_size / eval_crop_pct), as
+    timm's crop_pct (torchvision's ImageNet evaluation: 224 / 0.875 = 256). Unset: size/0.875 (rounded) after training
+    with RandomResizedCrop, else image_size itself (square, small images such as digits: a plain resize)."""
+    size = cfg.image_size
+    if cfg.eval_crop_pct is not None:
+        return math.floor(size / cfg.eval_crop_pct)
+    return int(round(size / 0.875)) if cfg.augment.random_resized_crop else size
+
+
 def augment_steps(cfg: DataConfig, train: bool) -> list[v2.Transform]:
     """The per-image steps on uint8 CHW images, geometry first (it is what decoding at reduced size adapts)."""
     aug = cfg.augment
@@ -40,10 +50,7 @@ def augment_steps(cfg: DataConfig, train: bool) -> list[v2.Transform]:
     elif train:
         steps.append(v2.Resize((size, size), antialias=True))
     else:
-        # Resize the short side to size/0.875 then centre-crop, as ImageNet evaluation does; for images
-        # already square and small (digits), this is a plain resize.
-        steps += [v2.Resize(size if not aug.random_resized_crop else int(round(size / 0.875)), antialias=True),
-                  v2.CenterCrop(size)]
+        steps += [v2.Resize(eval_resize(cfg), antialias=True), v2.CenterCrop(size)]
     if train:
         if aug.crop_padding > 0:
             steps.append(v2.RandomCrop(size, padding=aug.crop_padding, padding_mode="reflect"))

@@ -147,6 +147,15 @@ class Dist:
         broadcast_object_list(box, from_process=0)
         return box[0]
 
+    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite `tensors` (on this rank's device) with rank 0's, in place, on every rank."""
+        if self.world_size == 1 or not tensors:
+            return
+        import torch.distributed as distributed
+
+        for tensor in tensors:
+            distributed.broadcast(tensor, src=0)
+
     def on_main(self, fn: Callable[[], T], share: bool = True) -> T | None:
         """`fn()` on the main process only; every rank gets its result (None off the main process unless
         `share`), or raises if it failed there.

@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.checkpointing import Checkpointer, load_weights
+from pipeline.checkpointing import EMA_WEIGHTS, Checkpointer, load_weights
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Manifest, SplitLoader, build_loader
 from pipeline.data.dataset import dataset_manifest
@@ -37,6 +37,8 @@ class LoadedRun:
     model: nn.Module
     dist: Dist
     checkpoint: Path
+    weights: str = "model"
+    """Which weights were loaded: model (the trained ones) or ema (their moving average, train.ema_decay > 0)."""
 
     @property
     def device(self) -> torch.device:
@@ -56,17 +58,25 @@ class LoadedRun:
         return self.split_loader(split).loader
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Load the run's best weights (or its last checkpoint when it kept no best) into a fresh model."""
+def load_run(run_dir: str | Path, checkpoint: str | None = None) -> LoadedRun:
+    """Load the run's best weights (or its last checkpoint when it kept no best), or those of the checkpoint folder
+    named `checkpoint` (e.g. averaged), into a fresh model: the EMA copy when the checkpoint holds one (what the run
+    validated and tested), else the trained weights."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     dist = build_dist("fp32" if cfg.train.precision == "fp16" else cfg.train.precision, cfg.train.cpu)
     manifest = dataset_manifest(cfg.data)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist)
-    folder = checkpointer.find("best") or checkpointer.find("last")
+    if checkpoint is not None:
+        folder = checkpointer.find(checkpoint)
+        if folder is None:
+            raise FileNotFoundError(f"'{run_dir}/checkpoints' has no complete checkpoint '{checkpoint}'")
+    else:
+        folder = checkpointer.find("best") or checkpointer.find("last")
     if folder is None:
         raise FileNotFoundError(f"'{run_dir}/checkpoints' has no complete best or last checkpoint")
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels).to(dist.device)
-    load_weights(model, folder / "model.safetensors")
+    weights = "ema" if (folder / EMA_WEIGHTS).is_file() else "model"
+    load_weights(model, folder / (EMA_WEIGHTS if weights == "ema" else "model.safetensors"))
     model.eval()
-    return LoadedRun(run_dir, cfg, manifest, model, dist, folder)
+    return LoadedRun(run_dir, cfg, manifest, model, dist, folder, weights)

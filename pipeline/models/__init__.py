@@ -32,6 +32,39 @@ def _small_input_stem(model: nn.Module, name: str) -> None:
     model.maxpool = nn.Identity()
 
 
+DROP_PATH_KWARG = "stochastic_depth_prob"
+
+
+def _set_drop_path(model: nn.Module, name: str, drop_path: float, built_with_it: bool) -> None:
+    """Check that `model` has stochastic depth; a builder that fixes its own probability (swin_*, maxvit_t: linear in
+    depth up to it) gets every block's probability scaled so the deepest block's is `drop_path`."""
+    from torchvision.ops import StochasticDepth
+
+    layers = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    if not layers:
+        raise ValueError(f"model.drop_path is not taken by {name} (it has no stochastic depth); use simple_cnn with "
+                         "model.residual=true, efficientnet_*, efficientnet_v2_*, convnext_*, swin_*, maxvit_t, or "
+                         "model.drop_path=null")
+    deepest = max(layer.p for layer in layers)
+    if not built_with_it and deepest > 0:
+        for layer in layers:
+            layer.p = layer.p * drop_path / deepest
+
+
+def _torchvision_model(name: str, kwargs: dict) -> tuple[nn.Module, bool]:
+    """The model, and whether its builder took stochastic_depth_prob; unknown keyword arguments are dropped."""
+    from torchvision import models
+
+    while True:
+        try:
+            return models.get_model(name, weights=None, **kwargs), DROP_PATH_KWARG in kwargs
+        except TypeError as exc:
+            rejected = next((k for k in ("dropout", DROP_PATH_KWARG) if k in kwargs and k in str(exc)), None)
+            if rejected is None:
+                raise
+            kwargs = {k: v for k, v in kwargs.items() if k != rejected}
+
+
 def torchvision_model_names() -> list[str]:
     from torchvision import models
 
@@ -43,7 +76,8 @@ def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn
     if cfg.name == "simple_cnn":
         if cfg.small_input_stem:
             raise ValueError("model.small_input_stem=true is for torchvision ResNets; simple_cnn has no such stem")
-        model: nn.Module = SimpleCNN(num_classes, in_channels, cfg.channels, cfg.residual, cfg.dropout)
+        model: nn.Module = SimpleCNN(num_classes, in_channels, cfg.channels, cfg.residual, cfg.dropout,
+                                     cfg.drop_path or 0.0)
     else:
         from torchvision import models
 
@@ -51,14 +85,14 @@ def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn
         if cfg.name not in names:
             raise ValueError(f"model.name={cfg.name!r} is not simple_cnn or a torchvision classification model "
                              f"(e.g. {', '.join(n for n in names if n.startswith('resnet'))})")
-        kwargs = {"num_classes": num_classes}
+        kwargs: dict = {"num_classes": num_classes}
         if cfg.dropout and "dropout" in models.get_model_builder(cfg.name).__doc__.lower():
             kwargs["dropout"] = cfg.dropout
-        try:
-            model = models.get_model(cfg.name, weights=None, **kwargs)
-        except TypeError:
-            kwargs.pop("dropout", None)
-            model = models.get_model(cfg.name, weights=None, **kwargs)
+        if cfg.drop_path is not None:
+            kwargs[DROP_PATH_KWARG] = cfg.drop_path
+        model, took_drop_path = _torchvision_model(cfg.name, kwargs)
+        if cfg.drop_path is not None:
+            _set_drop_path(model, cfg.name, cfg.drop_path, took_drop_path)
         if cfg.small_input_stem:
             _small_input_stem(model, cfg.name)
         _adapt_first_conv(model, in_channels)

@@ -41,7 +41,7 @@ DATA_IN_CHECKPOINT = "data.json"
 EARLIER_NAME = "earlier"
 """checkpoint.resume=never moves an earlier run's files to <run>/earlier/<UTC time>/ instead of writing over them."""
 
-HARMLESS_PREFIXES = ("logging.", "report.", "checkpoint.", "run.", "cv.", "dist.")
+HARMLESS_PREFIXES = ("logging.", "report.", "checkpoint.", "run.", "cv.", "dist.", "eval.")
 HARMLESS_KEYS = {"data.num_workers", "data.worker_start", "data.pin_memory", "data.max_bad_fraction",
                  "data.auto_prepare_digits", "train.log_every_steps", "train.eval_batch_size",
                  "train.cudnn_benchmark", "train.early_stopping_patience", "train.early_stopping_min_delta",
@@ -355,7 +355,7 @@ def check_resume(cfg, config_yaml: str, run_dir: Path, world_size: int, identity
             "forced": [c[0] for c in refused] + (["data"] if data else [])}
 
 
-def record_start(run_dir: Path, config_yaml: str, history: dict, world_size: int) -> None:
+def record_start(run_dir: Path, config_yaml: str, history: dict, world_size: int, evaluates: str = "") -> None:
     """Set an earlier run's files aside (resume=never), write config.yaml, append the start to
     config_history.jsonl, write run_info.json: only after every check passed."""
     if history.get("set_aside"):
@@ -364,7 +364,7 @@ def record_start(run_dir: Path, config_yaml: str, history: dict, world_size: int
     (run_dir / "config.yaml").write_text(config_yaml)
     with open(run_dir / HISTORY_NAME, "a") as handle:
         handle.write(json.dumps(history, default=str) + "\n")
-    (run_dir / RUN_INFO_NAME).write_text(json.dumps(run_info(world_size), indent=2) + "\n")
+    (run_dir / RUN_INFO_NAME).write_text(json.dumps(run_info(world_size, evaluates), indent=2) + "\n")
 
 
 def _git(args: list[str]) -> Optional[str]:
@@ -383,11 +383,12 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def run_info(world_size: int) -> dict:
-    """Provenance of this start: code version, package versions, host, command line, world size."""
+def run_info(world_size: int, evaluates: str = "") -> dict:
+    """Provenance of this start: code version, package versions, host, command line, world size, and which weights
+    the run evaluates (trained or EMA, with test-time augmentation or not)."""
     commit = _git(["rev-parse", "HEAD"])
     return {"time": _now(), "host": socket.gethostname(), "pid": os.getpid(), "argv": [mask_text(a) for a in sys.argv],
-            "world_size": world_size, "git_commit": commit,
+            "world_size": world_size, "evaluates": evaluates, "git_commit": commit,
             "git_dirty": bool(_git(["status", "--porcelain", "--untracked-files=no"])) if commit else None,
             "versions": {p: _version(p) for p in ("torch", "torchvision", "accelerate", "webdataset", "pipeline")}}
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline.checkpointing import Checkpointer, CheckpointWriteError, load_weights
+from pipeline.checkpointing import EMA_WEIGHTS, Checkpointer, CheckpointWriteError, load_weights
 from pipeline.config.schema import Config
 from pipeline.data import SplitLoader
 from pipeline.data.stream import MAX_HISTORY, Layout
@@ -26,6 +26,7 @@ from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.training.bad_data import BadDataMonitor
 from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
+from pipeline.training.ema import ModelEma, NoEma
 from pipeline.training.nonfinite import DIAGNOSTICS_FILE, NonFiniteGuard, Verdict, reset_scaler
 from pipeline.training.preemption import (
     EXIT_INTERRUPTED,
@@ -87,12 +88,13 @@ class Trainer:
     def __init__(self, cfg: Config, dist: Dist, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: LRSchedule, loss_fn: nn.Module, train: SplitLoader, val: SplitLoader,
                  metrics: ClassificationMetrics, checkpointer: Checkpointer, log: MetricsLog, tracker,
-                 callbacks: Optional[list[Callback]] = None):
+                 callbacks: Optional[list[Callback]] = None, ema: ModelEma | NoEma | None = None):
         self.cfg, self.dist = cfg, dist
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loss_fn, self.train_data, self.val_data = loss_fn, train, val
         self.metrics, self.checkpointer, self.log, self.tracker = metrics, checkpointer, log, tracker
         self.state = TrainState()
+        self.ema = ema or NoEma()  # when on, what validation, the best checkpoint and the test evaluate
         self.early = EarlyStopping(cfg.train.monitor_mode, cfg.train.early_stopping_patience,
                                    cfg.train.early_stopping_min_delta)
         self.steps_per_epoch = train.stream.steps_per_epoch()
@@ -155,6 +157,7 @@ class Trainer:
             self.state.step_in_epoch += 1
             if last_in_window:
                 self.state.global_step += 1
+                self.ema.update(self.state.global_step)
                 if self.state.global_step % self.cfg.train.log_every_steps == 0:  # the only host sync of a step
                     self.progress.update(task, info=f"loss {loss.item():.4f}")
                     self.bad_data.check_running(self.train_data, epoch + 1, self.state.step_in_epoch,
@@ -263,7 +266,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def validate(self) -> dict:
-        return evaluate(self.unwrapped, self._batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
+        self.ema.sync(self.dist)
+        return evaluate(self.eval_model, self._batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
                         self.dist.accelerator.autocast, self.cfg.model.channels_last)
 
     def end_epoch(self, train_metrics: dict, val_metrics: dict, seconds: float) -> None:
@@ -301,6 +305,11 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.dist.accelerator.unwrap_model(self.model)
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation and the test run: the EMA copy when train.ema_decay > 0, else the trained weights."""
+        return self.ema.module if self.ema.module is not None else self.unwrapped
+
     def save(self, name: str, final: bool = False) -> Optional[Path]:
         """Checkpoint (never non-finite weights). A save that cannot be written is a warning while training goes
         on (the previous checkpoint stays; the next save retries), and an error when it is the run's last one."""
@@ -312,9 +321,10 @@ class Trainer:
         rank_state = {"rng": rng_state(), "epoch_totals": self.epoch_totals.detach().cpu(),
                       "data_faults": self.train_data.faults.clone()}
         self.last_save_time = time.monotonic()
+        self.ema.sync(self.dist)
         try:
             return self.checkpointer.save(name, self.unwrapped, self.optimizer, self.schedule,
-                                          self.dist.accelerator.scaler, state, rank_state)
+                                          self.dist.accelerator.scaler, state, rank_state, self.ema.module)
         except CheckpointWriteError as exc:
             if final:
                 raise CheckpointWriteError(f"{exc}; this was the run's last save: it resumes from "
@@ -338,7 +348,11 @@ class Trainer:
             self.log.reset()
             return None
         state, rank_state = self.checkpointer.load(folder, self.unwrapped, self.optimizer, self.schedule,
-                                                   self.dist.accelerator.scaler)
+                                                   self.dist.accelerator.scaler, self.ema.module)
+        if self.ema.enabled and not (folder / EMA_WEIGHTS).is_file():
+            self.ema.copy_source()
+            self.dist.warn(f"{folder} holds no EMA weights (saved with train.ema_decay=0): the EMA starts from the "
+                           "resumed weights")
         self.state = TrainState(**state["train"])
         self.early.load_state_dict(state["early_stopping"])
         self.callbacks.load_state_dict(state.get("callbacks", {}))
@@ -394,10 +408,12 @@ class Trainer:
             self.train_data.faults = sum(faults).clone()
 
     def restore_best(self) -> None:
-        """Load the best checkpoint's weights (early stopping's 'restore best weights')."""
+        """Load the best checkpoint's weights and EMA (early stopping's 'restore best weights')."""
         best = self.checkpointer.find("best") if self.cfg.checkpoint.save_best else None
         if best is not None:
             load_weights(self.unwrapped, best / "model.safetensors")
+            if self.ema.module is not None and (best / EMA_WEIGHTS).is_file():
+                load_weights(self.ema.module, best / EMA_WEIGHTS)
 
     def _batches(self, split: SplitLoader):
         split.set_position(0, 0)
