@@ -5,7 +5,9 @@ single images are fed (prediction). The shard loader runs the same steps in two 
 expensive part can run anywhere: `SampleAugment` draws every random parameter from the sample's
 seed and applies the uint8 steps with those parameters (in a DataLoader worker, or on the training
 device), and `normalize_batch` turns uint8 into normalised floats. Applied in that order they give
-bit-for-bit what `build_transform` gives under the same seed.
+bit-for-bit what `build_transform` gives under the same seed. Automatic augmentation
+(`data.augment.auto_augment`) is one more uint8 step with explicit parameters (`auto_augment.py`); random erasing
+and MixUp/CutMix work on the normalised batch on the training device (`pipeline.training.mixing`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.auto_augment import auto_augment_step
 
 
 def _mean_std(cfg: DataConfig) -> tuple[list[float], list[float]]:
@@ -54,6 +57,9 @@ def augment_steps(cfg: DataConfig, train: bool) -> list[v2.Transform]:
         if aug.color_jitter > 0:
             j = aug.color_jitter
             steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j if cfg.channels == 3 else 0))
+        if aug.auto_augment != "none":  # on the uint8 image after crop and flip, as torchvision's and timm's recipes
+            steps.append(auto_augment_step(aug.auto_augment, aug.autoaugment_policy, aug.randaugment_num_ops,
+                                           aug.randaugment_magnitude))
     return steps
 
 
