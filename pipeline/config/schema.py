@@ -286,7 +286,7 @@ class OptimConfig:
     loss: str = "cross_entropy"
     """cross_entropy, or bce (sigmoid per class on one-hot targets: binary / multi-label style)."""
     label_smoothing: float = 0.0
-    """Label smoothing for cross_entropy."""
+    """Label smoothing for cross_entropy (also of MixUp/CutMix's soft targets); not applied with bce."""
     class_weights: Optional[list[float]] = None
     """Per-class loss weights (one per class), or null for none."""
 
