@@ -49,15 +49,19 @@ def test_direct_step_is_accelerates_step_and_keeps_the_schedule_order() -> None:
     assert schedule.scheduler.last_epoch == 3 and fast_opt.param_groups[0]["lr"] == 0.0
 
 
-@pytest.mark.parametrize("nonfinite, guard_reads", [("ignore", 0), ("skip", 6)])
+MIXING = ["data.augment.random_erasing=0.5", "data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0"]
+
+
+@pytest.mark.parametrize("nonfinite, guard_reads, extra", [("ignore", 0, []), ("skip", 6, []), ("ignore", 0, MIXING)],
+                         ids=["ignore", "skip", "erasing+mixing"])
 def test_no_host_sync_between_log_steps(digits_root: Path, tmp_path: Path, monkeypatch, nonfinite: str,
-                                        guard_reads: int) -> None:
+                                        guard_reads: int, extra: list[str]) -> None:
     from benchmarks.loop_overhead import PipelineLoop, make_batches
 
     cfg = load_config(None, [f"data.root={digits_root}", f"run.output_dir={tmp_path}", "model.channels=[4]",
                              "data.image_size=8", "train.batch_size=4", "logging.wandb_mode=disabled",
                              "logging.progress=false", "train.log_every_steps=3", "train.grad_accum_steps=2",
-                             "train.max_grad_norm=1.0", f"train.nonfinite={nonfinite}"])
+                             "train.max_grad_norm=1.0", f"train.nonfinite={nonfinite}", *extra])
     loop = PipelineLoop(cfg)
     loop.use(make_batches(cfg, 12, loop.device))
     calls = []  # host reads of tensors made by our code (torch's CPU-side optimizer step counters are not ours)
