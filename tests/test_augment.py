@@ -17,9 +17,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipeline.config import load_config
 from pipeline.data.auto_augment import INTERPOLATION, auto_augment_step
-from pipeline.data.transforms import SampleAugment, build_transform
+from pipeline.data.transforms import SampleAugment, build_transform, seeded_cpu_rng
 from pipeline.training.losses import build_loss
-from pipeline.training.mixing import BatchAugment, HardTargets, MixedTargets, seeded_cpu_rng
+from pipeline.training.mixing import BatchAugment, HardTargets, MixedTargets
 from tests.conftest import TINY, read_jsonl, run_cli
 
 CLASSES = 5

@@ -21,24 +21,13 @@ batch the usual accuracy, on mixed batches what the soft target credits.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torchvision.transforms import v2
 
 from pipeline.config.schema import AugmentConfig
-
-
-@contextlib.contextmanager
-def seeded_cpu_rng(seed: int) -> Iterator[None]:
-    """torch's global CPU generator seeded with `seed` inside, restored afterwards."""
-    state = torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
+from pipeline.data.transforms import seeded_cpu_rng
 
 
 class HardTargets:
