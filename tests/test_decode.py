@@ -76,6 +76,21 @@ def test_batched_decode_matches_worker_decode(jpeg_root: Path, workers: int) -> 
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("auto_augment", ["randaugment", "trivialaugment", "autoaugment", "augmix"])
+def test_batched_decode_matches_worker_decode_with_auto_augment(jpeg_root: Path, auto_augment: str) -> None:
+    """The auto-augment ops and magnitudes are drawn from each sample's seed where the sample is read and applied
+    where it is decoded: the same bits in both paths (random erasing and mixing come later, on the batch)."""
+    base = ["data.num_workers=0", "data.jpeg_draft=false", f"data.augment.auto_augment={auto_augment}",
+            "data.augment.randaugment_magnitude=15"]
+    in_workers, steps = _epoch(_cfg(jpeg_root, *base))
+    batched, _ = _epoch(_cfg(jpeg_root, *base, "data.decode_device=cpu"))
+    plain, _ = _epoch(_cfg(jpeg_root, "data.num_workers=0", "data.jpeg_draft=false"))
+    assert len(in_workers) == len(batched) == steps > 1
+    for (a, la), (b, lb) in zip(in_workers, batched):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+    assert not torch.equal(torch.cat([a for a, _ in in_workers]), torch.cat([a for a, _ in plain]))
+
+
 def test_batched_decode_is_deterministic_and_resumable(jpeg_root: Path) -> None:
     cfg = _cfg(jpeg_root, "data.num_workers=2", "data.decode_device=cpu")
     first, steps = _epoch(cfg)

@@ -49,16 +49,20 @@ def test_direct_step_is_accelerates_step_and_keeps_the_schedule_order() -> None:
     assert schedule.scheduler.last_epoch == 3 and fast_opt.param_groups[0]["lr"] == 0.0
 
 
-@pytest.mark.parametrize("nonfinite, guard_reads, ema", [("ignore", 0, "0"), ("skip", 6, "0"), ("ignore", 0, "0.9")])
+MIXING = ["data.augment.random_erasing=0.5", "data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0"]
+
+
+@pytest.mark.parametrize("nonfinite, guard_reads, extra", [("ignore", 0, []), ("skip", 6, []), ("ignore", 0, MIXING),
+                                                           ("ignore", 0, ["train.ema_decay=0.9"])],
+                         ids=["ignore", "skip", "erasing+mixing", "ema"])  # the EMA update reads nothing from the device
 def test_no_host_sync_between_log_steps(digits_root: Path, tmp_path: Path, monkeypatch, nonfinite: str,
-                                        guard_reads: int, ema: str) -> None:
+                                        guard_reads: int, extra: list[str]) -> None:
     from benchmarks.loop_overhead import PipelineLoop, make_batches
 
     cfg = load_config(None, [f"data.root={digits_root}", f"run.output_dir={tmp_path}", "model.channels=[4]",
                              "data.image_size=8", "train.batch_size=4", "logging.wandb_mode=disabled",
                              "logging.progress=false", "train.log_every_steps=3", "train.grad_accum_steps=2",
-                             "train.max_grad_norm=1.0", f"train.nonfinite={nonfinite}",
-                             f"train.ema_decay={ema}"])  # the EMA update reads nothing from the device
+                             "train.max_grad_norm=1.0", f"train.nonfinite={nonfinite}", *extra])
     loop = PipelineLoop(cfg)
     loop.use(make_batches(cfg, 12, loop.device))
     calls = []  # host reads of tensors made by our code (torch's CPU-side optimizer step counters are not ours)

@@ -25,6 +25,8 @@ CLASS_WEIGHT_MODES = ("none", "auto")
 NONFINITE_POLICIES = ("skip", "halt", "ignore")
 EMA_BUFFERS = ("average", "copy")
 TTA_MODES = ("none", "flip", "flip_shift")
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment", "autoaugment", "augmix")
+AUTOAUGMENT_POLICIES = ("imagenet", "cifar10", "svhn")
 
 
 MAX_IMAGE_SIZE = 4096
@@ -121,6 +123,29 @@ class AugmentConfig:
     """Pad each side by this many pixels (reflection) and take a random image_size crop: the CIFAR shift, ~4x cheaper than translate; 0 disables."""
     color_jitter: float = 0.0
     """Brightness/contrast/saturation jitter strength for ColorJitter; 0 disables."""
+    auto_augment: str = "none"
+    """Automatic augmentation after the steps above (torchvision.transforms.v2, bilinear, per sample in the loader):
+    none, randaugment, trivialaugment (TrivialAugmentWide), autoaugment (policy: autoaugment_policy) or augmix."""
+    autoaugment_policy: str = "imagenet"
+    """auto_augment=autoaugment: the learned policy, imagenet, cifar10 or svhn."""
+    randaugment_num_ops: int = 2
+    """auto_augment=randaugment: ops applied per image (timm's n, torchvision's num_ops)."""
+    randaugment_magnitude: int = 9
+    """auto_augment=randaugment: magnitude of every op, 0..30 (31 bins; timm's m, torchvision's magnitude)."""
+    random_erasing: float = 0.0
+    """Probability of erasing a random rectangle (2-33% of the area, aspect 0.3-3.3) of a training image with 0
+    on the normalised tensor (the mean colour): torchvision's RandomErasing, timm's reprob with mode const; 0: off."""
+    mixup_alpha: float = 0.0
+    """MixUp: lambda ~ Beta(alpha, alpha) mixes each training image with its batch neighbour, targets likewise
+    (soft targets); 0: off. torchvision's reference recipes use 0.2."""
+    cutmix_alpha: float = 0.0
+    """CutMix: lambda ~ Beta(alpha, alpha) sets the size of the box pasted from the batch neighbour, targets mixed
+    by its area; 0: off (1.0 is usual)."""
+    mix_prob: float = 1.0
+    """Probability that a training batch is mixed at all when mixup_alpha or cutmix_alpha is on (timm's mixup prob)."""
+    mix_switch_prob: float = 0.5
+    """With both mixup_alpha and cutmix_alpha on: probability a mixed batch uses CutMix instead of MixUp (timm's
+    switch_prob)."""
 
     def __post_init__(self) -> None:
         _check_range("data.augment.crop_scale_min", self.crop_scale_min, 0.0, 1.0, low_open=True)
@@ -129,6 +154,15 @@ class AugmentConfig:
         _check_range("data.augment.translate", self.translate, 0.0, 1.0, high_open=True)
         _check_range("data.augment.color_jitter", self.color_jitter, 0.0)
         _check_range("data.augment.crop_padding", self.crop_padding, 0)
+        _check_choice("data.augment.auto_augment", self.auto_augment, AUTO_AUGMENTS)
+        _check_choice("data.augment.autoaugment_policy", self.autoaugment_policy, AUTOAUGMENT_POLICIES)
+        _check_range("data.augment.randaugment_num_ops", self.randaugment_num_ops, 0, 16)
+        _check_range("data.augment.randaugment_magnitude", self.randaugment_magnitude, 0, 30)
+        _check_range("data.augment.random_erasing", self.random_erasing, 0.0, 1.0)
+        _check_range("data.augment.mixup_alpha", self.mixup_alpha, 0.0)
+        _check_range("data.augment.cutmix_alpha", self.cutmix_alpha, 0.0)
+        _check_range("data.augment.mix_prob", self.mix_prob, 0.0, 1.0)
+        _check_range("data.augment.mix_switch_prob", self.mix_switch_prob, 0.0, 1.0)
 
 
 @dataclass
@@ -315,7 +349,7 @@ class OptimConfig:
     loss: str = "cross_entropy"
     """cross_entropy, or bce (sigmoid per class on one-hot targets: binary / multi-label style)."""
     label_smoothing: float = 0.0
-    """Label smoothing for cross_entropy."""
+    """Label smoothing for cross_entropy (also of MixUp/CutMix's soft targets); not applied with bce."""
     class_weights: Optional[list[float]] = None
     """Per-class loss weights (one per class), or null for none."""
 

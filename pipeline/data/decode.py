@@ -41,25 +41,17 @@ from pipeline.data.faults import FIELDS, DataQualityError, FaultWarnings, Sample
 from pipeline.data.images import to_mode, to_uint8
 from pipeline.data.memory import shared_empty, storage_users
 from pipeline.data.stream import NO_POSITION
-from pipeline.data.transforms import BatchNormalize, SampleAugment
+from pipeline.data.transforms import BatchNormalize, SampleAugment, seeded_cpu_rng
 
 JPEG_KEYS = ("jpg", "jpeg")
 
 
 def _draw(augment: SampleAugment, seed: Optional[int], height: int, width: int) -> list:
-    """The sample's augmentation parameters: from its seed (training) or fixed (evaluation).
-
-    Only the CPU generator is seeded (`torch.manual_seed` would also queue CUDA seeding, recording a
-    stack trace per call) and it is restored afterwards, so the caller's own randomness is untouched.
-    """
+    """The sample's augmentation parameters: from its seed (training) or fixed (evaluation)."""
     if seed is None:
         return augment.draw(height, width)
-    state = torch.get_rng_state()
-    torch.default_generator.manual_seed(seed)
-    try:
+    with seeded_cpu_rng(seed):
         return augment.draw(height, width)
-    finally:
-        torch.set_rng_state(state)
 
 
 @dataclass

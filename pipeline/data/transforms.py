@@ -5,18 +5,37 @@ single images are fed (prediction). The shard loader runs the same steps in two 
 expensive part can run anywhere: `SampleAugment` draws every random parameter from the sample's
 seed and applies the uint8 steps with those parameters (in a DataLoader worker, or on the training
 device), and `normalize_batch` turns uint8 into normalised floats. Applied in that order they give
-bit-for-bit what `build_transform` gives under the same seed.
+bit-for-bit what `build_transform` gives under the same seed. Automatic augmentation
+(`data.augment.auto_augment`) is one more uint8 step with explicit parameters (`auto_augment.py`); random erasing
+and MixUp/CutMix work on the normalised batch on the training device (`pipeline.training.mixing`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torchvision.transforms import v2
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.auto_augment import auto_augment_step
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """torch's global CPU generator seeded with `seed` inside, restored afterwards: the draws of one sample or batch.
+
+    Only the CPU generator is seeded (`torch.manual_seed` would also queue CUDA seeding, recording a stack trace
+    per call: ~0.3 ms) and it is restored afterwards, so the caller's own randomness (dropout) is untouched.
+    """
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
 
 
 def _mean_std(cfg: DataConfig) -> tuple[list[float], list[float]]:
@@ -61,6 +80,9 @@ def augment_steps(cfg: DataConfig, train: bool) -> list[v2.Transform]:
         if aug.color_jitter > 0:
             j = aug.color_jitter
             steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j if cfg.channels == 3 else 0))
+        if aug.auto_augment != "none":  # on the uint8 image after crop and flip, as torchvision's and timm's recipes
+            steps.append(auto_augment_step(aug.auto_augment, aug.autoaugment_policy, aug.randaugment_num_ops,
+                                           aug.randaugment_magnitude))
     return steps
 
 

@@ -1,4 +1,13 @@
-"""Loss functions: cross-entropy (label smoothing, class weights) and BCE on one-hot targets."""
+"""Loss functions: cross-entropy (label smoothing, class weights) and BCE on one-hot targets.
+
+Both take integer labels or probability targets (N x classes, from MixUp/CutMix: `pipeline.training.mixing`).
+With probability targets y, label smoothing e makes them y * (1 - e) + e / classes (what torch does to hard labels,
+and timm's mixup_target), and class weights w give the weighted mean sum_i sum_c w_c t_ic (-log p_ic) /
+sum_i sum_c w_c y_ic: for one-hot targets exactly the integer-label loss, so an unmixed batch costs what it cost
+before mixing was turned on. (torch's own probability-target loss divides by the batch size instead, which would
+change the loss scale with class weights.) BCE uses the targets as they are, with class weights as pos_weight;
+label smoothing is not applied to BCE (as before).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +20,22 @@ from torch import nn
 from pipeline.config.schema import OptimConfig
 
 
+class CrossEntropy(nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss for integer labels; the weighted mean above for probability targets."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not target.is_floating_point():
+            return super().forward(logits, target)
+        smoothed = target * (1.0 - self.label_smoothing) + self.label_smoothing / logits.shape[-1] \
+            if self.label_smoothing > 0 else target
+        per_class = -F.log_softmax(logits, dim=-1) * smoothed
+        if self.weight is None:
+            return per_class.sum() / len(target)
+        return (per_class * self.weight).sum() / (target * self.weight).sum()
+
+
 class OneHotBCE(nn.Module):
-    """Sigmoid BCE per class with integer targets turned into one-hot vectors."""
+    """Sigmoid BCE per class with integer targets turned into one-hot vectors (probability targets as they are)."""
 
     def __init__(self, num_classes: int, weight: Optional[torch.Tensor] = None):
         super().__init__()
@@ -20,8 +43,9 @@ class OneHotBCE(nn.Module):
         self.register_buffer("pos_weight", weight if weight is not None else None, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        one_hot = F.one_hot(target, self.num_classes).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits, one_hot, pos_weight=self.pos_weight)
+        if not target.is_floating_point():
+            target = F.one_hot(target, self.num_classes)
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), pos_weight=self.pos_weight)
 
 
 def build_loss(cfg: OptimConfig, num_classes: int, class_weights: Sequence[float] | None = None) -> nn.Module:
@@ -33,4 +57,4 @@ def build_loss(cfg: OptimConfig, num_classes: int, class_weights: Sequence[float
         weight = torch.tensor(list(weights), dtype=torch.float32)
     if cfg.loss == "bce":
         return OneHotBCE(num_classes, weight)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    return CrossEntropy(weight=weight, label_smoothing=cfg.label_smoothing)

@@ -27,6 +27,7 @@ from pipeline.training.bad_data import BadDataMonitor
 from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.ema import ModelEma, NoEma
+from pipeline.training.mixing import BatchAugment
 from pipeline.training.nonfinite import DIAGNOSTICS_FILE, NonFiniteGuard, Verdict, reset_scaler
 from pipeline.training.preemption import (
     EXIT_INTERRUPTED,
@@ -99,6 +100,7 @@ class Trainer:
                                    cfg.train.early_stopping_min_delta)
         self.steps_per_epoch = train.stream.steps_per_epoch()
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.batch_augment = BatchAugment(cfg.data.augment, cfg.train.seed)  # random erasing, MixUp/CutMix
         self.progress = NullProgress()
         self.epochs_task = 0
         self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_steps,
@@ -224,14 +226,18 @@ class Trainer:
                    last_in_window: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward of one micro-batch; an optimizer step at the end of each accumulation window."""
         accelerator = self.dist.accelerator
-        images = images.to(self.dist.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = images.to(self.dist.device, non_blocking=True)
         labels = labels.to(self.dist.device, non_blocking=True)
+        # Seeded by the batch's place in the run, so a resumed run erases and mixes the same way.
+        position = (self.state.epoch, len(self.epoch_history), self.state.step_in_epoch, self.dist.rank)
+        images, targets = self.batch_augment(images, labels, position)
+        images = images.contiguous(memory_format=self.memory_format)
         # Gradients are all-reduced only on the last micro-batch of a window.
         sync = accelerator.no_sync(self.model) if not last_in_window else contextlib.nullcontext()
         with sync:
             with accelerator.autocast():
                 logits = self.model(images)
-                loss = self.loss_fn(logits.float(), labels)
+                loss = self.loss_fn(logits.float(), targets.targets(logits.shape[-1]))
             loss = self.nonfinite.observe_loss(loss, self.state.global_step + 1, self.state.step_in_epoch)
             self.dist.backward(loss / window if window > 1 else loss)
         if last_in_window:
@@ -246,8 +252,7 @@ class Trainer:
                     self.schedule.after_optimizer_step()
             else:
                 self.skip_update(verdict)
-        correct = (logits.detach().argmax(dim=-1) == labels).sum().float()
-        return loss, correct
+        return loss, targets.correct(logits)  # with mixed targets: their weight on the predicted class
 
     def skip_update(self, verdict: Verdict) -> None:
         """Act on the non-finite guard's verdict: drop the update (the step still counts), or stop with
