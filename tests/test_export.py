@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import stat
 import os
 import re
 import time
@@ -210,6 +211,9 @@ def test_out_naming_a_folder_writes_model_files_inside_it(run_dir: Path, tmp_pat
     assert written["path"] == existing / "model.pt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no existing.json, existing.safetensors
     assert sorted(p.name for p in existing.iterdir()) == ["model.json", "model.pt", "model.safetensors"]
+    # Every file of an export gets the same permissions (safetensors alone used to write 0600).
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in existing.iterdir()}
+    assert len(set(modes.values())) == 1, modes
     _, written = _export(run_dir, "torchscript", capsys, "--out", f"{tmp_path / 'new'}/")  # a folder to create
     assert written["path"] == tmp_path / "new" / "model.pt"
 

@@ -226,6 +226,9 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tol
     sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
     weights = path.with_suffix(".safetensors")
     save_file(model_state(model), str(weights), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; the weights are as readable as the model beside them
     return Exported(path, sidecar, weights, diff, metadata)
 
 

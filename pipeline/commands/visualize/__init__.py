@@ -43,8 +43,8 @@ class TestPredictions:
 
 def predict_split(run, split: str = "test") -> TestPredictions:
     """The split's predictions by the one eval loop `pipeline evaluate` uses (`collect_predictions`: the run's
-    autocast and memory format), so the report's numbers are evaluate's to the last digit; the images are kept
-    for the galleries."""
+    autocast, memory format and test-time augmentation), so the report's numbers are evaluate's to the last digit;
+    the images are kept for the galleries."""
     from pipeline.evaluation.evaluate import collect_predictions
 
     images = []
@@ -54,8 +54,10 @@ def predict_split(run, split: str = "test") -> TestPredictions:
             images.append(batch)
             yield batch, target
 
-    probs, labels = collect_predictions(run.model, keeping_images(run.loader(split)), run.device,
-                                        run.dist.accelerator.autocast, run.cfg.model.channels_last)
+    from pipeline.evaluation.tta import with_tta
+
+    probs, labels = collect_predictions(with_tta(run.model, run.cfg.eval.tta), keeping_images(run.loader(split)),
+                                        run.device, run.dist.accelerator.autocast, run.cfg.model.channels_last)
     return TestPredictions(torch.cat(images), labels, probs)
 
 
