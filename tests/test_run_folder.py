@@ -422,3 +422,27 @@ def test_a_failed_last_save_in_a_read_only_run_folder_keeps_the_line_naming_the_
         rf"the run's last save: it resumes from {run_dir}/checkpoints/step-00000080 \(free space and rerun the same "
         rf"command\)", lines[-1]), lines  # the last word, not the lock's
     assert f"warning: cannot remove the run folder lock '{lock}'" in err and "Traceback" not in err
+
+
+def test_weights_that_do_not_fit_are_one_line_naming_the_mismatch(tmp_path: Path) -> None:
+    """The backstop for checkpoints older than data.json: other classes fail as one line (exit 2), not a traceback."""
+    import torch
+    from accelerate import Accelerator
+    from torch import nn
+
+    from pipeline.checkpointing import Checkpointer
+    from pipeline.distributed import Dist
+
+    def state(outputs: int):
+        model = nn.Linear(4, outputs)
+        optimizer = torch.optim.AdamW(model.parameters())
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    checkpointer = Checkpointer(tmp_path / "checkpoints", Dist(Accelerator(cpu=True)))
+    folder = checkpointer.save("step-00000001", *state(10), None, {"train": {}}, {"rng": None})
+    with pytest.raises(ValueError) as info:
+        checkpointer.load(folder, *state(5), None)
+    assert str(info.value) == (
+        f"cannot load '{folder / 'model.safetensors'}' into this model (was it trained on other data or another "
+        f"architecture?): size mismatch for weight: copying a param with shape torch.Size([10, 4]) from checkpoint, "
+        f"the shape in current model is torch.Size([5, 4]); start a new run (another run.name)")

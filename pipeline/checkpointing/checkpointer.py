@@ -274,7 +274,8 @@ class Checkpointer:
         try:
             load_weights(model, folder / "model.safetensors")
         except RuntimeError as exc:  # e.g. other classes, with a checkpoint older than its data.json
-            detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
+            detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line),
+                          first_line(exc)).rstrip(".")
             raise ValueError(f"cannot load '{folder / 'model.safetensors'}' into this model (was it trained on other "
                              f"data or another architecture?): {detail}; start a new run (another run.name)") from None
         if ema is not None and (folder / EMA_WEIGHTS).is_file():
