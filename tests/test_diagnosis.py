@@ -189,3 +189,10 @@ def test_one_noisy_last_epoch_is_not_overfitting():
     val[-1] = 0.26  # last 3 average 0.2233: +12% and +0.023, a trend
     findings = diagnose(history(train, val), C)
     assert kinds(findings) == ["overfitting"] and findings[0].epoch == 4
+
+
+def test_mixed_targets_are_no_sign_of_underfitting_or_an_accuracy_gap():
+    """MixUp/CutMix: the training loss stays near chance and the training accuracy low by design."""
+    records = history([2.0, 1.9, 1.85], [1.0, 0.6, 0.4], train_acc=[0.3, 0.35, 0.4], val_acc=[0.7, 0.85, 0.9])
+    assert "underfitting" in kinds(diagnose(records, C))
+    assert kinds(diagnose(records, C, mixed_targets=True)) == ["healthy"]

@@ -19,6 +19,11 @@ def read_history(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def mixes(cfg) -> bool:
+    """Whether the run trained on MixUp/CutMix targets."""
+    return cfg.data.augment.mixup_alpha > 0 or cfg.data.augment.cutmix_alpha > 0
+
+
 def diagnose_run(run_dir: str | Path) -> list[Finding]:
     """Diagnose a run folder from metrics.jsonl, its data manifest and, if present, per-class test metrics."""
     from pipeline.data.dataset import dataset_manifest
@@ -47,7 +52,7 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
             classes = [str(i) for i in range(len(confusion))] if counts is None else list(counts)
             per_class = per_class or per_class_metrics(confusion, classes)
             num_classes = num_classes or len(confusion)
-    return diagnose(history, num_classes or 2, counts, per_class, lr=cfg.optim.lr)
+    return diagnose(history, num_classes or 2, counts, per_class, lr=cfg.optim.lr, mixed_targets=mixes(cfg))
 
 
 def format_findings(findings: list[Finding]) -> str:
@@ -60,7 +65,4 @@ def format_findings(findings: list[Finding]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Finding", "diagnose", "diagnose_run", "format_findings", "read_history"]
-
-
-__all__ = ["Finding", "diagnose", "diagnose_run", "format_findings", "read_history"]
+__all__ = ["Finding", "diagnose", "diagnose_run", "format_findings", "mixes", "read_history"]

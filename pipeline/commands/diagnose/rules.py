@@ -309,9 +309,12 @@ def healthy(history: Sequence[dict]) -> Finding:
 
 
 def diagnose(history: Sequence[dict], num_classes: int, class_counts: Optional[dict] = None,
-             per_class: Optional[Sequence[dict]] = None, lr: Optional[float] = None) -> list[Finding]:
+             per_class: Optional[Sequence[dict]] = None, lr: Optional[float] = None,
+             mixed_targets: bool = False) -> list[Finding]:
     """All findings for a run, most serious first; a `healthy` finding when it neither over- nor underfits.
-    `lr` (the configured `optim.lr`) lets a too-high learning rate finding name the value to try."""
+    `lr` (the configured `optim.lr`) lets a too-high learning rate finding name the value to try. With
+    `mixed_targets` (MixUp/CutMix), the training loss and accuracy are measured against blended labels, so they
+    stay far from the validation ones by design: no underfitting from the training loss, no accuracy gap."""
     if not history:
         raise ValueError("the run has no epoch records in metrics.jsonl; train at least one epoch first")
     findings: list[Finding] = []
@@ -319,7 +322,11 @@ def diagnose(history: Sequence[dict], num_classes: int, class_counts: Optional[d
     if high:
         findings.append(high)
     findings += gradients(history, num_classes)
-    fit = [f for f in (overfitting(history), underfitting(history, num_classes)) if f]
+    if mixed_targets:
+        plain = [{k: v for k, v in r.items() if k != "train/accuracy"} for r in history]
+        fit = [f for f in (overfitting(plain),) if f]
+    else:
+        fit = [f for f in (overfitting(history), underfitting(history, num_classes)) if f]
     findings += fit
     low = lr_too_low(history, num_classes)
     if low and not high:

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.commands.diagnose import diagnose, read_history
+from pipeline.commands.diagnose import diagnose, mixes, read_history
 from pipeline.commands.visualize import (
     confusion_png,
     curves_png,
@@ -78,7 +78,8 @@ def build_report(run_dir: str | Path) -> tuple[str, dict[str, bytes]]:
     details = analyse(preds.probs, preds.labels, classes)
     confusion = confusion_matrix(preds.predicted, preds.labels, len(classes)).tolist()
     counts = run.manifest.split("train").class_counts
-    findings = diagnose(history, len(classes), counts, details["per_class"], lr=cfg.optim.lr)
+    findings = diagnose(history, len(classes), counts, details["per_class"], lr=cfg.optim.lr,
+                        mixed_targets=mixes(cfg))
 
     images: dict[str, bytes | None] = {"curves": curves_png(history), "signals": signals_png(history),
                                        "confusion_matrix": confusion_png(confusion, classes),
