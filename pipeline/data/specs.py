@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -144,3 +145,42 @@ def beside(url: str, name: str) -> str | None:
     if url.startswith("pipe:"):
         return None
     return url.rsplit("/", 1)[0] + "/" + name if "/" in url else name
+
+
+SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"),
+               "test": ("test", "testing")}
+"""Words in a shard's file name that say which split it belongs to (`train-000001.tar`, `cifar_val_3.tar`)."""
+
+
+def named_splits(urls: Sequence[str]) -> dict[str, list[str]]:
+    """Shard file names by the split their name says they belong to; names that say none are left out."""
+    found: dict[str, list[str]] = {split: [] for split in SPLIT_WORDS}  # train, val, test: in that order
+    for url in urls:
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        words = set(re.split(r"[^a-z]+", name.lower()))
+        for split, names in SPLIT_WORDS.items():
+            if words & set(names):
+                found[split].append(name)
+    return {split: names for split, names in found.items() if names}
+
+
+def other_splits_line(split: str, urls: Sequence[str]) -> str | None:
+    """A warning when shards given as `split` are named as another split's ('data.train' holding val-*.tar)."""
+    others = {s: names for s, names in named_splits(urls).items() if s != split}
+    if not others:
+        return None
+    count = len({n for names in others.values() for n in names})
+    example = next(iter(others.values()))[0]
+    return (f"data.{split}: {count} of its {len(urls)} shard(s) are named as {' / '.join(others)} shards "
+            f"(e.g. {example}); if they are, {split} is mixed with them: give each split only its own shards "
+            f"(e.g. data.{split}='DIR/{split}-*.tar')")
+
+
+def several_splits_line(urls: Sequence[str]) -> str | None:
+    """A warning when one set of shards carries the names of several splits (`pipeline data index DIR`)."""
+    found = named_splits(urls)
+    if len(found) < 2:
+        return None
+    counts = ", ".join(f"{split}: {len(names)}" for split, names in found.items())
+    return (f"these shards are named as several splits ({counts}) and were indexed as one set; index or give "
+            f"each split's shards on their own (data.train=... data.val=... data.test=...)")

@@ -10,8 +10,9 @@ from pipeline.data import Manifest
 from pipeline.data.balance import mixing_line, shard_mixing
 from pipeline.data.dataset import spec_manifest, training_shard_labels, uses_specs
 from pipeline.data.shards import ensure_digits_shards
-from pipeline.data.specs import describe
+from pipeline.data.specs import describe, expand, other_splits_line
 from pipeline.distributed import Dist
+from pipeline.tracking.console import warn
 from pipeline.training.preflight import builds_digits, check_data_root
 
 
@@ -25,6 +26,10 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
     else:
         manifest = _root_manifest(cfg, dist)
     if dist is not None and dist.is_main and uses_specs(cfg.data):
+        for split in (s for s in ("train", "val", "test") if getattr(cfg.data, s)):
+            clash = other_splits_line(split, expand(getattr(cfg.data, split), f"data.{split}", split).urls)
+            if clash:
+                warn(clash)
         line = mixing_line(shard_mixing(training_shard_labels(cfg.data)), cfg.data.mix_shards, cfg.train.batch_size)
         if line:
             dist.print(line)

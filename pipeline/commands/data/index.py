@@ -31,7 +31,8 @@ def print_index(index: SpecIndex, path: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from pipeline.tracking.console import console
+    from pipeline.data.specs import several_splits_line
+    from pipeline.tracking.console import console, warn
 
     table = Table(title_justify="left")
     for name, kwargs in (("shard", {"no_wrap": True}), ("samples", {"justify": "right"}),
@@ -46,6 +47,9 @@ def print_index(index: SpecIndex, path: Path) -> None:
     console.print(escape(f"{len(index.shards)} shard(s), {index.num_samples} samples; labels under "
                          f"'{index.label_key}': {label_summary(counts)}"
                          f"{f'; {no_label} without a label' if no_label else ''}; index: {path}"))
+    several = several_splits_line([shard.url for shard in index.shards])
+    if several:
+        warn(several)
     mixing = shard_mixing([shard.raw_labels() for shard in index.shards])
     if mixing is not None:
         advice = "; training mixes data.mix_shards shards per worker" if mixing.class_sorted else ""
