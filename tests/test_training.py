@@ -15,7 +15,7 @@ from pipeline.training.schedulers import warmup_cosine
 from tests.conftest import TINY, read_jsonl, run_cli
 
 TEST_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix", "num_samples",
-             "loss", "num_skipped", "skipped"}
+             "loss", "num_skipped", "skipped", "weights", "tta"}
 
 
 def _args(digits_root: Path, out: Path, name: str, *extra: str) -> list[str]:
@@ -42,6 +42,7 @@ def test_train_writes_the_run_folder_contract(digits_root: Path, tmp_path: Path)
     assert rows[-1]["step"] == 3 * 40  # 1257 samples / 32 per batch, no samples dropped with one slot
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert set(metrics) == TEST_KEYS and metrics["num_samples"] == 270
+    assert (metrics["weights"], metrics["tta"]) == ("model", "none")  # EMA and TTA are off by default
     assert sum(map(sum, metrics["confusion_matrix"])) == 270
     assert (run / "checkpoints" / "best" / "COMPLETE").is_file()
     assert (run / "checkpoints" / "last").resolve().name == "step-00000120"
