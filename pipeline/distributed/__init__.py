@@ -49,8 +49,9 @@ def choose_precision(configured: str) -> tuple[str, str]:
 class Dist:
     """A thin facade over an `Accelerator`."""
 
-    def __init__(self, accelerator: Accelerator):
+    def __init__(self, accelerator: Accelerator, timeout_s: float = 600.0):
         self.accelerator = accelerator
+        self.timeout_s = timeout_s  # the longest a collective waits (dist.timeout_s), on every group
         self._host_group = None
 
     @property
@@ -127,7 +128,9 @@ class Dist:
         if self._host_group is None:
             import torch.distributed as distributed
 
-            self._host_group = distributed.new_group(backend="gloo")
+            # With the default group's timeout: new_group's own default is 30 minutes, which left a rank waiting
+            # for a stopped one in `agree` for half an hour instead of dist.timeout_s.
+            self._host_group = distributed.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
         return self._host_group
 
     def gather_rows(self, values: torch.Tensor) -> torch.Tensor:
@@ -279,7 +282,8 @@ def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameter
     if find_unused_parameters:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     with init_watchdog(init_timeout_s):
-        dist = Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision], kwargs_handlers=handlers))
+        dist = Dist(Accelerator(cpu=use_cpu, mixed_precision=MIXED_PRECISION[precision], kwargs_handlers=handlers),
+                    timeout_s)
         if dist.world_size > 1:
             dist.host_group  # noqa: B018 - created now, at the same point on every rank
             dist.barrier()  # every rank has joined: the group is formed
