@@ -196,12 +196,10 @@ def _data_verify(args: argparse.Namespace) -> int:
 
 
 def _data_index(args: argparse.Namespace) -> int:
-    from pipeline.commands.data.index import print_index, write_index
+    from pipeline.commands.data.index import index_splits
 
-    index, path = write_index(args.spec, _spec_data(args), out=args.out, sha256=args.sha256,
-                              progress=not args.no_progress)
-    print_index(index, path)
-    return 0 if not any(s.error for s in index.shards) else 1
+    return index_splits(args.spec, {"val": args.val, "test": args.test}, _spec_data(args), out=args.out,
+                        sha256=args.sha256, progress=not args.no_progress)
 
 
 def _spec_options(parser: argparse.ArgumentParser) -> None:
@@ -338,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     index = data.add_parser("index", help="read shard specs once: per-shard sample counts and labels, cached for "
                             "training (exact resume needs the counts)")
     index.add_argument("spec", nargs="+", help="shard folders, files, globs, brace patterns or URLs (http, s3, pipe:)")
-    index.add_argument("--out", default=None, help="also write the index to this JSON file")
+    index.add_argument("--val", nargs="+", default=None, metavar="SPEC", help="validation shards: indexed too, "
+                       "and a warning names their samples that are training (SPEC) samples too")
+    index.add_argument("--test", nargs="+", default=None, metavar="SPEC", help="test shards: as --val")
+    index.add_argument("--out", default=None, help="also write the (SPEC) index to this JSON file")
     index.add_argument("--sha256", action="store_true", help="record each local shard's sha256 (reads it again)")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     _spec_options(index)

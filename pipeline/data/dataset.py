@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.index import SpecIndex, cache_path, label_summary, load_or_build
+from pipeline.data.index import SpecIndex, cache_path, label_summary, load_or_build, shared_samples
 from pipeline.data.keys import SampleKeys
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
 from pipeline.data.remote import ReadOptions, open_shard
@@ -53,20 +53,21 @@ def dataset_manifest(data: DataConfig, progress: bool = False) -> Manifest:
     return spec_manifest(data, progress) if uses_specs(data) else Manifest.read(data.root)
 
 
-def spec_manifest(data: DataConfig, progress: bool = True) -> Manifest:
-    """The manifest of the shards data.train / data.val / data.test name (indexing what needs it)."""
+def spec_manifest(data: DataConfig, progress: bool = True, warn_shared: bool = False) -> Manifest:
+    """The manifest of the shards data.train / data.val / data.test name (indexing what needs it); `warn_shared`:
+    a warning for val and test samples that are training samples too (see `warn_shared_samples`)."""
     if not data.train:
         raise SpecError("data.train is empty while data.val or data.test is set; give the training shards too")
     if not data.val:
         raise SpecError("data.val is not set; give the validation shards (a folder, shard files, a pattern or URLs)")
     manifest = specs_manifest({split: getattr(data, split) for split in SPEC_SPLITS if getattr(data, split)}, data,
-                              progress)
+                              progress, warn_shared=warn_shared)
     manifest.splits.setdefault("test", manifest.splits["val"])
     return manifest
 
 
 def specs_manifest(specs: dict[str, list[str]], data: DataConfig, progress: bool = True, key_prefix: str = "data.",
-                   rebuild: bool = False) -> Manifest:
+                   rebuild: bool = False, warn_shared: bool = False) -> Manifest:
     """The manifest of named shard specs (split -> spec; the first split's shards are looked beside for class files)."""
     keys, options = sample_keys(data), read_options(data)
     parts: dict[str, tuple[list[str], dict[str, int], Optional[SpecIndex], list[Manifest]]] = {}
@@ -77,6 +78,8 @@ def specs_manifest(specs: dict[str, list[str]], data: DataConfig, progress: bool
                               rebuild) if foreign else None
         owns = [Manifest.read(folder) for folder in expanded.own_folders]
         parts[split] = (expanded.urls, expanded.own, index, owns)
+    if warn_shared:
+        warn_shared_samples({split: part[2] for split, part in parts.items()}, key_prefix)
     classes = _classes(data, parts, options)
     splits = {split: _split(f"{key_prefix}{split}", split, classes, keys, *part) for split, part in parts.items()}
     first = next(iter(specs.values()))
@@ -95,6 +98,20 @@ def training_shard_labels(data: DataConfig) -> list[Counter]:
     if path is None or not path.is_file():
         return []
     return [entry.raw_labels() for entry in SpecIndex.read(path).shards]
+def warn_shared_samples(indexes: dict[str, Optional[SpecIndex]], key_prefix: str = "data.",
+                        names: dict[str, str] | None = None) -> None:
+    """A warning line for each of val and test whose indexed samples include training samples (the same image
+    bytes, by fingerprint): their metrics would measure memory. Nothing when the splits are disjoint. `names`: how
+    the lines call the splits (default: the config keys, data.val ...)."""
+    from pipeline.tracking.console import warn
+
+    name = lambda split: (names or {}).get(split, f"{key_prefix}{split}")  # noqa: E731
+    train = indexes.get("train")
+    for split in ("val", "test"):
+        other = indexes.get(split)
+        shared = shared_samples(train, other, split) if train is not None and other is not None else None
+        if shared is not None:
+            warn(shared.line(name(split), name("train")))
 
 
 def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: list[str], own: dict[str, int],

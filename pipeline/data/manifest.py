@@ -33,6 +33,27 @@ class SplitInfo:
 
 
 @dataclass
+class SharedSamples:
+    """Samples of one split whose image is byte-identical to a training sample's: found by the fingerprints of a
+    shard index (`pipeline.data.index.shared_samples`) or by our manifest's `duplicate_sources`."""
+
+    split: str
+    count: int
+    """Samples of `split` whose fingerprint a training sample has."""
+    total: int
+    """Samples of `split` in all."""
+    examples: list[tuple[str, str]]
+    """(key in `split`, key of the training sample; source paths for our shards): the first three."""
+
+    def line(self, what: str, train_what: str) -> str:
+        """The warning: 'data.val: 100 of 200 samples are also in data.train (the same image bytes), e.g. ...'."""
+        shown = ", ".join(f"'{key}'" + (f" (train: '{train_key}')" if train_key != key else "")
+                          for key, train_key in self.examples)
+        return (f"{what}: {self.count} of {self.total} samples are also in {train_what} (the same image bytes), "
+                f"e.g. {shown}; {self.split} metrics on them measure memory, not generalisation")
+
+
+@dataclass
 class Manifest:
     """Everything a loader needs to know about a shard folder without opening a tar."""
 
@@ -63,6 +84,23 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def shared_with_train(self) -> list[SharedSamples]:
+        """Val and test samples whose source file is byte-identical to a training sample's (`duplicate_sources`:
+        the writer hashed every source file, so this costs nothing here)."""
+        found = []
+        for split in ("val", "test"):
+            count, examples = 0, []
+            for group in self.duplicate_sources:
+                files = group.get("files", []) if isinstance(group, dict) else []
+                train = [f.get("path", "") for f in files if isinstance(f, dict) and f.get("split") == "train"]
+                here = [f.get("path", "") for f in files if isinstance(f, dict) and f.get("split") == split]
+                if train and here:
+                    count += len(here)
+                    examples += [(str(path), str(train[0])) for path in here[:3 - len(examples)]]
+            if count and split in self.splits:
+                found.append(SharedSamples(split, count, self.splits[split].num_samples, examples))
+        return found
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / MANIFEST_NAME

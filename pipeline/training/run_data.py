@@ -43,7 +43,7 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
 
 def _spec_manifest(cfg: Config, dist: Dist | None) -> Manifest:
     """Expanded and indexed once, by the main process; every rank gets the same manifest (or the same error)."""
-    build = lambda: spec_manifest(cfg.data, progress=cfg.logging.progress)  # noqa: E731
+    build = lambda: spec_manifest(cfg.data, progress=cfg.logging.progress, warn_shared=dist is not None)  # noqa: E731
     return build() if dist is None else dist.on_main(build)
 
 
@@ -61,6 +61,8 @@ def _root_manifest(cfg: Config, dist: Dist | None) -> Manifest:
     for split in ("train", "val", "test"):
         if split not in manifest.splits:
             raise ValueError(f"manifest in '{root}' has no '{split}' split")
+    for shared in manifest.shared_with_train() if dist is not None else ():
+        dist.warn(shared.line(f"data.root '{root}' {shared.split}", "its train split"))
     return manifest
 
 

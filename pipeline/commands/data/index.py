@@ -10,14 +10,16 @@ from pipeline.data.index import SpecIndex, cache_path, index_with_progress, labe
 
 
 def write_index(specs: Sequence[str], data, out: str | None = None, sha256: bool = False,
-                progress: bool = True) -> tuple[SpecIndex, Path]:
-    """`pipeline data index`: index the shards `specs` name afresh, into the cache (and `out`)."""
+                progress: bool = True, split: str = "train") -> tuple[SpecIndex, Path]:
+    """`pipeline data index`: index the shards `specs` name afresh, into the cache (and `out`); `split`: which split
+    of one of our folders a spec names (the training shards' SPEC, --val's, --test's)."""
     from pipeline.data.dataset import read_options, sample_keys
     from pipeline.data.specs import expand
 
-    expanded = expand(list(specs), "SPEC", "train")
+    what = "SPEC" if split == "train" else f"--{split}"
+    expanded = expand(list(specs), what, split)
     keys = sample_keys(data)
-    index = index_with_progress(expanded.urls, keys, read_options(data), "shards", progress, sha256)
+    index = index_with_progress(expanded.urls, keys, read_options(data), f"{what} shards", progress, sha256)
     path = cache_path(data.index_dir, expanded.urls, keys)
     index.write(path)
     if out:
@@ -54,3 +56,19 @@ def print_index(index: SpecIndex, path: Path) -> None:
     if mixing is not None:
         advice = "; training mixes data.mix_shards shards per worker" if mixing.class_sorted else ""
         console.print(escape(f"classes across shards: {mixing.describe()}{advice}"))
+
+
+def index_splits(specs: Sequence[str], others: dict[str, Sequence[str]], data, out: str | None = None,
+                 sha256: bool = False, progress: bool = True) -> int:
+    """`pipeline data index SPEC [--val SPEC] [--test SPEC]`: index each afresh, print its table, and warn when val
+    or test samples are training (SPEC) samples too; 1 when a shard could not be read to its end, else 0."""
+    from pipeline.data.dataset import warn_shared_samples
+
+    indexes = {}
+    for split, split_specs in {"train": specs, **others}.items():
+        if split_specs:
+            index, path = write_index(split_specs, data, out if split == "train" else None, sha256, progress, split)
+            print_index(index, path)
+            indexes[split] = index
+    warn_shared_samples(indexes, names={"train": "the SPEC shards", "val": "--val", "test": "--test"})
+    return 0 if not any(s.error for index in indexes.values() for s in index.shards) else 1

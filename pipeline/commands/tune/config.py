@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.config import Config, ConfigError
-from pipeline.config.loader import _parse_overrides, merge_layers
+from pipeline.config.loader import _parse_overrides, merge_layers, read_yaml
 from pipeline.errors import first_line
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -123,7 +123,7 @@ def _read_yaml(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} '{path}' not found (pass an existing YAML file, e.g. configs/tune_digits.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}  # size, depth and aliases checked before anything is built
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} '{path}' is not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
