@@ -129,3 +129,25 @@ def test_class_sorted_digits_train_like_shuffled_ones(digits, tmp_path: Path) ->
     print(f"val accuracy after epoch 5, test accuracy: {results}")
     assert results["sorted"][0] >= results["shuffled"][0] - 0.03
     assert results["sorted"][1] >= results["shuffled"][1] - 0.03
+
+
+def test_a_read_ahead_shorter_than_the_shard_reads_across_its_end(tmp_path: Path) -> None:
+    """Mixing shares data.prefetch_mb among a worker's lanes, so read-aheads end inside shards: a read that
+    straddles the end of the bytes read ahead still returns every byte asked for (it used to return the
+    read-ahead's last bytes only, which the tar reader took for a cut shard)."""
+    import os
+
+    from pipeline.data.remote import Prefetched, ReadOptions
+    from tests.services.flaky_http import serve_static
+
+    data = os.urandom(3_000_000)
+    (tmp_path / "shard.tar").write_bytes(data)
+    with serve_static(tmp_path) as base:
+        handle = Prefetched(f"{base}/shard.tar", ReadOptions(), limit=1_000_000)
+        try:
+            assert handle.read(999_900) == data[:999_900]
+            assert handle.read(512) == data[999_900:1_000_412]  # across the end of the read-ahead
+            handle.seek(2_000_000)
+            assert handle.read() == data[2_000_000:]
+        finally:
+            handle.close()

@@ -687,8 +687,17 @@ class Prefetched(ForwardReader):
         return True
 
     def read(self, n: int = -1) -> bytes:
+        """n bytes (fewer only at the end of the shard), across the end of the bytes read ahead: the tar reader
+        takes a short block for a cut shard (a read-ahead shorter than the shard used to end one early)."""
         if n is None or n < 0:
             n = 1 << 62
+        parts = []
+        while n > 0 and (data := self._read_some(n)):
+            parts.append(data)
+            n -= len(data)
+        return b"".join(parts)
+
+    def _read_some(self, n: int) -> bytes:
         self._wait(lambda: self._unread() > 0)
         with self._ready:
             if self._unread() > 0:
