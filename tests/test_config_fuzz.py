@@ -110,6 +110,9 @@ def assert_valid(cfg: Config) -> None:
     assert cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name and cfg.run.output_dir and cfg.data.root
     assert -1 <= cfg.cv.fold < cfg.cv.folds and cfg.optim.lr > 0 and cfg.logging.wandb_init_timeout > 0
     assert not (cfg.finetune.freeze == "partial" and not cfg.finetune.trainable)
+    assert cfg.data.image_size <= S.MAX_IMAGE_SIZE and len(cfg.run.name) <= 255
+    assert len(cfg.logging.wandb_project) <= 128
+    assert cfg.model.name != "simple_cnn" or cfg.data.image_size >= 2 ** len(cfg.model.channels)
     # The resolved config rebuilds to itself (what the run folder's config.yaml relies on).
     assert config_from_dict(dataclasses.asdict(cfg)) == cfg
 
