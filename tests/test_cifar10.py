@@ -66,5 +66,6 @@ def test_pretrained_features_beat_scratch_at_20_images_per_class(cifar, tmp_path
                   for shard in sorted(target.glob("test-*.tar")) for s in tar_samples(str(shard))}
     assert test_bytes == _digests(p for name in bench.TARGET for p in (cifar / "test" / name).glob("*.jpg"))
     gain = runs["discriminative_lr"]["mean"] - runs["scratch"]["mean"]
-    assert gain >= MARGIN, f"pretrained {runs['discriminative_lr']['mean']:.3f} vs scratch {runs['scratch']['mean']:.3f}"
+    assert gain >= MARGIN, (f"pretrained {runs['discriminative_lr']['mean']:.3f} vs scratch "
+                            f"{runs['scratch']['mean']:.3f}")
 

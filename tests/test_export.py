@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import stat
 import os
 import re
+import stat
 import time
 import zipfile
 from pathlib import Path

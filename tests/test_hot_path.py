@@ -54,7 +54,7 @@ MIXING = ["data.augment.random_erasing=0.5", "data.augment.mixup_alpha=0.2", "da
 
 @pytest.mark.parametrize("nonfinite, guard_reads, extra", [("ignore", 0, []), ("skip", 6, []), ("ignore", 0, MIXING),
                                                            ("ignore", 0, ["train.ema_decay=0.9"])],
-                         ids=["ignore", "skip", "erasing+mixing", "ema"])  # the EMA update reads nothing from the device
+                         ids=["ignore", "skip", "erasing+mixing", "ema"])  # EMA: its update reads nothing back
 def test_no_host_sync_between_log_steps(digits_root: Path, tmp_path: Path, monkeypatch, nonfinite: str,
                                         guard_reads: int, extra: list[str]) -> None:
     from benchmarks.loop_overhead import PipelineLoop, make_batches

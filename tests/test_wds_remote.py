@@ -88,7 +88,8 @@ def test_flaky_http_train_http_val_pipe_test_resume_bit_exact(world: dict, tmp_p
     rows = read_jsonl(run / "metrics.jsonl")
     retried = sum(r.get("data/train/net_retries", 0) for r in rows)
     resumed = sum(r.get("data/train/net_resumed", 0) for r in rows)
-    print(f"flaky server: {failures} answered 503, {noticed} cuts noticed; metrics: {retried} retries, {resumed} resumed")
+    print(f"flaky server: {failures} answered 503, {noticed} cuts noticed; metrics: {retried} retries, "
+          f"{resumed} resumed")
     # Every retry was a 503 answered or a cut connection resumed; the server's 'noticed' also counts a cut past the
     # bytes an epoch needed that a later epoch's fresh read happens to follow, so it bounds the resumptions.
     assert retried == failures + resumed and 0 < resumed <= noticed

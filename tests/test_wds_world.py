@@ -84,7 +84,8 @@ def test_label_keys_read_cls_txt_and_nested_json() -> None:
     assert SampleKeys(label_key="txt", classes=("cat", "dog")).label(sample, 2) == (0, "", "")
     assert SampleKeys(label_key="json.a.label").label(sample, 10) == (2, "", "")
     assert SampleKeys(label_key="json.a.name", classes=("cat", "dog")).label(sample, 2) == (1, "", "")
-    assert SampleKeys(label_key="json.a.missing").label(sample, 2)[1:] == ("no_label", "its json has no field 'a.missing'")
+    assert SampleKeys(label_key="json.a.missing").label(sample, 2)[1:] == ("no_label",
+                                                                         "its json has no field 'a.missing'")
     assert SampleKeys(label_key="txt", classes=("ant", "bee")).label(sample, 2)[1] == "bad_label"
     assert SampleKeys().label({"jpg": b""}, 10)[1:] == ("no_label", "no 'cls' label (keys: jpg)")
     assert SampleKeys().label(sample, 3)[1] == "bad_label"
@@ -147,7 +148,8 @@ def test_a_wrong_label_key_names_the_keys_the_samples_have(shards, tmp_path) -> 
 # ---- training end to end -----------------------------------------------------------------------------------------
 def _train(data: DataConfig, out: Path, name: str, *extra: str, **kwargs):
     quoted = lambda items: "[" + ",".join(f"'{i}'" for i in items) + "]"  # noqa: E731 - braces inside [ ] need quotes
-    specs = [f"data.train={quoted(data.train)}", f"data.val={quoted(data.val)}", f"data.test={quoted(data.test)}", f"data.index_dir={data.index_dir}", f"data.label_key={data.label_key}"]
+    specs = [f"data.train={quoted(data.train)}", f"data.val={quoted(data.val)}", f"data.test={quoted(data.test)}",
+             f"data.index_dir={data.index_dir}", f"data.label_key={data.label_key}"]
     return run_cli(["train", "configs/default.yaml", *specs, f"run.output_dir={out}", f"run.name={name}", *TINY,
                     *extra], **kwargs)
 

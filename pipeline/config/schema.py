@@ -120,7 +120,8 @@ class AugmentConfig:
     translate: float = 0.0
     """Maximum translation as a fraction of the image size (RandomAffine); 0 disables."""
     crop_padding: int = 0
-    """Pad each side by this many pixels (reflection) and take a random image_size crop: the CIFAR shift, ~4x cheaper than translate; 0 disables."""
+    """Pad each side by this many pixels (reflection) and take a random image_size crop: the CIFAR shift, ~4x
+    cheaper than translate; 0 disables."""
     color_jitter: float = 0.0
     """Brightness/contrast/saturation jitter strength for ColorJitter; 0 disables."""
     auto_augment: str = "none"
@@ -173,7 +174,8 @@ class DataConfig:
     """Folder holding the shards and manifest.json written by `pipeline data shards` (used when data.train is empty)."""
     train: list[str] = field(default_factory=list)
     """Training shards instead of data.root: a folder (ours, or any WebDataset shards), shard files (.tar, .tar.gz), a
-    glob, a brace pattern (train-{000000..000146}.tar) or URLs (http(s)://, s3://, gs://, pipe:COMMAND); one or a list."""
+    glob, a brace pattern (train-{000000..000146}.tar) or URLs (http(s)://, s3://, gs://, pipe:COMMAND); one or a
+    list."""
     val: list[str] = field(default_factory=list)
     """Validation shards, given as data.train is (required when data.train is set)."""
     test: list[str] = field(default_factory=list)
@@ -244,7 +246,8 @@ class DataConfig:
     endpoint_url: str = ""
     """S3-compatible endpoint for s3:// shards (MinIO, Ceph, ...: http://host:9000); empty: AWS_ENDPOINT_URL or AWS."""
     prefetch_mb: float = 32.0
-    """Each worker opens its next remote shard and reads up to this many MB of it while reading the current one (0: off)."""
+    """Each worker opens its next remote shard and reads up to this many MB of it while reading the current one
+    (0: off)."""
     min_bytes_per_s: float = 1000.0
     """A remote read slower than this over data.slow_window_s seconds fails like a timeout (retried, counted; curl's
     --speed-limit); 0: no minimum (only data.timeout_s, an idle timeout, applies)."""

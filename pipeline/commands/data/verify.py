@@ -134,7 +134,8 @@ def verify_shard(root: Path, split: str, info: ShardInfo, manifest: Manifest, ad
     return report
 
 
-def verify_shards(root: str | Path | list[str], show_progress: bool = True, data: DataConfig | None = None) -> VerifyReport:
+def verify_shards(root: str | Path | list[str], show_progress: bool = True,
+                  data: DataConfig | None = None) -> VerifyReport:
     """Verify every shard of every split of our folder `root`, or of the shard specs `root` names (checked against
     their index; `data` gives the label/image keys, classes and index folder). Raises FileNotFoundError/ValueError
     (one line) for a bad folder, manifest or spec."""
@@ -147,7 +148,8 @@ def verify_shards(root: str | Path | list[str], show_progress: bool = True, data
     elif len(specs) == 1 and not is_url(specs[0]) and not Path(specs[0]).exists() and "{" not in specs[0] \
             and not any(c in specs[0] for c in "*?["):
         raise FileNotFoundError(f"shard folder '{specs[0]}' does not exist")
-    elif len(specs) == 1 and Path(specs[0]).is_dir() and not any(is_shard_name(p.name) for p in Path(specs[0]).iterdir()):
+    elif (len(specs) == 1 and Path(specs[0]).is_dir()
+          and not any(is_shard_name(p.name) for p in Path(specs[0]).iterdir())):
         raise FileNotFoundError(f"no {MANIFEST_NAME} in '{specs[0]}' and no shard files ({', '.join(SHARD_SUFFIXES)}) "
                                 f"either; build shards with `pipeline data shards SRC {specs[0]}`")
     else:
