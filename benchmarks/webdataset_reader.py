@@ -60,8 +60,9 @@ def ours(name: str, urls: list[str], args, index_dir: Path) -> Epochs:
     quoted = "[" + ",".join(f"'{u}'" for u in urls) + "]"
     cfg = load_config(None, [f"data.train={quoted}", f"data.val={quoted}", f"data.index_dir={index_dir}",
                              f"data.image_size={args.image_size}", "data.channels=3", f"data.mean={MEAN}",
-                             f"data.std={STD}", f"data.num_workers={args.workers}", "data.augment.random_resized_crop=true",
-                             "data.augment.hflip=0.5", f"train.batch_size={args.batch_size}"])
+                             f"data.std={STD}", f"data.num_workers={args.workers}",
+                             "data.augment.random_resized_crop=true", "data.augment.hflip=0.5",
+                             f"train.batch_size={args.batch_size}"])
     manifest = spec_manifest(cfg.data, progress=False)
     split = build_loader(cfg, manifest, "train", 0, 1, train=True)
     return Epochs(name, lambda: split.loader, (3, args.image_size, args.image_size), split.set_position)
