@@ -151,3 +151,42 @@ def test_a_read_ahead_shorter_than_the_shard_reads_across_its_end(tmp_path: Path
             assert handle.read() == data[2_000_000:]
         finally:
             handle.close()
+
+
+def _keys(stream, epoch: int, step: int) -> list[list[str]]:
+    """A rank's batches from `step` on as `shard/key` lists, its workers' batches taken round-robin."""
+    import itertools
+
+    stream.set_position(epoch, step)
+    workers, batches = [stream.worker_batches(p) for p in range(stream.workers)], []
+    for chosen in itertools.cycle(workers):
+        batch = next(chosen, None)
+        if batch is None:
+            return batches
+        batches.append(batch[0])
+
+
+def test_mixed_resume_over_a_flaky_server_gives_the_local_batches(digits, tmp_path: Path) -> None:
+    """Same layout, mixing on (16 lanes x 2 workers over 10 shards): resumed at step 5 from a server that cuts
+    connections every 100 kB and answers its first 3 requests 503, the batches are those of the whole epoch read
+    locally (the SIGKILL runs: tests/test_wds_remote.py)."""
+    from pipeline.data.remote import ReadOptions
+    from pipeline.data.stream import ShardStream
+    from tests.services.flaky_http import serve
+    from tests.test_elastic import KeyCodec
+
+    paths = digits["sorted"]["train"]
+    folder = Path(paths[0]).parent
+    manifest = spec_manifest(load_config(None, _overrides(digits["sorted"], tmp_path / "index")).data, progress=False)
+    sizes = [shard.num_samples for shard in manifest.split("train").shards]
+
+    def stream(urls: list[str]) -> ShardStream:
+        return ShardStream(urls, sizes, batch_size=64, codec=KeyCodec(), channels=1, rank=0, world_size=1,
+                           num_workers=2, seed=0, train=True, mix_shards=16, num_classes=10,
+                           read_options=ReadOptions(backoff_s=0.01, prefetch_mb=0.2))
+
+    whole = _keys(stream(paths), 1, 0)
+    with serve(folder, drop_every_bytes=100_000, fail_first_n=3) as flaky:
+        resumed = _keys(stream([f"{flaky.url}/{Path(p).name}" for p in paths]), 1, 5)
+        assert flaky.failures >= 1 and flaky.noticed_drops >= 1
+    assert resumed == whole[5:] and len(whole) == 2 * 10  # 600 samples per worker: 9 batches of 64 + 24

@@ -604,7 +604,7 @@ def _retrying(url: str, options: ReadOptions, call):
 # ---- read-ahead of the next shard ------------------------------------------------------------------------------
 _PREFETCHED: dict[str, "Prefetched"] = {}
 MAX_PREFETCHED = 2
-"""Shards read ahead per process at most (a worker needs one: its slot's next shard)."""
+"""Shards read ahead per process at most, by default (a worker needs one per lane: `prefetch(keep=...)`)."""
 
 
 def prefetch(url: str, options: Optional[ReadOptions] = None, keep: int = MAX_PREFETCHED) -> None:

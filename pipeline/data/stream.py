@@ -187,8 +187,7 @@ class Layout:
         return cls(world, workers, batch, bool(drop), step, mix)
 
     def describe(self) -> str:
-        mixed = f", {self.mix_shards} shards mixed per worker" if self.mix_shards > 1 else ""
-        return f"{self.world_size} rank(s) x {self.workers} worker(s), batch {self.batch_size}{mixed}"
+        return f"{self.world_size} rank(s) x {self.workers} worker(s), batch {self.batch_size}"
 
 
 def lane_buffer(shuffle_buffer: int, mix_shards: int) -> int:
