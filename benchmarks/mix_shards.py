@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import alternate, environment, table, write_json  # noqa: E402
+from benchmarks.common import ROOT, alternate, environment, smoke_sizes, table, write_json  # noqa: E402
 from benchmarks.loader_throughput import MEAN, STD, Epochs, prepare  # noqa: E402
 from benchmarks.webdataset_reader import serve  # noqa: E402
 
@@ -89,8 +89,9 @@ def batch_diversity(work: Path, mixes: list[int]) -> dict[int, float]:
     quoted = {split: "[" + ",".join(f"'{p}'" for p in shards) + "]" for split, shards in paths.items()}
     found = {}
     for mix in mixes:
-        cfg = load_config("configs/default.yaml", [f"data.train={quoted['train']}", f"data.val={quoted['val']}",
-                                                   f"data.index_dir={work / 'index'}", f"data.mix_shards={mix}"])
+        cfg = load_config(str(ROOT / "configs" / "default.yaml"),
+                          [f"data.train={quoted['train']}", f"data.val={quoted['val']}",
+                           f"data.index_dir={work / 'index'}", f"data.mix_shards={mix}"])
         stream = build_stream(cfg, spec_manifest(cfg.data, progress=False), "train", 0, 1, train=True,
                               codec=LabelCodec())
         distinct = []
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-http", action="store_true", help="local files only")
     parser.add_argument("--work", default=None, help="folder for the images and shards (kept; default: a temp dir)")
     parser.add_argument("--out", default="benchmarks/results/mix_shards.json")
-    args = parser.parse_args(argv)
+    args = smoke_sizes(parser.parse_args(argv), images=200, repeats=1, batch_size=8, image_size=32)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mix_shards_"))
     work.mkdir(parents=True, exist_ok=True)
     server, splits, memory = None, {}, {}

@@ -112,13 +112,14 @@ def documented_benchmark_lines() -> list[str]:
 
 
 def test_every_documented_benchmark_line_runs_as_written(tmp_path: Path) -> None:
-    """Each command line of docs/performance.md, exactly as written, from a copy of benchmarks/ (their JSON goes to
-    benchmarks/results there), with PIPELINE_BENCH_SMOKE=1 capping the sizes. gpu_throughput.py needs CUDA: without
-    it, it says so in one line and exits 2."""
+    """Each command line of docs/performance.md, exactly as written, from a copy of benchmarks/ and configs/ (their
+    JSON goes to benchmarks/results there), with PIPELINE_BENCH_SMOKE=1 capping the sizes. gpu_throughput.py needs
+    CUDA: without it, it says so in one line and exits 2."""
     commands = documented_benchmark_lines()
     assert {"python benchmarks/loop_overhead.py", "python benchmarks/loader_throughput.py",
             "python benchmarks/gpu_throughput.py"} <= set(commands), commands
     shutil.copytree(ROOT / "benchmarks", tmp_path / "benchmarks", ignore=shutil.ignore_patterns("results"))
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")  # a checkout's layout: the scripts read configs/
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PIPELINE_BENCH_SMOKE": "1", "OMP_NUM_THREADS": "1"}
     for command in commands:
         argv = [sys.executable, *shlex.split(command)[1:]]
