@@ -165,9 +165,10 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     """Train per `cfg`, evaluate the best weights on the test split, write test_metrics.json."""
     run = build_run(cfg, callbacks)
     dist = run.dist
-    dist.print(f"run folder: {run.run_dir}  |  {dist.world_size} process(es) on {dist.device.type}, "
-               f"{run.cfg.train.precision}, {run.threads}  |  "
-               f"{run.trainer.steps_per_epoch} steps/epoch/rank  |  {run.manifest.num_classes} classes  |  "
+    # Two lines, each short enough for an 80-column terminal with a short run folder.
+    dist.print(f"run folder: {run.run_dir}  |  {run.manifest.num_classes} classes  |  "
+               f"{run.trainer.steps_per_epoch} steps/epoch/rank")
+    dist.print(f"{dist.world_size} process(es) on {dist.device.type}, {run.cfg.train.precision}, {run.threads}  |  "
                f"evaluates {evaluated_weights(run.cfg)}")
     try:
         run.trainer.fit()
