@@ -286,6 +286,7 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow  # two full runs; test_decode's batch-level equality of both paths stays in the suite
 def test_both_decode_paths_train_the_same_weights(digits_root: Path, tmp_path: Path) -> None:
     """The recipe (trivialaugment, erasing, mixup/cutmix) with the images decoded and augmented in the workers, or
     read there and decoded/augmented in the main process (data.decode_device=cpu): bit-identical runs."""

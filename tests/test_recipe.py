@@ -260,6 +260,7 @@ def test_ema_run_sigkilled_mid_epoch_resumes_bit_identically(digits_root: Path, 
     assert (ema_run / "test_metrics.json").read_text() == (tmp_path / "cut/test_metrics.json").read_text()
 
 
+@pytest.mark.slow  # two ranks trained three times (~2 min); the 2-rank SyncBN equality test stays in the suite
 @pytest.mark.distributed
 def test_two_cpu_ranks_with_ema_drop_path_and_sync_bn(digits_root: Path, tmp_path: Path) -> None:
     """Under accelerate launch: SyncBatchNorm keeps every rank's statistics equal, so rank 0's EMA (saved) is what
