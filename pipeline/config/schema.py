@@ -633,7 +633,8 @@ class ImbalanceConfig:
     class_weights: str = "none"
     """none, or auto: cross-entropy weights n / (classes x count) from the manifest's training counts."""
     balanced_sampling: bool = False
-    """Resample each training shard with replacement so every class is drawn equally often (same epoch length)."""
+    """Resample each training shard with replacement so every class is drawn equally often (same epoch length); each
+    worker then reads one shard at a time (data.mix_shards does not apply)."""
 
     def __post_init__(self) -> None:
         _check_choice("imbalance.class_weights", self.class_weights, CLASS_WEIGHT_MODES)

@@ -64,7 +64,9 @@ class BalancedShardStream(ShardStream):
     """A slice's draw depends on the slot, so what an interrupted epoch left unread is not a set of samples."""
 
     def __init__(self, *args, class_counts: list[int], **kwargs):
-        super().__init__(*args, **kwargs)
+        # One lane per slot: the draw is per slice, and lanes cut slices so short (a 16th) that a class absent
+        # from one could not be drawn there; resampling with replacement is its own remedy for sorted shards.
+        super().__init__(*args, **{**kwargs, "mix_shards": 1})
         self.class_weight = [1.0 / c if c else 0.0 for c in class_counts]
 
     def _segment_samples(self, epoch: int, slot: int, number: int, segment: Segment, skip: int) -> Iterator[dict]:
