@@ -241,10 +241,14 @@ def test_ema_run_evaluates_the_ema_weights_everywhere(ema_run: Path, tmp_path: P
     assert (sidecar["weights"], sidecar["tta"], sidecar["eval_crop_pct"]) == ("ema", "flip", None)
     Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "a.png")
     from_run = json.loads(run_cli(["predict", str(ema_run), str(tmp_path / "a.png"), "--json"]).stdout)
-    from_export = json.loads(run_cli(["predict", str(tmp_path / "m.pt"), str(tmp_path / "a.png"), "--json"]).stdout)
-    assert [t["class"] for t in from_run[0]["top_k"]] == [t["class"] for t in from_export[0]["top_k"]]
-    assert from_run[0]["top_k"][0]["probability"] == pytest.approx(from_export[0]["top_k"][0]["probability"],
-                                                                    abs=1e-5)
+    # The TorchScript file runs code, so only with --trust-code; the weights beside it need no trust. Both apply the
+    # sidecar's TTA and give the run's prediction.
+    for exported_model in (["m.pt", "--trust-code"], ["m.safetensors"]):
+        from_export = json.loads(run_cli(["predict", str(tmp_path / exported_model[0]), str(tmp_path / "a.png"),
+                                          "--json", *exported_model[1:]]).stdout)
+        assert [t["class"] for t in from_run[0]["top_k"]] == [t["class"] for t in from_export[0]["top_k"]]
+        assert from_run[0]["top_k"][0]["probability"] == pytest.approx(from_export[0]["top_k"][0]["probability"],
+                                                                        abs=1e-5)
 
 
 def test_ema_run_sigkilled_mid_epoch_resumes_bit_identically(digits_root: Path, ema_run: Path,
