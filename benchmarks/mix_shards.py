@@ -94,14 +94,20 @@ def batch_diversity(work: Path, mixes: list[int]) -> dict[int, float]:
                            f"data.index_dir={work / 'index'}", f"data.mix_shards={mix}"])
         stream = build_stream(cfg, spec_manifest(cfg.data, progress=False), "train", 0, 1, train=True,
                               codec=LabelCodec())
-        distinct = []
-        for epoch in range(3):
-            stream.set_position(epoch)
-            for worker in range(stream.workers):
-                distinct += [len(set(labels.tolist())) for _, labels, _ in stream.worker_batches(worker)
-                             if len(labels) == 64]
-        found[mix] = statistics.mean(distinct)
+        found[mix] = statistics.mean(distinct_classes(stream))
     return found
+
+
+def distinct_classes(stream, epochs: int = 3, batch_size: int = 64) -> list[int]:
+    """Distinct classes in each full training batch of `batch_size` over `epochs`, every worker of `stream` (labels
+    only: the stream's codec should be LabelCodec)."""
+    distinct = []
+    for epoch in range(epochs):
+        stream.set_position(epoch)
+        for worker in range(stream.workers):
+            distinct += [len(set(labels.tolist())) for _, labels, _ in stream.worker_batches(worker)
+                         if len(labels) == batch_size]
+    return distinct
 
 
 def main(argv: list[str] | None = None) -> dict:

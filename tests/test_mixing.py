@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import pytest
 
@@ -20,24 +19,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import wds_shards  # noqa: E402
 from conftest import TINY, read_jsonl, run_cli  # noqa: E402
 
+from benchmarks.mix_shards import LabelCodec, distinct_classes  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.config.schema import DataConfig  # noqa: E402
 from pipeline.data import build_stream  # noqa: E402
 from pipeline.data.balance import SORTED_BELOW, mixing_line, shard_mixing  # noqa: E402
 from pipeline.data.dataset import spec_manifest, training_shard_labels  # noqa: E402
-
-
-class LabelCodec:
-    """Nothing decoded: a batch is its labels."""
-
-    def decode(self, image, data: bytes, key: str, seed: Optional[int]) -> None:
-        return None
-
-    def sample(self, source, seed: Optional[int]) -> None:
-        return None
-
-    def batch(self, items: list) -> None:
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +45,7 @@ def _distinct_classes_per_batch(paths: dict[str, list[str]], tmp_path: Path, *ex
     """Distinct classes in each full training batch of 64 over 3 epochs, 1 rank, the config's workers (2)."""
     cfg = load_config("configs/default.yaml", [*_overrides(paths, tmp_path / "index"), *extra])
     manifest = spec_manifest(cfg.data, progress=False)
-    stream = build_stream(cfg, manifest, "train", 0, 1, train=True, codec=LabelCodec())
-    distinct = []
-    for epoch in range(3):
-        stream.set_position(epoch)
-        for worker in range(stream.workers):
-            distinct += [len(set(labels.tolist())) for _, labels, _ in stream.worker_batches(worker)
-                         if len(labels) == 64]
-    return distinct
+    return distinct_classes(build_stream(cfg, manifest, "train", 0, 1, train=True, codec=LabelCodec()))
 
 
 def test_class_sorted_shards_give_batches_of_many_classes(digits, tmp_path: Path) -> None:
