@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -104,3 +105,27 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def train_command(config: str, overrides: list[str], run_dir: Path, env: dict | None = None,
+                  python: str | None = None) -> dict:
+    """`pipeline train CONFIG OVERRIDES` in a fresh process, as a user types it, into `run_dir`.
+
+    Returns the exit code, the command's wall seconds, its epoch records (metrics.jsonl lines that carry
+    `epoch_seconds`) and test_metrics.json (None when absent). The run's own output goes to run_dir/../<name>.log."""
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    command = [python or sys.executable, "-m", "pipeline", "train", config, *overrides,
+               f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", "logging.progress=false"]
+    log = run_dir.parent / f"{run_dir.name}.log"
+    started = time.perf_counter()
+    with open(log, "w") as sink:
+        code = subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=sink,
+                              stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - started
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    test = run_dir / "test_metrics.json"
+    return {"exit": code, "wall_s": wall, "log": str(log),
+            "epochs": [r for r in records if "epoch_seconds" in r],
+            "test": json.loads(test.read_text()) if test.is_file() else None}
