@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, smoke_overrides, table, train_command, write_json  # noqa: E402
+from benchmarks.common import SMOKE_ENV, environment, smoke_overrides, table, train_command, write_json  # noqa: E402
 
 POLICIES = {
     "default (cpu_threads=auto)": ([], {}),
@@ -64,17 +64,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="cpu_threads_"))
     # The quick start builds the digits shards on its first run: one untimed epoch first, so no timed run does.
-    train_command(args.config, ["train.epochs=1"], work / "warmup")
+    train_command(args.config, smoke_overrides(["train.epochs=1"], []), work / "warmup")
     rows, number = [], 0
     for repeat in range(args.repeats):
         cases = [(p, c) for c in (False, True) for p in POLICIES]
+        cases = cases[:2] if os.environ.get(SMOKE_ENV) == "1" else cases  # the smoke run: two 1-epoch runs
         for policy, competing in cases if repeat % 2 == 0 else list(reversed(cases)):
             row = one(args.config, policy, competing, work, number)
             number += 1
             rows.append(row)
             print(f"  {row['policy']:40s} competing={row['competing']!s:5s} exit {row['exit']}  "
                   f"{row['wall_s']:7.1f} s  median {row['median_images_per_s']} images/s", flush=True)
-    write_json({"environment": environment(), "config": args.config, "runs": rows}, args.out)
+    written = write_json({"environment": environment(), "config": args.config, "runs": rows}, args.out)
+    print(f"wrote {written}")
     headers = ["thread policy", "machine", "wall time of the command", "training images/s (median of epochs)",
                "slowest epoch images/s", "test accuracy"]
     print(table(headers, [[r["policy"], "+1 busy process" if r["competing"] else "idle", f"{r['wall_s']} s",

@@ -94,8 +94,9 @@ def main(argv=None) -> int:
         rows.append([name, f"{100 * mean:.2f} ± {100 * spread:.2f}%", f"{100 * (mean - baseline):+.2f}",
                      ", ".join(f"{100 * a:.2f}" for a in accuracies),
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f}"])
-    write_json({"environment": environment(), "train_images": 1000 * args.train_shards, "epochs": args.epochs,
+    written = write_json({"environment": environment(), "train_images": 1000 * args.train_shards, "epochs": args.epochs,
                 "seeds": args.seeds, "results": results}, args.out)
+    print(f"wrote {written}")
     print(table(["part", "test accuracy (mean ± sd)", "vs baseline (points)", "per seed", "s/run"], rows))
     return 0 if all(r["exit"] == 0 for runs in results.values() for r in runs) else 1
 

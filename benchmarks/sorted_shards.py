@@ -13,6 +13,7 @@ JSON to benchmarks/results/sorted_shards.json.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, smoke_overrides, table, train_command, write_json  # noqa: E402
+from benchmarks.common import SMOKE_ENV, environment, smoke_overrides, table, train_command, write_json  # noqa: E402
 
 
 def _listing(paths: list[str]) -> str:
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", default="benchmarks/results/sorted_shards.json")
     args = parser.parse_args(argv)
+    if os.environ.get(SMOKE_ENV) == "1":
+        args.seeds = args.seeds[:1]  # the smoke run: one seed, one epoch per layout
     work = args.work or Path(tempfile.mkdtemp(prefix="sorted_shards_"))
     layouts = {"class-sorted": write_class_sorted(work / "sorted", sort=True),
                "shuffled": write_class_sorted(work / "shuffled", sort=False)}
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
 
     summary = {name: {"val_after_5": mean(name, "val_after_5"), "test_accuracy": mean(name, "test_accuracy")}
                for name in runs}
-    write_json({"environment": environment(), "seeds": args.seeds, "runs": runs, "mean": summary}, args.out)
+    written = write_json({"environment": environment(), "seeds": args.seeds, "runs": runs, "mean": summary}, args.out)
+    print(f"wrote {written}")
     rows = [[name, ", ".join(f"{100 * r['val_after_5']:.2f}" for r in runs[name]), f"{100 * s['val_after_5']:.2f}%",
              ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in runs[name]), f"{100 * s['test_accuracy']:.2f}%"]
             for name, s in summary.items()]

@@ -302,16 +302,19 @@ def test_both_decode_paths_train_the_same_weights(digits_root: Path, tmp_path: P
 
 def test_sigkill_mid_epoch_with_the_recipe_resumes_bit_exact(digits_root: Path, tmp_path: Path) -> None:
     """Killed (SIGKILL) at step 26 of 40, two steps after the checkpoint at step 24 (checkpoint.every_steps=8), with
-    the default 2 workers: the resumed run replays steps 25-26 with the same crops, auto-augment ops, erasures and
-    mixes, and ends with the clean run's weights, metrics and test metrics, bit for bit."""
-    args = ["train.epochs=2", "checkpoint.every_steps=8", "data.num_workers=2"]
+    the default 2 workers and an EMA of the weights: the resumed run replays steps 25-26 with the same crops,
+    auto-augment ops, erasures and mixes, and ends with the clean run's weights and EMA weights, metrics and test
+    metrics, bit for bit."""
+    args = ["train.epochs=2", "checkpoint.every_steps=8", "data.num_workers=2", "train.ema_decay=0.9",
+            "train.ema_warmup=true"]
     run_cli(_args(digits_root, tmp_path, "clean", *args))
     killed = run_cli(_args(digits_root, tmp_path, "cut", *args), check=False, env={"PIPELINE_KILL_AT_STEP": "26"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run_cli(_args(digits_root, tmp_path, "cut", *args))
     assert "resumed from" in resumed.stdout and "step 24" in resumed.stdout
     clean, cut = tmp_path / "clean", tmp_path / "cut"
-    for weights in ("checkpoints/best/model.safetensors", "checkpoints/last/model.safetensors"):
+    for weights in ("checkpoints/best/model.safetensors", "checkpoints/last/model.safetensors",
+                    "checkpoints/best/ema.safetensors", "checkpoints/last/ema.safetensors"):
         assert _same_weights(clean / weights, cut / weights), weights
     assert read_jsonl(clean / "metrics.jsonl") == read_jsonl(cut / "metrics.jsonl")
     assert json.loads((clean / "test_metrics.json").read_text()) == json.loads((cut / "test_metrics.json").read_text())

@@ -29,7 +29,7 @@ from pipeline.config import schema as S
 from pipeline.config.loader import one_line
 from tests.conftest import run_cli
 
-FAST = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=6000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 COUNTS: collections.Counter = collections.Counter()

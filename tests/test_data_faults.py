@@ -244,6 +244,7 @@ def test_resume_mid_epoch_keeps_the_skip_counts(faulty_root: Path, tmp_path: Pat
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~30 s; the regular suite's test_two_ranks_stop_together_when_too_many_samples_are_bad sums too
 def test_two_ranks_with_bad_samples_finish_with_summed_counts(truncated_root: Path, tmp_path: Path) -> None:
     result = run_cli(_train_args(truncated_root, tmp_path, "ddp", "data.max_bad_fraction=0.3", "train.epochs=2",
                                  "data.num_workers=2"), nproc=2, timeout=240)

@@ -190,8 +190,10 @@ def test_every_exit_ends_in_seconds_with_its_code_and_leaves_no_process(name: st
         assert "Traceback (most recent call last)" in ended.stderr
 
 
-TWO_RANK_CASES = ["non-finite (70)", "exception in a worker (1)", "exception in the main process (1)",
-                  *SIGNAL_CASES]
+TWO_RANK_CASES = ["non-finite (70)", "exception in a worker (1)", "SIGTERM twice (75)",
+                  # the same launcher forwarding and rank agreement as the three above; ~50 s each: slow
+                  *(pytest.param(name, marks=pytest.mark.slow) for name in
+                    ("exception in the main process (1)", "SIGINT (130)", "SIGINT twice (130)", "SIGUSR1 twice (75)"))]
 
 
 @pytest.mark.distributed

@@ -153,6 +153,7 @@ train(load_config(sys.argv[1], sys.argv[3:]), callbacks=[SyncProbe()])
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # ~40 s; the 2-rank recipe and resume tests cover DDP sync, test_freezing the unfreezing schedule
 def test_gradual_unfreezing_on_two_ranks_stays_in_sync_and_resumes_exactly(transfer, tmp_path):
     import subprocess
     import sys

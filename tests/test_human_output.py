@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -104,3 +105,20 @@ def test_cpu_threads_bad_values_are_one_line() -> None:
         with pytest.raises(ValueError, match=r"^train.cpu_threads='.*' is not valid; give auto or a whole number"):
             load_config(None, [f"train.cpu_threads={bad}"])
     assert load_config(None, ["train.cpu_threads=3"]).train.cpu_threads == "3"
+
+
+def test_reduced_precision_on_a_cpu_without_its_units_says_so_in_one_line(tmp_path: Path) -> None:
+    from pipeline.training.threads import cpu_flags, cpu_precision_warning
+
+    avx2 = {"fpu", "sse2", "avx", "avx2", "fma"}  # an AMD EPYC of the CI machines: bf16 autocast is emulated
+    line = cpu_precision_warning("bf16", avx2)
+    assert line.startswith("warning: train.precision=bf16 on a CPU without avx512_bf16 or amx_bf16: ")
+    assert "train.precision=fp32 is faster on this machine" in line and "\n" not in line
+    assert cpu_precision_warning("fp16", avx2).startswith("warning: train.precision=fp16 on a CPU without avx512_fp16")
+    assert cpu_precision_warning("bf16", avx2 | {"amx_bf16"}) == ""
+    assert cpu_precision_warning("bf16", avx2 | {"avx512_bf16"}) == ""
+    assert cpu_precision_warning("fp32", avx2) == ""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2 amx_bf16\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) is None

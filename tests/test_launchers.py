@@ -103,7 +103,7 @@ def _machine_command(how: str, rank: int, port: str, overrides: list[str]) -> tu
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("how", ["accelerate", "launch.sh-in-slurm"])
+@pytest.mark.parametrize("how", [pytest.param("accelerate", marks=pytest.mark.slow), "launch.sh-in-slurm"])
 def test_two_machines_on_localhost_equal_one_machine(reference: SimpleNamespace, how: str) -> None:
     if how == "launch.sh-in-slurm" and shutil.which("scontrol") is None:
         pytest.skip("launch.sh finds the main node with `scontrol show hostnames`; SLURM is not installed")

@@ -248,7 +248,7 @@ def test_password_free_text_and_configs_are_left_as_they_are(parts: dict, with_u
         assert mask({"a": url, "b": [url], "c": f"note: {text}"}) == {"a": url, "b": [url], "c": f"note: {text}"}
 
 
-@pytest.mark.parametrize("encoded", [False, True], ids=["raw", "percent-encoded"])
+@pytest.mark.parametrize("encoded", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["raw", "percent-encoded"])
 def test_url_password_with_any_character_never_reaches_the_run_folder(tmp_path: Path, digits_root: Path,
                                                                        encoded: bool) -> None:
     """A W&B URL whose password holds / # ? @ % and a space, given on the command line (stored verbatim in the

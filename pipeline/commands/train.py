@@ -34,7 +34,7 @@ from pipeline.training.run_data import load_manifest
 from pipeline.training.run_folder import RunLock, check_resume, data_identity, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
-from pipeline.training.threads import set_threads
+from pipeline.training.threads import cpu_precision_warning, set_threads
 from pipeline.training.trainer import Trainer
 
 
@@ -69,6 +69,8 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     if precision_note:
         dist.print(precision_note)
     threads = set_threads(cfg.train.cpu_threads, cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if dist.device.type == "cpu" and (slow := cpu_precision_warning(cfg.train.precision)):
+        dist.print(slow)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     seed_everything(cfg.train.seed)
