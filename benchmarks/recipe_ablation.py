@@ -1,6 +1,6 @@
 """What each part of the modern recipe buys on CIFAR-10 at a fixed short budget: each part alone, then all of them.
 
-    python benchmarks/recipe_ablation.py [--train-shards 10] [--epochs 8] [--seeds 0 1] [--work DIR]
+    python benchmarks/recipe_ablation.py [--train-shards 10] [--epochs 8] [--seeds 0 1] [--set KEY=VALUE ...]
 
 Every run is `pipeline train configs/cifar10_cpu.yaml` (the CPU recipe's network, optimiser and schedule) on the
 first `--train-shards` training shards of data/cifar10_shards (1,000 images each; built as that config's header
@@ -66,10 +66,12 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run (e.g. train.precision=fp32 on a CPU without bf16 units)")
     parser.add_argument("--out", default="benchmarks/results/recipe_ablation.json")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="recipe_ablation_"))
-    base = data_overrides(args.data, args.train_shards) + [f"train.epochs={args.epochs}", *OFF]
+    base = data_overrides(args.data, args.train_shards) + [f"train.epochs={args.epochs}", *OFF, *args.set]
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for number, (name, extra) in enumerate(variants().items()):
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
                      ", ".join(f"{100 * a:.2f}" for a in accuracies),
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f}"])
     written = write_json({"environment": environment(), "train_images": 1000 * args.train_shards, "epochs": args.epochs,
-                "seeds": args.seeds, "results": results}, args.out)
+                "seeds": args.seeds, "overrides": args.set, "results": results}, args.out)
     print(f"wrote {written}")
     print(table(["part", "test accuracy (mean ± sd)", "vs baseline (points)", "per seed", "s/run"], rows))
     return 0 if all(r["exit"] == 0 for runs in results.values() for r in runs) else 1
