@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, OptimConfig, TaskConfig
 from pipeline.data.manifest import Manifest
 from pipeline.tasks.base import TASK_FILE, Task
 from pipeline.tasks.classification import Classification
@@ -46,6 +46,19 @@ def class_weights(cfg: Config, manifest: Manifest) -> Sequence[float] | None:
     return loss_class_weights(cfg, manifest)
 
 
+def task_from_state(classes: Sequence[str], state: dict | None) -> Task:
+    """The task an export recorded (its sidecar's `task`; absent: classification), for predicting without the run."""
+    kind = (state or {}).get("type", "classification")
+    if kind == "multilabel":
+        task: Task = Multilabel(classes, "0.5")
+    elif kind == "regression":
+        task = Regression(classes, TaskConfig(type="regression", standardize=False), {})
+    else:
+        return Classification(classes, OptimConfig())
+    task.load_state(state or {})
+    return task
+
+
 def write_task(task: Task, run_dir: Path) -> None:
     (Path(run_dir) / TASK_FILE).write_text(json.dumps(task.state(), indent=2) + "\n")
 
@@ -59,4 +72,4 @@ def load_task(cfg: Config, manifest: Manifest, run_dir: Path) -> Task:
     return task
 
 
-__all__ = ["TASK_FILE", "Task", "build_task", "class_weights", "load_task", "write_task"]
+__all__ = ["TASK_FILE", "Task", "build_task", "class_weights", "load_task", "task_from_state", "write_task"]

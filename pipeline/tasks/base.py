@@ -26,6 +26,8 @@ class Task:
     """The metrics a test (or re-)evaluation records, besides the loss."""
     class_word = "class"
     """What an entry of `classes` is: class or output."""
+    output_rule = ""
+    """What the exported model's outputs mean, for the export sidecar."""
 
     def __init__(self, classes: Sequence[str]):
         self.classes = list(classes)

@@ -16,6 +16,7 @@ from pipeline.training.losses import build_loss
 
 class Classification(Task):
     type = "classification"
+    output_rule = "logits, one per class: softmax gives the class probabilities"
     train_metric = "accuracy"
     headline = ("val/accuracy", "val_acc")
     test_keys = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix", "num_samples")

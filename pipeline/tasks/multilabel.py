@@ -87,6 +87,8 @@ def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor, default: floa
 
 class Multilabel(Task):
     type = "multilabel"
+    output_rule = ("logits, one per class: sigmoid gives each class's probability; a class is predic"
+                   "ted when it is >= its threshold (task.thresholds)")
     train_metric = "exact_match"
     headline = ("val/map_macro", "val_map")
     test_keys = ("map_macro", "f1_micro", "f1_macro", "exact_match", "hamming_loss", "num_samples")

@@ -59,6 +59,8 @@ class RegressionMetrics:
 
 class Regression(Task):
     type = "regression"
+    output_rule = ("standardised values, one per output: value = output * task.std + task.mean, per "
+                   "output")
     train_metric = "mae"
     headline = ("val/mae", "val_mae")
     test_keys = ("mae", "rmse", "r2", "per_output", "num_samples")
