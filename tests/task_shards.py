@@ -32,6 +32,16 @@ def _jpeg(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def digits_of(split: str) -> list[int]:
+    """The digit of every sample of `split`, in write order."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.images))
+    lo, hi = SPLITS[split]
+    return [int(digits.target[i]) for i in order[lo:hi]]
+
+
 def write(folder: Path, per_shard: int = 150) -> dict[str, str]:
     """Shards `<split>-NNNNNN.tar` in `folder`; returns a brace-free glob per split (for data.train/val/test)."""
     import webdataset as wds

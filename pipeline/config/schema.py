@@ -739,9 +739,22 @@ class TaskConfig:
         _check_range("task.huber_delta", self.huber_delta, 0.0, low_open=True)
 
 
+def _task_monitor(cfg: "Config") -> None:
+    """train.monitor must be a metric of task.type; its default (val/accuracy) becomes the task's own."""
+    kind = cfg.task.type
+    monitors = TASK_MONITORS[kind]
+    if cfg.train.monitor == "val/accuracy" and kind != "classification":
+        cfg.train.monitor = monitors[0]
+        cfg.train.monitor_mode = MONITOR_MODES.get(monitors[0], "max")
+    elif cfg.train.monitor not in monitors:
+        raise ValueError(f"train.monitor={cfg.train.monitor!r} is not a metric of task.type={kind}; choose one of "
+                         f"{', '.join(monitors)}")
+
+
 def _check_task(cfg: "Config") -> None:
     """Combinations task.type does not allow (one line each), and the task's default monitor."""
     kind, aug = cfg.task.type, cfg.data.augment
+    _task_monitor(cfg)
     if kind == "classification":
         return
     mixes = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0
@@ -754,13 +767,6 @@ def _check_task(cfg: "Config") -> None:
     if kind == "regression" and (cfg.imbalance.class_weights != "none" or cfg.optim.class_weights is not None):
         raise ValueError("class weights (optim.class_weights, imbalance.class_weights) weigh classes; "
                          "task.type=regression has none")
-    monitors = TASK_MONITORS[kind]
-    if cfg.train.monitor == "val/accuracy":  # the default: the task's own headline metric
-        cfg.train.monitor = monitors[0]
-        cfg.train.monitor_mode = MONITOR_MODES.get(monitors[0], "max")
-    elif cfg.train.monitor not in monitors:
-        raise ValueError(f"train.monitor={cfg.train.monitor!r} is not a metric of task.type={kind}; choose one of "
-                         f"{', '.join(monitors)}")
 
 
 @dataclass

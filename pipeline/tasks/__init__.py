@@ -60,7 +60,9 @@ def task_from_state(classes: Sequence[str], state: dict | None) -> Task:
 
 
 def write_task(task: Task, run_dir: Path) -> None:
-    (Path(run_dir) / TASK_FILE).write_text(json.dumps(task.state(), indent=2) + "\n")
+    """<run>/task.json for a multilabel or regression run (a classifier's run folder stays as it was)."""
+    if task.type != "classification":
+        (Path(run_dir) / TASK_FILE).write_text(json.dumps(task.state(), indent=2) + "\n")
 
 
 def load_task(cfg: Config, manifest: Manifest, run_dir: Path) -> Task:
