@@ -135,7 +135,8 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val, task.metrics(dist.device),
                       Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml,
                                    data_identity(manifest)),
-                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks, ema, task)
+                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks, ema,
+                      task=task)
     return Run(cfg, dist, run_dir, manifest, trainer, task, lock)
 
 
@@ -162,12 +163,10 @@ def tune_task(run: Run) -> None:
     if not run.task.tunes:
         return
     trainer, dist = run.trainer, run.dist
-    outputs, labels = collect_predictions(trainer.eval_model, trainer._batches(trainer.val_data), dist.device,
+    outputs, labels = collect_predictions(trainer.eval_model, trainer.batches(trainer.val_data), dist.device,
                                           dist.accelerator.autocast, run.cfg.model.channels_last, run.task.outputs)
     parts = dist.gather_object((outputs, labels))
-    line = run.task.tune(torch.cat([o for o, _ in parts]), torch.cat([t for _, t in parts]))
-    trainer.metrics = run.task.metrics(dist.device)
-    dist.print(line)
+    dist.print(run.task.tune(torch.cat([o for o, _ in parts]), torch.cat([t for _, t in parts])))
 
 
 def evaluated_weights(cfg: Config) -> str:

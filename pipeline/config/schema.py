@@ -193,7 +193,8 @@ class DataConfig:
     image_key: str = ""
     """Sample key of the image (jpg, png, ...); empty: the first of png, jpg, jpeg, bmp, webp, tif(f), gif, ppm."""
     label_key: str = "cls"
-    """Sample key of the label: cls (an integer), txt (a class name), or json.<field>[.<field>] (an index or name)."""
+    """Sample key of the label: cls (an integer), txt (a class name), or json.<field>[.<field>] (an index or name);
+    task.type=multilabel: a list of indices or names, regression: a number or a list of numbers (docs/tasks.md)."""
     classes: list[str] = field(default_factory=list)
     """Class names in index order, or one entry naming a text file (one name per line). Empty: our manifest's, a
     classes.txt or _info.json beside the training shards, else the labels found while indexing (0..max, or names)."""
@@ -711,9 +712,9 @@ class TaskConfig:
     BCE-with-logits; labels are lists of class indices or names under data.label_key=json.<field>) or regression
     (numbers: task.num_outputs values per image under data.label_key=json.<field>, a number or a list of numbers)."""
     threshold: str = "0.5"
-    """multilabel: the probability above which a class is predicted: one number for every class, or tune (per class,
-    the threshold of the best F1 on the validation split with the best weights; stored in <run>/task.json, used by
-    the test, evaluate, predict and export). Validation during training uses 0.5 when tuning."""
+    """multilabel: the probability at or above which a class is predicted: one number for every class, or tune (per
+    class, the threshold of the best F1 on the validation split with the best weights; stored in <run>/task.json, used
+    by the test, evaluate, predict and export). Validation during training uses 0.5 when tuning."""
     num_outputs: int = 0
     """regression: values per image; 0: the length of the labels found while indexing the training shards."""
     loss: str = "mse"

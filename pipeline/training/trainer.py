@@ -92,7 +92,7 @@ class Trainer:
     def __init__(self, cfg: Config, dist: Dist, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: LRSchedule, loss_fn: nn.Module, train: SplitLoader, val: SplitLoader,
                  metrics: ClassificationMetrics, checkpointer: Checkpointer, log: MetricsLog, tracker,
-                 callbacks: Optional[list[Callback]] = None, ema: ModelEma | NoEma | None = None, task=None):
+                 callbacks: Optional[list[Callback]] = None, ema: ModelEma | NoEma | None = None, *, task):
         self.cfg, self.dist = cfg, dist
         self.task = task  # pipeline.tasks.Task: training score, epoch headline, state kept in checkpoints
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
@@ -277,7 +277,7 @@ class Trainer:
 
     def validate(self) -> dict:
         self.ema.sync(self.dist)
-        return evaluate(self.eval_model, self._batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
+        return evaluate(self.eval_model, self.batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
                         self.dist.accelerator.autocast, self.cfg.model.channels_last)
 
     def end_epoch(self, train_metrics: dict, val_metrics: dict, seconds: float) -> None:
@@ -426,7 +426,8 @@ class Trainer:
             if self.ema.module is not None and (best / EMA_WEIGHTS).is_file():
                 load_weights(self.ema.module, best / EMA_WEIGHTS)
 
-    def _batches(self, split: SplitLoader):
+    def batches(self, split: SplitLoader):
+        """An evaluation pass over `split` from its start."""
         split.set_position(0, 0)
         return split.loader
 
