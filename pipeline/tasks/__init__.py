@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.config.schema import Config, OptimConfig, TaskConfig
+from pipeline.data.balance import auto_class_weights, class_counts
 from pipeline.data.manifest import Manifest
 from pipeline.tasks.base import TASK_FILE, Task
 from pipeline.tasks.classification import Classification
@@ -37,13 +38,10 @@ def class_weights(cfg: Config, manifest: Manifest) -> Sequence[float] | None:
     (classification: n / (classes x count); multilabel: BCE's pos_weight, negatives / positives per class)."""
     if cfg.imbalance.class_weights != "auto":
         return cfg.optim.class_weights
-    train = manifest.splits["train"]
-    counts = [train.class_counts.get(name, 0) for name in manifest.classes]
+    counts = class_counts(manifest, "train")
     if cfg.task.type == "multilabel":
-        return pos_weights(counts, train.num_samples)
-    from pipeline.training.finetune import loss_class_weights
-
-    return loss_class_weights(cfg, manifest)
+        return pos_weights(counts, manifest.splits["train"].num_samples)
+    return auto_class_weights(counts)
 
 
 def task_from_state(classes: Sequence[str], state: dict | None) -> Task:
