@@ -48,7 +48,8 @@ def _train(args: argparse.Namespace) -> int:
         from pipeline.evaluation.summary import print_training_summary, run_end_lines
         from pipeline.tracking.console import console
 
-        print_training_summary(metrics, dataset_manifest(cfg.data).classes)  # (an index comes from its cache)
+        # (an index comes from its cache)
+        print_training_summary(metrics, dataset_manifest(cfg.data, task=cfg.task).classes)
         for line in run_end_lines(run_dir_of(cfg), cfg.train.monitor, time.monotonic() - started):
             console.print(line, markup=False)
     return 0

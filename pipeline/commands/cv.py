@@ -126,6 +126,9 @@ def run_cv(cfg: Config) -> dict | None:
     from pipeline.commands.train import train
     from pipeline.training.run_data import load_manifest
 
+    if cfg.task.type != "classification":
+        raise ValueError(f"pipeline cv stratifies folds by one class per image and writes single-label fold shards; "
+                         f"task.type={cfg.task.type} is not supported (train on fixed splits instead)")
     load_manifest(cfg)  # build the bundled digits shards if needed; check the splits exist
     folds = range(cfg.cv.folds) if cfg.cv.fold < 0 else [cfg.cv.fold]
     for fold in folds:

@@ -10,12 +10,10 @@ import torch
 
 from pipeline.data import faults
 from pipeline.distributed import Dist
-from pipeline.evaluation.analysis import analyse
 from pipeline.evaluation.evaluate import collect_predictions, evaluate, evaluation_record
 from pipeline.evaluation.loaded import load_run, load_run_config
-from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.evaluation.tta import tta_views, with_tta
-from pipeline.training.losses import build_loss
+from pipeline.tasks import class_weights
 
 
 def _gather(probs: torch.Tensor, labels: torch.Tensor, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,19 +31,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test", tta: str | None = Non
     run = load_run(run_dir, checkpoint)
     tta = run.cfg.eval.tta if tta is None else tta
     tta_views(torch.zeros(1, 1, 2, 2), tta)  # an unknown mode: one line before any data is read
-    model = with_tta(run.model, tta)
-    num_classes = run.manifest.num_classes
+    model, task = with_tta(run.model, tta), run.task
     data = run.split_loader(split)
-    metrics = evaluate(model, data.loader, build_loss(run.cfg.optim, num_classes).to(run.device),
-                       ClassificationMetrics(num_classes, run.device), run.device,
-                       run.dist.accelerator.autocast, run.cfg.model.channels_last)
+    metrics = evaluate(model, data.loader, task.build_loss(class_weights(run.cfg, run.manifest)).to(run.device),
+                       task.metrics(run.device), run.device, run.dist.accelerator.autocast, run.cfg.model.channels_last)
     counts = run.dist.gather_rows(data.faults).sum(dim=0)  # bad samples are left out of the metrics
-    probs, labels = _gather(*collect_predictions(model, run.loader(split), run.device,
-                                                 run.dist.accelerator.autocast, run.cfg.model.channels_last),
-                            run.dist)
-    return {**evaluation_record(metrics, faults.num_skipped(counts), faults.as_dict(counts)),
-            **analyse(probs, labels, run.classes), "weights": run.weights, "tta": tta,
-            "checkpoint": run.checkpoint.name}
+    outputs, labels = _gather(*collect_predictions(model, run.loader(split), run.device, run.dist.accelerator.autocast,
+                                                   run.cfg.model.channels_last, task.outputs), run.dist)
+    return {**evaluation_record(metrics, faults.num_skipped(counts), faults.as_dict(counts), task.test_keys),
+            **task.analyse(outputs, labels), "weights": run.weights, "tta": tta, "checkpoint": run.checkpoint.name,
+            **({"task": task.state()} if task.type != "classification" else {})}
 
 
 __all__ = ["evaluate_run", "load_run_config"]

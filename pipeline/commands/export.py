@@ -1,7 +1,8 @@
 """`pipeline export RUN_DIR --format torchscript|onnx|exported`: a run's best weights as a deployable model.
 
 The model is exported in eval mode on the CPU with a dynamic batch size, next to it go a sidecar JSON (classes,
-normalisation, image size, channels, config hash, git commit, the parity figures) and a safetensors file of the
+normalisation, image size, channels, the task and its state (task.type; multilabel thresholds, regression target
+mean/std) and what the outputs mean, config hash, git commit, the parity figures) and a safetensors file of the
 weights carrying the same metadata. Before anything is written where asked, the exported model is loaded back and
 run on real validation images at two batch sizes; its logits must match the PyTorch model's (max abs diff printed),
 else nothing is written. ONNX needs the optional extra: pip install -e ".[export]" (onnx, onnxruntime).
@@ -129,7 +130,7 @@ def export_metadata(run, fmt: str) -> dict:
             "classes": run.classes, "num_classes": len(run.classes),
             "channels": data.channels, "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
             "random_resized_crop": data.augment.random_resized_crop, "eval_crop_pct": data.eval_crop_pct,
-            "weights": run.weights, "tta": run.cfg.eval.tta,
+            "weights": run.weights, "tta": run.cfg.eval.tta, "task": run.task.state(), "output": run.task.output_rule,
             "input": "float32 NCHW batch, RGB/L scaled to [0, 1] then (x - mean) / std; any batch size",
             "tta_rule": "the model is exported without test-time augmentation; tta flip: average the logits of the "
                         "batch and its mirror (flip of the last axis); flip_shift: 1/4 each of those, 1/8 each of the "

@@ -24,6 +24,7 @@ from pipeline.data.transforms import build_transform
 from pipeline.errors import first_line
 from pipeline.evaluation.loaded import LoadedRun, load_run
 from pipeline.evaluation.tta import tta_views, with_tta
+from pipeline.tasks import Task, task_from_state
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BATCH = 64
@@ -72,12 +73,14 @@ def preprocess_with(data: DataConfig, paths: Sequence[Path]) -> torch.Tensor:
 
 @dataclass
 class Classifier:
-    """What predict needs: a function from a normalised batch to logits, its classes and its input."""
+    """What predict needs: a function from a normalised batch to logits, its classes, its input and its task (what
+    the logits mean: `pipeline.tasks`)."""
 
     logits: Callable[[torch.Tensor], torch.Tensor]
     classes: list[str]
     data: DataConfig
     device: torch.device
+    task: Task
 
 
 def classifier_from_run(run_dir: str | Path, tta: str | None = None, checkpoint: str | None = None) -> Classifier:
@@ -85,7 +88,7 @@ def classifier_from_run(run_dir: str | Path, tta: str | None = None, checkpoint:
     augmentation `tta` (None: the run's eval.tta)."""
     run = load_run(run_dir, checkpoint)
     return Classifier(with_tta(run.model, run.cfg.eval.tta if tta is None else tta), run.classes, run.cfg.data,
-                      run.device)
+                      run.device, run.task)
 
 
 def _input_of(meta: dict) -> DataConfig:
@@ -125,7 +128,7 @@ def classifier_from_weights(path: Path, tta: str | None = None) -> Classifier:
         raise ValueError(f"'{path}': its weights do not fit the recorded {model_cfg.name} "
                          f"({first_line(exc)})") from None
     return Classifier(with_tta(model.eval(), _tta_of(meta, tta)), list(meta["classes"]), _input_of(meta),
-                      torch.device("cpu"))
+                      torch.device("cpu"), task_from_state(meta["classes"], meta.get("task")))
 
 
 def classifier_from_export(path: str | Path, tta: str | None = None, trust_code: bool = False) -> Classifier:
@@ -145,21 +148,19 @@ def classifier_from_export(path: str | Path, tta: str | None = None, trust_code:
                          f"from '{path.with_suffix('.safetensors')}' (weights only, written beside it by pipeline "
                          f"export), or pass --trust-code if you trust this file")
     model = with_tta(load_exported(path, meta["format"]), _tta_of(meta, tta))
-    return Classifier(model, list(meta["classes"]), _input_of(meta), torch.device("cpu"))
+    return Classifier(model, list(meta["classes"]), _input_of(meta), torch.device("cpu"),
+                      task_from_state(meta["classes"], meta.get("task")))
 
 
 def predict_paths(model: Classifier, paths: Sequence[Path], top_k: int = 3) -> list[dict]:
-    """For each image: its path and the top-k classes with their probabilities, most likely first."""
-    k = min(top_k, len(model.classes))
+    """For each image: its path and what the task reports: the top-k classes with their probabilities, most likely
+    first (classification); every class at or above its threshold (multilabel, `labels`); the values (regression)."""
     results = []
     for start in range(0, len(paths), BATCH):
         chunk = list(paths[start:start + BATCH])
         with torch.inference_mode():
-            probs = model.logits(preprocess_with(model.data, chunk).to(model.device)).float().softmax(dim=-1).cpu()
-        values, indices = probs.topk(k, dim=-1)
-        for path, p, i in zip(chunk, values.tolist(), indices.tolist()):
-            results.append({"path": str(path), "top_k": [{"class": model.classes[c], "probability": q}
-                                                         for c, q in zip(i, p)]})
+            outputs = model.task.outputs(model.logits(preprocess_with(model.data, chunk).to(model.device))).cpu()
+        results += [{"path": str(path), **row} for path, row in zip(chunk, model.task.describe(outputs, top_k))]
     return results
 
 
@@ -182,9 +183,16 @@ def predict(source: str | Path, inputs: Sequence[str | Path], top_k: int = 3, tt
     return predict_paths(model, paths, top_k)
 
 
+def _shown(result: dict) -> str:
+    if "values" in result:
+        return ", ".join(f"{name} {value:.4g}" for name, value in result["values"].items())
+    found = result.get("labels", result.get("top_k"))
+    return ", ".join(f"{t['class']} {t['probability']:.3f}" for t in found) or "(no class at or above its threshold)"
+
+
 def format_predictions(results: list[dict]) -> str:
-    return "\n".join(f"{r['path']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"])
-                     for r in results)
+    """One line per image: its classes with probabilities (top-k, or all above threshold), or its values."""
+    return "\n".join(f"{r['path']}: {_shown(r)}" for r in results)
 
 
 __all__ = ["Classifier", "format_predictions", "image_paths", "predict", "preprocess"]

@@ -17,17 +17,16 @@ from pipeline.data import Manifest, build_loader
 from pipeline.data.faults import SKIP_REASONS
 from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.distributed.sync_bn import convert_sync_batchnorm
-from pipeline.evaluation.evaluate import evaluate, evaluation_record
-from pipeline.evaluation.metrics import ClassificationMetrics
+from pipeline.evaluation.evaluate import collect_predictions, evaluate, evaluation_record
 from pipeline.evaluation.tta import with_tta
 from pipeline.models import create_model
+from pipeline.tasks import Task, build_task, class_weights, write_task
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
 from pipeline.training.ema import build_ema
-from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
+from pipeline.training.finetune import build_finetune, match_input
 from pipeline.training.grad_stats import TrainingSignals
-from pipeline.training.losses import build_loss
 from pipeline.training.optim import build_optimizer
 from pipeline.training.preflight import preflight
 from pipeline.training.run_data import load_manifest
@@ -51,6 +50,8 @@ class Run:
     run_dir: Path
     manifest: Manifest
     trainer: Trainer
+    task: Task
+    """What is predicted (task.type): loss, metrics, outputs and their state (`pipeline.tasks`)."""
     lock: RunLock
     """The run folder's lock (held by the main process only), released when `train` ends, however it ends."""
     threads: str = ""
@@ -127,17 +128,18 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
         model = torch.compile(model)
     steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
-    loss_fn = build_loss(cfg.optim, manifest.num_classes, loss_class_weights(cfg, manifest)).to(dist.device)
+    task = build_task(cfg, manifest)
+    loss_fn = task.build_loss(class_weights(cfg, manifest)).to(dist.device)
     log_cfg = cfg.logging
     tracker = Trackers([
         build_tracker(run_dir, log_cfg, cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main),
         build_tensorboard(run_dir, log_cfg.tensorboard, dist.is_main)])
-    trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val,
-                      ClassificationMetrics(manifest.num_classes, dist.device),
+    trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val, task.metrics(dist.device),
                       Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml,
                                    data_identity(manifest)),
-                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks, ema)
-    return Run(cfg, dist, run_dir, manifest, trainer, lock)
+                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks, ema,
+                      task=task)
+    return Run(cfg, dist, run_dir, manifest, trainer, task, lock)
 
 
 def test_split(run: Run, split: str = "test") -> dict:
@@ -148,12 +150,25 @@ def test_split(run: Run, split: str = "test") -> dict:
                         pin_memory=dist.device.type == "cuda", device=dist.device)
     data.set_position(0, 0)
     trainer = run.trainer
-    metrics = evaluate(with_tta(trainer.eval_model, cfg.eval.tta), data.loader, trainer.loss_fn, trainer.metrics,
-                       dist.device, dist.accelerator.autocast, cfg.model.channels_last)
+    metrics = evaluate(with_tta(trainer.eval_model, cfg.eval.tta), data.loader, trainer.loss_fn,
+                       run.task.metrics(dist.device), dist.device, dist.accelerator.autocast, cfg.model.channels_last)
     skipped = trainer.bad_data.collect(data, split)  # summed over ranks; bad samples are left out, not padded
-    return {**evaluation_record(metrics, skipped[f"data/{split}/skipped"],
-                                {r: skipped[f"data/{split}/skipped/{r}"] for r in SKIP_REASONS}),
-            "weights": trainer.ema.weights_name, "tta": cfg.eval.tta}
+    record = evaluation_record(metrics, skipped[f"data/{split}/skipped"],
+                               {r: skipped[f"data/{split}/skipped/{r}"] for r in SKIP_REASONS}, run.task.test_keys)
+    return {**record, "weights": trainer.ema.weights_name, "tta": cfg.eval.tta,
+            **({"task": run.task.state()} if run.task.type != "classification" else {})}
+
+
+def tune_task(run: Run) -> None:
+    """Fit what the task fits on the validation split with the best weights (multilabel thresholds with
+    task.threshold=tune): every rank gathers every rank's outputs and fits the same values."""
+    if not run.task.tunes:
+        return
+    trainer, dist = run.trainer, run.dist
+    outputs, labels = collect_predictions(trainer.eval_model, trainer.batches(trainer.val_data), dist.device,
+                                          dist.accelerator.autocast, run.cfg.model.channels_last, run.task.outputs)
+    parts = dist.gather_object((outputs, labels))
+    dist.print(run.task.tune(torch.cat([o for o, _ in parts]), torch.cat([t for _, t in parts])))
 
 
 def evaluated_weights(cfg: Config) -> str:
@@ -168,14 +183,16 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
     run = build_run(cfg, callbacks)
     dist = run.dist
     # Two lines, each short enough for an 80-column terminal with a short run folder.
-    dist.print(f"run folder: {run.run_dir}  |  {run.manifest.num_classes} classes  |  "
+    dist.print(f"run folder: {run.run_dir}  |  {run.task.counted()}  |  "
                f"{run.trainer.steps_per_epoch} steps/epoch/rank")
     dist.print(f"{dist.world_size} process(es) on {dist.device.type}, {run.cfg.train.precision}, {run.threads}  |  "
                f"evaluates {evaluated_weights(run.cfg)}")
     try:
         run.trainer.fit()
+        tune_task(run)
         metrics = test_split(run)
         if dist.is_main:
+            write_task(run.task, run.run_dir)
             (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         run.trainer.bad_data.check()  # the test split too (the same totals, hence decision, on every rank)
         if dist.is_main:

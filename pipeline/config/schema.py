@@ -27,6 +27,16 @@ EMA_BUFFERS = ("average", "copy")
 TTA_MODES = ("none", "flip", "flip_shift")
 AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment", "autoaugment", "augmix")
 AUTOAUGMENT_POLICIES = ("imagenet", "cifar10", "svhn")
+TASK_TYPES = ("classification", "multilabel", "regression")
+REGRESSION_LOSSES = ("mse", "huber", "l1")
+TASK_MONITORS = {
+    "classification": ("val/accuracy", "val/loss", "val/f1_macro", "val/auroc"),
+    "multilabel": ("val/map_macro", "val/loss", "val/f1_micro", "val/f1_macro", "val/exact_match", "val/hamming_loss"),
+    "regression": ("val/mae", "val/loss", "val/rmse", "val/r2"),
+}
+"""What train.monitor may name per task.type; the first is what the default (val/accuracy) means for the task."""
+MONITOR_MODES = {"val/mae": "min", "val/rmse": "min", "val/hamming_loss": "min", "val/loss": "min"}
+"""Monitors that are better when smaller (the rest: larger)."""
 
 
 MAX_IMAGE_SIZE = 4096
@@ -183,7 +193,8 @@ class DataConfig:
     image_key: str = ""
     """Sample key of the image (jpg, png, ...); empty: the first of png, jpg, jpeg, bmp, webp, tif(f), gif, ppm."""
     label_key: str = "cls"
-    """Sample key of the label: cls (an integer), txt (a class name), or json.<field>[.<field>] (an index or name)."""
+    """Sample key of the label: cls (an integer), txt (a class name), or json.<field>[.<field>] (an index or name);
+    task.type=multilabel: a list of indices or names, regression: a number or a list of numbers (docs/tasks.md)."""
     classes: list[str] = field(default_factory=list)
     """Class names in index order, or one entry naming a text file (one name per line). Empty: our manifest's, a
     classes.txt or _info.json beside the training shards, else the labels found while indexing (0..max, or names)."""
@@ -350,11 +361,12 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam/AdamW betas."""
     loss: str = "cross_entropy"
-    """cross_entropy, or bce (sigmoid per class on one-hot targets: binary / multi-label style)."""
+    """task.type=classification: cross_entropy, or bce (sigmoid per class on one-hot targets). multilabel always uses
+    BCE-with-logits and regression task.loss: both leave this key (and label_smoothing) aside."""
     label_smoothing: float = 0.0
-    """Label smoothing for cross_entropy (also of MixUp/CutMix's soft targets); not applied with bce."""
+    """Label smoothing for cross_entropy (also of MixUp/CutMix's soft targets); not applied with bce or multilabel."""
     class_weights: Optional[list[float]] = None
-    """Per-class loss weights (one per class), or null for none."""
+    """Per-class loss weights (one per class), or null for none; task.type=multilabel: BCE's pos_weight per class."""
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
@@ -418,9 +430,12 @@ class TrainConfig:
     seed: int = 0
     """Seed for Python, NumPy, torch and the data order."""
     monitor: str = "val/accuracy"
-    """Metric that picks the best checkpoint, drives early stopping and plateau decay."""
+    """Metric that picks the best checkpoint, drives early stopping and plateau decay. classification: val/accuracy,
+    val/loss, val/f1_macro, val/auroc; multilabel: val/map_macro, val/loss, val/f1_micro, val/f1_macro,
+    val/exact_match, val/hamming_loss; regression: val/mae, val/loss, val/rmse, val/r2. The default val/accuracy means
+    val/map_macro (max) for task.type=multilabel and val/mae (min) for regression."""
     monitor_mode: str = "max"
-    """max if a larger monitor value is better, else min."""
+    """max if a larger monitor value is better, else min (set for you with the task's default monitor)."""
     early_stopping_patience: int = 0
     """Stop after this many epochs without improvement (0 disables); best weights are restored."""
     early_stopping_min_delta: float = 0.0
@@ -461,9 +476,8 @@ class TrainConfig:
         _check_range("train.grad_accum_steps", self.grad_accum_steps, 1)
         _check_range("train.max_grad_norm", self.max_grad_norm, 0.0)
         _check_choice("train.precision", self.precision, PRECISIONS)
-        if self.monitor not in ("val/accuracy", "val/loss", "val/f1_macro", "val/auroc"):
-            raise ValueError(f"train.monitor={self.monitor!r} is not valid; choose one of "
-                             "val/accuracy, val/loss, val/f1_macro, val/auroc")
+        every = tuple(dict.fromkeys(m for monitors in TASK_MONITORS.values() for m in monitors))
+        _check_choice("train.monitor", self.monitor, every)  # which fit task.type: Config.__post_init__
         _check_choice("train.monitor_mode", self.monitor_mode, MODES)
         _check_range("train.early_stopping_patience", self.early_stopping_patience, 0)
         _check_range("train.early_stopping_min_delta", self.early_stopping_min_delta, 0.0)
@@ -690,6 +704,73 @@ class EvalConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What the model predicts per image: one class, a set of classes, or numbers (docs/tasks.md)."""
+
+    type: str = "classification"
+    """classification (one class per image: softmax), multilabel (any set of the classes: a sigmoid per class,
+    BCE-with-logits; labels are lists of class indices or names under data.label_key=json.<field>) or regression
+    (numbers: task.num_outputs values per image under data.label_key=json.<field>, a number or a list of numbers)."""
+    threshold: str = "0.5"
+    """multilabel: the probability at or above which a class is predicted: one number for every class, or tune (per
+    class, the threshold of the best F1 on the validation split with the best weights; stored in <run>/task.json, used
+    by the test, evaluate, predict and export). Validation during training uses 0.5 when tuning."""
+    num_outputs: int = 0
+    """regression: values per image; 0: the length of the labels found while indexing the training shards."""
+    loss: str = "mse"
+    """regression: mse, huber (delta task.huber_delta) or l1, on targets standardised with the training split's mean
+    and std per output (outputs are un-standardised everywhere they are shown)."""
+    huber_delta: float = 1.0
+    """regression, loss=huber: where the loss turns from quadratic to linear, in standard deviations of the target."""
+    standardize: bool = True
+    """regression: standardise targets with the training split's mean/std (from the shard index) for the loss."""
+
+    def __post_init__(self) -> None:
+        _check_choice("task.type", self.type, TASK_TYPES)
+        if self.threshold != "tune":
+            try:
+                value = float(self.threshold)
+            except ValueError:
+                value = math.nan
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"task.threshold={self.threshold!r} is not valid; give a probability in (0, 1) "
+                                 "or tune")
+        _check_range("task.num_outputs", self.num_outputs, 0, 4096)
+        _check_choice("task.loss", self.loss, REGRESSION_LOSSES)
+        _check_range("task.huber_delta", self.huber_delta, 0.0, low_open=True)
+
+
+def _task_monitor(cfg: "Config") -> None:
+    """train.monitor must be a metric of task.type; its default (val/accuracy) becomes the task's own."""
+    kind = cfg.task.type
+    monitors = TASK_MONITORS[kind]
+    if cfg.train.monitor == "val/accuracy" and kind != "classification":
+        cfg.train.monitor = monitors[0]
+        cfg.train.monitor_mode = MONITOR_MODES.get(monitors[0], "max")
+    elif cfg.train.monitor not in monitors:
+        raise ValueError(f"train.monitor={cfg.train.monitor!r} is not a metric of task.type={kind}; choose one of "
+                         f"{', '.join(monitors)}")
+
+
+def _check_task(cfg: "Config") -> None:
+    """Combinations task.type does not allow (one line each), and the task's default monitor."""
+    kind, aug = cfg.task.type, cfg.data.augment
+    _task_monitor(cfg)
+    if kind == "classification":
+        return
+    mixes = aug.mixup_alpha > 0 or aug.cutmix_alpha > 0
+    if kind == "regression" and mixes:
+        raise ValueError("data.augment.mixup_alpha/cutmix_alpha mix labels; a mixed image has no regression target: "
+                         "set both to 0 with task.type=regression")
+    if cfg.imbalance.balanced_sampling:
+        raise ValueError(f"imbalance.balanced_sampling draws by a sample's one class; task.type={kind} has none: "
+                         "set it to false")
+    if kind == "regression" and (cfg.imbalance.class_weights != "none" or cfg.optim.class_weights is not None):
+        raise ValueError("class weights (optim.class_weights, imbalance.class_weights) weigh classes; "
+                         "task.type=regression has none")
+
+
+@dataclass
 class Config:
     """The whole run. Merge order: these defaults <- YAML file <- command-line dotted overrides."""
 
@@ -721,6 +802,8 @@ class Config:
     """Several ranks: timeouts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Final evaluation: test-time augmentation."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """What is predicted: classification, multilabel or regression."""
 
     def __post_init__(self) -> None:
         _check_values("", self)
@@ -734,3 +817,4 @@ class Config:
             raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 with train.cpu=true")
         if self.imbalance.class_weights == "auto" and self.optim.class_weights is not None:
             raise ValueError("set either optim.class_weights (explicit) or imbalance.class_weights=auto, not both")
+        _check_task(self)

@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.config.schema import DataConfig
-from pipeline.data.index import SpecIndex, cache_path, label_summary, load_or_build, shared_samples
+from pipeline.config.schema import DataConfig, TaskConfig
+from pipeline.data.index import SpecIndex, cache_path, label_summary, load_or_build, shared_samples, target_stats
 from pipeline.data.keys import SampleKeys
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
 from pipeline.data.remote import ReadOptions, open_shard
@@ -34,8 +34,10 @@ def uses_specs(data: DataConfig) -> bool:
     return bool(data.train or data.val or data.test)
 
 
-def sample_keys(data: DataConfig, classes: list[str] | tuple[str, ...] = ()) -> SampleKeys:
-    return SampleKeys(image_key=data.image_key, label_key=data.label_key, classes=tuple(classes))
+def sample_keys(data: DataConfig, classes: list[str] | tuple[str, ...] = (), task: Optional[TaskConfig] = None
+                ) -> SampleKeys:
+    return SampleKeys(image_key=data.image_key, label_key=data.label_key, classes=tuple(classes),
+                      task=(task or TaskConfig()).type)
 
 
 def read_options(data: DataConfig, shards: Sequence[ShardInfo] = ()) -> ReadOptions:
@@ -48,12 +50,13 @@ def read_options(data: DataConfig, shards: Sequence[ShardInfo] = ()) -> ReadOpti
                        pinned={s.name: (s.num_bytes, s.version) for s in shards if s.version})
 
 
-def dataset_manifest(data: DataConfig, progress: bool = False) -> Manifest:
+def dataset_manifest(data: DataConfig, progress: bool = False, task: Optional[TaskConfig] = None) -> Manifest:
     """The manifest of the data a config names: its shard specs' (indexes cached), else data.root's."""
-    return spec_manifest(data, progress) if uses_specs(data) else Manifest.read(data.root)
+    return spec_manifest(data, progress, task=task) if uses_specs(data) else Manifest.read(data.root)
 
 
-def spec_manifest(data: DataConfig, progress: bool = True, warn_shared: bool = False) -> Manifest:
+def spec_manifest(data: DataConfig, progress: bool = True, warn_shared: bool = False,
+                  task: Optional[TaskConfig] = None) -> Manifest:
     """The manifest of the shards data.train / data.val / data.test name (indexing what needs it); `warn_shared`:
     a warning for val and test samples that are training samples too (see `warn_shared_samples`)."""
     if not data.train:
@@ -61,15 +64,17 @@ def spec_manifest(data: DataConfig, progress: bool = True, warn_shared: bool = F
     if not data.val:
         raise SpecError("data.val is not set; give the validation shards (a folder, shard files, a pattern or URLs)")
     manifest = specs_manifest({split: getattr(data, split) for split in SPEC_SPLITS if getattr(data, split)}, data,
-                              progress, warn_shared=warn_shared)
+                              progress, warn_shared=warn_shared, task=task)
     manifest.splits.setdefault("test", manifest.splits["val"])
     return manifest
 
 
 def specs_manifest(specs: dict[str, list[str]], data: DataConfig, progress: bool = True, key_prefix: str = "data.",
-                   rebuild: bool = False, warn_shared: bool = False) -> Manifest:
-    """The manifest of named shard specs (split -> spec; the first split's shards are looked beside for class files)."""
-    keys, options = sample_keys(data), read_options(data)
+                   rebuild: bool = False, warn_shared: bool = False, task: Optional[TaskConfig] = None) -> Manifest:
+    """The manifest of named shard specs (split -> spec; the first split's shards are looked beside for class files).
+    `task`: what a label is (task.type; regression: the classes are the outputs' names)."""
+    task = task or TaskConfig()
+    keys, options = sample_keys(data, task=task), read_options(data)
     parts: dict[str, tuple[list[str], dict[str, int], Optional[SpecIndex], list[Manifest]]] = {}
     for split, spec in specs.items():
         expanded = expand(spec, f"{key_prefix}{split}", split)
@@ -80,21 +85,21 @@ def specs_manifest(specs: dict[str, list[str]], data: DataConfig, progress: bool
         parts[split] = (expanded.urls, expanded.own, index, owns)
     if warn_shared:
         warn_shared_samples({split: part[2] for split, part in parts.items()}, key_prefix)
-    classes = _classes(data, parts, options)
+    classes = _outputs(data, task, parts) if task.type == "regression" else _classes(data, parts, options)
     splits = {split: _split(f"{key_prefix}{split}", split, classes, keys, *part) for split, part in parts.items()}
     first = next(iter(specs.values()))
     return Manifest(classes=classes, splits=splits, source=describe(first), split_source="specs",
                     split_folders={split: describe(spec) for split, spec in specs.items()})
 
 
-def training_shard_labels(data: DataConfig) -> list[Counter]:
+def training_shard_labels(data: DataConfig, task: Optional[TaskConfig] = None) -> list[Counter]:
     """Per indexed training shard (data.train's shards other than our own folders'), raw label -> samples, from the
     index cache `spec_manifest` has just made true; [] when the config names data.root (our writer shuffles)."""
     if not data.train:
         return []
     expanded = expand(data.train, "data.train", "train")
     foreign = [url for url in expanded.urls if url not in expanded.own]
-    path = cache_path(data.index_dir, foreign, sample_keys(data)) if foreign else None
+    path = cache_path(data.index_dir, foreign, sample_keys(data, task=task)) if foreign else None
     if path is None or not path.is_file():
         return []
     return [entry.raw_labels() for entry in SpecIndex.read(path).shards]
@@ -124,6 +129,7 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
     for manifest in owns:
         counts.update(manifest.split(split).class_counts)
     unusable, named = 0, SampleKeys(keys.image_key, keys.label_key, tuple(classes))
+    regression = keys.task == "regression"
     for url in urls:
         if url in own:
             shards.append(ShardInfo(name=url, num_samples=own[url], num_bytes=0, sha256=""))
@@ -137,6 +143,8 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
         shards.append(ShardInfo(name=url, num_samples=entry.num_samples + lost.get(url, 0), num_bytes=entry.num_bytes,
                                 sha256=entry.sha256, version=entry.version))
         unusable += entry.no_label
+        if regression:
+            unusable += 0 if len(entry.targets.get("sum", classes)) == len(classes) else entry.targets["count"]
         for raw, n in entry.raw_labels().items():
             label, reason, _ = named.index_of(raw, len(classes))
             if reason:
@@ -147,6 +155,10 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
         warn(f"{what}: {unusable} sample(s) have no usable label under data.label_key='{keys.label_key}' "
              f"for the {len(classes)} classes; they are skipped and counted (see data.max_bad_fraction)")
     total = sum(s.num_samples for s in shards)
+    if regression:  # 'class' counts: labelled samples per output; the targets' statistics standardise them
+        stats = target_stats([e.targets for e in entries.values() if len(e.targets.get("sum", ())) == len(classes)])
+        return SplitInfo(num_samples=total, class_counts={name: stats.get("count", 0) for name in classes},
+                         shards=shards, targets=stats)
     return SplitInfo(num_samples=total, class_counts={name: counts.get(name, 0) for name in classes}, shards=shards)
 
 
@@ -181,6 +193,23 @@ def _classes(data: DataConfig, parts: dict, options: ReadOptions) -> list[str]:
             for entry in index.shards:
                 members.update(entry.members)
     return _discovered(counts, members, data.label_key)
+
+
+def _outputs(data: DataConfig, task: TaskConfig, parts: dict) -> list[str]:
+    """task.type=regression: the outputs' names (data.classes, else the label field's name, numbered when there are
+    several); their number is task.num_outputs, else the length of the training shards' labels."""
+    index = parts["train"][2] if "train" in parts else next(iter(parts.values()))[2]
+    lengths = Counter(len(e.targets["sum"]) for e in (index.shards if index is not None else ()) if e.targets)
+    found = lengths.most_common(1)[0][0] if lengths else 0
+    count = task.num_outputs or (len(data.classes) if data.classes else found)
+    if not count:
+        raise SpecError(f"task.type=regression: no training sample has a number or a list of numbers under "
+                        f"data.label_key='{data.label_key}'; set data.label_key=json.<field>")
+    if data.classes and len(data.classes) != count:
+        raise SpecError(f"data.classes names {len(data.classes)} output(s); task.type=regression has {count}")
+    field_name = data.label_key.rsplit(".", 1)[-1]
+    names = list(data.classes) or ([field_name] if count == 1 else [f"{field_name}{i}" for i in range(count)])
+    return _check_names(names, "the regression outputs", minimum=1)
 
 
 def _discovered(counts: Counter, members: Counter, label_key: str) -> list[str]:
@@ -254,10 +283,10 @@ def _parse_class_file(name: str, data: bytes) -> Optional[list[str]]:
     return names or None
 
 
-def _check_names(names: list[str], where: str) -> list[str]:
+def _check_names(names: list[str], where: str, minimum: int = 2) -> list[str]:
     for i, name in enumerate(names):
         if not name or name in names[:i]:
             raise SpecError(f"{where}: class name {name!r} at position {i} is empty or given twice")
-    if len(names) < 2:
+    if len(names) < minimum:
         raise SpecError(f"{where} lists {len(names)} class(es); a classifier needs at least 2")
     return names

@@ -3,7 +3,9 @@
 Our own shard folders carry this in `manifest.json`. Any other WebDataset shards are read once,
 streaming (images are not decoded; `pipeline data verify` does that), and per shard the index records
 the sample count, the size, a version (local: size and modification time; remote: ETag or
-Last-Modified and size), the labels found (raw: an integer or a class name, counted) and each sample's key and
+Last-Modified and size), the labels found (raw: an integer or a class name, counted; task.type=multilabel: each
+class of a sample's list counted; regression: count, sum and sum of squares per output, for the targets' mean and
+standard deviation) and each sample's key and
 fingerprint (its image's size and blake2b-8 hash: what finds validation samples that are training samples,
 `shared_samples`; 16 bytes a sample, a hash at about 1 GB/s of bytes read anyway). The index is
 cached in `data.index_dir` under a name derived from the shard list and the label and image keys, and
@@ -55,6 +57,9 @@ class ShardEntry:
     """Each sample's key (`__key__`), in shard order."""
     fingerprints: list[str] = field(default_factory=list)
     """Each sample's `fingerprint` of its image ('' for a sample without one), in shard order."""
+    targets: dict = field(default_factory=dict)
+    """task.type=regression: {count, sum, sum_sq} of the labels (lists, one value per output) with the length the
+    shard's first label has; other lengths are counted under `no_label` (the stream skips them as bad_label)."""
 
     def raw_labels(self) -> Counter:
         return Counter({json.loads(k): n for k, n in self.labels.items()})
@@ -111,9 +116,11 @@ def index_shard(url: str, keys: SampleKeys, options: ReadOptions | None = None, 
             entry.keys.append(str(sample.get("__key__", "")))
             entry.fingerprints.append(fingerprint(sample[image]) if image else "")
             raw, _ = keys.raw_label(sample)
-            if raw is None:
+            if raw is None or (keys.task == "regression" and not add_targets(entry.targets, raw)):
                 entry.no_label += 1
-            else:
+            elif keys.task == "multilabel":
+                labels.update(json.dumps(item) for item in raw)
+            elif keys.task == "classification":
                 labels[json.dumps(raw)] += 1
     except RemoteError:  # not the shard's fault (404, the server gave up, changed): never cached as its content
         raise
@@ -123,6 +130,32 @@ def index_shard(url: str, keys: SampleKeys, options: ReadOptions | None = None, 
     if sha256 and not url.startswith("pipe:") and "://" not in url:
         entry.sha256 = _sha256(url)
     return entry
+
+
+def add_targets(stats: dict, values: Sequence[float]) -> bool:
+    """Add a regression label to {count, sum, sum_sq} (per output); False when its length differs from the first's."""
+    if not stats:
+        stats.update(count=0, sum=[0.0] * len(values), sum_sq=[0.0] * len(values))
+    if len(values) != len(stats["sum"]):
+        return False
+    stats["count"] += 1
+    stats["sum"] = [s + v for s, v in zip(stats["sum"], values)]
+    stats["sum_sq"] = [s + v * v for s, v in zip(stats["sum_sq"], values)]
+    return True
+
+
+def target_stats(parts: Sequence[dict]) -> dict:
+    """{count, mean, std} per output of regression labels from per-shard {count, sum, sum_sq} (population std);
+    {} without labels, or when shards hold labels of different lengths."""
+    parts = [p for p in parts if p and p.get("count")]
+    if not parts or len({len(p["sum"]) for p in parts}) != 1:
+        return {}
+    count = sum(p["count"] for p in parts)
+    sums = [sum(v) for v in zip(*(p["sum"] for p in parts))]
+    squares = [sum(v) for v in zip(*(p["sum_sq"] for p in parts))]
+    mean = [s / count for s in sums]
+    std = [max(q / count - m * m, 0.0) ** 0.5 for q, m in zip(squares, mean)]
+    return {"count": count, "mean": mean, "std": std}
 
 
 def fingerprint(image: bytes) -> str:
@@ -173,8 +206,10 @@ def default_index_dir() -> Path:
 
 def cache_path(index_dir: str | Path, urls: Sequence[str], keys: SampleKeys) -> Path:
     """The cache file of a shard list read with these keys (classes do not matter: labels are stored raw)."""
-    blob = json.dumps({"urls": list(urls), "label_key": keys.label_key, "image_key": keys.image_key,
-                       "version": INDEX_VERSION})
+    what = {"urls": list(urls), "label_key": keys.label_key, "image_key": keys.image_key, "version": INDEX_VERSION}
+    if keys.task != "classification":  # labels are counted another way (classification caches keep their names)
+        what["task"] = keys.task
+    blob = json.dumps(what)
     return Path(index_dir or default_index_dir()) / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
 
 

@@ -30,6 +30,8 @@ class SplitInfo:
     num_samples: int
     class_counts: dict[str, int]
     shards: list[ShardInfo] = field(default_factory=list)
+    targets: dict = field(default_factory=dict)
+    """task.type=regression: {count, mean, std} of the labels, one value per output (standardises the targets)."""
 
 
 @dataclass

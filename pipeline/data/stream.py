@@ -518,13 +518,13 @@ class ShardStream(IterableDataset):
             labels.append(source.label)
             if len(items) == self.batch_size:
                 network.add_to(counts)
-                yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
+                yield self.codec.batch(items), self.keys.collate(labels, self.num_classes), torch.tensor(counts)
                 items, labels, counts = [], [], [0] * len(faults.FIELDS)
                 done_batches += 1
                 injected.in_worker(done_batches, self.train)
         network.add_to(counts)
         if items and not self.drop_last:
-            yield self.codec.batch(items), torch.tensor(labels, dtype=torch.long), torch.tensor(counts)
+            yield self.codec.batch(items), self.keys.collate(labels, self.num_classes), torch.tensor(counts)
         elif any(counts):  # counts of samples that made no batch (evaluation: all bad, or after the last batch)
             yield torch.empty(0), torch.empty(0, dtype=torch.long), torch.tensor(counts)
 

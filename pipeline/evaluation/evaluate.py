@@ -47,16 +47,19 @@ def evaluate(model: nn.Module, batches: Iterable, loss_fn: nn.Module, metrics: C
 
 
 def collect_predictions(model: nn.Module, batches: Iterable, device: torch.device,
-                        autocast=None, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities (N, C) and labels (N,) on the CPU (see `predict_batches`)."""
+                        autocast=None, channels_last: bool = False, outputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (N, C) and labels (N,) on the CPU (see `predict_batches`); `outputs`: what turns logits
+    into what they mean instead of the softmax (a task's `outputs`: sigmoid, un-standardised values)."""
     probs, labels = [], []
     for logits, target in predict_batches(model, batches, device, autocast, channels_last):
-        probs.append(logits.softmax(dim=-1).cpu())
+        probs.append((outputs(logits) if outputs is not None else logits.softmax(dim=-1)).cpu())
         labels.append(target.cpu())
     return torch.cat(probs), torch.cat(labels)
 
 
-def evaluation_record(metrics: dict, num_skipped: int, skipped: dict[str, int]) -> dict:
-    """What a test (or re-)evaluation records: the metrics, the loss, and the bad samples left out, by reason."""
-    return {**{k: metrics[k] for k in (*TEST_METRIC_KEYS, "loss")}, "num_skipped": num_skipped,
+def evaluation_record(metrics: dict, num_skipped: int, skipped: dict[str, int],
+                      keys: tuple[str, ...] = TEST_METRIC_KEYS) -> dict:
+    """What a test (or re-)evaluation records: the metrics (`keys`: the task's, see `pipeline.tasks`), the loss, and
+    the bad samples left out, by reason."""
+    return {**{k: metrics[k] for k in (*keys, "loss")}, "num_skipped": num_skipped,
             "skipped": {r: skipped[r] for r in SKIP_REASONS}}

@@ -15,6 +15,7 @@ from pipeline.data import Manifest, SplitLoader, build_loader
 from pipeline.data.dataset import dataset_manifest
 from pipeline.distributed import Dist, build_dist
 from pipeline.models import create_model
+from pipeline.tasks import Task, load_task
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -39,6 +40,8 @@ class LoadedRun:
     checkpoint: Path
     weights: str = "model"
     """Which weights were loaded: model (the trained ones) or ema (their moving average, train.ema_decay > 0)."""
+    task: Task | None = None
+    """What the model predicts, with the state the run stored (thresholds, target mean/std; `pipeline.tasks`)."""
 
     @property
     def device(self) -> torch.device:
@@ -65,7 +68,7 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> LoadedRun:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     dist = build_dist("fp32" if cfg.train.precision == "fp16" else cfg.train.precision, cfg.train.cpu)
-    manifest = dataset_manifest(cfg.data)
+    manifest = dataset_manifest(cfg.data, task=cfg.task)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist)
     if checkpoint is not None:
         folder = checkpointer.find(checkpoint)
@@ -79,4 +82,4 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> LoadedRun:
     weights = "ema" if (folder / EMA_WEIGHTS).is_file() else "model"
     load_weights(model, folder / (EMA_WEIGHTS if weights == "ema" else "model.safetensors"))
     model.eval()
-    return LoadedRun(run_dir, cfg, manifest, model, dist, folder, weights)
+    return LoadedRun(run_dir, cfg, manifest, model, dist, folder, weights, load_task(cfg, manifest, run_dir))

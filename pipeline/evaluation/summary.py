@@ -34,10 +34,31 @@ def per_class_rows(confusion: Sequence[Sequence[int]], classes: Sequence[str]) -
     return rows
 
 
+HEADLINES = {
+    "classification": (("accuracy", "accuracy"), ("precision (macro)", "precision_macro"),
+                       ("recall (macro)", "recall_macro"), ("F1 (macro)", "f1_macro"), ("AUROC", "auroc")),
+    "multilabel": (("mAP (macro)", "map_macro"), ("F1 (micro)", "f1_micro"), ("F1 (macro)", "f1_macro"),
+                   ("exact match", "exact_match"), ("Hamming loss", "hamming_loss")),
+    "regression": (("MAE", "mae"), ("RMSE", "rmse"), ("R2", "r2")),
+}
+"""The headline numbers of each task.type (label, metrics key); regression's are means over the outputs."""
+DETAIL_COLUMNS = {
+    "multilabel": ("per_class", (("class", "class"), ("AP", "ap"), ("precision", "precision"), ("recall", "recall"),
+                                 ("F1", "f1"), ("support", "support"), ("threshold", "threshold"))),
+    "regression": ("per_output", (("output", "output"), ("MAE", "mae"), ("RMSE", "rmse"), ("R2", "r2"),
+                                  ("mean true", "mean_true"), ("mean predicted", "mean_predicted"))),
+}
+"""Per class (multilabel) or per output (regression): the metrics key of the rows and the columns shown."""
+
+
+def task_of(metrics: dict) -> str:
+    """The task.type a metrics dict is of (classification records none)."""
+    return metrics.get("task", {}).get("type", "classification")
+
+
 def _headline(metrics: dict, title: str) -> Table:
     table = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2, 0, 0))
-    for label, key in (("accuracy", "accuracy"), ("precision (macro)", "precision_macro"),
-                       ("recall (macro)", "recall_macro"), ("F1 (macro)", "f1_macro"), ("AUROC", "auroc")):
+    for label, key in HEADLINES[task_of(metrics)]:
         table.add_row(label, f"{metrics[key]:.4f}")
     skipped = metrics.get("num_skipped", 0)
     table.add_row("samples", f"{metrics['num_samples']}" + (f" ({skipped} bad, left out)" if skipped else ""))
@@ -65,9 +86,39 @@ def _confusion_grid(confusion: Sequence[Sequence[int]], classes: Sequence[str]) 
     return table
 
 
+def _detail_table(metrics: dict, title: str) -> Table | None:
+    """multilabel: per class AP, P/R/F1, support, threshold; regression: per output MAE, RMSE, R2 (what is there)."""
+    if task_of(metrics) not in DETAIL_COLUMNS:
+        return None
+    key, columns = DETAIL_COLUMNS[task_of(metrics)]
+    shown = [(label, name) for label, name in columns if all(name in row for row in metrics.get(key, []))]
+    table = Table(title=title, title_justify="left")
+    for index, (label, _) in enumerate(shown):
+        table.add_column(label, justify="left" if index == 0 else "right")
+    for row in metrics.get(key, []):
+        table.add_row(*(escape(str(row[name])) if isinstance(row[name], str) else
+                        str(row[name]) if isinstance(row[name], int) else f"{row[name]:.4f}" for _, name in shown))
+    return table
+
+
+def _task_summary(metrics: dict, title: str, console: Console) -> None:
+    """The headline and detail of a multilabel or regression evaluation."""
+    console.print(_headline(metrics, title))
+    state = metrics.get("task", {})
+    if "thresholds" in state and "per_class" not in metrics:
+        console.print("thresholds" + (" (tuned on val)" if state.get("tuned") else "") + ": " +
+                      ", ".join(f"{t:.2f}" for t in state["thresholds"]))
+    detail = _detail_table(metrics, "per class" if task_of(metrics) == "multilabel" else "per output")
+    if detail is not None and detail.row_count:
+        console.print(detail)
+
+
 def print_training_summary(metrics: dict, classes: Sequence[str], console: Console | None = None) -> None:
-    """Test accuracy, macro P/R/F1, AUROC, samples and the worst classes by F1."""
+    """Test accuracy, macro P/R/F1, AUROC, samples and the worst classes by F1 (multilabel and regression: their
+    headline numbers and, for regression, the table per output)."""
     console = console or Console(highlight=False)
+    if task_of(metrics) != "classification":
+        return _task_summary(metrics, "test (best weights)", console)
     console.print(_headline(metrics, "test (best weights)"))
     rows = per_class_rows(metrics["confusion_matrix"], classes)
     worst = sorted(rows, key=lambda r: (r["f1"], r["class"]))[:WORST_CLASSES]
@@ -108,8 +159,14 @@ def run_end_lines(run_dir: Path, monitor: str, seconds: float) -> list[str]:
 
 
 def print_evaluation(metrics: dict, split: str, console: Console | None = None) -> None:
-    """The headline numbers, top-k and ECE, the per-class table and the confusion matrix as a grid."""
+    """The headline numbers, top-k and ECE, the per-class table and the confusion matrix as a grid (multilabel: per
+    class AP, P/R/F1, support and threshold; regression: per output MAE, RMSE, R2 and means)."""
     console = console or Console(highlight=False)
+    if task_of(metrics) != "classification":
+        _task_summary(metrics, f"{split} split", console)
+        console.print(f"loss {metrics['loss']:.4f}" + "".join(f"  {k} labels per image {v:.2f}" for k, v in
+                                                            metrics.get("labels_per_image", {}).items()))
+        return
     console.print(_headline(metrics, f"{split} split"))
     extra = "  ".join(f"{k} {v:.4f}" for k, v in metrics.get("top_k", {}).items())
     console.print(f"{extra}  ECE {metrics['ece']:.4f}  loss {metrics['loss']:.4f}")

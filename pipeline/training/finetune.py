@@ -10,8 +10,6 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.config.schema import Config
-from pipeline.data.balance import auto_class_weights, class_counts
-from pipeline.data.manifest import Manifest
 from pipeline.models.pretrained import (
     LoadReport,
     is_torchvision_weights_name,
@@ -41,13 +39,6 @@ def match_input(cfg: Config) -> Config:
 def uses_finetuning(cfg: Config) -> bool:
     f = cfg.finetune
     return bool(f.weights) or f.freeze != "full" or bool(f.lr_mult) or f.layer_decay != 1.0 or bool(f.groups)
-
-
-def loss_class_weights(cfg: Config, manifest: Manifest) -> list[float] | None:
-    """imbalance.class_weights=auto: weights from the manifest's training counts; else None (optim's own)."""
-    if cfg.imbalance.class_weights != "auto":
-        return None
-    return auto_class_weights(class_counts(manifest, "train"))
 
 
 @dataclass

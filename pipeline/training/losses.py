@@ -1,6 +1,7 @@
-"""Loss functions: cross-entropy (label smoothing, class weights) and BCE on one-hot targets.
+"""Loss functions: cross-entropy (label smoothing, class weights), BCE on one-hot or multi-hot targets, and the
+regression losses (mse, huber, l1 on standardised targets).
 
-Both take integer labels or probability targets (N x classes, from MixUp/CutMix: `pipeline.training.mixing`).
+The first two take integer labels or probability targets (N x classes, from MixUp/CutMix: `pipeline.training.mixing`).
 With probability targets y, label smoothing e makes them y * (1 - e) + e / classes (what torch does to hard labels,
 and timm's mixup_target), and class weights w give the weighted mean sum_i sum_c w_c t_ic (-log p_ic) /
 sum_i sum_c w_c y_ic: for one-hot targets exactly the integer-label loss, so an unmixed batch costs what it cost
@@ -58,3 +59,20 @@ def build_loss(cfg: OptimConfig, num_classes: int, class_weights: Sequence[float
     if cfg.loss == "bce":
         return OneHotBCE(num_classes, weight)
     return CrossEntropy(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+class RegressionLoss(nn.Module):
+    """mse, huber or l1 between the model's outputs and the targets standardised per output, (y - mean) / std: the
+    model learns standardised values (`pipeline.tasks.regression` un-standardises them for people)."""
+
+    def __init__(self, kind: str, mean: Sequence[float], std: Sequence[float], huber_delta: float = 1.0):
+        super().__init__()
+        self.kind, self.huber_delta = kind, huber_delta
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32), persistent=False)
+
+    def forward(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        standardised = (target.to(outputs.dtype) - self.mean) / self.std
+        if self.kind == "huber":
+            return F.huber_loss(outputs, standardised, delta=self.huber_delta)
+        return (F.l1_loss if self.kind == "l1" else F.mse_loss)(outputs, standardised)

@@ -13,9 +13,10 @@ then lambda and the box exactly as `v2.MixUp` / `v2.CutMix` draw them. Images pa
 (`roll(1, 0)`), as torchvision pairs them; the loader has already shuffled the batch.
 
 Targets: with mixing on, every batch (mixed or not) gets probability targets `lam * one_hot(y) + (1 - lam) *
-one_hot(y rolled)`, so the loss is always the same function (`pipeline.training.losses`: label smoothing, class
-weights and BCE apply to them). The training accuracy reported for such a batch is the target's weight on the
-predicted class (`lam` if the model picks the first label, `1 - lam` if the second, 0 otherwise): on an unmixed
+one_hot(y rolled)` (task.type=multilabel: the multi-hot targets mixed the same way), so the loss is always the same
+function (`pipeline.training.losses`: label smoothing, class weights and BCE apply to them). The training accuracy
+reported for such a batch is the target's weight on the predicted class (`lam` if the model picks the first label,
+`1 - lam` if the second, 0 otherwise): on an unmixed
 batch the usual accuracy, on mixed batches what the soft target credits.
 """
 
@@ -53,9 +54,13 @@ class MixedTargets:
 
     def targets(self, num_classes: int) -> torch.Tensor:
         if self._targets is None:
-            # scatter_ rather than F.one_hot, which checks the labels' range on the host (a sync per step on a GPU).
-            one_hot = torch.zeros(len(self.labels), num_classes, device=self.labels.device)
-            one_hot.scatter_(1, self.labels.unsqueeze(1), 1.0)
+            if self.labels.is_floating_point():  # multi-hot already (task.type=multilabel): mixed as they are
+                one_hot = self.labels.clone()
+            else:
+                # scatter_ rather than F.one_hot, which checks the labels' range on the host (a sync per step on a
+                # GPU).
+                one_hot = torch.zeros(len(self.labels), num_classes, device=self.labels.device)
+                one_hot.scatter_(1, self.labels.unsqueeze(1), 1.0)
             self._targets = one_hot if self.lam == 1.0 else \
                 one_hot.roll(1, 0).mul_(1.0 - self.lam).add_(one_hot.mul(self.lam))
         return self._targets

@@ -30,11 +30,12 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
             clash = other_splits_line(split, expand(getattr(cfg.data, split), f"data.{split}", split).urls)
             if clash:
                 warn(clash)
-        line = mixing_line(shard_mixing(training_shard_labels(cfg.data)), cfg.data.mix_shards, cfg.train.batch_size)
+        line = mixing_line(shard_mixing(training_shard_labels(cfg.data, cfg.task)), cfg.data.mix_shards,
+                           cfg.train.batch_size)
         if line:
             dist.print(line)
     where = f"data.train='{describe(cfg.data.train)}'" if uses_specs(cfg.data) else f"data.root='{cfg.data.root}'"
-    if manifest.num_classes < 2:
+    if manifest.num_classes < (1 if cfg.task.type == "regression" else 2):
         raise ValueError(f"{where}: its {'shards have' if uses_specs(cfg.data) else 'manifest has'} "
                          f"{manifest.num_classes} class(es) ({', '.join(manifest.classes) or 'none'}); "
                          f"a classifier needs at least 2")
@@ -43,7 +44,9 @@ def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
 
 def _spec_manifest(cfg: Config, dist: Dist | None) -> Manifest:
     """Expanded and indexed once, by the main process; every rank gets the same manifest (or the same error)."""
-    build = lambda: spec_manifest(cfg.data, progress=cfg.logging.progress, warn_shared=dist is not None)  # noqa: E731
+    def build() -> Manifest:
+        return spec_manifest(cfg.data, progress=cfg.logging.progress, warn_shared=dist is not None, task=cfg.task)
+
     return build() if dist is None else dist.on_main(build)
 
 

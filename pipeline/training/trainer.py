@@ -65,13 +65,16 @@ def resume_point(state: TrainState) -> str:
     return f"after epoch {state.epoch} (step {state.global_step})"
 
 
-def epoch_line(record: dict, epochs: int, seconds: float, improved: bool, width: Optional[int] = None) -> str:
+def epoch_line(record: dict, epochs: int, seconds: float, improved: bool, width: Optional[int] = None,
+               headline: tuple[str, str] = ("val/accuracy", "val_acc")) -> str:
     """The line printed after each epoch: <= 100 characters while epochs < 1000, losses < 10 (cross-entropy starts at
     ln(classes)), throughput < 1M images/s and an epoch < 10,000 s. Given a terminal's `width`, it stays one row of
-    it: the throughput, then the learning rate, are left out when it would wrap (both are in metrics.jsonl)."""
+    it: the throughput, then the learning rate, are left out when it would wrap (both are in metrics.jsonl).
+    `headline`: the task's (record key, label) shown after the validation loss (`pipeline.tasks`)."""
     speed = record.get("images_per_second")
+    key, label = headline
     fields = {"epoch": f"epoch {record['epoch']}/{epochs}", "loss": f"loss {record['train/loss']:.4f}",
-              "val_loss": f"val_loss {record['val/loss']:.4f}", "val_acc": f"val_acc {record['val/accuracy']:.4f}",
+              "val_loss": f"val_loss {record['val/loss']:.4f}", "val_acc": f"{label} {record[key]:.4f}",
               "lr": f"lr {record['lr']:.1e}", "speed": f"{speed:.0f} img/s" if speed else "",
               "time": f"{seconds:.1f}s", "best": "best" if improved else ""}
     line = "  ".join(v for v in fields.values() if v)
@@ -89,8 +92,9 @@ class Trainer:
     def __init__(self, cfg: Config, dist: Dist, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: LRSchedule, loss_fn: nn.Module, train: SplitLoader, val: SplitLoader,
                  metrics: ClassificationMetrics, checkpointer: Checkpointer, log: MetricsLog, tracker,
-                 callbacks: Optional[list[Callback]] = None, ema: ModelEma | NoEma | None = None):
+                 callbacks: Optional[list[Callback]] = None, ema: ModelEma | NoEma | None = None, *, task):
         self.cfg, self.dist = cfg, dist
+        self.task = task  # pipeline.tasks.Task: training score, epoch headline, state kept in checkpoints
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.loss_fn, self.train_data, self.val_data = loss_fn, train, val
         self.metrics, self.checkpointer, self.log, self.tracker = metrics, checkpointer, log, tracker
@@ -107,7 +111,7 @@ class Trainer:
                                         check_grads=cfg.train.precision != "fp16", dist=dist)
         self.callbacks = CallbackList([*(callbacks or []), GuardHooks(self.nonfinite)])
         self.stop = StopRequest(cfg.checkpoint.signals)
-        self.epoch_totals = torch.zeros(3, device=dist.device)  # loss sum, correct, samples of this epoch
+        self.epoch_totals = torch.zeros(3, device=dist.device)  # loss sum, training score sum, samples of this epoch
         self.bad_data = BadDataMonitor(cfg.data, dist)  # skipped/converted samples per epoch, max_bad_fraction
         self.last_save_time = time.monotonic()
         self.announce_first_step = False  # after a resume, say when training really continues
@@ -135,7 +139,8 @@ class Trainer:
         return self.state
 
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over this rank's share of the training shards; returns rank-averaged loss/accuracy."""
+        """One pass over this rank's share of the training shards; returns rank-averaged loss and training score
+        (classification: accuracy; see `pipeline.tasks`)."""
         self.callbacks.on_epoch_start(self, epoch)
         self.model.train()
         self.train_data.set_position(epoch, self.state.step_in_epoch, self.epoch_history)
@@ -149,12 +154,12 @@ class Trainer:
             window_start = micro - micro % accum
             window = min(accum, self.steps_per_epoch - window_start)
             last_in_window = micro - window_start == window - 1
-            loss, correct = self.train_step(images, labels, window, last_in_window)
+            loss, score = self.train_step(images, labels, window, last_in_window)
             # Sums stay on the device and nothing is copied from the host (torch.full is a fill kernel,
             # torch.tensor would be a synchronising copy): no host sync per step. Non-finite losses are left out
             # (the guard counts them).
-            count = float(labels.numel())
-            row = torch.stack([loss.detach() * count, correct, correct.new_full((), count)])
+            count = float(labels.shape[0])
+            row = torch.stack([loss.detach() * count, score, score.new_full((), count)])
             self.epoch_totals += torch.where(torch.isfinite(loss.detach()), row, 0.0)
             self.state.step_in_epoch += 1
             if last_in_window:
@@ -170,7 +175,7 @@ class Trainer:
         self.progress.remove_task(task)
         totals = self.dist.reduce_sum(self.epoch_totals.clone())
         self.epoch_totals.zero_()
-        return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+        return {"loss": float(totals[0] / totals[2]), self.task.train_metric: float(totals[1] / totals[2])}
 
     def after_optimizer_step(self) -> None:
         """Periodic checkpoints and agreed stop requests, at optimizer-step boundaries only."""
@@ -252,7 +257,7 @@ class Trainer:
                     self.schedule.after_optimizer_step()
             else:
                 self.skip_update(verdict)
-        return loss, targets.correct(logits)  # with mixed targets: their weight on the predicted class
+        return loss, self.task.train_score(logits, targets)
 
     def skip_update(self, verdict: Verdict) -> None:
         """Act on the non-finite guard's verdict: drop the update (the step still counts), or stop with
@@ -272,7 +277,7 @@ class Trainer:
 
     def validate(self) -> dict:
         self.ema.sync(self.dist)
-        return evaluate(self.eval_model, self._batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
+        return evaluate(self.eval_model, self.batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
                         self.dist.accelerator.autocast, self.cfg.model.channels_last)
 
     def end_epoch(self, train_metrics: dict, val_metrics: dict, seconds: float) -> None:
@@ -282,7 +287,7 @@ class Trainer:
         self.epoch_history = ()
         record = {"epoch": self.state.epoch, "step": self.state.global_step, "lr": self.optimizer.param_groups[0]["lr"],
                   **{f"train/{k}": v for k, v in train_metrics.items()},
-                  **{f"val/{k}": v for k, v in val_metrics.items() if k != "confusion_matrix"},
+                  **{f"val/{k}": v for k, v in val_metrics.items() if not isinstance(v, (list, dict))},
                   "epoch_seconds": round(seconds, 3),
                   **self.bad_data.epoch_record(self.train_data, self.val_data, self.state.epoch)}
         self.callbacks.on_epoch_end(self, record)
@@ -292,7 +297,8 @@ class Trainer:
         self.state.stopped_early = self.early.should_stop
         self.log.append(record)  # the log, the tracker and print are the main process's only
         self.tracker.log(record, step=self.state.global_step)
-        self.dist.print(epoch_line(record, self.cfg.train.epochs, seconds, improved, terminal_width()))
+        self.dist.print(epoch_line(record, self.cfg.train.epochs, seconds, improved, terminal_width(),
+                                   self.task.headline))
         final = self.state.epoch >= self.cfg.train.epochs or self.state.stopped_early
         if improved and self.cfg.checkpoint.save_best:
             self.save("best", final)
@@ -321,7 +327,7 @@ class Trainer:
         self.nonfinite.check_weights(self.unwrapped, self.state.global_step, self.checkpointer.latest)
         layout = self.train_data.stream.layout(self.state.step_in_epoch)
         state = {"train": asdict(self.state), "early_stopping": self.early.state_dict(),
-                 "callbacks": self.callbacks.state_dict(),
+                 "callbacks": self.callbacks.state_dict(), "task": self.task.state(),
                  "data_layout": {**asdict(layout), "history": [asdict(h) for h in self.epoch_history]}}
         rank_state = {"rng": rng_state(), "epoch_totals": self.epoch_totals.detach().cpu(),
                       "data_faults": self.train_data.faults.clone()}
@@ -420,7 +426,8 @@ class Trainer:
             if self.ema.module is not None and (best / EMA_WEIGHTS).is_file():
                 load_weights(self.ema.module, best / EMA_WEIGHTS)
 
-    def _batches(self, split: SplitLoader):
+    def batches(self, split: SplitLoader):
+        """An evaluation pass over `split` from its start."""
         split.set_position(0, 0)
         return split.loader
 

@@ -81,6 +81,22 @@ def chance_loss(num_classes: int) -> float:
     return math.log(max(num_classes, 2))
 
 
+@dataclass(frozen=True)
+class Chance:
+    """The loss of an untrained model and how to say it (multilabel and regression: `task_chance`); the rules take it
+    where they take a number of classes (whose chance is ln(classes))."""
+
+    value: float
+    text: str
+
+
+def _chance(num_classes: "int | Chance") -> Chance:
+    if isinstance(num_classes, Chance):
+        return num_classes
+    value = chance_loss(num_classes)
+    return Chance(value, f"ln({num_classes}) = {value:.4f}")
+
+
 # ---- rules -----------------------------------------------------------------------------------------
 def overfitting(history: Sequence[dict]) -> Optional[Finding]:
     val, train = _series(history, "val/loss"), _series(history, "train/loss")
@@ -132,7 +148,7 @@ def underfitting(history: Sequence[dict], num_classes: int) -> Optional[Finding]
     train = _series(history, "train/loss")
     if len(train) < 2 or not all(math.isfinite(v) for v in train):
         return None
-    chance = chance_loss(num_classes)
+    chance = _chance(num_classes).value
     high = train[-1] > UNDERFIT_LOSS_FRACTION * chance
     drop = (train[0] - train[-1]) / train[0] if train[0] > 0 else 0.0
     flat = drop < UNDERFIT_FLAT_FRACTION and train[-1] > SLOW_LOSS_FRACTION * chance
@@ -140,7 +156,7 @@ def underfitting(history: Sequence[dict], num_classes: int) -> Optional[Finding]
         return None
     epochs = _epochs(history, "train/loss")
     evidence = [f"final training loss {train[-1]:.4f} at epoch {epochs[-1]} is {100 * train[-1] / chance:.0f}% of "
-                f"the chance level ln({num_classes}) = {chance:.4f}",
+                f"the chance level {_chance(num_classes).text}",
                 f"training loss changed by {100 * drop:.1f}% from epoch {epochs[0]} ({train[0]:.4f}) to epoch "
                 f"{epochs[-1]}"]
     state = "stays high" if high else "hardly moves"
@@ -155,7 +171,7 @@ def lr_too_high(history: Sequence[dict], num_classes: int, lr: Optional[float] =
     With the run's `lr` known, the first remedy names the value to try (`lr / LR_CUT`)."""
     train = _series(history, "train/loss")
     epochs = _epochs(history, "train/loss")
-    chance = chance_loss(num_classes)
+    chance = _chance(num_classes).value
     evidence = []
     nonfinite = [e for e, v in zip(epochs, train) if not math.isfinite(v)]
     nonfinite += [int(r.get("epoch", 0)) for r in history if not math.isfinite(_num(r.get("val/loss", 0.0)))
@@ -172,7 +188,7 @@ def lr_too_high(history: Sequence[dict], num_classes: int, lr: Optional[float] =
     if blowups:
         epoch, name, value = max(blowups, key=lambda b: b[2])
         evidence.append(f"{name} loss reached {value:.4g} at epoch {epoch}, {value / chance:.0f} times the chance "
-                        f"level ln({num_classes}) = {chance:.4f}: steps too large threw the weights far off")
+                        f"level {_chance(num_classes).text}: steps too large threw the weights far off")
     spikes = [(epochs[i], train[i - 1], train[i]) for i in range(1, len(train))
               if math.isfinite(train[i]) and math.isfinite(train[i - 1]) and train[i] > SPIKE_FACTOR * train[i - 1]
               and train[i] - train[i - 1] >= SPIKE_MIN_RISE_FRACTION * chance]
@@ -201,8 +217,8 @@ def lr_too_low(history: Sequence[dict], num_classes: int) -> Optional[Finding]:
     monotone = all(b < a for a, b in zip(train, train[1:]))
     tail = train[-3:]
     per_epoch = (tail[0] - tail[-1]) / (len(tail) - 1) / tail[0]
-    if not (monotone and per_epoch >= SLOW_DECREASE_PER_EPOCH and train[-1] > SLOW_LOSS_FRACTION * chance_loss(
-            num_classes)):
+    chance = _chance(num_classes).value
+    if not (monotone and per_epoch >= SLOW_DECREASE_PER_EPOCH and train[-1] > SLOW_LOSS_FRACTION * chance):
         return None
     epochs = _epochs(history, "train/loss")
     return Finding("lr_too_low", "The learning rate looks too low: the loss falls steadily but slowly and had "
@@ -233,8 +249,8 @@ def gradients(history: Sequence[dict], num_classes: int) -> list[Finding]:
             ["clip gradients (train.max_grad_norm)", "lower optim.lr", "add normalisation layers or warmup"],
             epoch=exploding[0][0]))
     train = _series(history, "train/loss")
-    not_converged = bool(train) and math.isfinite(train[-1]) and train[-1] > SLOW_LOSS_FRACTION * chance_loss(
-        num_classes)
+    chance = _chance(num_classes).value
+    not_converged = bool(train) and math.isfinite(train[-1]) and train[-1] > SLOW_LOSS_FRACTION * chance
     evidence = []
     if finite and norms[-1] < VANISHING_NORM and not_converged:
         evidence.append(f"global gradient norm is {norms[-1]:.3g} at epoch {epochs[-1]} while the training loss "

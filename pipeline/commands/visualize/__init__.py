@@ -56,8 +56,10 @@ def predict_split(run, split: str = "test") -> TestPredictions:
 
     from pipeline.evaluation.tta import with_tta
 
+    outputs = run.task.outputs if run.task is not None else None  # probabilities, or values (regression)
     probs, labels = collect_predictions(with_tta(run.model, run.cfg.eval.tta), keeping_images(run.loader(split)),
-                                        run.device, run.dist.accelerator.autocast, run.cfg.model.channels_last)
+                                        run.device, run.dist.accelerator.autocast, run.cfg.model.channels_last,
+                                        outputs)
     return TestPredictions(torch.cat(images), labels, probs)
 
 
