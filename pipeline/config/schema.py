@@ -347,6 +347,9 @@ class OptimConfig:
     """Peak learning rate (per optimizer step, after accumulation)."""
     weight_decay: float = 0.0
     """Decoupled (AdamW) or L2 weight decay."""
+    l1: float = 0.0
+    """L1 penalty: l1 x sum(abs(w)) is added to the training loss (gradient l1 x sign(w)), over the weights that get
+    weight decay (norm weights and biases are left out when optim.exclude_norm_and_bias); 0: off."""
     exclude_norm_and_bias: bool = True
     """Apply no weight decay to normalisation weights and biases."""
     momentum: float = 0.9
@@ -366,6 +369,7 @@ class OptimConfig:
         _check_choice("optim.name", self.name, OPTIMIZERS)
         _check_range("optim.lr", self.lr, 0.0, low_open=True)
         _check_range("optim.weight_decay", self.weight_decay, 0.0)
+        _check_range("optim.l1", self.l1, 0.0)
         _check_range("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):  # NaN fails this too
             raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
