@@ -56,7 +56,8 @@ def test_sweep_stops_when_the_smoothed_loss_diverges_or_a_loss_is_not_finite():
         run_sweep(lambda lr: 1.0 if lr == lrs[0] else math.inf, lrs)
 
 
-ARGS = ["configs/default.yaml", *TINY, "data.num_workers=0", "--steps", "30", "--start-lr", "1e-5", "--end-lr", "10"]
+ARGS = ["configs/default.yaml", *TINY, "data.num_workers=0"]
+FLAGS = ["--steps", "30", "--start-lr", "1e-5", "--end-lr", "10"]
 
 
 def test_lr_find_writes_the_plot_and_record_prints_the_line_and_leaves_the_run_alone(tmp_path, digits_root):
@@ -64,7 +65,7 @@ def test_lr_find_writes_the_plot_and_record_prints_the_line_and_leaves_the_run_a
     common = [f"data.root={digits_root}", f"run.output_dir={out}", "run.name=r"]
     run_cli(["train", "configs/default.yaml", *common, *TINY, "data.num_workers=0", "train.epochs=1"])
     before = snapshot(out / "r")
-    result = run_cli(["lr-find", *ARGS, *common])
+    result = run_cli(["lr-find", *ARGS, *common, *FLAGS])
     lines = result.stdout.strip().splitlines()
     record = json.loads((out / "r.lr_find.json").read_text())
     assert lines[-1] == f"optim.lr={record['suggestion']:.3g}" and float(lines[-1].split("=")[1]) > 0
@@ -77,7 +78,7 @@ def test_lr_find_writes_the_plot_and_record_prints_the_line_and_leaves_the_run_a
 
 
 def test_lr_find_without_a_run_creates_no_run_folder_and_honours_out(tmp_path, digits_root):
-    result = run_cli(["lr-find", *ARGS, f"data.root={digits_root}", f"run.output_dir={tmp_path}/runs",
+    result = run_cli(["lr-find", *ARGS, f"data.root={digits_root}", f"run.output_dir={tmp_path}/runs", *FLAGS,
                       "--out", str(tmp_path / "plots" / "sweep.png")])
     assert re.fullmatch(r"optim\.lr=[0-9.e+-]+", result.stdout.strip().splitlines()[-1])
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["sweep.json", "sweep.png"]
@@ -98,7 +99,7 @@ def test_lr_find_errors_are_one_line_with_exit_2(tmp_path, digits_root, extra, m
 
 @pytest.mark.distributed
 def test_two_ranks_agree_and_write_one_plot(tmp_path, digits_root):
-    result = run_cli(["lr-find", *ARGS, f"data.root={digits_root}", f"run.output_dir={tmp_path}"], nproc=2,
+    result = run_cli(["lr-find", *ARGS, f"data.root={digits_root}", f"run.output_dir={tmp_path}", *FLAGS], nproc=2,
                      timeout=600)
     record = json.loads((tmp_path / "digits.lr_find.json").read_text())
     assert result.stdout.strip().splitlines()[-1] == f"optim.lr={record['suggestion']:.3g}"
