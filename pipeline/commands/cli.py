@@ -56,6 +56,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _lr_find(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch, as `train`
+    from pipeline.training.lr_finder import sweep_lrs
+
+    sweep_lrs(args.start_lr, args.end_lr, args.steps)  # bad flags: one line before torch is imported, too
     from pipeline.commands.lr_find import lr_find, summary_lines
 
     found = lr_find(cfg, args.start_lr, args.end_lr, args.steps, args.out)
