@@ -27,6 +27,34 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_digits_root(tmp_path_factory) -> Path:
+    """128 training, 32 validation and 32 test digits (8x8 grayscale PNGs, 10 classes) as our shards: for tests whose
+    models cost seconds per step (timm's)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipeline.data.subsets import write_split_shards
+
+    digits = load_digits()
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+
+    def sample(i: int) -> tuple[dict[str, bytes], int]:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[i], mode="L").save(buffer, format="PNG")
+        return {"png": buffer.getvalue()}, int(digits.target[i])
+
+    order = np.random.default_rng(0).permutation(len(pixels))
+    bounds = {"train": (0, 128), "val": (128, 160), "test": (160, 192)}
+    root = tmp_path_factory.mktemp("tiny_digits") / "shards"
+    write_split_shards(root, [str(c) for c in range(10)],
+                       {split: [sample(i) for i in order[lo:hi]] for split, (lo, hi) in bounds.items()}, "digits")
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

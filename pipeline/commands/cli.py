@@ -1,4 +1,4 @@
-"""Command line: `pipeline train|config|tune|evaluate|predict|export|diagnose|visualize|report|data ...`.
+"""Command line: `pipeline train|lr-find|config|tune|evaluate|predict|export|diagnose|visualize|report|data ...`.
 
 Bad input ends with one line and exit code 2; too many bad samples in the training data
 (data.max_bad_fraction) or a shard that changed during the run with 65; remote data that cannot be had after the
@@ -52,6 +52,19 @@ def _train(args: argparse.Namespace) -> int:
         print_training_summary(metrics, dataset_manifest(cfg.data, task=cfg.task).classes)
         for line in run_end_lines(run_dir_of(cfg), cfg.train.monitor, time.monotonic() - started):
             console.print(line, markup=False)
+    return 0
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before importing torch, as `train`
+    from pipeline.training.lr_finder import sweep_lrs
+
+    sweep_lrs(args.start_lr, args.end_lr, args.steps)  # bad flags: one line before torch is imported, too
+    from pipeline.commands.lr_find import lr_find, summary_lines
+
+    found = lr_find(cfg, args.start_lr, args.end_lr, args.steps, args.out)
+    if _is_main():
+        print("\n".join(summary_lines(found)))
     return 0
 
 
@@ -221,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="end with the test metrics as one line of JSON "
                        "instead of a table")
     train.set_defaults(func=_train)
+
+    lr_find = commands.add_parser("lr-find", help="learning-rate range test: loss against an exponentially growing "
+                                  "lr, a plot and the optim.lr to use: pipeline lr-find CONFIG [key=value ...]")
+    lr_find.add_argument("config", nargs="?", help="YAML config (defaults: the digits demo)")
+    lr_find.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    lr_find.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    lr_find.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (default 10)")
+    lr_find.add_argument("--steps", type=int, default=100, help="optimizer steps at most (default 100; the sweep "
+                         "stops early when the smoothed loss passes 4x its minimum)")
+    lr_find.add_argument("--out", help="PNG to write (default <run.output_dir>/<run.name>.lr_find.png, beside the run "
+                         "folder); its .json record goes beside it")
+    lr_find.set_defaults(func=_lr_find)
 
     config = commands.add_parser("config", help="list the config keys or show a resolved config").add_subparsers(
         dest="config_command", required=True)

@@ -311,7 +311,9 @@ class ModelConfig:
     """Which network to build."""
 
     name: str = "simple_cnn"
-    """`simple_cnn`, or any torchvision classification model name (e.g. resnet18, resnet50)."""
+    """`simple_cnn`, any torchvision classification model name (e.g. resnet18, resnet50), or timm/<name> for any of
+    timm's models (e.g. timm/resnet50, timm/efficientnet_b0, timm/convnext_nano; a pretrained tag may follow:
+    timm/resnet18.a1_in1k), built with pretrained=False (weights come through finetune.weights)."""
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     """simple_cnn: output channels of each conv-BN-ReLU-pool block."""
     residual: bool = False
@@ -327,14 +329,18 @@ class ModelConfig:
     """Wrap the model in torch.compile."""
     drop_path: Optional[float] = None
     """Stochastic depth: the largest probability of skipping a residual branch, rising linearly with depth. Taken by
-    simple_cnn with model.residual=true and by torchvision's stochastic_depth_prob families (efficientnet_*,
-    efficientnet_v2_*, convnext_*, swin_*, swin_v2_*, maxvit_t); null: the model's own default (0 for simple_cnn)."""
+    simple_cnn with model.residual=true, by torchvision's stochastic_depth_prob families (efficientnet_*,
+    efficientnet_v2_*, convnext_*, swin_*, swin_v2_*, maxvit_t) and by timm models whose constructor takes
+    drop_path_rate (resnet*, resnext*, efficientnet*, mobilenetv3_*, convnext*, regnet*, ...; not vgg*, densenet*);
+    null: the model's own default (0 for simple_cnn and timm)."""
     sync_bn: bool = False
     """Several ranks: BatchNorm statistics over the global batch (SyncBatchNorm; CPU ranks: all-reduces over gloo)."""
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise ValueError("model.name is empty; use simple_cnn or a torchvision model name")
+            raise ValueError("model.name is empty; use simple_cnn, a torchvision model name or timm/<name>")
+        if self.name == "timm/":
+            raise ValueError("model.name='timm/' names no model; use timm/<name>, e.g. timm/resnet18")
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ValueError(f"model.channels={list(self.channels)} must be a non-empty list of positive ints")
         _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
@@ -352,6 +358,9 @@ class OptimConfig:
     """Peak learning rate (per optimizer step, after accumulation)."""
     weight_decay: float = 0.0
     """Decoupled (AdamW) or L2 weight decay."""
+    l1: float = 0.0
+    """L1 penalty: l1 x sum(abs(w)) is added to the training loss (gradient l1 x sign(w)), over the weights that get
+    weight decay (norm weights and biases are left out when optim.exclude_norm_and_bias); 0: off."""
     exclude_norm_and_bias: bool = True
     """Apply no weight decay to normalisation weights and biases."""
     momentum: float = 0.9
@@ -372,6 +381,7 @@ class OptimConfig:
         _check_choice("optim.name", self.name, OPTIMIZERS)
         _check_range("optim.lr", self.lr, 0.0, low_open=True)
         _check_range("optim.weight_decay", self.weight_decay, 0.0)
+        _check_range("optim.l1", self.l1, 0.0)
         _check_range("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):  # NaN fails this too
             raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
@@ -608,18 +618,24 @@ class FinetuneConfig:
 
     weights: str = ""
     """Pretrained weights: a torchvision weights name (e.g. ResNet18_Weights.IMAGENET1K_V1, read from the local
-    torch hub cache), a .pth/.pt/.safetensors state dict, or a run/checkpoint folder of ours; empty: random init."""
+    torch hub cache), hf-hub:<org>/<name> (e.g. hf-hub:timm/resnet18.a1_in1k, read from the local Hugging Face cache:
+    $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub), a Hugging Face cache folder (models--org--name
+    or one of its snapshots), a .pth/.pt/.bin/.safetensors state dict, or a run/checkpoint folder of ours; empty:
+    random init. Nothing is downloaded."""
     load_head: bool = False
     """Also load the pretrained classifier head if its shape fits (normally a new head learns the new classes)."""
     match_input: bool = True
-    """With a torchvision weights name, take data.mean/std/image_size from the weights' own preprocessing."""
+    """With a torchvision weights name, take data.mean/std/image_size from the weights' own preprocessing; with a timm
+    model and weights other than a run folder of ours, data.mean/std/image_size and data.eval_crop_pct from its
+    pretrained config (a hub folder's config.json, else timm's for model.name)."""
     freeze: str = "full"
     """full (train all), feature_extraction (only the head), partial (finetune.trainable), or gradual."""
     trainable: list[str] = field(default_factory=list)
     """partial: the module groups left trainable, e.g. [layer4, fc]."""
     groups: list[str] = field(default_factory=list)
     """Module groups ordered input -> output (name prefixes) for gradual unfreezing and layer-wise decay;
-    empty: automatic (top-level children, `features` split per block). Uncovered parameters join the first group."""
+    empty: automatic (timm models: the stages of timm's coarse group_matcher, e.g. stem, layer1..layer4, head;
+    others: top-level children, `features` split per block). Uncovered parameters join the first group."""
     unfreeze_every: int = 1
     """gradual: epochs between unfreezing one more group (the head first, then the groups nearest to it)."""
     frozen_bn_eval: bool = True

@@ -7,6 +7,7 @@ from torch import nn
 
 from pipeline.config.schema import ModelConfig
 from pipeline.models.simple_cnn import SimpleCNN
+from pipeline.models.timm_models import create_timm_model, is_timm_name
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -72,19 +73,24 @@ def torchvision_model_names() -> list[str]:
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """`simple_cnn` or any torchvision classification model (random init) with `num_classes` outputs."""
+    """`simple_cnn`, any torchvision classification model or `timm/<name>` (random init) with `num_classes`
+    outputs."""
     if cfg.name == "simple_cnn":
         if cfg.small_input_stem:
             raise ValueError("model.small_input_stem=true is for torchvision ResNets; simple_cnn has no such stem")
         model: nn.Module = SimpleCNN(num_classes, in_channels, cfg.channels, cfg.residual, cfg.dropout,
                                      cfg.drop_path or 0.0)
+    elif is_timm_name(cfg.name):
+        model = create_timm_model(cfg.name, num_classes, in_channels, cfg.dropout, cfg.drop_path)
+        if cfg.small_input_stem:
+            _small_input_stem(model, cfg.name)
     else:
         from torchvision import models
 
         names = torchvision_model_names()
         if cfg.name not in names:
-            raise ValueError(f"model.name={cfg.name!r} is not simple_cnn or a torchvision classification model "
-                             f"(e.g. {', '.join(n for n in names if n.startswith('resnet'))})")
+            raise ValueError(f"model.name={cfg.name!r} is not simple_cnn, a torchvision classification model "
+                             f"(e.g. {', '.join(n for n in names if n.startswith('resnet'))}) or timm/<name>")
         kwargs: dict = {"num_classes": num_classes}
         if cfg.dropout and "dropout" in models.get_model_builder(cfg.name).__doc__.lower():
             kwargs["dropout"] = cfg.dropout

@@ -1,13 +1,18 @@
-"""Pretrained weights: find them (torchvision name, state-dict file, run folder), load what fits, say what did not.
+"""Pretrained weights: find them (torchvision name, Hugging Face cache, state-dict file, run folder), load what fits,
+say what did not.
 
 Nothing is downloaded: a torchvision weights name is read from the torch hub cache, where
-`torchvision` itself would have stored it, and a missing file is one line saying where to put it.
+`torchvision` itself would have stored it, an `hf-hub:org/name` from the Hugging Face cache, where
+`huggingface_hub` (timm's downloader) would have stored it, and a missing file is one line saying where it was
+looked for.
 Loading is partial by design: keys whose shape differs (a new head, a different first convolution)
 are skipped and listed, and the classifier head is left freshly initialised unless asked otherwise.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -99,14 +104,61 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read '{path}' as a state dict: {first_line(exc)}") from None
 
 
+HF_PREFIX = "hf-hub:"
+HF_WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
+"""The weights files of a Hugging Face model repository (timm's), in the order they are preferred."""
+
+
+def hf_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloaded repositories: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub (~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser() / "hub"
+
+
+def hf_snapshot(repo_folder: Path) -> Path:
+    """The snapshot of a `models--org--name` cache folder that refs/main names (else its only snapshot)."""
+    ref = repo_folder / "refs" / "main"
+    if ref.is_file():
+        return repo_folder / "snapshots" / ref.read_text().strip()
+    snapshots = sorted((repo_folder / "snapshots").glob("*")) if (repo_folder / "snapshots").is_dir() else []
+    return snapshots[0] if len(snapshots) == 1 else repo_folder / "snapshots" / "<refs/main>"
+
+
+def hf_weights_file(source: str) -> Path:
+    """`hf-hub:org/name` -> the weights file of its snapshot in the local Hugging Face cache; never downloads."""
+    repo_id = source[len(HF_PREFIX):]
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"finetune.weights={source!r} is not hf-hub:<org>/<name> (e.g. hf-hub:timm/resnet18.a1_in1k)")
+    snapshot = hf_snapshot(hf_cache_dir() / f"models--{repo_id.replace('/', '--')}")
+    for name in HF_WEIGHTS_FILES:
+        if (snapshot / name).is_file():
+            return snapshot / name
+    raise FileNotFoundError(f"finetune.weights={source!r} is not in the local Hugging Face cache (no download here): "
+                            f"looked for {snapshot / HF_WEIGHTS_FILES[0]} (or {HF_WEIGHTS_FILES[1]}); set "
+                            "HF_HUB_CACHE or HF_HOME to the cache that holds it, or give the file's path")
+
+
 def _weights_file_of_folder(folder: Path) -> Path:
-    """A run folder (its best, else last checkpoint) or a checkpoint folder -> its model.safetensors."""
+    """A run folder (its best, else last checkpoint), a checkpoint folder, or a Hugging Face cache folder
+    (models--org--name, or one of its snapshots) -> its weights file."""
+    if folder.name.startswith("models--"):
+        folder = hf_snapshot(folder)
     for candidate in (folder / "model.safetensors", folder / "checkpoints" / "best" / "model.safetensors",
-                      folder / "checkpoints" / "last" / "model.safetensors"):
+                      folder / "checkpoints" / "last" / "model.safetensors", folder / "pytorch_model.bin"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"finetune.weights='{folder}' is a folder without model.safetensors or "
-                            "checkpoints/{best,last}/model.safetensors")
+    raise FileNotFoundError(f"finetune.weights='{folder}' is a folder without model.safetensors, "
+                            "checkpoints/{best,last}/model.safetensors or pytorch_model.bin")
+
+
+def is_run_folder(source: str) -> bool:
+    """A run or checkpoint folder of ours (its data settings are its own config's, not a pretrained config's)."""
+    path = Path(source)
+    return path.is_dir() and ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+                              or path.parent.name == "checkpoints")
 
 
 def pretrained_weights_file(source: str, model_name: str | None = None) -> Path:
@@ -129,12 +181,14 @@ def pretrained_weights_file(source: str, model_name: str | None = None) -> Path:
             raise FileNotFoundError(f"weights {source} are not in the local torch cache (no download here): "
                                     f"fetch {weights.url} and put it at {path}")
         return path
+    if source.startswith(HF_PREFIX):
+        return hf_weights_file(source)
     path = Path(source)
     if path.is_dir():
         return _weights_file_of_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"finetune.weights='{source}' does not exist; give a torchvision weights name, "
-                                "a .pth/.pt/.safetensors file, or a run folder")
+                                "hf-hub:<org>/<name>, a .pth/.pt/.safetensors file, or a run folder")
     if path.suffix not in (".pth", ".pt", ".safetensors", ".bin"):
         raise ValueError(f"finetune.weights='{source}' has suffix '{path.suffix}'; use .pth, .pt or .safetensors")
     return path
@@ -198,3 +252,15 @@ def pretrained_input(source: str) -> dict:
     transform = torchvision_weights(source).transforms()
     return {"image_size": int(transform.crop_size[0]), "resize_size": int(transform.resize_size[0]),
             "mean": list(transform.mean), "std": list(transform.std)}
+
+
+def hub_pretrained_cfg(source: str) -> dict | None:
+    """The `pretrained_cfg` of the config.json beside hub weights (hf-hub:..., a cache folder, a file in one), if
+    any: the preprocessing those very weights were trained with."""
+    try:
+        weights = pretrained_weights_file(source)
+        config = json.loads((weights.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = config.get("pretrained_cfg") if isinstance(config, dict) else None
+    return cfg if isinstance(cfg, dict) and {"input_size", "mean", "std"} <= set(cfg) else None

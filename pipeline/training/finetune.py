@@ -12,22 +12,42 @@ from torch import nn
 from pipeline.config.schema import Config
 from pipeline.models.pretrained import (
     LoadReport,
+    hub_pretrained_cfg,
+    is_run_folder,
     is_torchvision_weights_name,
     load_pretrained,
     pretrained_input,
     read_pretrained_state,
 )
+from pipeline.models.timm_models import input_of_pretrained_cfg, is_timm_name, timm_pretrained_input
 from pipeline.training.callbacks import Callback
 from pipeline.training.freezing import FreezeCallback, apply_freeze, build_groups, optimizer_param_groups
 
 
+def pretrained_preprocessing(cfg: Config) -> dict | None:
+    """The input the pretrained weights expect (image_size, mean, std, crop_pct for timm), or None: a torchvision
+    weights name's own transforms; for a timm model, the hub config.json beside the weights, else timm's
+    pretrained config of model.name. Weights from a run folder of ours keep the config's data settings."""
+    weights = cfg.finetune.weights
+    if is_torchvision_weights_name(weights):
+        return pretrained_input(weights)
+    if is_timm_name(cfg.model.name) and not is_run_folder(weights):
+        hub = hub_pretrained_cfg(weights)
+        return input_of_pretrained_cfg(hub) if hub else timm_pretrained_input(cfg.model.name)
+    return None
+
+
 def match_input(cfg: Config) -> Config:
-    """With a torchvision weights name (and finetune.match_input), use the weights' size and normalisation."""
-    if not (cfg.finetune.weights and cfg.finetune.match_input and is_torchvision_weights_name(cfg.finetune.weights)):
+    """With pretrained weights (and finetune.match_input), use their input size, normalisation (and timm's crop)."""
+    if not (cfg.finetune.weights and cfg.finetune.match_input):
         return cfg
-    expected = pretrained_input(cfg.finetune.weights)
+    expected = pretrained_preprocessing(cfg)
+    if expected is None:
+        return cfg
     cfg = copy.deepcopy(cfg)
     cfg.data.image_size = expected["image_size"]
+    if "crop_pct" in expected:
+        cfg.data.eval_crop_pct = expected["crop_pct"]
     if cfg.data.channels == 1:  # gray input through RGB-trained filters: one channel, the average statistics
         cfg.data.mean = [sum(expected["mean"]) / 3]
         cfg.data.std = [sum(expected["std"]) / 3]

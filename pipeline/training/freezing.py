@@ -1,6 +1,7 @@
 """Freezing strategies, discriminative learning rates and gradual unfreezing.
 
-A model is cut into *groups*: module-name prefixes ordered from input to output, the head last.
+A model is cut into *groups*: module-name prefixes ordered from input to output, the head last (a timm model:
+the stages its own coarse `group_matcher` names, stem ... head, as timm's layer decay cuts it).
 A strategy decides which groups train:
 
 - `full`: all; `feature_extraction`: the head only; `partial`: the groups named in `trainable`;
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from pipeline.config.schema import FinetuneConfig
+from pipeline.models.timm_models import is_timm_model, timm_layer_groups
 from pipeline.training.callbacks import Callback
 from pipeline.training.optim import NORM_TYPES
 
@@ -54,8 +56,23 @@ def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
+def timm_groups(model: nn.Module) -> list[Group] | None:
+    """The groups timm's own coarse group_matcher cuts a timm model into (named stem, layer1, blocks.3, head ...);
+    None for other models."""
+    named = timm_layer_groups(model) if is_timm_model(model) else None
+    if named is None:
+        return None
+    params = dict(model.named_parameters())
+    return [Group(name, [(n, params[n]) for n in names]) for name, names in named]
+
+
 def build_groups(model: nn.Module, prefixes: list[str] | None = None) -> list[Group]:
-    """Every parameter in exactly one group (the first prefix that covers it; uncovered ones join the first)."""
+    """Every parameter in exactly one group (the first prefix that covers it; uncovered ones join the first).
+    Without prefixes: timm's groups for a timm model, else `auto_group_prefixes`."""
+    if not prefixes:
+        groups = timm_groups(model)
+        if groups is not None:
+            return groups
     prefixes = list(prefixes or []) or auto_group_prefixes(model)
     groups = [Group(p, []) for p in prefixes]
     names = [n for n, _ in model.named_parameters()]

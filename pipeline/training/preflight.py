@@ -151,13 +151,13 @@ def image_size_misfit(cfg: Config) -> str:
     return f"{where}; it must be >= {high} and <= {MAX_IMAGE_SIZE}"
 
 
-def preflight(cfg: Config, dist: Dist, manifest: Manifest) -> None:
+def preflight(cfg: Config, dist: Dist, manifest: Manifest, run_folder: bool = True) -> None:
     """Raise the first problem found (the same on every rank); create the run folder (the last check, so that a
-    failing one leaves no folder behind)."""
+    failing one leaves no folder behind), unless `run_folder` is false (`pipeline lr-find` writes none)."""
     problem = ""
     if dist.is_main:
         problem = missing_shards(cfg, manifest) or missing_weights(cfg) or image_size_misfit(cfg) \
-            or batch_too_large(cfg, manifest, dist.world_size) or unwritable_output(cfg)
+            or batch_too_large(cfg, manifest, dist.world_size) or (unwritable_output(cfg) if run_folder else "")
     problem = dist.broadcast_object(problem)
     if problem:
         raise ValueError(problem)

@@ -29,6 +29,7 @@ from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.ema import ModelEma, NoEma
 from pipeline.training.mixing import BatchAugment
 from pipeline.training.nonfinite import DIAGNOSTICS_FILE, NonFiniteGuard, Verdict, reset_scaler
+from pipeline.training.optim import build_l1_penalty
 from pipeline.training.preemption import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
@@ -105,6 +106,7 @@ class Trainer:
         self.steps_per_epoch = train.stream.steps_per_epoch()
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.batch_augment = BatchAugment(cfg.data.augment, cfg.train.seed)  # random erasing, MixUp/CutMix
+        self.penalty = build_l1_penalty(cfg.optim, self.unwrapped)  # optim.l1 (train/loss stays the data loss)
         self.progress = NullProgress()
         self.epochs_task = 0
         self.nonfinite = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_nonfinite_steps,
@@ -244,7 +246,8 @@ class Trainer:
                 logits = self.model(images)
                 loss = self.loss_fn(logits.float(), targets.targets(logits.shape[-1]))
             loss = self.nonfinite.observe_loss(loss, self.state.global_step + 1, self.state.step_in_epoch)
-            self.dist.backward(loss / window if window > 1 else loss)
+            penalised = self.penalty(loss)
+            self.dist.backward(penalised / window if window > 1 else penalised)
         if last_in_window:
             self.nonfinite.measure()  # before clipping, which would turn a non-finite norm into NaN everywhere
             if self.cfg.train.max_grad_norm > 0:
