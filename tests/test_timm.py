@@ -179,6 +179,7 @@ def timm_run(tmp_path_factory, tiny_digits_root: Path) -> Path:
     return out / "resnet18"
 
 
+@pytest.mark.slow  # two training runs of a timm ResNet-18 (~2-4 min on 2 cores)
 def test_timm_model_trains_and_fine_tunes_from_its_weights_with_gradual_unfreezing(timm_run, tiny_digits_root):
     out = timm_run.parent
     weights = timm_run / "checkpoints" / "best" / "model.safetensors"
@@ -194,7 +195,9 @@ def test_timm_model_trains_and_fine_tunes_from_its_weights_with_gradual_unfreezi
         f"lr/{g}/{s}" for g in ("stem", "layer1", "layer2", "layer3", "layer4", "head") for s in ("decay", "no_decay")}
 
 
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenetv3_small_100"])
+# resnet18 in the regular suite; the other two families (~1-3 min each on 2 cores) are slow
+@pytest.mark.parametrize("name", ["resnet18", *(pytest.param(n, marks=pytest.mark.slow)
+                                               for n in ("efficientnet_b0", "mobilenetv3_small_100"))])
 def test_export_parity_for_three_timm_families(name, timm_run, tiny_digits_root, capsys):
     if name == "resnet18":
         run_dir = timm_run
