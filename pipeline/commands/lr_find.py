@@ -21,8 +21,8 @@ from pipeline.data import build_loader
 from pipeline.distributed import build_dist, choose_precision
 from pipeline.distributed.sync_bn import convert_sync_batchnorm
 from pipeline.models import create_model
-from pipeline.training.finetune import build_finetune, loss_class_weights, match_input
-from pipeline.training.losses import build_loss
+from pipeline.tasks import build_task, class_weights
+from pipeline.training.finetune import build_finetune, match_input
 from pipeline.training.lr_finder import Sweep, SweepStep, run_sweep, sweep_lrs
 from pipeline.training.optim import build_l1_penalty, build_optimizer
 from pipeline.training.preflight import preflight
@@ -105,7 +105,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: in
     penalty = build_l1_penalty(cfg.optim, model)
     model, optimizer = dist.prepare(model, optimizer, register_frozen=gradual)
     model.train()
-    loss_fn = build_loss(cfg.optim, manifest.num_classes, loss_class_weights(cfg, manifest)).to(dist.device)
+    loss_fn = build_task(cfg, manifest).build_loss(class_weights(cfg, manifest)).to(dist.device)  # as train's
     batch = f"batch {cfg.train.batch_size} x {dist.world_size} rank(s) x {cfg.train.grad_accum_steps} accumulated"
     dist.print(f"lr-find: up to {steps} {cfg.optim.name} steps, lr {start_lr:g} -> {end_lr:g} (exponential), "
                f"{batch}, on {manifest.split('train').num_samples} training samples")
