@@ -129,3 +129,10 @@ def train_command(config: str, overrides: list[str], run_dir: Path, env: dict | 
     return {"exit": code, "wall_s": wall, "log": str(log),
             "epochs": [r for r in records if "epoch_seconds" in r],
             "test": json.loads(test.read_text()) if test.is_file() else None}
+
+
+def evaluate_command(run_dir: Path, *flags: str) -> dict:
+    """`pipeline evaluate RUN_DIR FLAGS --json` in a fresh process, as a user types it; its metrics."""
+    out = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", str(run_dir), *flags, "--json"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out[out.index("{"):])

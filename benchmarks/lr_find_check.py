@@ -22,7 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, environment, write_json  # noqa: E402
+
 QUIET = ["logging.wandb_mode=disabled", "logging.progress=false"]
 
 
@@ -69,8 +72,7 @@ def main() -> None:
                for name, rows in runs.items()}
     record = {"config": args.config, "overrides": args.set, "seeds": args.seeds, "sweep": json.loads(
         plot.with_suffix(".json").read_text()), "sweep_seconds": sweep_seconds, "runs": runs, "summary": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    write_json({**record, "environment": environment()}, args.out)
     print(json.dumps(summary, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 

@@ -14,16 +14,14 @@ epochs, same seeds for every row. JSON to benchmarks/results/recipe_ablation.jso
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, environment, smoke_overrides, table, train_command, write_json  # noqa: E402
+from benchmarks.common import ROOT, environment, evaluate_command, smoke_overrides, table, train_command, write_json  # noqa: E402
 
 PARTS = {
     "EMA (train.ema_decay=0.998, warm-up)": ["train.ema_decay=0.998", "train.ema_warmup=true"],
@@ -54,9 +52,7 @@ def data_overrides(root: Path, train_shards: int) -> list[str]:
 
 
 def evaluate_tta(run_dir: Path) -> float:
-    out = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", str(run_dir), "--tta", "flip_shift", "--json"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("{"):])["accuracy"]
+    return evaluate_command(run_dir, "--tta", "flip_shift")["accuracy"]
 
 
 def main(argv=None) -> int:

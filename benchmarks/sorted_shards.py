@@ -13,18 +13,24 @@ JSON to benchmarks/results/sorted_shards.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, SMOKE_ENV, environment, smoke_overrides, table, train_command, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    SMOKE_ENV,
+    environment,
+    evaluate_command,
+    smoke_overrides,
+    table,
+    train_command,
+    write_json,
+)
 
 
 def _listing(paths: list[str]) -> str:
@@ -45,9 +51,7 @@ def run(paths: dict[str, list[str]], seed: int, run_dir: Path, extra: list[str])
 def last_weights_accuracy(run_dir: Path) -> float:
     """Test accuracy of the last epoch's weights (`pipeline evaluate RUN --checkpoint last`): the best-validation
     weights depend on ties among 300 validation images, which picks an early epoch in some seeds."""
-    out = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", str(run_dir), "--checkpoint", "last", "--json"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("{"):])["accuracy"]
+    return evaluate_command(run_dir, "--checkpoint", "last")["accuracy"]
 
 
 def main(argv=None) -> int:
