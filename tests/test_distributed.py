@@ -81,7 +81,9 @@ def test_torn_newest_checkpoint_falls_back_to_previous(digits_root: Path, tmp_pa
     assert "resumed from" in resumed.stdout and "step-00000020" in resumed.stdout
 
 
-@pytest.mark.parametrize("workers, whole_group", [(0, False), (2, True)])
+# The default workers in the suite; with 0 workers (slow) SIGUSR1's exit is in tests/test_exits.py's matrix, resume's
+# bit-exactness in the SIGKILL tests.
+@pytest.mark.parametrize("workers, whole_group", [pytest.param(0, False, marks=pytest.mark.slow), (2, True)])
 def test_sigusr1_checkpoints_and_exits_75_then_resumes(digits_root: Path, tmp_path: Path, workers: int,
                                                        whole_group: bool) -> None:
     """`whole_group`: the signal reaches the loader workers too, as when SLURM signals every process of a job

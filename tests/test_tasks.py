@@ -219,7 +219,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 @pytest.mark.parametrize("task", [
     [*MULTILABEL, "task.threshold=tune", "data.augment.mixup_alpha=0.4", "imbalance.class_weights=auto"],
-    [*REGRESSION, "task.loss=huber"],
+    pytest.param([*REGRESSION, "task.loss=huber"], marks=pytest.mark.slow),  # the same checkpoint path; ~30 s
 ], ids=["multilabel", "regression"])
 def test_resume_is_bit_identical_and_the_nonfinite_guard_skips(shards: dict, tmp_path: Path, task: list[str]) -> None:
     """Killed after the checkpoint of epoch 1, resumed: the same weights, epoch records, test metrics and task state
