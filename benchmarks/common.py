@@ -17,6 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE_ENV = "PIPELINE_BENCH_SMOKE"
+SMOKE_TRAINING = ["train.epochs=1", "model.channels=[8,16]", "data.image_size=8", "logging.wandb_mode=disabled"]
+"""A smoke run's training overrides (`smoke_overrides`): one epoch of a tiny model on tiny images."""
 """Set to 1 (tests/test_bench.py does, running docs/performance.md's command lines as written) to cap the sizes."""
 
 

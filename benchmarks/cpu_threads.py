@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import SMOKE_ENV, environment, smoke_overrides, table, train_command, write_json  # noqa: E402
+from benchmarks.common import SMOKE_ENV, SMOKE_TRAINING, environment, smoke_overrides, table, train_command, write_json  # noqa: E402
 
 POLICIES = {
     "default (cpu_threads=auto)": ([], {}),
@@ -40,7 +40,7 @@ def busy() -> subprocess.Popen:
 
 def one(config: str, policy: str, competing: bool, work: Path, number: int) -> dict:
     overrides, env = POLICIES[policy]
-    overrides = smoke_overrides(overrides, ["train.epochs=1", "model.channels=[8,16]", "data.image_size=8", "logging.wandb_mode=disabled"])
+    overrides = smoke_overrides(overrides, SMOKE_TRAINING)
     rival = busy() if competing else None
     try:
         result = train_command(config, overrides, work / f"run{number:02d}", env=env)
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="cpu_threads_"))
     # The quick start builds the digits shards on its first run: one untimed epoch first, so no timed run does.
-    train_command(args.config, smoke_overrides(["train.epochs=1"], ["train.epochs=1", "model.channels=[8,16]", "data.image_size=8", "logging.wandb_mode=disabled"]), work / "warmup")
+    train_command(args.config, smoke_overrides(["train.epochs=1"], SMOKE_TRAINING), work / "warmup")
     rows, number = [], 0
     for repeat in range(args.repeats):
         cases = [(p, c) for c in (False, True) for p in POLICIES]

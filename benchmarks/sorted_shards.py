@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     SMOKE_ENV,
+    SMOKE_TRAINING,
     environment,
     evaluate_command,
     smoke_overrides,
@@ -39,7 +40,7 @@ def _listing(paths: list[str]) -> str:
 
 def run(paths: dict[str, list[str]], seed: int, run_dir: Path, extra: list[str]) -> dict:
     overrides = smoke_overrides([f"data.{split}={_listing(files)}" for split, files in paths.items()]
-                                + [f"train.seed={seed}", *extra], ["train.epochs=1", "model.channels=[8,16]", "data.image_size=8", "logging.wandb_mode=disabled"])
+                                + [f"train.seed={seed}", *extra], SMOKE_TRAINING)
     result = train_command("configs/default.yaml", overrides, run_dir)
     val = {r["epoch"]: r["val/accuracy"] for r in result["epochs"] if "val/accuracy" in r}
     last = max(val, default=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
 
-from pipeline.config.schema import AugmentConfig, DataConfig, ModelConfig
+from pipeline.config.schema import AugmentConfig, DataConfig, ModelConfig, TrainConfig
 from pipeline.data.transforms import build_transform
 from pipeline.evaluation.tta import TestTimeAugmentation, tta_views
 from pipeline.models import SimpleCNN, create_model
-from pipeline.training.ema import ModelEma, ema_decay
+from pipeline.training.ema import ModelEma, ema_decay, first_weights_share, short_run_warning
 from tests.conftest import ROOT, TINY, free_port, run_cli
 
 
@@ -318,3 +319,22 @@ def test_average_takes_the_mean_of_the_last_epoch_end_checkpoints(tmp_path: Path
     assert verify(folder) is None
     with pytest.raises(ValueError, match="holds 3 complete epoch-end checkpoint"):
         average_run(tmp_path / "run", last=4)
+
+
+def test_an_ema_too_long_for_the_run_is_a_warning_at_start(digits_root: Path, tmp_path: Path) -> None:
+    """The first update copies the weights after step 1; without warm-up they keep decay^(updates-1) of the EMA."""
+    assert first_weights_share(0.99, False, 88) == pytest.approx(0.99 ** 87)
+    assert first_weights_share(0.99, True, 88) < 1e-4  # timm's warm-up lets them fade
+    assert short_run_warning(TrainConfig(ema_decay=0.998), 2640) == ""  # configs/cifar10_cpu_recipe.yaml: 0.5%
+    assert short_run_warning(TrainConfig(ema_decay=0.99, ema_warmup=True), 88) == ""
+    assert short_run_warning(TrainConfig(ema_decay=0.0), 5) == ""
+    line = short_run_warning(TrainConfig(ema_decay=0.99, ema_every_steps=2), 176)
+    assert line == ("warning: train.ema_decay=0.99 is long for this run's 88 EMA updates: 42% of the EMA at the end is "
+                    "the weights after step 1, and the EMA is what is validated, kept and tested; set "
+                    f"train.ema_warmup=true or train.ema_decay<={0.01 ** (1 / 87):.3f}")
+    result = run_cli(["train", "configs/default.yaml", f"data.root={digits_root}", f"run.output_dir={tmp_path}",
+                      "run.name=short", *TINY, "train.batch_size=64", "train.epochs=1", "data.num_workers=0",
+                      "train.ema_decay=0.99"])
+    steps = int(re.search(r"(\d+) steps/epoch/rank", result.stdout).group(1))  # one epoch
+    assert f"warning: train.ema_decay=0.99 is long for this run's {steps} EMA updates: {0.99 ** (steps - 1):.0%} of" \
+        in result.stdout, result.stdout

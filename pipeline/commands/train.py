@@ -24,7 +24,7 @@ from pipeline.tasks import Task, build_task, class_weights, write_task
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
-from pipeline.training.ema import build_ema
+from pipeline.training.ema import build_ema, short_run_warning
 from pipeline.training.finetune import build_finetune, match_input
 from pipeline.training.grad_stats import TrainingSignals
 from pipeline.training.optim import build_optimizer
@@ -128,6 +128,8 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
         model = torch.compile(model)
     steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
+    if short_ema := short_run_warning(cfg.train, steps_per_epoch * cfg.train.epochs):
+        dist.print(short_ema)
     task = build_task(cfg, manifest)
     loss_fn = task.build_loss(class_weights(cfg, manifest)).to(dist.device)
     log_cfg = cfg.logging

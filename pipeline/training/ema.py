@@ -19,6 +19,7 @@ a resume bit-exact on every rank. With model.sync_bn the statistics are global a
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional
 
 import torch
@@ -115,4 +116,30 @@ def build_ema(cfg: TrainConfig, model: nn.Module) -> ModelEma | NoEma:
     return ModelEma(model, cfg.ema_decay, cfg.ema_warmup, cfg.ema_every_steps, cfg.ema_buffers)
 
 
-__all__ = ["ModelEma", "NoEma", "build_ema", "ema_decay"]
+def first_weights_share(decay: float, warmup: bool, updates: int) -> float:
+    """The share of the first update's weights (a copy of the model after step 1) left in the EMA after `updates`
+    updates: the product of every later update's decay."""
+    return math.prod(ema_decay(step, decay, warmup) for step in range(2, updates + 1)) if updates > 1 else 1.0
+
+
+SHORT_RUN_SHARE = 0.1
+"""Above this share of the first weights in the final EMA, a run warns at start (`short_run_warning`)."""
+
+
+def short_run_warning(cfg: TrainConfig, optimizer_steps: int) -> str:
+    """One line when the EMA would still hold more than SHORT_RUN_SHARE of the barely trained first weights at the
+    end of the run, else ''. Measured: digits, 4 epochs (88 steps), train.ema_decay=0.99 without warm-up: the EMA's
+    validation accuracy stayed at 10-14% while the trained weights reached 95%; with train.ema_warmup=true, 93%."""
+    if cfg.ema_decay <= 0:
+        return ""
+    updates = optimizer_steps // cfg.ema_every_steps
+    share = first_weights_share(cfg.ema_decay, cfg.ema_warmup, updates)
+    if share <= SHORT_RUN_SHARE:
+        return ""
+    fits = 0.01 ** (1 / max(1, updates - 1))  # a decay that leaves 1% of the first weights
+    return (f"warning: train.ema_decay={cfg.ema_decay:g} is long for this run's {updates} EMA updates: {share:.0%} of "
+            f"the EMA at the end is the weights after step 1, and the EMA is what is validated, kept and tested; set "
+            f"train.ema_warmup=true or train.ema_decay<={fits:.3f}")
+
+
+__all__ = ["ModelEma", "NoEma", "build_ema", "ema_decay", "first_weights_share", "short_run_warning"]
