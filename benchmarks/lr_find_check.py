@@ -1,8 +1,8 @@
 """Does training at `pipeline lr-find`'s suggestion match the shipped config's lr? (docs/training.md)
 
     python benchmarks/lr_find_check.py configs/default.yaml --seeds 0 1 2
-    python benchmarks/lr_find_check.py configs/cifar10_cpu.yaml --seeds 0 --set train.epochs=5 \
-        data.root=/tmp/cifar10_shards
+    python benchmarks/lr_find_check.py configs/cifar10_cpu.yaml --seeds 0 --set train.epochs=5 train.precision=fp32 \
+        data.num_workers=0 --out benchmarks/results/lr_find_cifar10_cpu.json --plot docs/images/lr_find_cifar10_cpu.png
 
 1. `pipeline lr-find CONFIG` (seed of the first --seeds), its plot copied to --plot when given.
 2. For each seed: `pipeline train` at the config's own optim.lr and at the suggestion, same everything else.

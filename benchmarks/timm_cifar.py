@@ -9,7 +9,9 @@
 2. Per model (`timm/<name>`, 32 px, random init, nothing downloaded): train on the source, save its best weights as
    a plain state dict (`<name>_source.safetensors`); on the target, (a) train from scratch, (b) fine-tune from that
    state dict with gradual unfreezing (timm's groups: the head first, one more stage per epoch).
-3. Test accuracy and wall time of every run into --out (JSON); a markdown table printed.
+3. Test accuracy and wall time of every run into --out (JSON, with the environment and commit); a markdown table
+   printed. `--set KEY=VALUE ...` overrides every run's config last (e.g. `train.precision=fp32 data.num_workers=0`
+   on a CPU without bf16 units).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cifar_transfer import CLASSES, cifar10_folder  # noqa: E402
+from benchmarks.common import environment, smoke_sizes, write_json  # noqa: E402
 from pipeline.data.subsets import write_split_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +76,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "timm_cifar.json")
-    args = parser.parse_args()
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides for every run (they come last)")
+    args = smoke_sizes(parser.parse_args(), source_per_class=20, target_per_class=10, test_per_class=10, epochs=1)
     folder = cifar10_folder(args.data, args.cache)
     source = write_subset(folder, args.cache / "source", CLASSES[:5], args.source_per_class, args.test_per_class)
     target = write_subset(folder, args.cache / "target", CLASSES[5:], args.target_per_class, args.test_per_class)
     runs = args.cache / "runs"
     record: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "results": {}}
     for model in args.models:
-        base = [f"model.name=timm/{model}", f"train.epochs={args.epochs}", f"optim.lr={args.lr}"]
+        base = [f"model.name=timm/{model}", f"train.epochs={args.epochs}", f"optim.lr={args.lr}", *args.set]
         results = record["results"][model] = {"source": train(source, runs, f"{model}_source", base)}
         weights = args.cache / f"{model}_source.safetensors"
         shutil.copyfile(runs / f"{model}_source" / "checkpoints" / "best" / "model.safetensors", weights)
@@ -89,8 +93,7 @@ def main() -> None:
             *base, f"finetune.weights={weights}", "finetune.freeze=gradual", "finetune.unfreeze_every=1",
             "finetune.match_input=false"])
         print(model, json.dumps(results), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        write_json({**record, "environment": environment()}, args.out)
     print("| model | source (0-4) | target (5-9) scratch | target fine-tuned, gradual |\n|---|---|---|---|")
     for model, r in record["results"].items():
         print(f"| timm/{model} | {r['source']['accuracy']:.3f} | {r['target_scratch']['accuracy']:.3f} | "
