@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import os
+import re
 import shutil
 import statistics
 import sys
@@ -39,9 +41,10 @@ from benchmarks.common import alternate, environment, table, write_json  # noqa:
 from benchmarks.loader_throughput import MEAN, STD, Epochs, prepare  # noqa: E402
 
 
-def serve(folder: Path) -> tuple[str, http.server.ThreadingHTTPServer]:
-    """Python's own HTTP server over `folder` on 127.0.0.1, in a thread; (base URL, server)."""
-    handler = functools.partial(QuietHandler, directory=str(folder))
+def serve(folder: Path, ranges: bool = False) -> tuple[str, http.server.ThreadingHTTPServer]:
+    """Python's own HTTP server over `folder` on 127.0.0.1, in a thread; (base URL, server). It ignores Range
+    requests (Python 3.11's); `ranges`: answer `Range: bytes=N-` with 206 from byte N, as nginx, S3 and GCS do."""
+    handler = functools.partial(RangeHandler if ranges else QuietHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}", server
@@ -50,6 +53,31 @@ def serve(folder: Path) -> tuple[str, http.server.ThreadingHTTPServer]:
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:  # noqa: D102 - no line per request
         pass
+
+
+class RangeHandler(QuietHandler):
+    """Python's static server, plus `Range: bytes=N-` answered 206 from byte N (and Accept-Ranges: bytes)."""
+
+    def send_head(self):  # noqa: D102 - SimpleHTTPRequestHandler's hook: headers sent, the body's file returned
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        path = self.translate_path(self.path)
+        if match is None or not os.path.isfile(path) or int(match.group(1)) >= os.path.getsize(path):
+            return super().send_head()
+        handle = open(path, "rb")
+        info = os.fstat(handle.fileno())
+        start = int(match.group(1))
+        handle.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Content-Range", f"bytes {start}-{info.st_size - 1}/{info.st_size}")
+        self.send_header("Content-Length", str(info.st_size - start))
+        self.send_header("Last-Modified", self.date_time_string(info.st_mtime))
+        self.end_headers()
+        return handle
+
+    def end_headers(self) -> None:
+        self.send_header("Accept-Ranges", "bytes")
+        super().end_headers()
 
 
 def ours(name: str, urls: list[str], args, index_dir: Path) -> Epochs:

@@ -87,7 +87,7 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train,
         num_classes=manifest.num_classes, image_mode=manifest.image_mode or None, image_size=manifest.image_size,
         keys=sample_keys(cfg.data, manifest.classes, cfg.task), read_options=read_options(cfg.data, info.shards),
-        mix_shards=cfg.data.mix_shards, **extra)
+        mix_shards=cfg.data.mix_shards, sample_offsets=[s.offsets for s in info.shards], **extra)
 
 
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,

@@ -141,7 +141,7 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
             warn(f"{what}: shard {url} {got}; counted as {lost[url]} lost sample(s) ('truncated', against "
                  f"data.max_bad_fraction)")
         shards.append(ShardInfo(name=url, num_samples=entry.num_samples + lost.get(url, 0), num_bytes=entry.num_bytes,
-                                sha256=entry.sha256, version=entry.version))
+                                sha256=entry.sha256, version=entry.version, offsets=entry.trusted_offsets()))
         unusable += entry.no_label
         if regression:
             unusable += 0 if len(entry.targets.get("sum", classes)) == len(classes) else entry.targets["count"]

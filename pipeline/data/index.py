@@ -5,9 +5,12 @@ streaming (images are not decoded; `pipeline data verify` does that), and per sh
 the sample count, the size, a version (local: size and modification time; remote: ETag or
 Last-Modified and size), the labels found (raw: an integer or a class name, counted; task.type=multilabel: each
 class of a sample's list counted; regression: count, sum and sum of squares per output, for the targets' mean and
-standard deviation) and each sample's key and
+standard deviation), each sample's key and
 fingerprint (its image's size and blake2b-8 hash: what finds validation samples that are training samples,
-`shared_samples`; 16 bytes a sample, a hash at about 1 GB/s of bytes read anyway). The index is
+`shared_samples`; 16 bytes a sample, a hash at about 1 GB/s of bytes read anyway), and each sample's byte offset
+in the shard (where its first header starts: a reader opens the shard there rather than walking to it, see
+`pipeline.data.tar`). Indexes written before offsets were recorded have none; they stay valid (the reader then
+walks); offsets come when it is rebuilt (a shard changed, or its cache file was deleted). The index is
 cached in `data.index_dir` under a name derived from the shard list and the label and image keys, and
 reused while every shard still has the version it had; a shard that changed makes the index be
 rebuilt, with a warning. Shards read through `pipe:` have no version to compare: their index is
@@ -30,7 +33,7 @@ from pipeline.data.faults import short_error
 from pipeline.data.keys import SampleKeys
 from pipeline.data.manifest import SharedSamples
 from pipeline.data.remote import ReadOptions, RemoteError, stat_shard
-from pipeline.data.tar import BAD, tar_samples
+from pipeline.data.tar import BAD, gzipped, placed_samples
 
 INDEX_VERSION = 2
 """2: per-sample keys and fingerprints. The version is part of the cache file's name: older caches are rebuilt."""
@@ -60,9 +63,18 @@ class ShardEntry:
     targets: dict = field(default_factory=dict)
     """task.type=regression: {count, sum, sum_sq} of the labels (lists, one value per output) with the length the
     shard's first label has; other lengths are counted under `no_label` (the stream skips them as bad_label)."""
+    offsets: list[int] = field(default_factory=list)
+    """Each sample's byte offset in the shard (bad ones too: one per sample read), in shard order (.tar.gz: in the
+    inflated stream, unused); empty in indexes written before offsets were recorded."""
 
     def raw_labels(self) -> Counter:
         return Counter({json.loads(k): n for k, n in self.labels.items()})
+
+    def trusted_offsets(self) -> list[int]:
+        """The offsets a reader may open the shard at: only a shard's with a version, which every open checks against
+        the index's (`ReadOptions.pinned`), so an offset never points into another version of it. `pipe:` output has
+        no version and .tar.gz shards cannot be opened mid-stream: both are walked from their start."""
+        return self.offsets if self.version and not gzipped(self.url) else []
 
 
 @dataclass
@@ -107,8 +119,9 @@ def index_shard(url: str, keys: SampleKeys, options: ReadOptions | None = None, 
     labels: Counter = Counter()
     members: Counter = Counter()
     try:
-        for sample in tar_samples(url, options=options):
+        for offset, sample in placed_samples(url, options=options):
             entry.num_samples += 1
+            entry.offsets.append(offset)
             if BAD in sample:  # counted; skipped (and counted as bad) when the stream meets it
                 continue
             members.update(k for k in sample if not k.startswith("__"))

@@ -21,6 +21,10 @@ class ShardInfo:
     sha256: str
     version: str = ""
     """What the shard looked like when indexed (foreign shards: size and mtime, or ETag); '' for our own."""
+    offsets: list[int] = field(default_factory=list, repr=False)
+    """Each sample's byte offset in the shard, from the shard index (`ShardEntry.trusted_offsets`): where
+    the reader may open it. Empty where unknown (our own shards; then a reader walks from the shard's start); never
+    written into manifest.json."""
 
 
 @dataclass
@@ -105,8 +109,12 @@ class Manifest:
         return found
 
     def write(self, folder: str | Path) -> Path:
+        """Write manifest.json into `folder`; shard offsets stay out (they come from a shard index, at each run)."""
         path = Path(folder) / MANIFEST_NAME
         data = asdict(self)
+        for split in data["splits"].values():
+            for shard in split["shards"]:
+                del shard["offsets"]
         data["num_classes"] = self.num_classes
         path.write_text(json.dumps(data, indent=2) + "\n")
         return path

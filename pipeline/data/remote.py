@@ -24,6 +24,11 @@ What a handle from `open_shard` guarantees:
   local: size and mtime) each shard had when it was indexed; a shard that answers another at any open
   raises `ShardChanged` (exit 65): never a run that mixes two versions of its data.
 - **Bounded memory.** Bytes are streamed in the caller's read sizes; no shard is held in memory.
+- **Opened where asked.** `open_shard(url, options, offset)` delivers the shard from byte `offset` on (a
+  sample's start, from the shard index): local files and cached copies seek; HTTP asks `Range: bytes=N-`
+  on its first connection, and where the server ignores it (200) reads and discards the body's first N
+  bytes; object stores open at N; a shard being copied into the cache (`cache_dir`) and `pipe:` output
+  are read through from the start (the copy needs every byte; a pipe cannot skip).
 - **Counted.** `net_counters()` gives this process's cumulative `retries` (failed attempts that were
   retried), `resumed` (connections re-established in the middle of a shard) and `failed` (shards given
   up after the last retry). The stream adds their per-batch deltas to the batches' fault counts.
@@ -157,18 +162,18 @@ class ShardReader(ForwardReader):
     position, decides what is retried and re-connects at the exact byte.
     """
 
-    def __init__(self, url: str, options: ReadOptions):
+    def __init__(self, url: str, options: ReadOptions, offset: int = 0):
         super().__init__()
         self.url, self.options = url, options
         self.size: Optional[int] = None
         self.tag = ""  # ETag or Last-Modified, to notice a shard that changes between connections
         self.content_type = ""  # what the server says it sends (for the line about a shard that is not a tar)
-        self.pos = 0
+        self.pos = offset
         self._failures = 0  # failed attempts in a row
         self._slow = 0  # windows in a row under options.min_bytes_per_s (bytes arriving then do not reset _failures)
         self._pace = Pace(options.min_bytes_per_s, options.slow_window_s)
         self._connected = False
-        self._connect(0, resuming=False)
+        self._connect(offset, resuming=False)
 
     # ---- what a transport provides --------------------------------------------------------------
     def _open_at(self, offset: int) -> int:
@@ -503,42 +508,56 @@ def shard_size(handle) -> Optional[int]:
     return size
 
 
-def open_shard(url: str, options: Optional[ReadOptions] = None):
-    """A readable handle on the shard at `url` (see the module docstring for what it guarantees).
+def open_shard(url: str, options: Optional[ReadOptions] = None, offset: int = 0):
+    """A readable handle on the shard at `url`, at byte `offset` (see the module docstring for what it guarantees
+    and how each kind of URL gets there).
 
     Raises OSError with one line naming the URL when it cannot be opened (after the retries for
     transient failures). Local files raise the usual FileNotFoundError/PermissionError. A shard
-    `prefetch` started in this process is handed over, with the bytes it has read ahead.
+    `prefetch` started in this process at the same offset is handed over, with the bytes it has read ahead.
     """
-    ahead = _PREFETCHED.pop(url, None)
-    if ahead is not None:
-        return ahead
-    return _open(url, options or ReadOptions())
+    ahead = _PREFETCHED.get(url)
+    if ahead is not None and ahead.offset == offset:
+        return _PREFETCHED.pop(url)
+    return _open(url, options or ReadOptions(), offset)
 
 
-def _open(url: str, options: ReadOptions):
+def _open(url: str, options: ReadOptions, offset: int = 0):
+    """`open_shard` without the read-ahead: remote transports connect at `offset`, other handles seek to it."""
     kind = url_kind(url)
     if kind == "local":
-        handle = open_local(local_path(url))
-        if url in options.pinned:
-            info = os.fstat(handle.fileno())
-            try:
-                check_pinned(url, options, info.st_size, _local_version(info))
-            except ShardChanged:
-                handle.close()
-                raise
-        return handle
-    if kind == "pipe":
-        return PipeReader(url, options)
-    if options.cache_dir:
+        handle = _open_local(url, options)
+    elif kind == "pipe":
+        handle = PipeReader(url, options)
+    elif options.cache_dir:
         from pipeline.data import shard_cache
 
-        return shard_cache.open_cached(url, options, _remote)
-    return _remote(url, options)
+        handle = shard_cache.open_cached(url, options, _remote)
+    else:
+        return _remote(url, options, offset)
+    try:
+        if offset:
+            handle.seek(offset)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
-def _remote(url: str, options: ReadOptions) -> ShardReader:
-    return HttpReader(url, options) if url_kind(url) == "http" else FsspecReader(url, options)
+def _open_local(url: str, options: ReadOptions):
+    handle = open_local(local_path(url))
+    if url in options.pinned:
+        info = os.fstat(handle.fileno())
+        try:
+            check_pinned(url, options, info.st_size, _local_version(info))
+        except ShardChanged:
+            handle.close()
+            raise
+    return handle
+
+
+def _remote(url: str, options: ReadOptions, offset: int = 0) -> ShardReader:
+    return (HttpReader if url_kind(url) == "http" else FsspecReader)(url, options, offset)
 
 
 def stat_shard(url: str, options: Optional[ReadOptions] = None) -> tuple[Optional[int], str]:
@@ -607,31 +626,31 @@ MAX_PREFETCHED = 2
 """Shards read ahead per process at most, by default (a worker needs one per lane: `prefetch(keep=...)`)."""
 
 
-def prefetch(url: str, options: Optional[ReadOptions] = None, keep: int = MAX_PREFETCHED) -> None:
-    """Start opening remote shard `url` and reading its first `options.prefetch_mb` MB in a thread, so the
-    next `open_shard(url)` in this process continues from there instead of waiting for the network.
-    Local files are not prefetched (the page cache does that); nor is a shard already being prefetched.
+def prefetch(url: str, options: Optional[ReadOptions] = None, keep: int = MAX_PREFETCHED, offset: int = 0) -> None:
+    """Start opening remote shard `url` at byte `offset` and reading its next `options.prefetch_mb` MB in a thread,
+    so the next `open_shard(url, offset=offset)` in this process continues from there instead of waiting for the
+    network. Local files are not prefetched (the page cache does that); nor is a shard already being prefetched.
     `keep`: read-aheads held at most (a stream reading several shards at once prefetches one per shard)."""
     options = options or ReadOptions()
     if url_kind(url) == "local" or not options.prefetch_mb or url in _PREFETCHED:
         return
     while len(_PREFETCHED) >= keep:  # never handed over (the iteration stopped): let it go
         _PREFETCHED.pop(next(iter(_PREFETCHED))).close()
-    _PREFETCHED[url] = Prefetched(url, options, int(options.prefetch_mb * 1e6))
+    _PREFETCHED[url] = Prefetched(url, options, int(options.prefetch_mb * 1e6), offset)
 
 
 class Prefetched(ForwardReader):
-    """A shard handle whose first `limit` bytes a thread reads ahead (bounded memory); reads are served
-    from them, then from the same connection. Errors of the thread surface when its bytes run out
+    """A shard handle, at byte `offset`, whose next `limit` bytes a thread reads ahead (bounded memory); reads are
+    served from them, then from the same connection. Errors of the thread surface when its bytes run out
     (the connection's own retries have run by then). Forward seeks only, like the other streams."""
 
     CHUNK = 1 << 20
 
-    def __init__(self, url: str, options: ReadOptions, limit: int):
+    def __init__(self, url: str, options: ReadOptions, limit: int, offset: int = 0):
         import threading
 
         super().__init__()
-        self.url, self.limit, self.pos = url, limit, 0
+        self.url, self.limit, self.offset, self.pos = url, limit, offset, offset
         self._buffer, self._start = bytearray(), 0  # unread bytes are _buffer[_start:]
         self._filled = 0  # bytes of the shard the thread has read
         self._inner = None
@@ -655,7 +674,7 @@ class Prefetched(ForwardReader):
 
     def _fill(self, options: ReadOptions) -> None:
         try:
-            self._inner = _open(self.url, options)
+            self._inner = _open(self.url, options, self.offset)
             with self._ready:
                 self._ready.notify_all()
             while not self._stop.is_set() and self._filled < self.limit:

@@ -8,17 +8,19 @@ How an epoch is laid out (the contract the resume logic relies on):
    mixes k = mix_shards "lanes": the sequence is cut into k*W consecutive lanes, and slot g reads lanes g, g + W,
    g + 2W, ..., which lie spread over the whole epoch (evaluation: k = 1, slot g reads the contiguous range
    [g*N/W, (g+1)*N/W)). A lane opens only the shards overlapping it and skips (without decoding) to its first
-   sample. Training gives every slot floor(N/W) samples, its lanes their round-robin shares of them (the first
-   lanes one more), and drops the N mod W samples left over, so every slot, hence every rank, yields the same
-   number of batches: DDP never waits on a rank that ran out of data. Evaluation keeps every sample, so each is
-   counted exactly once, in order.
+   sample: where the index recorded that sample's byte offset, the shard is opened there (a seek locally, an
+   HTTP Range request; `tar.placed_samples`), else the members before it are walked. Training gives every slot
+   floor(N/W) samples, its lanes their round-robin shares of them (the first lanes one more), and drops the
+   N mod W samples left over, so every slot, hence every rank, yields the same number of batches: DDP never waits
+   on a rank that ran out of data. Evaluation keeps every sample, so each is counted exactly once, in order.
 3. Inside a lane, samples pass a shuffle buffer of shuffle_buffer // k samples (a worker holds as many as with
    one lane) that is reset at every shard boundary and seeded by `(seed, epoch, lane, segment)`. A slot takes its
    lanes' samples in turn: its position p is sample p // k of its lane p mod k, so a batch of B holds about B/k
    samples of each of k places of the epoch (class-sorted shards give batches of many classes). Augmentation is
    seeded per sample by its slot position. Hence a slot that has already produced `c` samples can restart at
    sample `c`: each lane skips whole shards and re-reads only its current one, and the very same batches follow.
-   Cost per worker: k open shards (files or connections), one read-ahead per lane sharing data.prefetch_mb.
+   Cost per worker: k open shards (files or connections), one read-ahead per lane sharing data.prefetch_mb, and
+   8 bytes per sample of the split for the byte offsets (where the index has them).
 4. The DataLoader takes batches from its workers round-robin, and every worker holds the same number
    of batches, so rank-local step `s` comes from worker `s mod workers`. To restart at step `s`,
    physical worker p plays slot v = (p + s) mod workers; see `set_position`.
@@ -304,12 +306,12 @@ class EpochPlan:
                 break
 
 
-def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = None) -> Iterator[dict]:
+def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = None, at: int = 0) -> Iterator[dict]:
     """Raw samples [start, stop) of a shard, always stop - start of them: where the shard ends early
     (truncated, unreadable, or the network gave up: `pipeline.data.remote`), the missing ones are
-    stand-ins (`faults.missing_sample`) carrying the reason."""
+    stand-ins (`faults.missing_sample`) carrying the reason. `at`: sample `start`'s byte offset (0: unknown)."""
     index = start
-    raw = tar_samples(url, start, stop, options)  # samples before `start` are seeked past, not read
+    raw = tar_samples(url, start, stop, options, at)  # the shard is opened at `at`, or walked to `start` unread
     try:
         for sample in raw:
             yield sample
@@ -371,9 +373,12 @@ class ShardStream(IterableDataset):
                  seed: int, train: bool, shuffle_buffer: int = 1000, drop_last: bool = False,
                  num_classes: int | None = None, image_mode: str | None = None,
                  image_size: Sequence[int] | None = None, keys: SampleKeys = DEFAULT_KEYS,
-                 read_options: ReadOptions | None = None, mix_shards: int = 1):
+                 read_options: ReadOptions | None = None, mix_shards: int = 1,
+                 sample_offsets: Sequence[Sequence[int]] = ()):
         if len(shard_paths) != len(shard_sizes):
             raise ValueError("shard_paths and shard_sizes differ in length")
+        if sample_offsets and len(sample_offsets) != len(shard_paths):
+            raise ValueError("sample_offsets and shard_paths differ in length")
         # What a good sample looks like (from the manifest); see pipeline.data.faults.
         self.num_classes, self.image_mode, self.image_size = num_classes, image_mode, image_size
         self.keys = keys  # which members are the image and the label (see pipeline.data.keys)
@@ -381,6 +386,8 @@ class ShardStream(IterableDataset):
         self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
         self.read_options = read_options  # how shards are opened: retries, timeouts, cache (pipeline.data.remote)
+        # Per shard, each sample's byte offset (empty: unknown); a lane opens a shard at its first sample's (rule 2).
+        self.sample_offsets = [np.asarray(o, dtype=np.int64) for o in sample_offsets or [()] * len(shard_paths)]
         self.batch_size, self.codec = batch_size, codec
         self.mode = "L" if channels == 1 else "RGB"
         self.rank, self.world_size = rank, world_size
@@ -563,13 +570,24 @@ class ShardStream(IterableDataset):
             skip = 0
 
     def _read_ahead(self, following: list[Segment], mix: int) -> None:
-        """Open the lane's next remote shard (from its start) while this one is read; see `remote.prefetch`.
-        The worker's read-ahead budget (data.prefetch_mb) is shared by its lanes."""
-        if following and following[0].start == 0:
+        """Open the lane's next remote shard (at its first sample, where that is known: its start or an indexed
+        offset) while this one is read; see `remote.prefetch`. The worker's read-ahead budget (data.prefetch_mb) is
+        shared by its lanes."""
+        if not following:
+            return
+        segment = following[0]
+        offset = self._placed(segment.shard, segment.start)
+        if segment.start == 0 or offset:
             options = self.read_options or ReadOptions()
             if mix > 1:
                 options = replace(options, prefetch_mb=options.prefetch_mb / mix)
-            prefetch(self.shard_paths[following[0].shard], options, keep=mix + 1)
+            prefetch(self.shard_paths[segment.shard], options, keep=mix + 1, offset=offset)
+
+    def _placed(self, shard: int, index: int) -> int:
+        """Byte offset where sample `index` of shard `shard` begins, from the index; 0 when unknown (the reader
+        then walks from the shard's start) or for sample 0."""
+        offsets = self.sample_offsets[shard]
+        return int(offsets[index]) if index < len(offsets) else 0
 
     def _resolved(self, epoch: int, slot: int, lane: int, number: int, segment: Segment, skip: int,
                   in_slot: Callable[[int], int], position: int) -> Iterator[tuple[SampleCheck, SampleCheck | None]]:
@@ -627,7 +645,8 @@ class ShardStream(IterableDataset):
         `segment.length - skip` of them (missing ones are stand-ins, see `shard_slice`)."""
         if not self.train:  # no shuffle: the skipped samples are not even read
             segment, skip = Segment(segment.shard, segment.start + skip, segment.stop), 0
-        raw = shard_slice(self.shard_paths[segment.shard], segment.start, segment.stop, self.read_options)
+        raw = shard_slice(self.shard_paths[segment.shard], segment.start, segment.stop, self.read_options,
+                          self._placed(segment.shard, segment.start))
         raw = self._published(raw, segment.shard, segment.start)
         if segment.keep is not None:
             raw = _kept(raw, segment.start, segment.keep)

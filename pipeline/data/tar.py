@@ -11,9 +11,16 @@ Shards are opened with `pipeline.data.remote.open_shard`, so a URL may be local,
 store or `pipe:COMMAND`. Where the handle knows its size, data is skipped by seeking (local files: a
 seek in the buffer or the file; HTTP: read through, or a Range request for long jumps); where it does
 not (pipes, gzip streams), it is read and discarded, which also finds a cut. `.tar.gz`/`.tgz` shards
-are read through a gzip stream (forward only). Either way a shard cut short raises
-`tarfile.ReadError("unexpected end of data")`; a network failure that outlasts the retries raises
-the reader's one-line OSError.
+are read through a gzip stream (forward only).
+
+Either way a shard cut short raises `tarfile.ReadError("unexpected end of data")`; a network failure
+that outlasts the retries raises the reader's one-line OSError.
+
+Where a sample starts: the byte offset of its first member's header (of the PAX or long-name header
+before it, if any) is what `placed_samples` yields with each sample and the shard index records. Given
+that offset (`at`), `tar_samples` opens the shard there (a seek; over HTTP a `Range: bytes=N-` request,
+see `pipeline.data.remote`) instead of walking the members before `start`. Without it (0) the walk from
+the shard's start stays; so it does for `.tar.gz` shards (offsets are not seekable in a gzip stream).
 
 What a shard may not do to the reader:
 
@@ -38,7 +45,7 @@ import gzip
 import re
 import tarfile
 import zlib
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import BinaryIO, Iterator, Optional
 
 from pipeline.data.remote import CHUNK, ReadOptions, open_shard, shard_size
@@ -100,14 +107,17 @@ def _pax_path(data: bytes) -> Optional[str]:
     return None
 
 
-def _members(handle: BinaryIO, content_type: str = "") -> Iterator[tuple[str, int, int]]:
-    """(name, size, offset of the data) of each regular file; the caller may read the data in between.
+def _members(handle: BinaryIO, content_type: str = "") -> Iterator[tuple[str, int, int, int]]:
+    """(name, size, offset of the data, offset of the member's first header) of each regular file, from the
+    handle's position on (a member's first header is its PAX or long-name header when it has one); the caller may
+    read the data in between.
 
     A file cut short raises tarfile.ReadError("unexpected end of data"), as tarfile does; one that does not start
     with a tar header raises NotATar.
     """
     file_size = shard_size(handle)
     long_name: Optional[str] = None
+    named_at = -1  # where the PAX/long-name header naming the next member starts (-1: none)
     first = True
     while True:
         header = handle.read(BLOCK)
@@ -129,6 +139,7 @@ def _members(handle: BinaryIO, content_type: str = "") -> Iterator[tuple[str, in
                                         f"(at most {MAX_NAME_HEADER} are read)")
             data = _read_exactly(handle, padded)[:size]
             long_name = (_pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8")) or long_name
+            named_at = start - BLOCK if named_at < 0 else named_at
             continue
         if kind in (b"0", b"\0", b"7"):
             name = long_name
@@ -137,8 +148,8 @@ def _members(handle: BinaryIO, content_type: str = "") -> Iterator[tuple[str, in
                 prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
                 if prefix:
                     name = prefix.decode("utf-8") + "/" + name
-            yield name, size, start
-        long_name = None
+            yield name, size, start, start - BLOCK if named_at < 0 else named_at
+        long_name, named_at = None, -1
         if file_size is not None:  # (inline: this line runs per member; a cut was checked against the size)
             handle.seek(start + padded)
         else:
@@ -172,13 +183,19 @@ class _Head:
         return data
 
 
+def gzipped(url: str) -> bool:
+    """Whether the shard is read through a gzip stream (forward only: its offsets cannot be opened at)."""
+    return url.endswith((".gz", ".tgz"))
+
+
 @contextmanager
-def _open(url: str, options: Optional[ReadOptions]) -> Iterator[tuple[BinaryIO, str]]:
-    """(the shard's tar stream: the handle itself, or a gzip stream over it for .tar.gz/.tgz; its content type)."""
-    handle = open_shard(url, options)
+def _open(url: str, options: Optional[ReadOptions], at: int = 0) -> Iterator[tuple[BinaryIO, str]]:
+    """(the shard's tar stream: the handle itself, at byte `at`, or a gzip stream over it for .tar.gz/.tgz, at its
+    start; its content type)."""
+    handle = open_shard(url, options, at)
     content_type = getattr(handle, "content_type", "")
     try:
-        if url.endswith((".gz", ".tgz")):
+        if gzipped(url):
             head = _Head(handle)
             with gzip.GzipFile(fileobj=head, mode="rb") as unzipped:
                 try:
@@ -203,30 +220,45 @@ def _drop(sample: dict, reason: str, detail: str) -> None:
     sample[BAD] = (reason, detail)
 
 
-def tar_samples(url: str, start: int = 0, stop: Optional[int] = None,
-                options: Optional[ReadOptions] = None) -> Iterator[dict]:
+def tar_samples(url: str, start: int = 0, stop: Optional[int] = None, options: Optional[ReadOptions] = None,
+                at: int = 0) -> Iterator[dict]:
     """Samples number `start` to `stop` (exclusive; None: the end) of the shard at `url` (see the module
     docstring for the kinds of URL); `options`: how remote shards are read (retries, timeouts, cache) and the
-    cap on a sample's size."""
-    index, key = -1, None
+    cap on a sample's size; `at`: the byte offset where sample `start` begins, when known (see `placed_samples`)."""
+    with closing(placed_samples(url, start, stop, options, at)) as placed:
+        for _, sample in placed:
+            yield sample
+
+
+def placed_samples(url: str, start: int = 0, stop: Optional[int] = None, options: Optional[ReadOptions] = None,
+                   at: int = 0) -> Iterator[tuple[int, dict]]:
+    """(byte offset where the sample begins, sample) for samples `start` to `stop` of the shard at `url`.
+
+    `at` > 0: sample `start` begins at byte `at` (as this function gave it, recorded by the shard index): the shard
+    is opened there and nothing before it is read. 0: the members before `start` are walked (seeked past where the
+    handle can). Ignored for `.tar.gz` shards (a gzip stream is not seekable by the inflated offset).
+    """
+    at = 0 if gzipped(url) or not start else at
+    index, key = (start - 1 if at else -1), None
     sample: Optional[dict] = None
+    placed = 0  # byte offset of the current sample
     cap = (options or ReadOptions()).max_sample_bytes
     held = 0  # bytes of the current sample's files
-    with _open(url, options) as (handle, content_type):
-        for name, size, _offset in _members(handle, content_type):
+    with _open(url, options, at) as (handle, content_type):
+        for name, size, _offset, header_at in _members(handle, content_type):
             match = _KEY_EXT.match(name)
             if match is None or _META.match(name):
                 continue
             base, ext = match.group(1), match.group(2).lower()
             if base != key:
                 if sample is not None:
-                    yield sample
+                    yield placed, sample
                     sample = None
                 key, index = base, index + 1
                 if stop is not None and index >= stop:
                     return
                 if index >= start:
-                    sample, held = {"__key__": base, "__url__": url}, 0
+                    sample, held, placed = {"__key__": base, "__url__": url}, 0, header_at
             if sample is not None and BAD not in sample:  # (a dropped sample's further files are skipped unread)
                 if ext in sample:
                     _drop(sample, "undecodable", f"the file name {name} appears twice in the sample")
@@ -240,4 +272,4 @@ def tar_samples(url: str, start: int = 0, stop: Optional[int] = None,
                 if len(data) < size:
                     raise tarfile.ReadError("unexpected end of data")
         if sample is not None:
-            yield sample
+            yield placed, sample

@@ -1,0 +1,178 @@
+"""A lane opens a shard at its first sample (pipeline.data.stream, rule 2): the shard index records each sample's byte
+offset (`tar.placed_samples`), and the reader starts there, a seek locally and a `Range: bytes=N-` request over HTTP,
+instead of walking (or downloading) the shard's earlier members. The batches stay exactly those of the walk; an
+index written before offsets were recorded, and a server that ignores Range, still give them."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data import build_stream
+from pipeline.data.dataset import spec_manifest
+from pipeline.data.index import cache_path
+from pipeline.data.remote import ReadOptions, open_shard, prefetch
+from pipeline.data.tar import placed_samples, tar_samples
+from tests import wds_shards
+from tests.services.flaky_http import serve
+from tests.test_elastic import KeyCodec
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict[str, list[str]]:
+    """Class-sorted digits (10 training shards of ~120 samples): 2 workers x 16 lanes start mostly inside shards."""
+    return wds_shards.write_class_sorted(tmp_path_factory.mktemp("offsets") / "sorted")
+
+
+def _samples(path: str, start: int = 0, at: int = 0) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "__url__"} for s in tar_samples(path, start, None, at=at)]
+
+
+def test_a_shard_opened_at_a_samples_offset_reads_nothing_before_it(digits, tmp_path: Path) -> None:
+    shard = digits["train"][0]
+    placed = list(placed_samples(shard))
+    offsets = [offset for offset, _ in placed]
+    assert offsets[0] == 0 and offsets == sorted(set(offsets)) and len(offsets) > 100
+    middle = len(offsets) // 2
+    blanked = tmp_path / "blanked.tar"  # every byte before sample `middle` zeroed: a walk finds an empty tar there
+    data = bytearray(Path(shard).read_bytes())
+    data[:offsets[middle]] = bytes(offsets[middle])
+    blanked.write_bytes(bytes(data))
+    expected = _samples(shard, middle)
+    assert _samples(str(blanked), middle, at=offsets[middle]) == expected and len(expected) == len(offsets) - middle
+    assert _samples(str(blanked), middle) == []  # the walk would have read them
+    assert [s["__key__"] for _, s in placed[middle:]] == [s["__key__"] for s in expected]
+
+
+@pytest.mark.parametrize("format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_an_offset_includes_the_long_name_header_before_a_sample(tmp_path: Path, format: int) -> None:
+    """A sample's offset is its first header's: a GNU long name or PAX header naming the member comes first."""
+    path = tmp_path / "names.tar"
+    deep = "d" * 90 + "/" + "e" * 60
+    with tarfile.open(path, "w", format=format) as tar:
+        for name, data in ((f"{deep}/a.jpg", b"x" * 700), (f"{deep}/a.cls", b"1"), ("__meta__", b"skip"),
+                           ("b.jpg", b"y"), ("b.cls", b"2"), (f"{deep}/c.jpg", b"z" * 600), ("d.jpg", b"w")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    offsets = [offset for offset, _ in placed_samples(str(path))]
+    assert len(offsets) == 4
+    for start, offset in enumerate(offsets):
+        assert _samples(str(path), start, at=offset) == _samples(str(path), start)
+    assert _samples(str(path), 2, at=offsets[2])[0]["__key__"] == f"{deep}/c"
+
+
+def _config(paths: dict[str, list[str]], train: list[str], index_dir: Path):
+    quoted = "[" + ",".join(f"'{p}'" for p in train) + "]"
+    val = "[" + ",".join(f"'{p}'" for p in paths["val"]) + "]"
+    return load_config("configs/default.yaml", [f"data.train={quoted}", f"data.val={val}",
+                                                f"data.index_dir={index_dir}"])
+
+
+def _epoch(cfg, epoch: int = 1) -> tuple[list[list[str]], object]:
+    """(the rank's batches of `epoch` as `shard/key` lists, workers taken round-robin; the stream)."""
+    stream = build_stream(cfg, spec_manifest(cfg.data, progress=False), "train", 0, 1, train=True, codec=KeyCodec())
+    stream.set_position(epoch)
+    workers = [stream.worker_batches(p) for p in range(stream.workers)]
+    batches = []
+    for worker in itertools.cycle(workers):
+        batch = next(worker, None)
+        if batch is None:
+            return batches, stream
+        batches.append(batch[0])
+
+
+def _lane_starts(stream, epoch: int = 1) -> set[tuple[str, int]]:
+    """(shard file name, byte offset) where the epoch's lanes open their shards."""
+    plan = stream.plan(epoch)
+    return {(Path(stream.shard_paths[s.shard]).name, stream._placed(s.shard, s.start))
+            for lane in range(plan.num_lanes) for s in plan.segments(lane)}
+
+
+def test_local_lanes_open_their_shards_at_their_first_sample(digits, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.data import tar
+
+    local = _config(digits, digits["train"], tmp_path / "index")
+    walked = _config(digits, digits["train"], tmp_path / "walked")  # its index as one written before offsets
+    spec_manifest(local.data, progress=False)  # (indexing opens every shard at its start)
+    _strip_offsets(walked)
+    opened: list[tuple[str, int]] = []
+
+    def spying(url: str, options=None, offset: int = 0):
+        opened.append((Path(url).name, offset))
+        return open_shard(url, options, offset)
+
+    monkeypatch.setattr(tar, "open_shard", spying)
+    expected, _ = _epoch(walked)
+    assert {offset for _, offset in opened} == {0}  # without offsets: every shard walked from its start
+    opened.clear()
+    batches, stream = _epoch(local)
+    assert batches == expected and len(batches) == 2 * 10  # 600 samples per worker: 9 batches of 64 + 24
+    starts = _lane_starts(stream)
+    assert set(opened) == starts and len([o for o in starts if o[1]]) >= 20  # most of the 32 lanes start inside
+
+
+def _strip_offsets(cfg) -> None:
+    """Make the cached index of data.train one written before offsets were recorded (no `offsets` field)."""
+    from pipeline.data.dataset import sample_keys
+    from pipeline.data.specs import expand
+
+    spec_manifest(cfg.data, progress=False)  # indexes (cached)
+    path = cache_path(cfg.data.index_dir, expand(cfg.data.train, "data.train", "train").urls, sample_keys(cfg.data))
+    index = json.loads(path.read_text())
+    for shard in index["shards"]:
+        del shard["offsets"]
+    path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_http_lanes_transfer_only_from_their_first_sample_on(digits, tmp_path: Path, ranges: bool) -> None:
+    """Over HTTP each lane asks its shard from its first sample's offset (`Range`), its read-ahead too; a server
+    that ignores Range answers the whole shard (200) and the reader discards up to the offset: the same batches."""
+    folder = Path(digits["train"][0]).parent
+    expected, _ = _epoch(_config(digits, digits["train"], tmp_path / "local"))
+    with serve(folder, ranges=ranges) as server:
+        urls = [f"{server.url}/{Path(p).name}" for p in digits["train"]]
+        cfg = _config(digits, urls, tmp_path / "index")
+        spec_manifest(cfg.data, progress=False)  # indexed over HTTP (reads every shard whole once)
+        server.log.clear()
+        batches, stream = _epoch(cfg)
+        gets = [e for e in server.gets() if e.name.endswith(".tar")]  # (not the class files looked for beside)
+    assert batches == expected
+    assert all(e.status == (206 if e.start else 200) for e in gets)
+    sent = {(e.name, e.start) for e in gets}
+    if ranges:
+        assert sent == _lane_starts(stream)  # each lane from its first sample on, nothing earlier
+    else:
+        assert sent == {(Path(url).name, 0) for url in urls}  # whole shards: the reader discarded the heads
+
+
+def test_a_read_ahead_at_an_offset_is_handed_over_only_there(digits) -> None:
+    shard = Path(digits["train"][3])
+    offsets = [offset for offset, _ in placed_samples(str(shard))]
+    with serve(shard.parent) as server:
+        url, options = f"{server.url}/{shard.name}", ReadOptions(prefetch_mb=1)
+        prefetch(url, options, offset=offsets[40])
+        with open_shard(url, options) as handle:  # another offset: a connection of its own
+            assert handle.read(10) == shard.read_bytes()[:10]
+        with open_shard(url, options, offsets[40]) as handle:
+            assert handle.read() == shard.read_bytes()[offsets[40]:]
+        starts = sorted(e.start for e in server.gets())
+    assert starts == [0, offsets[40]]
+
+
+def test_offsets_are_trusted_only_where_every_open_checks_the_shard() -> None:
+    """An offset is used only for a shard with a version (pinned: an open of another version fails), never for
+    `pipe:` output (no version) or a .tar.gz shard (no seeking into a gzip stream)."""
+    from pipeline.data.index import ShardEntry
+
+    offsets = [0, 1536, 4096]
+    assert ShardEntry("/d/a.tar", 3, version="size=9 mtime_ns=1", offsets=offsets).trusted_offsets() == offsets
+    assert ShardEntry("pipe:cat /d/a.tar", 3, offsets=offsets).trusted_offsets() == []
+    assert ShardEntry("/d/a.tar.gz", 3, version="size=9 mtime_ns=1", offsets=offsets).trusted_offsets() == []
