@@ -176,3 +176,79 @@ def test_offsets_are_trusted_only_where_every_open_checks_the_shard() -> None:
     assert ShardEntry("/d/a.tar", 3, version="size=9 mtime_ns=1", offsets=offsets).trusted_offsets() == offsets
     assert ShardEntry("pipe:cat /d/a.tar", 3, offsets=offsets).trusted_offsets() == []
     assert ShardEntry("/d/a.tar.gz", 3, version="size=9 mtime_ns=1", offsets=offsets).trusted_offsets() == []
+
+
+@pytest.fixture(scope="module")
+def own_folder(tmp_path_factory) -> Path:
+    """A folder `pipeline data shards` wrote: 600 JPEGs, train 420 samples in 5 shards of at most 100."""
+    from pipeline.data.digits import write_digits_jpeg_imagefolder
+    from pipeline.data.shards import write_shards
+
+    work = tmp_path_factory.mktemp("own")
+    write_digits_jpeg_imagefolder(work / "images", 600, size=24)
+    write_shards(work / "images", work / "shards", max_samples=100, show_progress=False)
+    return work / "shards"
+
+
+def _own_epoch(root: Path, spec: bool = False) -> tuple[list[list[str]], object]:
+    from pipeline.data.dataset import dataset_manifest
+
+    where = [f"data.train={root}", f"data.val={root}"] if spec else [f"data.root={root}"]
+    cfg = load_config("configs/default.yaml", [*where, "data.mix_shards=16", "data.auto_prepare_digits=false"])
+    stream = build_stream(cfg, dataset_manifest(cfg.data), "train", 0, 1, train=True, codec=KeyCodec())
+    stream.set_position(1)
+    workers = [stream.worker_batches(p) for p in range(stream.workers)]
+    return [batch[0] for batch in itertools.chain.from_iterable(itertools.zip_longest(*workers)) if batch], stream
+
+
+def test_our_writer_records_every_samples_offset_beside_the_manifest(own_folder: Path) -> None:
+    from pipeline.data.manifest import OFFSETS_NAME, Manifest
+
+    assert (own_folder / OFFSETS_NAME).is_file() and "offsets" not in (own_folder / "manifest.json").read_text()
+    manifest = Manifest.read(own_folder)
+    shards = [shard for split in manifest.splits.values() for shard in split.shards]
+    assert len(shards) == 5 + 1 + 1 and sum(s.num_samples for s in shards) == 600
+    for shard in shards:  # exactly where the reader finds each sample's first header
+        assert shard.offsets == [offset for offset, _ in placed_samples(str(own_folder / shard.name))]
+
+
+def test_lanes_open_our_shards_at_their_offsets_with_the_batches_of_the_walk(own_folder: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    import shutil
+
+    from pipeline.data import tar
+    from pipeline.data.manifest import OFFSETS_NAME
+
+    walked = tmp_path / "walked"  # the same folder as written before offsets were recorded
+    shutil.copytree(own_folder, walked)
+    (walked / OFFSETS_NAME).unlink()
+    opened: list[int] = []
+
+    def spying(url: str, options=None, offset: int = 0):
+        opened.append(offset)
+        return open_shard(url, options, offset)
+
+    monkeypatch.setattr(tar, "open_shard", spying)
+    expected, stream = _own_epoch(walked)
+    assert set(opened) == {0} and not any(len(o) for o in stream.sample_offsets)
+    for spec in (False, True):  # data.root, and the folder named by data.train
+        opened.clear()
+        batches, stream = _own_epoch(own_folder, spec)
+        names = lambda found: [[key.split("/", 1)[1] for key in batch] for batch in found]  # noqa: E731
+        assert names(batches) == names(expected) and sum(map(len, batches)) == 420
+        assert all(len(o) == n for o, n in zip(stream.sample_offsets, stream.shard_sizes))
+        assert len([o for o in opened if o]) >= 20  # 2 workers x 16 lanes over 5 shards: most start inside one
+
+
+def test_a_shard_changed_since_it_was_written_is_walked(own_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pipeline.data.manifest import Manifest
+
+    changed = tmp_path / "changed"
+    shutil.copytree(own_folder, changed)
+    first = Manifest.read(changed).split("train").shards[0].name
+    with open(changed / first, "ab") as handle:  # another size: its offsets may no longer hold
+        handle.write(bytes(1024))
+    shards = Manifest.read(changed).split("train").shards
+    assert shards[0].offsets == [] and all(len(s.offsets) == s.num_samples for s in shards[1:])

@@ -119,7 +119,7 @@ def warn_shared_samples(indexes: dict[str, Optional[SpecIndex]], key_prefix: str
             warn(shared.line(name(split), name("train")))
 
 
-def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: list[str], own: dict[str, int],
+def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: list[str], own: dict[str, ShardInfo],
            index: Optional[SpecIndex], owns: list[Manifest]) -> SplitInfo:
     from pipeline.tracking.console import warn
 
@@ -132,7 +132,8 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
     regression = keys.task == "regression"
     for url in urls:
         if url in own:
-            shards.append(ShardInfo(name=url, num_samples=own[url], num_bytes=0, sha256=""))
+            shards.append(ShardInfo(name=url, num_samples=own[url].num_samples, num_bytes=0, sha256="",
+                                    offsets=own[url].offsets))
             continue
         entry = entries[url]
         if url in lost:

@@ -1,4 +1,10 @@
-"""The shard folder's manifest.json: classes, per-split counts, shard names, sizes and sha256."""
+"""The shard folder's manifest.json: classes, per-split counts, shard names, sizes and sha256.
+
+Beside it, sample_offsets.json (written with it when the writer recorded them) holds each sample's byte offset per
+shard, so a reader can open a shard at any sample (a seek; see `pipeline.data.tar.placed_samples`). It is kept out
+of manifest.json (8 bytes a sample, not for reading) and used for a shard only while that shard's file still has the
+size both files recorded; otherwise the reader walks the shard from its start, as for a folder written without it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 MANIFEST_NAME = "manifest.json"
+OFFSETS_NAME = "sample_offsets.json"
 SPLITS = ("train", "val", "test")
 
 
@@ -22,9 +29,9 @@ class ShardInfo:
     version: str = ""
     """What the shard looked like when indexed (foreign shards: size and mtime, or ETag); '' for our own."""
     offsets: list[int] = field(default_factory=list, repr=False)
-    """Each sample's byte offset in the shard, from the shard index (`ShardEntry.trusted_offsets`): where
-    the reader may open it. Empty where unknown (our own shards; then a reader walks from the shard's start); never
-    written into manifest.json."""
+    """Each sample's byte offset in the shard, where the reader may open it: from the shard index
+    (`ShardEntry.trusted_offsets`) or, for our own shards, from the writer (sample_offsets.json). Empty where
+    unknown (then a reader walks from the shard's start); never written into manifest.json."""
 
 
 @dataclass
@@ -109,14 +116,21 @@ class Manifest:
         return found
 
     def write(self, folder: str | Path) -> Path:
-        """Write manifest.json into `folder`; shard offsets stay out (they come from a shard index, at each run)."""
+        """Write manifest.json into `folder`, and the shards' sample offsets, where every shard has them, into
+        sample_offsets.json beside it (module docstring; an older one is removed otherwise)."""
         path = Path(folder) / MANIFEST_NAME
         data = asdict(self)
+        offsets = {}
         for split in data["splits"].values():
             for shard in split["shards"]:
-                del shard["offsets"]
+                offsets[shard["name"]] = {"num_bytes": shard["num_bytes"], "offsets": shard.pop("offsets")}
         data["num_classes"] = self.num_classes
         path.write_text(json.dumps(data, indent=2) + "\n")
+        sidecar = Path(folder) / OFFSETS_NAME
+        if offsets and all(len(o["offsets"]) for o in offsets.values()):
+            sidecar.write_text(json.dumps({"version": 1, "shards": offsets}, separators=(",", ":")) + "\n")
+        else:
+            sidecar.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -131,12 +145,41 @@ class Manifest:
             raise ValueError(f"{path}: not a JSON file ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a JSON object (it holds a {type(data).__name__})")
-        return _ManifestChecker(path, Path(folder)).manifest(data)
+        manifest = _ManifestChecker(path, Path(folder)).manifest(data)
+        _attach_offsets(Path(folder), manifest)
+        return manifest
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
             raise KeyError(f"split '{name}' not in manifest; it has {', '.join(self.splits)}")
         return self.splits[name]
+
+
+def _attach_offsets(folder: Path, manifest: Manifest) -> None:
+    """Give each shard its sample offsets from sample_offsets.json where they still hold: the shard's file has the
+    size both files recorded, and the offsets are one ascending list of a shard's sample count inside it."""
+    try:
+        recorded = json.loads((folder / OFFSETS_NAME).read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: the reader walks (only slower)
+        return
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            entry = recorded.get(shard.name) if isinstance(recorded, dict) else None
+            if isinstance(entry, dict) and _offsets_hold(folder / shard.name, shard, entry):
+                shard.offsets = entry["offsets"]
+
+
+def _offsets_hold(path: Path, shard: ShardInfo, entry: dict) -> bool:
+    offsets, size = entry.get("offsets"), entry.get("num_bytes")
+    if not isinstance(offsets, list) or len(offsets) != shard.num_samples or size != shard.num_bytes:
+        return False
+    try:
+        if path.stat().st_size != size:
+            return False
+    except OSError:
+        return False
+    return (all(type(o) is int for o in offsets) and offsets[:1] == [0]
+            and all(a < b for a, b in zip(offsets, offsets[1:])) and offsets[-1] < size)
 
 
 def _show(value: Any) -> str:

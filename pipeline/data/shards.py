@@ -201,6 +201,7 @@ class _RollingTarWriter:
         if self._writer is None or full:
             self._roll()
         assert self._writer is not None
+        self.shards[-1].offsets.append(self._writer.tarstream.offset)  # where the sample's first header goes
         self._writer.write(sample)
         self._count += 1
         self._bytes = self._writer.tarstream.offset  # real bytes written, tar headers included

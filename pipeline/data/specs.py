@@ -26,7 +26,7 @@ from typing import Sequence
 
 from braceexpand import braceexpand
 
-from pipeline.data.manifest import MANIFEST_NAME
+from pipeline.data.manifest import MANIFEST_NAME, ShardInfo
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 GLOB_CHARS = "*?["
@@ -50,7 +50,7 @@ class Expanded:
     """A spec's shards in order; `own` maps a shard of one of our folders to its sample count (no index needed)."""
 
     urls: list[str] = field(default_factory=list)
-    own: dict[str, int] = field(default_factory=dict)
+    own: dict[str, ShardInfo] = field(default_factory=dict)
     own_folders: list[str] = field(default_factory=list)
     """Our shard folders the spec named (their manifests give classes and counts)."""
 
@@ -123,7 +123,7 @@ def _add_folder(out: Expanded, path: Path, key: str, split: str) -> None:
         for shard in manifest.split(split).shards:
             url = str((path / shard.name).resolve())
             out.urls.append(url)
-            out.own[url] = shard.num_samples
+            out.own[url] = shard
         out.own_folders.append(str(path.resolve()))
         return
     shards = sorted(p for p in path.iterdir() if p.is_file() and is_shard_name(p.name))
