@@ -57,7 +57,7 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
 
 def build_transfer_shards(root: Path, shots: int = 20, val_shots: int = 10, seed: int = 0) -> tuple[Path, Path]:
     """`root/source_0to4` and `root/target_5to9_<shots>shot`; kept if their manifests exist already."""
-    from pipeline.data.shards import stratified_split
+    from pipeline.data.stratify import stratified_split
 
     source, target = root / "source_0to4", root / f"target_5to9_{shots}shot"
     images, labels = digits_images()

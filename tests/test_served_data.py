@@ -22,7 +22,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import wds_shards  # noqa: E402
-from conftest import ROOT, TINY, read_jsonl, run_cli  # noqa: E402
 from services.flaky_http import HTML_PAGE, serve  # noqa: E402
 
 from pipeline.config.schema import DataConfig  # noqa: E402
@@ -33,6 +32,7 @@ from pipeline.data.images import ImageTooLarge, open_image  # noqa: E402
 from pipeline.data.remote import NetworkError, ReadOptions, ShardChanged, net_counters, open_shard, stat_shard  # noqa: E402
 from pipeline.data.stream import shard_slice  # noqa: E402
 from pipeline.data.tar import BAD, NotATar, tar_samples  # noqa: E402
+from tests.conftest import ROOT, TINY, read_jsonl, run_cli  # noqa: E402
 
 FAST = ReadOptions(backoff_s=0.01, backoff_max_s=0.05, timeout_s=5)
 TRAIN = [f"train-00000{i}.tar" for i in range(5)]  # 250, 250, 250, 250, 200 samples

@@ -8,11 +8,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 from PIL import Image
 
 from pipeline.data import Manifest
 from pipeline.data.shards import SOURCES_NAME, write_shards
+from tests.conftest import run_cli
 
 _colours = itertools.count()
 

@@ -303,9 +303,42 @@ def test_two_gloo_ranks_tune_the_same_thresholds_on_every_sample(shards: dict, t
     assert read_jsonl(tmp_path / "ddp/metrics.jsonl")[0]["step"] == 10  # 600 samples / (2 ranks x 32), rounded up
 
 
-def test_cross_validation_refuses_label_sets_and_numbers_in_one_line() -> None:
-    from pipeline.commands.cv import run_cv
+@pytest.mark.parametrize("task, member", [(MULTILABEL, "tags"), (REGRESSION, "targets")], ids=["multilabel",
+                                                                                                  "regression"])
+def test_cross_validation_folds_keep_the_json_labels_the_run_reads(shards: dict, tmp_path: Path, task: list[str],
+                                                                     member: str) -> None:
+    """Fold shards of foreign json-labelled shards carry each sample's json as it was; the fold config reads them
+    with the same data.label_key, and regression folds record their training targets' statistics."""
+    import tarfile
 
-    with pytest.raises(ValueError, match=r"^pipeline cv stratifies folds by one class per image and writes "
-                                         r"single-label fold shards; task.type=multilabel is not supported"):
-        run_cv(load_config(None, ["task.type=multilabel"]))
+    from pipeline.commands.cv import fold_config
+    from pipeline.training.run_data import load_manifest
+
+    cfg = load_config(None, [*(f"data.{split}={shards[split]}" for split in ("train", "val", "test")),
+                             f"data.index_dir={tmp_path / 'index'}", "cv.folds=3", f"cv.data_dir={tmp_path / 'folds'}",
+                             f"run.output_dir={tmp_path}", *task])
+    fold_cfg = fold_config(cfg, 0)
+    assert (fold_cfg.data.label_key, fold_cfg.task.type) == (cfg.data.label_key, cfg.task.type)
+    manifest = load_manifest(fold_cfg)
+    assert (manifest.task, manifest.label_key) == (cfg.task.type, cfg.data.label_key)
+
+    def labels(split: str) -> list:
+        found = []
+        for shard in manifest.split(split).shards:
+            with tarfile.open(Path(fold_cfg.data.root) / shard.name) as tar:
+                assert not any(name.endswith(".cls") for name in tar.getnames())
+                found += [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+        return found
+
+    train, val = labels("train"), labels("val")
+    pooled = [tags(d) for d in digits_of("train") + digits_of("val")]
+    assert sorted(map(str, (x["tags"] for x in train + val))) == sorted(map(str, pooled)) and len(val) == 250
+    if member == "targets":
+        values = np.array([x["targets"] for x in train])
+        assert manifest.split("train").targets["mean"] == pytest.approx(values.mean(axis=0).tolist())
+        assert manifest.split("train").targets["std"] == pytest.approx(values.std(axis=0).tolist())
+    else:  # each class's share of the validation fold within 2 points of the pool's
+        for name in MULTILABEL_CLASSES:
+            share = np.mean([name in t for t in pooled])
+            assert abs(np.mean([name in x["tags"] for x in val]) - share) < 0.02
+            assert manifest.split("val").class_counts[name] == sum(name in x["tags"] for x in val)

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import wds_shards  # noqa: E402
-from conftest import TINY, read_jsonl, run_cli  # noqa: E402
 from services.flaky_http import serve, serve_static  # noqa: E402
+
+from tests.conftest import TINY, read_jsonl, run_cli  # noqa: E402
 
 TRAIN = "train-{000000..000004}.tar"
 COMMON = ("train.epochs=2", "checkpoint.every_steps=10")  # 38 steps per epoch at batch 32

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import wds_shards  # noqa: E402
-from conftest import TINY, run_cli  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.config.schema import DataConfig  # noqa: E402
@@ -22,6 +21,7 @@ from pipeline.data import index as index_module  # noqa: E402
 from pipeline.data.dataset import spec_manifest  # noqa: E402
 from pipeline.data.keys import SampleKeys  # noqa: E402
 from pipeline.data.specs import SpecError, expand  # noqa: E402
+from tests.conftest import TINY, run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,7 @@ def _data_shards(args: argparse.Namespace) -> int:
     fractions = [float(x) for x in args.split.split(",")]
     manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,
                             max_bytes=int(args.max_bytes), seed=args.seed, skip_bad=args.skip_bad,
-                            dedupe=args.dedupe, val_fraction=args.val_fraction)
+                            dedupe=args.dedupe, val_fraction=args.val_fraction, task=args.task)
     print_written(manifest, args.out)
     return 0
 
@@ -224,6 +224,8 @@ def _spec_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline.config.schema import TASK_TYPES
+
     parser = argparse.ArgumentParser(prog="pipeline", description="Train and evaluate CNN image classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -338,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     digits = data.add_parser("digits", help="write scikit-learn's digits as an ImageFolder of PNGs")
     digits.add_argument("out")
     digits.set_defaults(func=_data_digits)
-    shards = data.add_parser("shards", help="ImageFolder or CSV(path,label) -> WebDataset shards + manifest.json")
+    shards = data.add_parser("shards", help="ImageFolder or CSV(path,label) -> WebDataset shards + manifest.json "
+                             "(CSV label sets or numbers: --task)")
     shards.add_argument("src")
     shards.add_argument("out")
     shards.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions (default 0.7,0.15,0.15)")
@@ -351,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CSV source: keep one row of a path listed more than once with one label (warned)")
     shards.add_argument("--val-fraction", type=float, default=None,
                         help="with split folders but no val/: share of train carved into val (default: --split's)")
+    shards.add_argument("--task", choices=TASK_TYPES, default="classification",
+                        help="what a CSV's label is: one class (default); multilabel: class names separated by ';' "
+                             "(empty: none), written as json {\"labels\": [...]}; regression: numbers separated by "
+                             "';', written as json {\"target\": [...]}; the split is stratified for it")
     shards.set_defaults(func=_data_shards)
     verify = data.add_parser("verify", help="check shards against manifest.json (sha256, counts) and decode "
                              "every sample; exit 1 if anything is wrong")

@@ -1,12 +1,16 @@
 """k-fold cross-validation: `pipeline cv CONFIG folds=K`.
 
-The samples of the train and val splits are pooled and cut into K stratified folds (scikit-learn's
-StratifiedKFold, seeded by cv.seed). Fold k trains on the other K-1 folds, validates on fold k
+The samples of the train and val splits are pooled and cut into K stratified folds, seeded by cv.seed
+(`pipeline.data.stratify`): by class (scikit-learn's StratifiedKFold), by label set for task.type=multilabel
+(iterative stratification, MultilabelStratifiedKFold over the multi-hot labels), by quantile bins of the first output
+for task.type=regression (StratifiedKFold over at most 10 equal-count bins of at least K samples each; a shuffled
+KFold, with a warning, when not even two such bins exist). Fold k trains on the other K-1 folds, validates on fold k
 (best checkpoint, early stopping) and is tested on the untouched test split. Each fold gets its own
 shards (`<cv.data_dir>/fold<k>`, written once, staged then renamed) and its own run folder
 (`<run.output_dir>/<run.name>_cv<K>/fold<k>`), so folds can run as separate jobs (`cv.fold=k`, see
 `slurm/cv.sbatch`). Whoever finishes the last fold writes `cv_summary.json`: mean ± std over folds of
-each test metric.
+each test metric. Fold shards hold the labels as the run reads them: `cls` for classification, else the source's
+own label member (data.label_key is kept), so every fold trains with the config as given.
 """
 
 from __future__ import annotations
@@ -15,40 +19,62 @@ import copy
 import json
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.data.keys import TargetLabel
 from pipeline.data.manifest import Manifest
+from pipeline.data.stratify import METHODS, assign_folds, multi_hot, strata
 from pipeline.data.subsets import write_split_shards
+from pipeline.tracking.console import warn
 
-SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "loss")
-
-
-def fold_assignment(labels: list[int], folds: int, seed: int) -> np.ndarray:
-    """fold index of every sample (stratified, shuffled with `seed`)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    counts = np.bincount(np.asarray(labels))
-    if counts[counts > 0].min() < folds:
-        raise ValueError(f"cv.folds={folds} is more than the smallest class has samples "
-                         f"({int(counts[counts > 0].min())}) in train+val")
-    assignment = np.empty(len(labels), dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fold, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        assignment[held] = fold
-    return assignment
+SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc",  # classification
+                   "map_macro", "f1_micro", "exact_match", "hamming_loss",  # multilabel
+                   "mae", "rmse", "r2", "loss")  # regression; every task's loss
+"""Test metrics summarised over folds (those every fold has)."""
 
 
-def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, int]]:
-    """(members without the label, class index) of every sample of a split with a usable label, read with the
-    training stream's reader; samples without one are left out, with a warning."""
+def fold_assignment(labels: list[TargetLabel], folds: int, seed: int, task: str = "classification",
+                    classes: Sequence[str] = ()) -> np.ndarray:
+    """fold index of every sample (stratified for the task, shuffled with `seed`; see the module docstring), after
+    the checks: more folds than samples, or than the smallest class has samples, are refused; a multilabel class
+    in fewer samples than folds, or a regression set too small for bins, is warned about."""
+    if folds > len(labels):
+        raise ValueError(f"cv.folds={folds} is more than the {len(labels)} labelled samples of train+val")
+    if task == "classification":
+        counts = np.bincount(np.asarray(labels))
+        if counts[counts > 0].min() < folds:
+            raise ValueError(f"cv.folds={folds} is more than the smallest class has samples "
+                             f"({int(counts[counts > 0].min())}) in train+val")
+    elif task == "multilabel":
+        _warn_rare_classes(classes, multi_hot(labels, len(classes)).sum(axis=0), folds)
+    elif strata(labels, task, len(classes), min_count=folds) is None:
+        warn(f"cv: the {len(labels)} regression targets of train+val cannot make two quantile bins of "
+             f"{folds} samples each; the folds are shuffled, not stratified")
+    return assign_folds(labels, folds, seed, task, len(classes))
+
+
+def _warn_rare_classes(classes: Sequence[str], positives: np.ndarray, folds: int) -> None:
+    """One line naming the classes with fewer positives than folds: some validation folds have none of them."""
+    rare = [f"'{name}' ({int(n)})" for name, n in zip(classes, positives) if n < folds]
+    if rare:
+        shown = ", ".join(rare[:5]) + (f" and {len(rare) - 5} more" if len(rare) > 5 else "")
+        warn(f"cv: {len(rare)} class(es) occur in fewer than cv.folds={folds} samples of train+val: {shown}; some "
+             f"validation folds hold none of them (their average precision counts as 0 there)")
+
+
+def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, TargetLabel]]:
+    """(members, label) of every sample of a split with a usable label, read with the training stream's reader (the
+    label member is left out for classification, which writes it as `cls`); samples without one are left out, with
+    a warning."""
     from pipeline.data.dataset import read_options, sample_keys
     from pipeline.data.stream import shard_paths
     from pipeline.data.tar import tar_samples
-    from pipeline.tracking.console import warn
 
-    keys, options = sample_keys(cfg.data, manifest.classes), read_options(cfg.data)
+    keys, options = sample_keys(cfg.data, manifest.classes, cfg.task), read_options(cfg.data)
+    dropped = keys.member if cfg.task.type == "classification" else None
     shards = manifest.split(split).shards
     pairs, unusable = [], 0
     for url in shard_paths(cfg.data.root, [shard.name for shard in shards]):
@@ -57,7 +83,7 @@ def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, i
             if reason:
                 unusable += 1
                 continue
-            pairs.append(({k: v for k, v in sample.items() if not k.startswith("__") and k != keys.member}, label))
+            pairs.append(({k: v for k, v in sample.items() if not k.startswith("__") and k != dropped}, label))
     if unusable:
         warn(f"cv: {unusable} {split} sample(s) without a usable label are left out of the folds")
     return pairs
@@ -69,14 +95,21 @@ def write_fold_shards(cfg: Config, fold: int, out: Path) -> Path:
 
     if (out / "manifest.json").is_file():
         return out
-    manifest = dataset_manifest(cfg.data)
+    manifest = dataset_manifest(cfg.data, task=cfg.task)
     pool = _labelled(cfg, manifest, "train") + _labelled(cfg, manifest, "val")
-    assignment = fold_assignment([label for _, label in pool], cfg.cv.folds, cfg.cv.seed)
+    assignment = fold_assignment([label for _, label in pool], cfg.cv.folds, cfg.cv.seed, cfg.task.type,
+                                 manifest.classes)
     splits = {"train": [p for p, f in zip(pool, assignment) if f != fold],
               "val": [p for p, f in zip(pool, assignment) if f == fold],
               "test": _labelled(cfg, manifest, "test")}
-    write_split_shards(out, manifest.classes, splits, f"{manifest.source or cfg.data.root} fold {fold}/{cfg.cv.folds}")
+    write_split_shards(out, manifest.classes, splits, f"{manifest.source or cfg.data.root} fold {fold}/{cfg.cv.folds}",
+                       task=cfg.task.type, label_key=fold_label_key(cfg), split_source=METHODS[cfg.task.type])
     return out
+
+
+def fold_label_key(cfg: Config) -> str:
+    """The data.label_key of the fold shards: `cls` (written by us) for classification, else the source's."""
+    return "cls" if cfg.task.type == "classification" else cfg.data.label_key
 
 
 def cv_root(cfg: Config) -> Path:
@@ -91,9 +124,9 @@ def fold_config(cfg: Config, fold: int) -> Config:
     fold_cfg = copy.deepcopy(cfg)
     fold_cfg.data.root = str(write_fold_shards(cfg, fold, data_dir / f"fold{fold}"))
     fold_cfg.data.auto_prepare_digits = False
-    # The fold shards are ours (manifest, integer cls labels, the same image members).
+    # The fold shards are ours (manifest, the same image members; labels as `fold_label_key` reads them).
     fold_cfg.data.train, fold_cfg.data.val, fold_cfg.data.test, fold_cfg.data.classes = [], [], [], []
-    fold_cfg.data.label_key = "cls"
+    fold_cfg.data.label_key = fold_label_key(cfg)
     fold_cfg.run.output_dir, fold_cfg.run.name = str(cv_root(cfg)), f"fold{fold}"
     fold_cfg.cv.fold = fold
     return fold_cfg
@@ -126,9 +159,6 @@ def run_cv(cfg: Config) -> dict | None:
     from pipeline.commands.train import train
     from pipeline.training.run_data import load_manifest
 
-    if cfg.task.type != "classification":
-        raise ValueError(f"pipeline cv stratifies folds by one class per image and writes single-label fold shards; "
-                         f"task.type={cfg.task.type} is not supported (train on fixed splits instead)")
     load_manifest(cfg)  # build the bundled digits shards if needed; check the splits exist
     folds = range(cfg.cv.folds) if cfg.cv.fold < 0 else [cfg.cv.fold]
     for fold in folds:

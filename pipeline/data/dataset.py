@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config.schema import DataConfig, TaskConfig
-from pipeline.data.index import SpecIndex, cache_path, label_summary, load_or_build, shared_samples, target_stats
+from pipeline.data.index import (
+    SpecIndex,
+    cache_path,
+    label_summary,
+    load_or_build,
+    shared_samples,
+    target_stats,
+    target_sums,
+)
 from pipeline.data.keys import SampleKeys
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
 from pipeline.data.remote import ReadOptions, open_shard
@@ -157,7 +165,8 @@ def _split(what: str, split: str, classes: list[str], keys: SampleKeys, urls: li
              f"for the {len(classes)} classes; they are skipped and counted (see data.max_bad_fraction)")
     total = sum(s.num_samples for s in shards)
     if regression:  # 'class' counts: labelled samples per output; the targets' statistics standardise them
-        stats = target_stats([e.targets for e in entries.values() if len(e.targets.get("sum", ())) == len(classes)])
+        sums = [e.targets for e in entries.values()] + [target_sums(m.split(split).targets) for m in owns]
+        stats = target_stats([t for t in sums if len(t.get("sum", ())) == len(classes)])
         return SplitInfo(num_samples=total, class_counts={name: stats.get("count", 0) for name in classes},
                          shards=shards, targets=stats)
     return SplitInfo(num_samples=total, class_counts={name: counts.get(name, 0) for name in classes}, shards=shards)
@@ -199,8 +208,9 @@ def _classes(data: DataConfig, parts: dict, options: ReadOptions) -> list[str]:
 def _outputs(data: DataConfig, task: TaskConfig, parts: dict) -> list[str]:
     """task.type=regression: the outputs' names (data.classes, else the label field's name, numbered when there are
     several); their number is task.num_outputs, else the length of the training shards' labels."""
-    index = parts["train"][2] if "train" in parts else next(iter(parts.values()))[2]
+    _, _, index, owns = parts["train"] if "train" in parts else next(iter(parts.values()))
     lengths = Counter(len(e.targets["sum"]) for e in (index.shards if index is not None else ()) if e.targets)
+    lengths.update(len(m.classes) for m in owns if m.task == "regression")  # our folders: their outputs
     found = lengths.most_common(1)[0][0] if lengths else 0
     count = task.num_outputs or (len(data.classes) if data.classes else found)
     if not count:

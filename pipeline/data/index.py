@@ -171,6 +171,16 @@ def target_stats(parts: Sequence[dict]) -> dict:
     return {"count": count, "mean": mean, "std": std}
 
 
+def target_sums(stats: dict) -> dict:
+    """{count, sum, sum_sq} per output back from `target_stats`' {count, mean, std} (a manifest's), so that
+    `target_stats` can combine them with indexed shards; {} for {}."""
+    if not stats or not stats.get("count"):
+        return {}
+    count = stats["count"]
+    return {"count": count, "sum": [m * count for m in stats["mean"]],
+            "sum_sq": [(s * s + m * m) * count for m, s in zip(stats["mean"], stats["std"])]}
+
+
 def fingerprint(image: bytes) -> str:
     """A sample's image as '<size in hex>.<blake2b-8 hex>': equal for the same bytes, whatever the key or shard."""
     return f"{len(image):x}.{hashlib.blake2b(image, digest_size=8).hexdigest()}"

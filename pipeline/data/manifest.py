@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
+from pipeline.config.schema import TASK_TYPES
+
 MANIFEST_NAME = "manifest.json"
 OFFSETS_NAME = "sample_offsets.json"
 SPLITS = ("train", "val", "test")
@@ -85,14 +87,23 @@ class Manifest:
     skipped_sources: list[str] = field(default_factory=list)
     """Source images the writer could not decode and left out (`--skip-bad`): 'path: reason'."""
     split_source: str = "stratified"
-    """'folders': the source's own split folders were kept (see split_folders); 'stratified': one seeded
-    stratified split of all images by split_fractions."""
+    """How the splits were made: 'folders': the source's own split folders were kept (see split_folders); else one
+    seeded split of all images by split_fractions, 'stratified' by class, 'iterative' (task multilabel: iterative
+    stratification of the label sets) or 'binned' (task regression: stratified by quantile bins of the first
+    output); 'specs': shards named by data.train/val/test (see `pipeline.data.stratify`)."""
     split_folders: dict[str, str] = field(default_factory=dict)
     """split -> the source folder it was read from (split_source 'folders')."""
     carved_from_train: dict[str, float] = field(default_factory=dict)
     """Splits with no folder, carved from the train folder (stratified, seeded): split -> share of train."""
     duplicate_sources: list[dict] = field(default_factory=list)
     """Groups of byte-identical source files under different paths: {sha256, files: [{path, class, split}]}."""
+    task: str = "classification"
+    """What a sample's label is (the task.type to train with): classification, multilabel (class_counts count the
+    positives per class) or regression (classes are the outputs; class_counts the labelled samples per output, and
+    each split's `targets` their statistics). Manifests written before it was recorded are classification."""
+    label_key: str = "cls"
+    """The data.label_key the shards are read with: cls, or json.labels (multilabel) / json.target (regression)
+    from `pipeline data shards`; a fold's shards keep their source's."""
 
     @property
     def num_classes(self) -> int:
@@ -248,7 +259,7 @@ class _ManifestChecker:
                          sha256=self.typed(self.get(value, "sha256", f"{where}.", ""), str, f"{where}.sha256",
                                            "a hex string"))
 
-    def split(self, value: Any, where: str, classes: list[str]) -> SplitInfo:
+    def split(self, value: Any, where: str, classes: list[str], task: str) -> SplitInfo:
         self.typed(value, dict, where, "an object with num_samples, class_counts, shards")
         total = self.count(self.get(value, "num_samples", f"{where}."), f"{where}.num_samples")
         counts = self.typed(self.get(value, "class_counts", f"{where}."), dict, f"{where}.class_counts",
@@ -256,20 +267,37 @@ class _ManifestChecker:
         for name, n in counts.items():
             if name not in classes:
                 self.fail(f"{where}.class_counts", name, "is not one of classes")
-            self.count(n, f"{where}.class_counts[{name!r}]")
-        if sum(counts.values()) != total:
+            if self.count(n, f"{where}.class_counts[{name!r}]") > total:  # a sample counts once per class at most
+                self.fail(f"{where}.class_counts[{name!r}]", n, f"is more than num_samples={total}")
+        if task == "classification" and sum(counts.values()) != total:
             self.fail(f"{where}.class_counts", counts, f"adds up to {sum(counts.values())}, not num_samples={total}")
         listed = self.typed(self.get(value, "shards", f"{where}."), list, f"{where}.shards", "a list of shards")
         shards = [self.shard(sh, f"{where}.shards[{i}]") for i, sh in enumerate(listed)]
         if sum(s.num_samples for s in shards) != total:
             self.fail(f"{where}.shards", len(shards), f"shard(s) hold {sum(s.num_samples for s in shards)} "
                       f"samples, not num_samples={total}")
-        return SplitInfo(num_samples=total, class_counts=dict(counts), shards=shards)
+        return SplitInfo(num_samples=total, class_counts=dict(counts), shards=shards,
+                         targets=self.targets(self.get(value, "targets", f"{where}.", {}), f"{where}.targets",
+                                              len(classes)))
 
-    def splits(self, data: dict, classes: list[str]) -> dict[str, SplitInfo]:
+    def targets(self, value: Any, where: str, outputs: int) -> dict:
+        """{} or {count, mean, std} with a number per output (regression's statistics)."""
+        self.typed(value, dict, where, "an object {count, mean, std}")
+        if not value:
+            return {}
+        self.count(self.get(value, "count", f"{where}."), f"{where}.count")
+        for key in ("mean", "std"):
+            numbers = self.typed(self.get(value, key, f"{where}."), list, f"{where}.{key}", "a list of numbers")
+            if len(numbers) != outputs:
+                self.fail(f"{where}.{key}", numbers, f"must hold one number per output ({outputs})")
+            for i, number in enumerate(numbers):
+                self.typed(number, (int, float), f"{where}.{key}[{i}]", "a number")
+        return dict(value)
+
+    def splits(self, data: dict, classes: list[str], task: str) -> dict[str, SplitInfo]:
         raw = self.typed(self.get(data, "splits", ""), dict, "splits", "an object of split name -> split")
-        splits = {name: self.split(s, f"splits.{name}" if name.isidentifier() else f"splits[{name!r}]", classes)
-                  for name, s in raw.items()}
+        splits = {name: self.split(s, f"splits.{name}" if name.isidentifier() else f"splits[{name!r}]", classes,
+                                   task) for name, s in raw.items()}
         names = [s.name for info in splits.values() for s in info.shards]
         for name in names:
             if names.count(name) > 1:
@@ -278,6 +306,9 @@ class _ManifestChecker:
 
     def manifest(self, data: dict) -> Manifest:
         classes = self.classes(data)
+        task = self.typed(self.get(data, "task", "", "classification"), str, "task", "a string")
+        if task not in TASK_TYPES:
+            self.fail("task", task, f"must be one of {', '.join(TASK_TYPES)}")
         size = self.get(data, "image_size", "", None)
         if size is not None and (not isinstance(size, list) or len(size) != 2
                                  or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in size)):
@@ -285,7 +316,8 @@ class _ManifestChecker:
         fractions = self.typed(self.get(data, "split_fractions", "", []), list, "split_fractions", "a list of numbers")
         for i, f in enumerate(fractions):
             self.typed(f, (int, float), f"split_fractions[{i}]", "a number")
-        return Manifest(classes=classes, splits=self.splits(data, classes),
+        return Manifest(classes=classes, splits=self.splits(data, classes, task), task=task,
+                        label_key=self.typed(self.get(data, "label_key", "", "cls"), str, "label_key", "a string"),
                         source=self.typed(self.get(data, "source", "", ""), str, "source", "a string"),
                         seed=self.typed(self.get(data, "seed", "", 0), int, "seed", "an integer"),
                         split_fractions=list(fractions),

@@ -1,16 +1,19 @@
 """Turn an ImageFolder (or a CSV of path,label) into WebDataset tar shards plus manifest.json.
 
 Samples are split train/val/test by the source's own split folders when it has them (train/, val/,
-test/ and their aliases), else with scikit-learn's stratified split (seeded); shuffled within each
-split, and written as `<split>-NNNNNN.tar` with keys `<index>.<ext>` (original image bytes, never
-re-encoded) and `<index>.cls` (the class index).
+test/ and their aliases), else by a seeded split stratified for the task (`pipeline.data.stratify`: by class,
+by label set, by quantile bins); shuffled within each split, and written as `<split>-NNNNNN.tar` with keys
+`<index>.<ext>` (original image bytes, never re-encoded) and the label (`LABEL_KEYS`): `<index>.cls` (the class
+index), or for a CSV of label sets or numbers `<index>.json` holding {"labels": [class names]} or
+{"target": [numbers]}.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-from collections import defaultdict
+import json
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,12 +21,17 @@ from typing import Sequence
 import numpy as np
 import webdataset as wds
 
+from pipeline.data.index import add_targets, target_stats
+from pipeline.data.keys import TargetLabel
 from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, SplitInfo
 from pipeline.data.sources import IMAGE_EXTENSIONS, SourceImage, Sources, scan_source
+from pipeline.data.stratify import METHODS, stratified_split
 from pipeline.tracking.console import progress_bar, warn
 
 SOURCES_NAME = "sources.csv"
-"""Written beside manifest.json: split, shard, key, class and source path of every sample (provenance)."""
+"""Written beside manifest.json: split, shard, key, class (label) and source path of every sample (provenance)."""
+LABEL_KEYS = {"classification": "cls", "multilabel": "json.labels", "regression": "json.target"}
+"""task -> the data.label_key the written shards are read with (the member, and json field, holding the label)."""
 
 
 @dataclass(frozen=True)
@@ -84,25 +92,6 @@ def _most_common(values: Sequence) -> tuple:
     return counts.most_common(1)[0] if counts else (None, 0)
 
 
-def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Indices of train/val/test, stratified by label (scikit-learn), each shuffled."""
-    train_f, val_f, test_f = fractions
-    indices = np.arange(len(labels))
-    labels = np.asarray(labels)
-    holdout = val_f + test_f
-    if holdout == 0:
-        return [np.random.default_rng(seed).permutation(indices), indices[:0], indices[:0]]
-    from sklearn.model_selection import train_test_split
-
-    train_idx, rest_idx = train_test_split(indices, test_size=holdout, stratify=labels, random_state=seed)
-    if val_f == 0 or test_f == 0:
-        empty = indices[:0]
-        return [train_idx, rest_idx, empty] if test_f == 0 else [train_idx, empty, rest_idx]
-    val_idx, test_idx = train_test_split(rest_idx, test_size=test_f / holdout, stratify=labels[rest_idx],
-                                         random_state=seed)
-    return [train_idx, val_idx, test_idx]
-
-
 def _carve_fractions(sources: Sources, fractions: Sequence[float], val_fraction: float | None) -> dict[str, float]:
     """Shares of the train folder that become val / test, for the splits a source has no folder for."""
     has = sources.split_folders
@@ -120,14 +109,15 @@ def assign_splits(sources: Sources, fractions: Sequence[float], seed: int,
                   val_fraction: float | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
     """Indices of train/val/test (each shuffled) and the shares carved from the train folder.
 
-    Without split folders: a stratified split of all images by `fractions`. With them: each folder's
+    Without split folders: a split of all images by `fractions`, stratified for the source's task. With them (an
+    ImageFolder: classification): each folder's
     images stay in its split, and a split with no folder is carved from train, stratified and seeded
     (val by `val_fraction`, else `fractions[1]`; test by `fractions[2]`), as a share of train.
     Every image lands in exactly one split (asserted).
     """
-    labels = np.asarray([im.label for im in sources.images])
+    labels = [im.label for im in sources.images]
     if not sources.split_folders:
-        parts = stratified_split(labels, fractions, seed)
+        parts = stratified_split(labels, fractions, seed, sources.task, len(sources.classes))
         carve: dict[str, float] = {}
     else:
         rng = np.random.default_rng(seed)
@@ -137,7 +127,7 @@ def assign_splits(sources: Sources, fractions: Sequence[float], seed: int,
         if carve:
             train = by_split["train"]
             shares = (1 - sum(carve.values()), carve.get("val", 0.0), carve.get("test", 0.0))
-            for split, part in zip(SPLITS, stratified_split(labels[train], shares, seed)):
+            for split, part in zip(SPLITS, stratified_split([labels[i] for i in train], shares, seed)):
                 if split == "train" or split in carve:
                     by_split[split] = train[part]
         parts = [by_split[split] for split in SPLITS]
@@ -145,13 +135,14 @@ def assign_splits(sources: Sources, fractions: Sequence[float], seed: int,
     return parts, carve
 
 
-def duplicate_groups(images: Sequence[SourceImage], checks: Sequence[ImageCheck], classes: Sequence[str],
-                     split_of: dict[int, str]) -> list[dict]:
-    """Groups of byte-identical source files under different paths: sha256 and each file's path, class, split."""
+def duplicate_groups(sources: Sources, checks: Sequence[ImageCheck], split_of: dict[int, str]) -> list[dict]:
+    """Groups of byte-identical source files under different paths: sha256 and each file's path, class (label text),
+    split."""
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, check in enumerate(checks):
         by_hash[check.sha256].append(i)
-    return [{"sha256": digest, "files": [{"path": str(images[i].path), "class": classes[images[i].label],
+    images = sources.images
+    return [{"sha256": digest, "files": [{"path": str(images[i].path), "class": sources.label_text(images[i].label),
                                           "split": split_of[i]} for i in group]}
             for digest, group in by_hash.items() if len(group) > 1]
 
@@ -235,7 +226,7 @@ def _check_sources(src: Path, sources: Sources, skip_bad: bool,
         images, checks = [images[i] for i in good], [checks[i] for i in good]
         if not images:
             raise ValueError(f"no image in '{src}' can be decoded")
-    kept = Sources(images, sources.classes, sources.split_folders, sources.notes)
+    kept = Sources(images, sources.classes, sources.split_folders, sources.notes, sources.task)
     return kept, checks, [f"{im.path}: {check.error}" for im, check in bad]
 
 
@@ -243,17 +234,39 @@ def _write_split(out: Path, split: str, indices: np.ndarray, sources: Sources, l
                  rows: list[list[str]], advance) -> SplitInfo:
     """Write one split's shards in `indices` order; append each sample's provenance row to `rows`."""
     writer = _RollingTarWriter(out, split, *limits)
-    counts = {name: 0 for name in sources.classes}
     for position, index in enumerate(indices):
         image = sources.images[int(index)]
         ext = image.path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
         key = f"{position:08d}"
-        writer.write({"__key__": key, ext: image.path.read_bytes(), "cls": str(image.label).encode()})
-        counts[sources.classes[image.label]] += 1
-        rows.append([split, writer.shards[-1].name, key, sources.classes[image.label], str(image.path)])
+        writer.write({"__key__": key, ext: image.path.read_bytes(),
+                      **label_member(image.label, sources.classes, sources.task)})
+        rows.append([split, writer.shards[-1].name, key, sources.label_text(image.label), str(image.path)])
         advance()
     writer.close()
-    return SplitInfo(num_samples=len(indices), class_counts=counts, shards=writer.shards)
+    return split_info([sources.images[int(i)].label for i in indices], sources.classes, sources.task, writer.shards)
+
+
+def label_member(label: TargetLabel, classes: Sequence[str], task: str) -> dict[str, bytes]:
+    """The member holding a written sample's label (`LABEL_KEYS`): `cls` (the class index as text), or `json` with
+    {"labels": [class names]} (multilabel) or {"target": [numbers]} (regression)."""
+    if task == "classification":
+        return {"cls": str(label).encode()}
+    value = [classes[i] for i in label] if task == "multilabel" else list(label)
+    return {"json": json.dumps({LABEL_KEYS[task].partition(".")[2]: value}).encode()}
+
+
+def split_info(labels: Sequence[TargetLabel], classes: Sequence[str], task: str, shards: list[ShardInfo]) -> SplitInfo:
+    """A written split's manifest entry: samples per class; multilabel: positives per class; regression: labelled
+    samples per output, and the targets' {count, mean, std} (they standardise the targets in training)."""
+    if task == "regression":
+        sums: dict = {}
+        for label in labels:
+            add_targets(sums, label)
+        return SplitInfo(num_samples=len(labels), class_counts={name: len(labels) for name in classes}, shards=shards,
+                         targets=target_stats([sums]))
+    counts = Counter(i for label in labels for i in (label if task == "multilabel" else (label,)))
+    return SplitInfo(num_samples=len(labels), class_counts={name: counts[i] for i, name in enumerate(classes)},
+                     shards=shards)
 
 
 def _write_sources_csv(out: Path, rows: list[list[str]]) -> None:
@@ -266,13 +279,14 @@ def _write_sources_csv(out: Path, rows: list[list[str]]) -> None:
 def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[float] = (0.7, 0.15, 0.15),
                  max_samples: int = 1000, max_bytes: int = 1 << 30, seed: int = 0,
                  show_progress: bool = True, skip_bad: bool = False, dedupe: bool = False,
-                 val_fraction: float | None = None) -> Manifest:
+                 val_fraction: float | None = None, task: str = "classification") -> Manifest:
     """Write train/val/test shards of the ImageFolder or CSV at `src` into `out_dir`.
 
-    Split folders in `src` are kept (see `assign_splits`); otherwise the split is stratified by
-    `fractions`. Every image is decoded first. Unreadable ones stop the writer before anything is
-    written (a ValueError naming them), or with `skip_bad` are left out, listed in
-    `manifest.skipped_sources` and warned about. A CSV's repeated rows are refused unless `dedupe`.
+    `task` says what a CSV's label is (`pipeline.data.sources`: a class, a label set, numbers; an ImageFolder is
+    classification only) and how it is written (`LABEL_KEYS`). Split folders in `src` are kept (see
+    `assign_splits`); otherwise the split is stratified for the task by `fractions`. Every image is decoded first.
+    Unreadable ones stop the writer before anything is written (a ValueError naming them), or with `skip_bad` are
+    left out, listed in `manifest.skipped_sources` and warned about. A CSV's repeated rows are refused unless `dedupe`.
     Byte-identical files under different paths are warned about and listed in
     `manifest.duplicate_sources`. `sources.csv` records where each sample came from.
     """
@@ -283,22 +297,22 @@ def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[fl
         raise ValueError(f"split fractions {list(fractions)} must be three non-negative numbers summing to 1")
     if max_samples < 1 or max_bytes < 1:
         raise ValueError("max samples and max bytes per shard must be positive")
-    sources = scan_source(src, dedupe)
+    sources = scan_source(src, dedupe, task)
     for note in sources.notes:
         warn(note)
     sources, checks, skipped = _check_sources(src, sources, skip_bad, show_progress)
     split_indices, carved = assign_splits(sources, fractions, seed, val_fraction)
     split_of = {int(i): split for split, indices in zip(SPLITS, split_indices) for i in indices}
-    duplicates = duplicate_groups(sources.images, checks, sources.classes, split_of)
+    duplicates = duplicate_groups(sources, checks, split_of)
     warn_duplicates(duplicates)
     out.mkdir(parents=True, exist_ok=True)
     splits: dict[str, SplitInfo] = {}
     rows: list[list[str]] = []
     with progress_bar(enabled=show_progress) as progress:
-        task = progress.add_task("writing shards", total=len(sources.images))
+        writing = progress.add_task("writing shards", total=len(sources.images))
         for split, indices in zip(SPLITS, split_indices):
             splits[split] = _write_split(out, split, indices, sources, (max_samples, max_bytes), rows,
-                                         lambda: progress.advance(task))
+                                         lambda: progress.advance(writing))
     _write_sources_csv(out, rows)
     image_mode = _most_common([c.mode for c in checks])[0]
     size, same_size = _most_common([c.size for c in checks])
@@ -306,9 +320,9 @@ def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[fl
     shares = [round(len(i) / total, 6) for i in split_indices] if sources.split_folders else list(fractions)
     manifest = Manifest(classes=sources.classes, splits=splits, source=str(src), seed=seed, split_fractions=shares,
                         image_mode=image_mode, image_size=list(size) if same_size == len(checks) else None,
-                        skipped_sources=skipped, split_source="folders" if sources.split_folders else "stratified",
+                        skipped_sources=skipped, split_source="folders" if sources.split_folders else METHODS[task],
                         split_folders=dict(sources.split_folders), carved_from_train=carved,
-                        duplicate_sources=duplicates)
+                        duplicate_sources=duplicates, task=task, label_key=LABEL_KEYS[task])
     manifest.write(out)
     return manifest
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.data.manifest import Manifest, SplitInfo
-from pipeline.data.shards import _RollingTarWriter
+from pipeline.data.keys import TargetLabel
+from pipeline.data.manifest import Manifest
+from pipeline.data.shards import _RollingTarWriter, label_member, split_info
 
 
-def write_split_shards(out: str | Path, classes: list[str], splits: dict[str, list[tuple[dict[str, bytes], int]]],
-                       source: str, max_samples: int = 64) -> Manifest:
-    """`splits[name]` is a list of ({extension: image bytes}, label); written to a staging folder, then renamed."""
+def write_split_shards(out: str | Path, classes: list[str],
+                       splits: dict[str, list[tuple[dict[str, bytes], TargetLabel]]], source: str,
+                       max_samples: int = 64, task: str = "classification", label_key: str = "cls",
+                       split_source: str = "stratified") -> Manifest:
+    """`splits[name]` is a list of ({member: bytes}, label); written to a staging folder, then renamed.
+
+    classification: the members are the image's, and the label (a class index) is written as `cls`. Other tasks:
+    the members hold the label already (read with `label_key`, recorded in the manifest), and the label
+    (`SampleKeys.label`'s form) only counts (`split_info`). `split_source`: how the samples were chosen (the
+    manifest's field: cross-validation folds say by what they were stratified)."""
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -19,13 +27,13 @@ def write_split_shards(out: str | Path, classes: list[str], splits: dict[str, li
     infos = {}
     for split, samples in splits.items():
         writer = _RollingTarWriter(staging, split, max_samples, 1 << 30)
-        counts = {name: 0 for name in classes}
         for position, (payload, label) in enumerate(samples):
-            writer.write({"__key__": f"{position:08d}", **payload, "cls": str(label).encode()})
-            counts[classes[label]] += 1
+            member = label_member(label, classes, task) if task == "classification" else {}  # else: in payload
+            writer.write({"__key__": f"{position:08d}", **payload, **member})
         writer.close()
-        infos[split] = SplitInfo(num_samples=len(samples), class_counts=counts, shards=writer.shards)
-    manifest = Manifest(classes=list(classes), splits=infos, source=source)
+        infos[split] = split_info([label for _, label in samples], classes, task, writer.shards)
+    manifest = Manifest(classes=list(classes), splits=infos, source=source, task=task, label_key=label_key,
+                        split_source=split_source)
     manifest.write(staging)
     shutil.rmtree(out, ignore_errors=True)
     staging.replace(out)

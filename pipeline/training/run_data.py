@@ -64,9 +64,20 @@ def _root_manifest(cfg: Config, dist: Dist | None) -> Manifest:
     for split in ("train", "val", "test"):
         if split not in manifest.splits:
             raise ValueError(f"manifest in '{root}' has no '{split}' split")
+    _check_label_form(cfg, manifest)
     for shared in manifest.shared_with_train() if dist is not None else ():
         dist.warn(shared.line(f"data.root '{root}' {shared.split}", "its train split"))
     return manifest
+
+
+def _check_label_form(cfg: Config, manifest: Manifest) -> None:
+    """Shards written with label sets or numbers (the manifest's task) train only as what they hold: one line naming
+    the task.type and data.label_key to give. (Single-label shards may also train as multilabel, as before.)"""
+    if manifest.task == "classification" or (cfg.task.type, cfg.data.label_key) == (manifest.task, manifest.label_key):
+        return
+    raise ValueError(f"data.root='{cfg.data.root}' holds {manifest.task} labels under '{manifest.label_key}'; train "
+                     f"with task.type={manifest.task} data.label_key={manifest.label_key} (given: task.type="
+                     f"{cfg.task.type} data.label_key={cfg.data.label_key})")
 
 
 __all__ = ["load_manifest"]
