@@ -59,7 +59,8 @@ def test_symlink_escaping_the_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mutate, field", [
     (lambda d: d["splits"]["train"]["shards"][0].update(num_samples=-1), "splits.train.shards[0].num_samples=-1"),
     (lambda d: d["splits"]["train"].update(num_samples="3"), "splits.train.num_samples='3'"),
-    (lambda d: d["splits"]["train"]["class_counts"].update(a=5), "splits.train.class_counts="),
+    (lambda d: d["splits"]["train"]["class_counts"].update(a=5), "splits.train.class_counts['a']=5 is more than"),
+    (lambda d: d["splits"]["train"]["class_counts"].update(a=1), "splits.train.class_counts={'a': 1, 'b': 1} adds up"),
     (lambda d: d["splits"]["train"]["shards"][0].update(num_samples=2), "splits.train.shards=1"),
     (lambda d: d.update(num_classes=3), "num_classes=3"),
     (lambda d: d["splits"]["train"]["class_counts"].update(c=0), "splits.train.class_counts='c' is not one"),
