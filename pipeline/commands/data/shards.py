@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pipeline.data.balance import imbalance_summary
 from pipeline.data.manifest import Manifest
 
 
 def print_written(manifest: Manifest, out: str) -> None:
     """Which split folders were kept or carved, the samples and shards per split, what was skipped, the balance."""
+    from pipeline.data.balance import imbalance_summary  # (it loads torch: not before a bad SRC is refused)
+
     if manifest.split_source == "folders":
         kept = ", ".join(f"{split} <- {folder}/" for split, folder in manifest.split_folders.items())
         carved = "".join(f"; {split} carved from train ({share:.0%}, stratified)"
