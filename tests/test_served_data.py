@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import wds_shards  # noqa: E402
-from conftest import ROOT, TINY, read_jsonl, run_cli  # noqa: E402
+from conftest import ROOT, TINY, read_jsonl, run_cli, run_main  # noqa: E402
 from services.flaky_http import HTML_PAGE, serve  # noqa: E402
 
 from pipeline.config.schema import DataConfig  # noqa: E402
@@ -328,7 +328,7 @@ def test_predict_and_visualize_refuse_a_pixel_bomb_in_one_line(bomb_run: dict, c
     args = [command, str(bomb_run["run"]), str(image)] if command == "predict" else \
         [command, str(bomb_run["run"]), "--layer", "features.1.0.0", "--image", str(image)]
     began = time.monotonic()
-    result = run_cli(args, check=False)
+    result = run_cli(args, check=False) if command == "predict" else run_main(args)  # (the same check of the image)
     assert result.returncode == 2 and time.monotonic() - began < 60, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         f"error: '{image}': the image has 900,000,000 pixels, over the 89,478,485 PIL decodes "
