@@ -78,6 +78,30 @@ def run_cli(args: list[str], nproc: int = 1, env: dict | None = None, timeout: i
     return result
 
 
+def run_main(args: list[str]) -> subprocess.CompletedProcess:
+    """`pipeline ARGS` in this process (`pipeline.commands.cli.main`, from the repository root as `run_cli`): what a
+    refusal case costs without an interpreter's start and torch's import (seconds). For the cases of a refusal
+    family whose first case runs as a real process; never for signals, exit paths or faults, which need their own
+    process (and the default workers). stdout and stderr are what main printed; torch's thread count is restored."""
+    import contextlib
+    import io
+
+    import torch
+
+    from pipeline.commands.cli import main
+
+    stdout, stderr, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(args)
+            except SystemExit as exc:  # argparse's refusals
+                code = exc.code
+    finally:
+        torch.set_num_threads(threads)  # (the run sets its own: train.cpu_threads)
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
 def read_jsonl(path: Path, drop: tuple[str, ...] = ("epoch_seconds", "images_per_second")) -> list[dict]:
     """metrics.jsonl without wall-clock fields (which differ between any two runs)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -19,7 +19,7 @@ from pipeline.data import Manifest, build_loader
 from pipeline.data.faults import FIELDS, as_dict
 from pipeline.data.manifest import SplitInfo
 from pipeline.data.shards import _RollingTarWriter
-from tests.conftest import TINY, read_jsonl, run_cli
+from tests.conftest import TINY, read_jsonl, run_cli, run_main
 
 CLASSES = ["a", "b", "c", "d"]
 UNDECODABLE, RGBA, NO_LABEL, BAD_LABEL = (3, 17, 29), (8, 22), 12, 35
@@ -348,6 +348,11 @@ def _one_class(root: Path) -> Path:
     return root
 
 
+IN_PROCESS = {"one_class", "batch", "drop_last", "output", "fp16"}
+"""Preflight cases checked by `cli.main` in this process; no_folder and no_manifest (refused before torch is imported)
+and missing_shard (after the process group forms, as the others) run as real processes."""
+
+
 @pytest.mark.parametrize("case", ["no_folder", "no_manifest", "missing_shard", "one_class", "batch", "drop_last",
                                   "output", "fp16"])
 def test_preflight_stops_bad_runs_with_one_line(faulty_root: Path, tmp_path: Path, case: str) -> None:
@@ -387,7 +392,7 @@ def test_preflight_stops_bad_runs_with_one_line(faulty_root: Path, tmp_path: Pat
         extra = ["train.precision=fp16", "train.cpu=true"]  # no GPU on the machine gives the same check's twin
         expected = "train.precision=fp16 needs a GPU; use bf16 or fp32 with train.cpu=true"
     args = _train_args(root, tmp_path, "p", "data.auto_prepare_digits=false", *extra)
-    result = run_cli(args, check=False)
+    result = run_main(args) if case in IN_PROCESS else run_cli(args, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     line = result.stderr.strip()
     assert "\n" not in line and line.startswith(f"error: {expected}")

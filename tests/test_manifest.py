@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.data.manifest import Manifest
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, run_main
 
 
 def _valid() -> dict:
@@ -79,8 +79,8 @@ def test_not_json_or_not_an_object(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mutate, field", [
-    (lambda d: d["splits"]["train"]["shards"][0].update(name="../outside/evil.tar"),
-     "splits.train.shards[0].name='../outside/evil.tar' leaves the data folder"),
+    (lambda d: d["splits"]["train"]["shards"][0].update(name="../outside/evil.tar"),  # a real process; the other
+     "splits.train.shards[0].name='../outside/evil.tar' leaves the data folder"),  # cases call cli.main here
     (lambda d: d["splits"]["train"]["shards"][0].update(num_samples=-5), "splits.train.shards[0].num_samples=-5"),
     (lambda d: d["splits"]["val"].update(num_samples="270"), "splits.val.num_samples='270'"),
 ])
@@ -92,8 +92,8 @@ def test_cli_train_refuses_a_bad_manifest(digits_root: Path, tmp_path: Path, mut
     data = json.loads((root / "manifest.json").read_text())
     mutate(data)
     (root / "manifest.json").write_text(json.dumps(data))
-    result = run_cli(["train", f"data.root={root}", "data.num_workers=0", f"run.output_dir={tmp_path / 'runs'}", *TINY],
-                     check=False, timeout=120)
+    args = ["train", f"data.root={root}", "data.num_workers=0", f"run.output_dir={tmp_path / 'runs'}", *TINY]
+    result = run_cli(args, check=False, timeout=120) if "evil" in field else run_main(args)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and field in lines[-1], result.stderr[-2000:]

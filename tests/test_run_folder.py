@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, run_main
 
 EPOCHS = 2
 
@@ -152,7 +152,7 @@ def test_resume_with_harmless_changes_is_allowed_and_recorded(digits_root: Path,
 
 
 @pytest.mark.parametrize("override, named", [
-    ("train.batch_size=16", "train.batch_size 32 -> 16"),
+    ("train.batch_size=16", "train.batch_size 32 -> 16"),  # a real process; the other cases call cli.main here
     ("model.channels=[8,32]", "model.channels [8, 16] -> [8, 32]"),
     ("optim.lr=0.01", "optim.lr 0.001 -> 0.01"),
     ("train.epochs=1", "train.epochs 2 -> 1"),
@@ -166,7 +166,8 @@ def test_resume_with_trajectory_changes_is_refused_and_leaves_the_folder_as_it_w
         override, named = f"data.root={other}", f"data.root '{digits_root}' -> '{other}'"
     run_dir = copy / "digits"
     before = snapshot(run_dir)
-    result = run_cli([*base_args(digits_root, copy), override], check=False, timeout=120)
+    args = [*base_args(digits_root, copy), override]
+    result = run_cli(args, check=False, timeout=120) if override == "train.batch_size=16" else run_main(args)
     assert result.returncode == 2
     lines = error_lines(result)
     assert len(lines) == 1 and named in lines[0], lines

@@ -32,7 +32,7 @@ from pipeline.data.images import ImageTooLarge, open_image  # noqa: E402
 from pipeline.data.remote import NetworkError, ReadOptions, ShardChanged, net_counters, open_shard, stat_shard  # noqa: E402
 from pipeline.data.stream import shard_slice  # noqa: E402
 from pipeline.data.tar import BAD, NotATar, tar_samples  # noqa: E402
-from tests.conftest import ROOT, TINY, read_jsonl, run_cli  # noqa: E402
+from tests.conftest import ROOT, TINY, read_jsonl, run_cli, run_main  # noqa: E402
 
 FAST = ReadOptions(backoff_s=0.01, backoff_max_s=0.05, timeout_s=5)
 TRAIN = [f"train-00000{i}.tar" for i in range(5)]  # 250, 250, 250, 250, 200 samples
@@ -328,7 +328,7 @@ def test_predict_and_visualize_refuse_a_pixel_bomb_in_one_line(bomb_run: dict, c
     args = [command, str(bomb_run["run"]), str(image)] if command == "predict" else \
         [command, str(bomb_run["run"]), "--layer", "features.1.0.0", "--image", str(image)]
     began = time.monotonic()
-    result = run_cli(args, check=False)
+    result = run_cli(args, check=False) if command == "predict" else run_main(args)  # (the same check of the image)
     assert result.returncode == 2 and time.monotonic() - began < 60, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
         f"error: '{image}': the image has 900,000,000 pixels, over the 89,478,485 PIL decodes "

@@ -32,9 +32,16 @@ def _same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_train_writes_the_run_folder_contract(digits_root: Path, tmp_path: Path) -> None:
-    result = run_cli([*_args(digits_root, tmp_path, "r", "train.epochs=3"), "--json"])
-    run = tmp_path / "r"
+@pytest.fixture(scope="module")
+def three_epochs(digits_root: Path, tmp_path_factory) -> tuple[Path, str]:
+    """One uninterrupted 3-epoch run (its folder, its stdout with --json): the contract's and the resume's reference."""
+    out = tmp_path_factory.mktemp("three_epochs")
+    result = run_cli([*_args(digits_root, out, "ref", "train.epochs=3"), "--json"])
+    return out / "ref", result.stdout
+
+
+def test_train_writes_the_run_folder_contract(three_epochs: tuple[Path, str]) -> None:
+    run, stdout = three_epochs
     assert (run / "config.yaml").is_file() and load_config(run / "config.yaml").train.epochs == 3
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -46,14 +53,15 @@ def test_train_writes_the_run_folder_contract(digits_root: Path, tmp_path: Path)
     assert sum(map(sum, metrics["confusion_matrix"])) == 270
     assert (run / "checkpoints" / "best" / "COMPLETE").is_file()
     assert (run / "checkpoints" / "last").resolve().name == "step-00000120"
-    assert json.loads(result.stdout.strip().splitlines()[-1])["test"]["num_samples"] == 270
+    assert json.loads(stdout.strip().splitlines()[-1])["test"]["num_samples"] == 270
     evaluated = json.loads(run_cli(["evaluate", str(run), "--json"]).stdout)
     assert evaluated["confusion_matrix"] == metrics["confusion_matrix"]
     assert evaluated["accuracy"] == pytest.approx(metrics["accuracy"])
 
 
-def test_resume_at_epoch_boundary_is_bit_identical(digits_root: Path, tmp_path: Path) -> None:
-    run_cli(_args(digits_root, tmp_path, "ref", "train.epochs=3"))
+def test_resume_at_epoch_boundary_is_bit_identical(digits_root: Path, tmp_path: Path,
+                                                   three_epochs: tuple[Path, str]) -> None:
+    ref, _ = three_epochs  # the same run (the run name and --json change nothing the comparison sees)
     # Killed (SIGKILL) right after the checkpoint at the end of epoch 2 (step 80), then resumed.
     killed = run_cli(_args(digits_root, tmp_path, "cut", "train.epochs=3"), check=False,
                      env={"PIPELINE_KILL_AT_STEP": "80", "PIPELINE_KILL_AFTER_SAVE": "1"})
@@ -61,10 +69,10 @@ def test_resume_at_epoch_boundary_is_bit_identical(digits_root: Path, tmp_path: 
     assert [r["epoch"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")] == [1, 2]
     resumed = run_cli(_args(digits_root, tmp_path, "cut", "train.epochs=3"))
     assert "resumed from" in resumed.stdout
-    assert _same_weights(tmp_path / "ref/checkpoints/best/model.safetensors",
+    assert _same_weights(ref / "checkpoints/best/model.safetensors",
                          tmp_path / "cut/checkpoints/best/model.safetensors")
-    assert read_jsonl(tmp_path / "ref/metrics.jsonl") == read_jsonl(tmp_path / "cut/metrics.jsonl")
-    assert (tmp_path / "ref/test_metrics.json").read_text() == (tmp_path / "cut/test_metrics.json").read_text()
+    assert read_jsonl(ref / "metrics.jsonl") == read_jsonl(tmp_path / "cut/metrics.jsonl")
+    assert (ref / "test_metrics.json").read_text() == (tmp_path / "cut/test_metrics.json").read_text()
 
 
 def test_early_stopping_restores_best_weights(digits_root: Path, tmp_path: Path) -> None:

@@ -13,7 +13,10 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import Config
 
 EXIT_USAGE = 2  # bad input: config, files, values
 EXIT_IO = 74  # EX_IOERR: a file could not be written (disk full, permissions)
@@ -33,8 +36,18 @@ def _load(args: argparse.Namespace):
     return load_config(config_path, overrides)
 
 
+def _check_data_root(cfg: Config) -> None:
+    """A data.root without our shards: one line before torch is imported, too (the run checks it again, on every
+    rank, when it reads the manifest; shard specs, data.train ..., are checked there)."""
+    if not (cfg.data.train or cfg.data.val or cfg.data.test):  # (pipeline.data.dataset.uses_specs loads torch)
+        from pipeline.training.preflight import check_data_root
+
+        check_data_root(cfg)
+
+
 def _train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch: a bad config fails in a fraction of a second
+    _check_data_root(cfg)
     from pipeline.commands.train import run_dir_of, train
 
     started = time.monotonic()
@@ -60,6 +73,7 @@ def _lr_find(args: argparse.Namespace) -> int:
     from pipeline.training.lr_finder import sweep_lrs
 
     sweep_lrs(args.start_lr, args.end_lr, args.steps)  # bad flags: one line before torch is imported, too
+    _check_data_root(cfg)
     from pipeline.commands.lr_find import lr_find, summary_lines
 
     found = lr_find(cfg, args.start_lr, args.end_lr, args.steps, args.out)

@@ -1,4 +1,9 @@
-"""`pipeline train`: build everything from the config with small factories, train, test the best weights."""
+"""`pipeline train`: build everything from the config with small factories, train, test the best weights.
+
+The modules that build the model, the trainer and the metrics (torchvision's, torchmetrics') are imported once the
+checks have passed (`_build_rest`): a run refused for its data or its run folder exits in the time torch and
+Accelerate take to load.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import OmegaConf
@@ -17,10 +23,7 @@ from pipeline.data import Manifest, build_loader
 from pipeline.data.faults import SKIP_REASONS
 from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.distributed.sync_bn import convert_sync_batchnorm
-from pipeline.evaluation.evaluate import collect_predictions, evaluate, evaluation_record
 from pipeline.evaluation.tta import with_tta
-from pipeline.models import create_model
-from pipeline.tasks import Task, build_task, class_weights, write_task
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
@@ -34,7 +37,10 @@ from pipeline.training.run_folder import RunLock, check_resume, data_identity, r
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
 from pipeline.training.threads import cpu_precision_warning, set_threads
-from pipeline.training.trainer import Trainer
+
+if TYPE_CHECKING:
+    from pipeline.tasks import Task
+    from pipeline.training.trainer import Trainer
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -109,6 +115,10 @@ def claim_run_folder(cfg: Config, dist: Dist, run_dir: Path, config_yaml: str, m
 
 def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, config_yaml: str, lock: RunLock,
                 callbacks: list | None, gradual: bool) -> Run:
+    from pipeline.models import create_model
+    from pipeline.tasks import build_task, class_weights
+    from pipeline.training.trainer import Trainer
+
     pin = dist.device.type == "cuda"
     train = build_loader(cfg, manifest, "train", dist.rank, dist.world_size, train=True, pin_memory=pin,
                          device=dist.device)
@@ -147,6 +157,8 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
 def test_split(run: Run, split: str = "test") -> dict:
     """Evaluate the trainer's current (best) weights, the EMA copy when on, with eval.tta, on a split; counts every
     sample once."""
+    from pipeline.evaluation.evaluate import evaluate, evaluation_record
+
     cfg, dist = run.cfg, run.dist
     data = build_loader(cfg, run.manifest, split, dist.rank, dist.world_size, train=False,
                         pin_memory=dist.device.type == "cuda", device=dist.device)
@@ -166,6 +178,8 @@ def tune_task(run: Run) -> None:
     task.threshold=tune): every rank gathers every rank's outputs and fits the same values."""
     if not run.task.tunes:
         return
+    from pipeline.evaluation.evaluate import collect_predictions
+
     trainer, dist = run.trainer, run.dist
     outputs, labels = collect_predictions(trainer.eval_model, trainer.batches(trainer.val_data), dist.device,
                                           dist.accelerator.autocast, run.cfg.model.channels_last, run.task.outputs)
@@ -194,6 +208,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
         tune_task(run)
         metrics = test_split(run)
         if dist.is_main:
+            from pipeline.tasks import write_task
+
             write_task(run.task, run.run_dir)
             (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         run.trainer.bad_data.check()  # the test split too (the same totals, hence decision, on every rank)

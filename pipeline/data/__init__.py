@@ -1,21 +1,35 @@
-"""Data: digits export, shard writing, manifest, transforms, and the resumable shard stream."""
+"""Data: digits export, shard writing, manifest, transforms, and the resumable shard stream.
+
+Importing the package (or one of its modules) is cheap: the loader's modules (the stream and its workers, decoding
+and augmentation with torchvision) are imported when a loader is built or one of their names is asked for, so that
+a command that only reads a manifest or checks a data folder refuses bad input before torch and torchvision load.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence
-
-import torch
-from torch.utils.data import DataLoader
+import importlib
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 from pipeline.config.schema import Config
-from pipeline.data import faults
-from pipeline.data.dataset import read_options, sample_keys
-from pipeline.data.decode import build_decoding
 from pipeline.data.manifest import Manifest
-from pipeline.data.remote import ReadOptions
-from pipeline.data.stream import ShardStream, make_loader, shard_paths
-from pipeline.data.transforms import build_transform
-from pipeline.data.workers import WorkerStuck, timed_out, waited_on, worker_pid
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pipeline.data.remote import ReadOptions
+    from pipeline.data.stream import ShardStream
+    from pipeline.data.workers import WorkerStuck
+
+_LAZY = {"ReadOptions": "pipeline.data.remote", "ShardStream": "pipeline.data.stream",
+         "build_transform": "pipeline.data.transforms", "read_options": "pipeline.data.dataset"}
+"""Names the package gives from its modules, imported on first use."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SplitLoader:
@@ -28,6 +42,8 @@ class SplitLoader:
     """
 
     def __init__(self, stream: ShardStream, dataloader: DataLoader, finish: Optional[Callable] = None):
+        from pipeline.data import faults
+
         self.stream, self.dataloader, self.finish = stream, dataloader, finish
         self.faults = faults.empty_counts()
 
@@ -37,6 +53,8 @@ class SplitLoader:
 
     @property
     def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from pipeline.data.workers import timed_out
+
         batches = None
         while True:
             try:  # persistent workers: `iter` already waits for each one to take up the new epoch
@@ -57,6 +75,8 @@ class SplitLoader:
 
     def _stuck(self) -> WorkerStuck:
         """The error for a worker that delivered nothing for data.worker_timeout_s; the caller ends the workers."""
+        from pipeline.data.workers import WorkerStuck, waited_on, worker_pid
+
         stream = self.stream
         worker = waited_on(self.dataloader)
         worker = stream.stalest_worker() if worker is None else worker  # (while it waited for all to start)
@@ -73,6 +93,10 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
                  train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
     """The split's stream for one rank; `codec` (default: decode and augment in the workers, uint8 batches)
     turns samples into batch items, see `pipeline.data.decode`."""
+    from pipeline.data.dataset import read_options, sample_keys
+    from pipeline.data.decode import build_decoding
+    from pipeline.data.stream import ShardStream, shard_paths
+
     info = manifest.split(split)
     kind, extra = ShardStream, {}
     if train and cfg.imbalance.balanced_sampling:
@@ -93,6 +117,9 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                  train: bool, pin_memory: bool = False, device: Optional[torch.device] = None) -> SplitLoader:
     """The loader for one split on one rank; its batches are ready for the model on `device` (None: CPU)."""
+    from pipeline.data.decode import build_decoding
+    from pipeline.data.stream import make_loader
+
     codec, finish = build_decoding(cfg.data, train, device, warn_prefix=f"rank {rank}: " if world_size > 1 else "")
     stream = build_stream(cfg, manifest, split, rank, world_size, train, codec=codec)
     loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory, cfg.data.worker_start,

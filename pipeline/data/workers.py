@@ -59,8 +59,9 @@ def worker_options(num_workers: int, start_method: str, timeout_s: float = 0.0) 
 
 def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
     """The multiprocessing context loader workers start in. A forkserver's workers are forked from a
-    single-threaded server that has already imported the stream module, so they start quickly and cannot
-    inherit a lock held by one of the main process's threads (W&B, pin-memory, progress bar).
+    single-threaded server that has already imported the stream and decoding modules (what a worker unpickles), so
+    they start quickly and cannot inherit a lock held by one of the main process's threads (W&B, pin-memory,
+    progress bar).
 
     Its processes are `OwnedProcess`es: deaf to `STOP_SIGNALS`, ended by SIGKILL when terminated, and gone
     once the process that started them has ended. The helper processes multiprocessing needs besides the
@@ -70,7 +71,7 @@ def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
     """
     context = _OWNED_CONTEXTS[start_method]
     if start_method == "forkserver":
-        context.set_forkserver_preload(["pipeline.data.stream"])
+        context.set_forkserver_preload(["pipeline.data.stream", "pipeline.data.decode"])
     if start_method != "fork":
         from multiprocessing import forkserver, resource_tracker
 

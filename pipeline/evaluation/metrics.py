@@ -1,23 +1,28 @@
-"""Classification metrics with torchmetrics; states are synced across ranks when computed."""
+"""Classification metrics with torchmetrics; states are synced across ranks when computed.
+
+torchmetrics is imported when metrics are made, not with the module: it loads scipy and matplotlib (seconds), which
+a command that computes no metrics (predict, a refused run) does not need.
+"""
 
 from __future__ import annotations
 
 import torch
-from torchmetrics import MeanMetric, MetricCollection, SumMetric
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 
 class ClassificationMetrics:
     """Accuracy, macro precision/recall/F1, AUROC, confusion matrix, mean loss and sample count."""
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        from torchmetrics import MeanMetric, MetricCollection, SumMetric
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassAUROC,
+            MulticlassConfusionMatrix,
+            MulticlassF1Score,
+            MulticlassPrecision,
+            MulticlassRecall,
+        )
+
         self.collection = MetricCollection({
             "accuracy": MulticlassAccuracy(num_classes, average="micro"),
             "precision_macro": MulticlassPrecision(num_classes, average="macro"),

@@ -6,7 +6,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -19,6 +18,8 @@ class ResidualPair(nn.Module):
     with that probability in training (stochastic depth, torchvision's StochasticDepth "row" mode)."""
 
     def __init__(self, channels: int, drop_path: float = 0.0):
+        from torchvision.ops import StochasticDepth  # here, not with the package: torchvision takes seconds to load
+
         super().__init__()
         self.body = nn.Sequential(conv_bn_relu(channels, channels),
                                   nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))

@@ -13,19 +13,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection, SumMetric
-from torchmetrics.classification import (
-    MultilabelAveragePrecision,
-    MultilabelExactMatch,
-    MultilabelF1Score,
-    MultilabelHammingDistance,
-)
-from torchmetrics.functional.classification import (
-    multilabel_average_precision,
-    multilabel_f1_score,
-    multilabel_precision,
-    multilabel_recall,
-)
 
 from pipeline.tasks.base import Task
 from pipeline.training.losses import OneHotBCE
@@ -40,6 +27,14 @@ class MultilabelMetrics:
     """map_macro, f1_micro, f1_macro, exact_match, hamming_loss, mean loss and sample count (synced over ranks)."""
 
     def __init__(self, thresholds: torch.Tensor, device: torch.device | str = "cpu"):
+        from torchmetrics import MeanMetric, MetricCollection, SumMetric  # here: see pipeline.evaluation.metrics
+        from torchmetrics.classification import (
+            MultilabelAveragePrecision,
+            MultilabelExactMatch,
+            MultilabelF1Score,
+            MultilabelHammingDistance,
+        )
+
         count = len(thresholds)
         self.thresholds = thresholds.to(device)
         self.ranked = MetricCollection({"map_macro": MultilabelAveragePrecision(count, average="macro")}).to(device)
@@ -127,6 +122,13 @@ class Multilabel(Task):
         return rows
 
     def analyse(self, outputs: torch.Tensor, labels: torch.Tensor) -> dict:
+        from torchmetrics.functional.classification import (
+            multilabel_average_precision,
+            multilabel_f1_score,
+            multilabel_precision,
+            multilabel_recall,
+        )
+
         target, count = labels.round().long(), len(self.classes)
         decided = (outputs >= torch.tensor(self.thresholds)).long()
         columns = {"ap": multilabel_average_precision(outputs, target, count, average="none"),

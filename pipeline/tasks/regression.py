@@ -14,8 +14,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection, SumMetric
-from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
 from pipeline.config.schema import TaskConfig
 from pipeline.tasks.base import Task
@@ -27,6 +25,9 @@ class RegressionMetrics:
     outputs in the labels' units."""
 
     def __init__(self, task: "Regression", device: torch.device | str = "cpu"):
+        from torchmetrics import MeanMetric, MetricCollection, SumMetric  # here: see pipeline.evaluation.metrics
+        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+
         count = len(task.classes)
         self.task = task
         self.collection = MetricCollection({

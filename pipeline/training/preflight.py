@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config.schema import Config, DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
 from pipeline.data.specs import is_shard_name, is_url
-from pipeline.distributed import Dist
 from pipeline.errors import first_line
+
+if TYPE_CHECKING:  # (the module loads without torch: the CLI checks data.root before importing it)
+    from pipeline.distributed import Dist
 
 
 def builds_digits(cfg: Config) -> bool:

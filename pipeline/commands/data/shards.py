@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pipeline.data.balance import imbalance_summary
 from pipeline.data.manifest import Manifest
 
 SPLIT_METHODS = {"stratified": "stratified by class", "iterative": "iterative stratification of the label sets",
@@ -34,6 +33,8 @@ def print_written(manifest: Manifest, out: str) -> None:
 
 def _balance_lines(manifest: Manifest) -> list[str]:
     """Per split: the class balance (multilabel: positives per class), or regression's mean ± std per output."""
+    from pipeline.data.balance import imbalance_summary  # (it loads torch: not before a bad SRC is refused)
+
     if manifest.task != "regression":
         return imbalance_summary(manifest)
     return [f"{split:5s}: " + ", ".join(f"{name} {mean:.4g} ± {std:.4g}" for name, mean, std in

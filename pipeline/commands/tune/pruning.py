@@ -9,7 +9,6 @@ import optuna
 
 from pipeline.tracking.console import terminal_width
 from pipeline.training.callbacks import Callback
-from pipeline.training.trainer import epoch_line
 
 if TYPE_CHECKING:
     from pipeline.training.trainer import Trainer
@@ -42,6 +41,8 @@ class TrialReporter(Callback):
             self.trial.report(value, step=record["epoch"])
             prune = self.trial.should_prune()
         if trainer.dist.broadcast_object(prune):
+            from pipeline.training.trainer import epoch_line  # (loaded by then; not with `pipeline tune`'s checks)
+
             record["pruned"] = True
             trainer.log.append(record)  # the loop logs after callbacks; keep the pruned epoch in metrics.jsonl
             trainer.tracker.finish()
