@@ -60,7 +60,7 @@ def read_options(data: DataConfig, shards: Sequence[ShardInfo] = ()) -> ReadOpti
 
 def dataset_manifest(data: DataConfig, progress: bool = False, task: Optional[TaskConfig] = None) -> Manifest:
     """The manifest of the data a config names: its shard specs' (indexes cached), else data.root's."""
-    return spec_manifest(data, progress, task=task) if uses_specs(data) else Manifest.read(data.root)
+    return spec_manifest(data, progress, task=task) if uses_specs(data) else Manifest.read(data.root, offsets=True)
 
 
 def spec_manifest(data: DataConfig, progress: bool = True, warn_shared: bool = False,

@@ -145,7 +145,9 @@ class Manifest:
         return path
 
     @classmethod
-    def read(cls, folder: str | Path) -> "Manifest":
+    def read(cls, folder: str | Path, offsets: bool = False) -> "Manifest":
+        """The checked manifest of `folder`; `offsets`: also each shard's sample offsets from sample_offsets.json where
+        they still hold (what a loader opens shards at; 8 bytes a sample, so only readers that build loaders ask)."""
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {MANIFEST_NAME} in '{folder}'; build shards with "
@@ -157,7 +159,8 @@ class Manifest:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a JSON object (it holds a {type(data).__name__})")
         manifest = _ManifestChecker(path, Path(folder)).manifest(data)
-        _attach_offsets(Path(folder), manifest)
+        if offsets:
+            _attach_offsets(Path(folder), manifest)
         return manifest
 
     def split(self, name: str) -> SplitInfo:

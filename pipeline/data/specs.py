@@ -116,7 +116,7 @@ def _add_folder(out: Expanded, path: Path, key: str, split: str) -> None:
     if (path / MANIFEST_NAME).is_file():
         from pipeline.data.manifest import Manifest
 
-        manifest = Manifest.read(path)
+        manifest = Manifest.read(path, offsets=True)
         if split not in manifest.splits:
             raise SpecError(f"{key}: the shard folder '{path}' has no '{split}' split (it has "
                             f"{', '.join(manifest.splits)})")

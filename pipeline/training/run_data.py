@@ -60,7 +60,7 @@ def _root_manifest(cfg: Config, dist: Dist | None) -> Manifest:
             if dist.is_main:
                 dist.print(f"no shards at {root}: writing scikit-learn's digits there")
                 ensure_digits_shards(root)
-    manifest = Manifest.read(root)
+    manifest = Manifest.read(root, offsets=True)
     for split in ("train", "val", "test"):
         if split not in manifest.splits:
             raise ValueError(f"manifest in '{root}' has no '{split}' split")
