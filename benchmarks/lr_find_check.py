@@ -7,6 +7,9 @@
 1. `pipeline lr-find CONFIG` (seed of the first --seeds), its plot copied to --plot when given.
 2. For each seed: `pipeline train` at the config's own optim.lr and at the suggestion, same everything else.
 3. Test accuracy of each run, mean and std per lr, written to --out (JSON) and printed.
+
+--reuse FILE takes each run at the same lr and seed from an earlier result of the same config and --set (its
+"reused_from" says so), and trains only the others: after a change of rule, only the new suggestion trains.
 """
 
 from __future__ import annotations
@@ -42,6 +45,17 @@ def _train(config: str, overrides: list[str]) -> dict:
     return {**json.loads(line)["test"], "seconds": round(time.monotonic() - started, 1)}
 
 
+def _earlier_runs(path: str | None, config: str, overrides: list[str]) -> dict[tuple[float, int], dict]:
+    """{(lr, seed): run} of an earlier result of the same config and overrides (empty without --reuse)."""
+    if path is None:
+        return {}
+    earlier = json.loads(Path(path).read_text())
+    if (earlier["config"], earlier["overrides"]) != (config, overrides):
+        raise SystemExit(f"--reuse {path}: its config {earlier['config']} {earlier['overrides']} is not this one")
+    return {(run["lr"], run["seed"]): {k: v for k, v in run.items() if k != "reused_from"}
+            for rows in earlier["runs"].values() for run in rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -49,7 +63,10 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="overrides for lr-find and every training run")
     parser.add_argument("--out", default="benchmarks/results/lr_find_check.json")
     parser.add_argument("--plot", default=None, help="copy the lr-find plot here (e.g. docs/images/x.png)")
+    parser.add_argument("--reuse", default=None, help="an earlier --out of the same config and --set: its runs at "
+                        "the same lr and seed are taken, not trained again")
     args = parser.parse_args()
+    earlier = _earlier_runs(args.reuse, args.config, args.set)
     work = Path(tempfile.mkdtemp(prefix="lr-find-check-"))
     base = [*args.set, f"run.output_dir={work}", "checkpoint.resume=never"]
     started = time.monotonic()
@@ -64,6 +81,11 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"shipped": [], "suggested": []}
     for seed in args.seeds:
         for name, lr in (("shipped", shipped), ("suggested", suggested)):
+            if (lr, seed) in earlier:
+                run = earlier[(lr, seed)]
+                runs[name].append({**run, "reused_from": args.reuse})
+                print(f"{name} lr={lr:g} seed={seed}: accuracy {run['accuracy']:.4f} (from {args.reuse})")
+                continue
             metrics = _train(args.config, [*base, f"train.seed={seed}", f"optim.lr={lr}", f"run.name={name}{seed}"])
             runs[name].append({"seed": seed, "lr": lr, **metrics})
             print(f"{name} lr={lr:g} seed={seed}: accuracy {metrics['accuracy']:.4f} ({metrics['seconds']}s)")

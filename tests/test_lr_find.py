@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.training.lr_finder import run_sweep, smooth, steepest_index, sweep_lrs, valley_index
+from pipeline.training.lr_finder import (RULES, Sweep, bottom_index, run_sweep, smooth, steepest_index, sweep_lrs,
+                                        valley_index)
 from tests.conftest import TINY, run_cli, run_main
 from tests.test_run_folder import snapshot
 
@@ -45,6 +46,20 @@ def test_valley_and_steepest_rules():
     assert steepest_index([3.0, 3.0, 2.9, 2.0, 1.0, 0.9, 0.9, 2.0, 3.0, 3.0]) == 3  # (1.0 - 2.9) / 2: the steepest
 
 
+def test_bottom_rule_is_the_last_new_low_before_the_lr_grows_4x_without_one():
+    lrs = [2.0 ** i for i in range(12)]  # each step doubles the lr: 4x = two steps
+    # From index 1: new lows at 2, 3 and 5 (index 4 is higher, 6 and 7 too, and lrs[7] = 4 x lrs[5]: stop); the
+    # lower loss at index 9 comes after the stop (the second descent of SGD with batch norm is not followed).
+    losses = [5.0, 4.0, 3.0, 2.0, 2.5, 1.9, 2.2, 2.4, 2.0, 1.0, 6.0, 7.0]
+    assert bottom_index(losses, lrs, start=1) == 5
+    assert bottom_index(losses, lrs, start=1, patience=100.0) == 9
+    sweep = Sweep(lrs=lrs, losses=losses, smoothed=losses)
+    record = Sweep(lrs=lrs, losses=losses, smoothed=losses, rule="bottom").record()
+    assert sweep.suggestion == sweep.valley and record["suggestion"] == record["bottom"] == lrs[bottom_index(
+        losses, lrs, valley_index(losses))]
+    assert RULES == {"sgd": "bottom", "adam": "valley", "adamw": "valley", "rmsprop": "valley"}
+
+
 def test_sweep_stops_when_the_smoothed_loss_diverges_or_a_loss_is_not_finite():
     lrs = sweep_lrs(1e-3, 1.0, 30)
     diverging = run_sweep(lambda lr: 1.0 if lr < 0.1 else 1e3, lrs)
@@ -73,15 +88,19 @@ def test_lr_find_writes_the_plot_and_record_prints_the_line_and_leaves_the_run_a
     assert (out / "r.lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(record["lrs"]) == len(record["losses"]) == len(record["smoothed"]) <= 30
     assert record["lrs"][0] == 1e-5 and record["suggestion"] in record["lrs"]
+    assert record["rule"] == "valley" and record["suggestion"] == record["valley"]  # adamw: fastai's rule
     assert snapshot(out / "r") == before  # the run folder: not one byte changed
     assert sorted(p.name for p in out.iterdir()) == ["r", "r.lr_find.json", "r.lr_find.png"]
 
 
 def test_lr_find_without_a_run_creates_no_run_folder_and_honours_out(tmp_path, digits_root):
-    result = run_cli(["lr-find", *ARGS, f"data.root={digits_root}", f"run.output_dir={tmp_path}/runs", *FLAGS,
-                      "--out", str(tmp_path / "plots" / "sweep.png")])
+    result = run_cli(["lr-find", *ARGS, f"data.root={digits_root}", f"run.output_dir={tmp_path}/runs", "optim.name=sgd",
+                      *FLAGS, "--out", str(tmp_path / "plots" / "sweep.png")])
     assert re.fullmatch(r"optim\.lr=[0-9.e+-]+", result.stdout.strip().splitlines()[-1])
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["sweep.json", "sweep.png"]
+    record = json.loads((tmp_path / "plots" / "sweep.json").read_text())  # SGD: Smith's one-cycle peak
+    assert record["rule"] == "bottom" and record["suggestion"] == record["bottom"] >= record["valley"]
+    assert "(bottom of the smoothed loss, Smith's one-cycle peak for SGD)" in result.stdout
     assert not (tmp_path / "runs").exists()
 
 

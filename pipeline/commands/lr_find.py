@@ -23,7 +23,7 @@ from pipeline.distributed.sync_bn import convert_sync_batchnorm
 from pipeline.models import create_model
 from pipeline.tasks import build_task, class_weights
 from pipeline.training.finetune import build_finetune, match_input
-from pipeline.training.lr_finder import Sweep, SweepStep, run_sweep, sweep_lrs
+from pipeline.training.lr_finder import RULES, Sweep, SweepStep, run_sweep, sweep_lrs
 from pipeline.training.optim import build_l1_penalty, build_optimizer
 from pipeline.training.preflight import preflight
 from pipeline.training.run_data import load_manifest
@@ -31,6 +31,8 @@ from pipeline.training.seed import seed_everything
 from pipeline.training.threads import set_threads
 
 PLOT_SUFFIX = ".lr_find.png"
+RULE_WORDS = {"valley": "valley of the smoothed loss, fastai's rule for adaptive optimizers",
+              "bottom": "bottom of the smoothed loss, Smith's one-cycle peak for SGD"}
 
 
 @dataclass
@@ -61,8 +63,9 @@ def write_plot(sweep: Sweep, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(sweep.lrs, sweep.losses, color="0.75", linewidth=1, label="loss of each step")
     ax.plot(sweep.lrs, sweep.smoothed, color="C0", linewidth=2, label="smoothed (EMA 0.98, bias-corrected)")
-    for key, style, label in (("suggestion", ("C3", "--"), "suggestion (valley)"),
-                              ("minimum_over_10", ("C2", ":"), "minimum / 10")):
+    other = "valley" if sweep.rule == "bottom" else "bottom"
+    for key, style, label in (("suggestion", ("C3", "--"), f"suggestion ({sweep.rule})"),
+                              (other, ("C2", ":"), other)):
         ax.axvline(record[key], color=style[0], linestyle=style[1], label=f"{label}: {record[key]:.3g}")
     ax.set_xscale("log")
     low, high = min(min(sweep.losses), min(sweep.smoothed)), sweep.smoothed[0]
@@ -109,7 +112,8 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 10.0, steps: in
     batch = f"batch {cfg.train.batch_size} x {dist.world_size} rank(s) x {cfg.train.grad_accum_steps} accumulated"
     dist.print(f"lr-find: up to {steps} {cfg.optim.name} steps, lr {start_lr:g} -> {end_lr:g} (exponential), "
                f"{batch}, on {manifest.split('train').num_samples} training samples")
-    sweep = run_sweep(SweepStep(cfg, dist, model, optimizer, loss_fn, train, penalty), lrs)
+    step = SweepStep(cfg, dist, model, optimizer, loss_fn, train, penalty)
+    sweep = run_sweep(step, lrs, RULES[cfg.optim.name])
     suggestions = dist.gather_object(sweep.suggestion)
     if len(set(suggestions)) != 1:  # cannot happen: every rank saw the same averaged losses
         raise RuntimeError(f"lr-find: the ranks disagree on the suggestion: {suggestions}")
@@ -126,8 +130,9 @@ def summary_lines(found: LRFound) -> list[str]:
     """What `pipeline lr-find` prints; the last line is the override to paste."""
     record = found.sweep.record()
     return [f"swept {len(found.sweep.lrs)} steps up to lr {found.sweep.lrs[-1]:.3g}; stopped: {found.sweep.stopped}",
-            f"suggestion: {record['suggestion']:.3g} (valley of the smoothed loss, fastai's rule); also: steepest "
-            f"descent {record['steepest']:.3g}, minimum {record['minimum']:.3g} (/10: {record['minimum_over_10']:.3g})",
+            f"suggestion: {record['suggestion']:.3g} ({RULE_WORDS[record['rule']]}); also: valley "
+            f"{record['valley']:.3g}, bottom {record['bottom']:.3g}, steepest descent {record['steepest']:.3g}, "
+            f"minimum {record['minimum']:.3g} (/10: {record['minimum_over_10']:.3g})",
             f"plot: {found.plot} (record: {found.plot.with_suffix('.json')})",
             f"optim.lr={record['suggestion']:.3g}"]
 
