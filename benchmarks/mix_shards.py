@@ -85,7 +85,7 @@ def batch_diversity(work: Path, mixes: list[int]) -> dict[int, float]:
     from pipeline.config import load_config
     from pipeline.data import build_stream
     from pipeline.data.dataset import spec_manifest
-    from tests.wds_shards import write_class_sorted
+    from tests.support.wds_shards import write_class_sorted
 
     paths = write_class_sorted(work / "class_sorted")
     quoted = {split: "[" + ",".join(f"'{p}'" for p in shards) + "]" for split, shards in paths.items()}

@@ -2,12 +2,12 @@
 
     python benchmarks/sorted_shards.py [--seeds 0 1 2] [--work DIR]
 
-scikit-learn's digits written as a user's `ShardWriter` loop over an ImageFolder writes them (`tests/wds_shards.py:
-write_class_sorted`): the 1,200 training images in class order, one class per shard (10 shards of 109-130), and the
-same images shuffled into shards of the same sizes; the same shuffled val (300) and test (297) shards. Each seed
-trains `pipeline train configs/default.yaml data.train=... data.val=... data.test=... train.seed=S` on both, with
-the default `data.mix_shards`. Reports val accuracy after epoch 5 and the test accuracy per seed and their means;
-JSON to benchmarks/results/sorted_shards.json.
+scikit-learn's digits written as a user's `ShardWriter` loop over an ImageFolder writes them
+(`tests/support/wds_shards.py:write_class_sorted`): the 1,200 training images in class order, one class per shard
+(10 shards of 109-130), and the same images shuffled into shards of the same sizes; the same shuffled val (300)
+and test (297) shards. Each seed trains `pipeline train configs/default.yaml data.train=... data.val=...
+data.test=... train.seed=S` on both, with the default `data.mix_shards`. Reports val accuracy after epoch 5 and
+the test accuracy per seed and their means; JSON to benchmarks/results/sorted_shards.json.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def last_weights_accuracy(run_dir: Path) -> float:
 
 
 def main(argv=None) -> int:
-    from tests.wds_shards import write_class_sorted
+    from tests.support.wds_shards import write_class_sorted
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -21,8 +21,8 @@ from typing import Callable
 import pytest
 
 from tests.conftest import ROOT, TINY, free_port
-from tests.test_data import _proc_stat
-from tests.test_data_faults import faulty_samples, write_set
+from tests.data.test_data import _proc_stat
+from tests.data.test_data_faults import faulty_samples, write_set
 from tests.test_faults import _checkpointer
 
 STEPS_PER_EPOCH = 20  # digits: 1257 training images, batch 64 (0 or 2 workers alike)

@@ -21,7 +21,7 @@ from pipeline.models.pretrained import (
     torchvision_weights,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAME = "ResNet18_Weights.IMAGENET1K_V1"
 
 

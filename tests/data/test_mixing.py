@@ -1,7 +1,7 @@
 """Cross-shard mixing (pipeline.data.stream, rule 3): class-sorted shards still give batches of many classes, the
 sortedness is measured and said, and class-sorted digits train like shuffled ones.
 
-Exact and elastic resume with mixing on are proved in tests/test_elastic.py (counted, every layout change) and by
+Exact and elastic resume with mixing on are proved in tests/data/test_elastic.py (counted, every layout change) and by
 the SIGKILL tests, which run the default config (data.mix_shards=16): test_wds_remote.py (flaky HTTP server),
 test_wds_world.py, test_distributed.py, test_faults.py.
 """
@@ -9,14 +9,10 @@ test_wds_world.py, test_distributed.py, test_faults.py.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import wds_shards  # noqa: E402
 
 from benchmarks.mix_shards import LabelCodec, distinct_classes  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -25,6 +21,7 @@ from pipeline.data import build_stream  # noqa: E402
 from pipeline.data.balance import SORTED_BELOW, mixing_line, shard_mixing  # noqa: E402
 from pipeline.data.dataset import spec_manifest, training_shard_labels  # noqa: E402
 from tests.conftest import TINY, read_jsonl, run_cli  # noqa: E402
+from tests.support import wds_shards
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +146,11 @@ def _keys(stream, epoch: int, step: int) -> list[list[str]]:
 def test_mixed_resume_over_a_flaky_server_gives_the_local_batches(digits, tmp_path: Path) -> None:
     """Same layout, mixing on (16 lanes x 2 workers over 10 shards): resumed at step 5 from a server that cuts
     connections every 100 kB and answers its first 3 requests 503, the batches are those of the whole epoch read
-    locally (the SIGKILL runs: tests/test_wds_remote.py)."""
+    locally (the SIGKILL runs: tests/data/test_wds_remote.py)."""
     from pipeline.data.remote import ReadOptions
     from pipeline.data.stream import ShardStream
+    from tests.data.test_elastic import KeyCodec
     from tests.services.flaky_http import serve
-    from tests.test_elastic import KeyCodec
 
     paths = digits["sorted"]["train"]
     folder = Path(paths[0]).parent

@@ -85,7 +85,7 @@ def test_second_run_on_a_held_folder_refuses_and_the_first_finishes_clean(digits
     args = base_args(digits_root, tmp_path, f"train.epochs={epochs}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     lock = tmp_path / "digits" / ".run.lock"
     try:
         deadline = time.monotonic() + 120
@@ -405,7 +405,7 @@ def test_a_failed_last_save_in_a_read_only_run_folder_keeps_the_line_naming_the_
     args = base_args(digits_root, copy, "train.epochs=3")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+                           stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     lock = run_dir / ".run.lock"
     try:
         deadline = time.monotonic() + 120

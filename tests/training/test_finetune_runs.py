@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from pipeline.training.callbacks import Callback
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = str(ROOT / "configs" / "digits_transfer.yaml")
 FAST = ["data.num_workers=0", "logging.wandb_mode=disabled", "logging.progress=false", "data.image_size=8",
         "model.channels=[16,32,32]"]

@@ -15,7 +15,7 @@ from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader, faults
 from pipeline.data.images import to_mode, to_uint8
 from tests.conftest import TINY, run_cli
-from tests.test_data_faults import write_set
+from tests.data.test_data_faults import write_set
 
 GRADIENT = np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)  # spans the whole 16-bit range
 

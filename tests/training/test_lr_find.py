@@ -10,10 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.training.lr_finder import (RULES, Sweep, bottom_index, run_sweep, smooth, steepest_index, sweep_lrs,
-                                        valley_index)
+from pipeline.training.lr_finder import (
+    RULES,
+    Sweep,
+    bottom_index,
+    run_sweep,
+    smooth,
+    steepest_index,
+    sweep_lrs,
+    valley_index,
+)
+from tests.commands.test_run_folder import snapshot
 from tests.conftest import TINY, run_cli, run_main
-from tests.test_run_folder import snapshot
 
 
 def test_lrs_grow_exponentially_from_start_to_end():

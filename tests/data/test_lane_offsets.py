@@ -19,9 +19,9 @@ from pipeline.data.dataset import spec_manifest
 from pipeline.data.index import cache_path
 from pipeline.data.remote import ReadOptions, open_shard, prefetch
 from pipeline.data.tar import placed_samples, tar_samples
-from tests import wds_shards
+from tests.data.test_elastic import KeyCodec
 from tests.services.flaky_http import serve
-from tests.test_elastic import KeyCodec
+from tests.support import wds_shards
 
 
 @pytest.fixture(scope="module")

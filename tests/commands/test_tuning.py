@@ -22,7 +22,7 @@ from pipeline.commands.tune import SearchSpace, apply_overrides, load_tune_confi
 from pipeline.commands.tune.storage import build_storage, mask_url
 from pipeline.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POSTGRES_ENV = "PIPELINE_TEST_POSTGRES_URL"
 
 

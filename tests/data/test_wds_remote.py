@@ -11,18 +11,15 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-import wds_shards  # noqa: E402
-from services.flaky_http import serve, serve_static  # noqa: E402
-
 from tests.conftest import TINY, read_jsonl, run_cli  # noqa: E402
+from tests.services.flaky_http import serve, serve_static
+from tests.support import wds_shards
 
 TRAIN = "train-{000000..000004}.tar"
 COMMON = ("train.epochs=2", "checkpoint.every_steps=10")  # 38 steps per epoch at batch 32
@@ -98,7 +95,7 @@ def test_flaky_http_train_http_val_pipe_test_resume_bit_exact(world: dict, tmp_p
     assert all(r["data/train/seen"] == 1200 - 1200 % 2 for r in rows)  # every sample of every epoch (2 slots)
 
 
-@pytest.mark.slow  # S3 reading itself is in the regular suite (tests/test_remote.py)
+@pytest.mark.slow  # S3 reading itself is in the regular suite (tests/data/test_remote.py)
 def test_s3_train_targz_val_own_folder_test_resume_bit_exact(world: dict, digits_root: Path, tmp_path: Path,
                                                              monkeypatch) -> None:
     """Train from S3 (moto's server on 127.0.0.1, AWS_ENDPOINT_URL), validate on gzipped shards, test on one of our

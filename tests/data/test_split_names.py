@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.specs import named_splits, other_splits_line, several_splits_line
-from tests import wds_shards
 from tests.conftest import TINY, run_cli
+from tests.support import wds_shards
 
 
 def test_split_words_in_shard_names():

@@ -252,7 +252,7 @@ def test_ema_run_evaluates_the_ema_weights_everywhere(ema_run: Path, tmp_path: P
                                                                         abs=1e-5)
 
 
-@pytest.mark.slow  # tests/test_augment.py's SIGKILL test resumes the whole recipe, EMA included, in the regular suite
+@pytest.mark.slow  # test_augment.py's SIGKILL test resumes the whole recipe, EMA included, in the regular suite
 def test_ema_run_sigkilled_mid_epoch_resumes_bit_identically(digits_root: Path, ema_run: Path,
                                                              tmp_path: Path) -> None:
     args = _args(digits_root, tmp_path, "cut")

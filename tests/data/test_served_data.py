@@ -20,10 +20,6 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import wds_shards  # noqa: E402
-from services.flaky_http import HTML_PAGE, serve  # noqa: E402
-
 from pipeline.config.schema import DataConfig  # noqa: E402
 from pipeline.data import faults  # noqa: E402
 from pipeline.data.dataset import specs_manifest  # noqa: E402
@@ -33,6 +29,8 @@ from pipeline.data.remote import NetworkError, ReadOptions, ShardChanged, net_co
 from pipeline.data.stream import shard_slice  # noqa: E402
 from pipeline.data.tar import BAD, NotATar, tar_samples  # noqa: E402
 from tests.conftest import ROOT, TINY, read_jsonl, run_cli, run_main  # noqa: E402
+from tests.services.flaky_http import HTML_PAGE, serve
+from tests.support import wds_shards
 
 FAST = ReadOptions(backoff_s=0.01, backoff_max_s=0.05, timeout_s=5)
 TRAIN = [f"train-00000{i}.tar" for i in range(5)]  # 250, 250, 250, 250, 200 samples

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from pipeline.distributed.launch import EX_TEMPFAIL, exit_code_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Tiny but real: 3 epochs of ~20 optimizer steps per rank, periodic checkpoints, no W&B, no loader workers.
 TINY = ["model.channels=[8,16]", "data.image_size=8", "train.epochs=3", "train.batch_size=32", "data.num_workers=0",
         "logging.wandb_mode=disabled", "logging.progress=false", "checkpoint.every_steps=5"]

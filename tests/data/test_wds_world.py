@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).parent))
-import wds_shards  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.config.schema import DataConfig  # noqa: E402
@@ -22,6 +18,7 @@ from pipeline.data.dataset import spec_manifest  # noqa: E402
 from pipeline.data.keys import SampleKeys  # noqa: E402
 from pipeline.data.specs import SpecError, expand  # noqa: E402
 from tests.conftest import TINY, run_cli  # noqa: E402
+from tests.support import wds_shards
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +162,7 @@ def test_training_on_json_labelled_shards_evaluates_every_test_sample(shards, tm
 @pytest.mark.slow
 def test_resume_mid_epoch_on_foreign_shards_is_bit_identical(shards, tmp_path) -> None:
     """Default workers (2, forkserver): killed right after the mid-epoch checkpoint at step 20 of 38, resumed.
-    (slow: tests/test_wds_remote.py proves the same on remote foreign shards in the regular suite.)"""
+    (slow: tests/data/test_wds_remote.py proves the same on remote foreign shards in the regular suite.)"""
     data = _data(shards["png+txt"], tmp_path, label_key="txt")
     common = ("train.epochs=2", "checkpoint.every_steps=10")
     _train(data, tmp_path, "ref", *common)

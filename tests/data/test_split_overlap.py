@@ -5,19 +5,16 @@ splits are disjoint; our own shards by their manifest's duplicate_sources."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-import wds_shards  # noqa: E402
 
 from pipeline.config.schema import DataConfig  # noqa: E402
 from pipeline.data.dataset import sample_keys, spec_manifest  # noqa: E402
 from pipeline.data.index import INDEX_VERSION, cache_path, load_or_build  # noqa: E402
 from pipeline.data.manifest import Manifest, SplitInfo  # noqa: E402
 from tests.conftest import TINY, run_cli  # noqa: E402
+from tests.support import wds_shards
 
 OVERLAP = ("warning: data.val: 100 of 200 samples are also in data.train (the same image bytes), e.g. 'd00100', "
            "'d00101', 'd00102'; val metrics on them measure memory, not generalisation")

@@ -21,7 +21,7 @@ from pipeline.tasks.regression import Regression
 from pipeline.training.losses import OneHotBCE, RegressionLoss
 from pipeline.training.mixing import MixedTargets
 from tests.conftest import read_jsonl, run_cli
-from tests.task_shards import MULTILABEL_CLASSES, digits_of, tags, write
+from tests.support.task_shards import MULTILABEL_CLASSES, digits_of, tags, write
 
 TINY = ["model.channels=[8,16]", "data.image_size=8", "train.batch_size=32", "logging.wandb_mode=disabled",
         "logging.progress=false", "data.num_workers=0", "optim.lr=0.01"]

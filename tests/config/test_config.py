@@ -83,7 +83,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
-                                         if not p.name.startswith("tune")))  # tune_*.yaml: tests/test_tuning.py
+                                         if not p.name.startswith("tune")))  # tune_*.yaml: commands/test_tuning.py
 def test_shipped_configs_load(name: str) -> None:
     load_config(ROOT / "configs" / name)
 

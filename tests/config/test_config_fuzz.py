@@ -5,7 +5,7 @@ independently of the schema's own `__post_init__` checks), or a `ConfigError` wh
 line naming the key. Never another exception, never a traceback.
 
 The default run is small and derandomized (the same examples every time, about 10 s);
-`pytest -m slow tests/test_config_fuzz.py` throws 20x as many random ones.
+`pytest -m slow tests/config/test_config_fuzz.py` throws 20x as many random ones.
 `--hypothesis-show-statistics` prints how many examples each test tried; the counts are also
 printed at the end of the module (`-s`).
 """
