@@ -17,8 +17,10 @@ from pipeline.config import load_config
 from pipeline.data import build_stream
 from pipeline.data.dataset import spec_manifest
 from pipeline.data.index import cache_path
-from pipeline.data.remote import ReadOptions, open_shard, prefetch
-from pipeline.data.tar import placed_samples, tar_samples
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.readahead import prefetch
+from pipeline.data.io.remote import open_shard
+from pipeline.data.io.tar import placed_samples, tar_samples
 from tests import wds_shards
 from tests.services.flaky_http import serve
 from tests.test_elastic import KeyCodec
@@ -96,7 +98,7 @@ def _lane_starts(stream, epoch: int = 1) -> set[tuple[str, int]]:
 
 
 def test_local_lanes_open_their_shards_at_their_first_sample(digits, tmp_path: Path, monkeypatch) -> None:
-    from pipeline.data import tar
+    from pipeline.data.io import tar
 
     local = _config(digits, digits["train"], tmp_path / "index")
     walked = _config(digits, digits["train"], tmp_path / "walked")  # its index as one written before offsets
@@ -218,7 +220,7 @@ def test_lanes_open_our_shards_at_their_offsets_with_the_batches_of_the_walk(own
                                                                              monkeypatch) -> None:
     import shutil
 
-    from pipeline.data import tar
+    from pipeline.data.io import tar
     from pipeline.data.manifest import OFFSETS_NAME
 
     walked = tmp_path / "walked"  # the same folder as written before offsets were recorded

@@ -117,7 +117,8 @@ def test_a_read_ahead_shorter_than_the_shard_reads_across_its_end(tmp_path: Path
     read-ahead's last bytes only, which the tar reader took for a cut shard)."""
     import os
 
-    from pipeline.data.remote import Prefetched, ReadOptions
+    from pipeline.data.io.handles import ReadOptions
+    from pipeline.data.io.readahead import Prefetched
     from tests.services.flaky_http import serve_static
 
     data = os.urandom(3_000_000)
@@ -150,7 +151,7 @@ def test_mixed_resume_over_a_flaky_server_gives_the_local_batches(digits, tmp_pa
     """Same layout, mixing on (16 lanes x 2 workers over 10 shards): resumed at step 5 from a server that cuts
     connections every 100 kB and answers its first 3 requests 503, the batches are those of the whole epoch read
     locally (the SIGKILL runs: tests/test_wds_remote.py)."""
-    from pipeline.data.remote import ReadOptions
+    from pipeline.data.io.handles import ReadOptions
     from pipeline.data.stream import ShardStream
     from tests.services.flaky_http import serve
     from tests.test_elastic import KeyCodec

@@ -2,7 +2,7 @@
 
 Bad input ends with one line and exit code 2; too many bad samples in the training data
 (data.max_bad_fraction) or a shard that changed during the run with 65; remote data that cannot be had after the
-retries with 69 (see pipeline.data.remote); non-finite training stops with 70 (see pipeline.training.nonfinite),
+retries with 69 (see pipeline.data.io.remote); non-finite training stops with 70 (see pipeline.training.nonfinite),
 a write failure with 74, a preempted run with 75, a lost rank or distributed timeout with 76, Ctrl-C with 130.
 """
 

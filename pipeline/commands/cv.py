@@ -70,8 +70,8 @@ def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, T
     label member is left out for classification, which writes it as `cls`); samples without one are left out, with
     a warning."""
     from pipeline.data.dataset import read_options, sample_keys
+    from pipeline.data.io.tar import tar_samples
     from pipeline.data.stream import shard_paths
-    from pipeline.data.tar import tar_samples
 
     keys, options = sample_keys(cfg.data, manifest.classes, cfg.task), read_options(cfg.data)
     dropped = keys.member if cfg.task.type == "classification" else None

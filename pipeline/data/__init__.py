@@ -17,11 +17,11 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.data.remote import ReadOptions
+    from pipeline.data.io.handles import ReadOptions
     from pipeline.data.stream import ShardStream
     from pipeline.data.workers import WorkerStuck
 
-_LAZY = {"ReadOptions": "pipeline.data.remote", "ShardStream": "pipeline.data.stream",
+_LAZY = {"ReadOptions": "pipeline.data.io.handles", "ShardStream": "pipeline.data.stream",
          "build_transform": "pipeline.data.transforms", "read_options": "pipeline.data.dataset"}
 """Names the package gives from its modules, imported on first use."""
 

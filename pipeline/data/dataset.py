@@ -28,9 +28,10 @@ from pipeline.data.index import (
     target_stats,
     target_sums,
 )
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.remote import open_shard
 from pipeline.data.keys import SampleKeys
 from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
-from pipeline.data.remote import ReadOptions, open_shard
 from pipeline.data.specs import SpecError, beside, describe, expand, is_url
 
 SPEC_SPLITS = ("train", "val", "test")
@@ -50,7 +51,7 @@ def sample_keys(data: DataConfig, classes: list[str] | tuple[str, ...] = (), tas
 
 def read_options(data: DataConfig, shards: Sequence[ShardInfo] = ()) -> ReadOptions:
     """How shards are read (remote ones: retries, timeouts, pace, cache, endpoint; the sample cap); see
-    `pipeline.data.remote`. `shards`: the indexed ones are pinned to the size and version their index saw."""
+    `pipeline.data.io.remote`. `shards`: the indexed ones are pinned to the size and version their index saw."""
     return ReadOptions(retries=data.retries, timeout_s=data.timeout_s, cache_dir=data.cache_dir,
                        cache_max_gb=data.cache_max_gb, endpoint_url=data.endpoint_url, prefetch_mb=data.prefetch_mb,
                        min_bytes_per_s=data.min_bytes_per_s, slow_window_s=data.slow_window_s,

@@ -10,10 +10,10 @@ Every sample the stream reads is inspected once, as a pure function of its bytes
   before it, or is not a tar at all), `undecodable` (no image, the image bytes do not decode, or a file
   name repeated in the sample), `no_label` (nothing under `data.label_key`, or nothing readable there; see
   `pipeline.data.keys`), `bad_label` (an index outside the classes, or a name not among them), `oversize`
-  (the sample's files hold more than `data.max_sample_mb`, skipped unread by `pipeline.data.tar`; or the
+  (the sample's files hold more than `data.max_sample_mb`, skipped unread by `pipeline.data.io.tar`; or the
   image has more pixels than PIL's decompression-bomb limit, see `pipeline.data.images.open_image`).
 
-Network counts (not skips; `pipeline.data.remote`): `net_retries` (failed attempts that were retried),
+Network counts (not skips; `pipeline.data.io.remote`): `net_retries` (failed attempts that were retried),
 `net_resumed` (connections re-established in the middle of a shard), `net_failed` (shards given up;
 their missing samples are also counted as `truncated`, with the network's error as the reason).
 
@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.images import ImageTooLarge, open_image, to_mode
+from pipeline.data.io.tar import BAD
 from pipeline.data.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
-from pipeline.data.tar import BAD
 from pipeline.errors import first_line
 
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label", "oversize")

@@ -1,7 +1,7 @@
 """The shard folder's manifest.json: classes, per-split counts, shard names, sizes and sha256.
 
 Beside it, sample_offsets.json (written with it when the writer recorded them) holds each sample's byte offset per
-shard, so a reader can open a shard at any sample (a seek; see `pipeline.data.tar.placed_samples`). It is kept out
+shard, so a reader can open a shard at any sample (a seek; see `pipeline.data.io.tar.placed_samples`). It is kept out
 of manifest.json (8 bytes a sample, not for reading) and used for a shard only while that shard's file still has the
 size both files recorded; otherwise the reader walks the shard from its start, as for a folder written without it.
 """

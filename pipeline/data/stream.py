@@ -75,9 +75,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import faults
 from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
+from pipeline.data.io.counters import net_counters
+from pipeline.data.io.errors import ShardChanged
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.readahead import prefetch
+from pipeline.data.io.tar import tar_samples
 from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
-from pipeline.data.remote import ReadOptions, ShardChanged, net_counters, prefetch
-from pipeline.data.tar import tar_samples
 from pipeline.data.workers import track, worker_options
 from pipeline.testing import faults as injected
 
@@ -308,7 +311,7 @@ class EpochPlan:
 
 def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = None, at: int = 0) -> Iterator[dict]:
     """Raw samples [start, stop) of a shard, always stop - start of them: where the shard ends early
-    (truncated, unreadable, or the network gave up: `pipeline.data.remote`), the missing ones are
+    (truncated, unreadable, or the network gave up: `pipeline.data.io.remote`), the missing ones are
     stand-ins (`faults.missing_sample`) carrying the reason. `at`: sample `start`'s byte offset (0: unknown)."""
     index = start
     raw = tar_samples(url, start, stop, options, at)  # the shard is opened at `at`, or walked to `start` unread
@@ -385,7 +388,7 @@ class ShardStream(IterableDataset):
         self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")
         self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
-        self.read_options = read_options  # how shards are opened: retries, timeouts, cache (pipeline.data.remote)
+        self.read_options = read_options  # how shards are opened: retries, timeouts, cache (pipeline.data.io.remote)
         # Per shard, each sample's byte offset (empty: unknown); a lane opens a shard at its first sample's (rule 2).
         self.sample_offsets = [np.asarray(o, dtype=np.int64) for o in sample_offsets or [()] * len(shard_paths)]
         self.batch_size, self.codec = batch_size, codec

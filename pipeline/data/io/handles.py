@@ -6,6 +6,7 @@ Below both `remote` (the transports) and `shard_cache` (which wraps them), so ne
 from __future__ import annotations
 
 import io
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Optional
@@ -27,7 +28,7 @@ class ReadOptions:
     backoff_max_s: float = 10.0
     """Longest wait between two attempts."""
     cache_dir: str = ""
-    """Folder keeping remote shards read to their end (empty: no cache); see pipeline.data.shard_cache."""
+    """Folder keeping remote shards read to their end (empty: no cache); see pipeline.data.io.shard_cache."""
     cache_max_gb: float = 50.0
     """Size cap of cache_dir in GB (10^9 bytes); least recently used shards are removed beyond it."""
     endpoint_url: str = ""
@@ -42,10 +43,10 @@ class ReadOptions:
     slow_window_s: float = 60.0
     """Seconds of waiting for a connection's bytes over which its rate is measured (curl's --speed-time)."""
     max_sample_mb: float = 64.0
-    """A tar sample whose files hold more than this many MB is skipped unread (`pipeline.data.tar`; 0: no cap)."""
+    """A tar sample whose files hold more than this many MB is skipped unread (`pipeline.data.io.tar`; 0: no cap)."""
     pinned: dict = field(default_factory=dict)
     """URL -> (size in bytes or 0, version or '') each shard had when indexed; a shard that answers another size or
-    version at an open raises `ShardChanged` (see `pipeline.data.remote`). Empty: nothing compared."""
+    version at an open raises `ShardChanged` (see `pipeline.data.io.remote`). Empty: nothing compared."""
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0 or self.cache_max_gb <= 0:
@@ -117,3 +118,11 @@ def open_local(path: str) -> io.BufferedReader:
     """A local shard: the plain buffered file (its C methods are called per tar member; a subclass of
     it, to carry `size`, measured ~20% slower per call). `shard_size` gives its size."""
     return open(path, "rb", buffering=CHUNK)
+
+
+def shard_size(handle) -> Optional[int]:
+    """The size of the shard behind a handle from `open_shard`, or None where it is not known (streams)."""
+    size = getattr(handle, "size", None)
+    if size is None and isinstance(handle, io.BufferedReader) and isinstance(handle.raw, io.FileIO):
+        return os.fstat(handle.fileno()).st_size
+    return size
