@@ -23,7 +23,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.config.schema import DataConfig  # noqa: E402
 from pipeline.data import build_stream  # noqa: E402
 from pipeline.data.balance import SORTED_BELOW, mixing_line, shard_mixing  # noqa: E402
-from pipeline.data.dataset import spec_manifest, training_shard_labels  # noqa: E402
+from pipeline.data.dataset.resolve import spec_manifest, training_shard_labels  # noqa: E402
 from tests.conftest import TINY, read_jsonl, run_cli  # noqa: E402
 
 

@@ -357,7 +357,7 @@ def test_resume_on_data_whose_classes_changed_is_refused_before_any_file_changes
 
 def test_data_identity_tells_rebuilt_shards_from_the_same_ones(digits_root: Path, five_classes: Path,
                                                                tmp_path: Path) -> None:
-    from pipeline.data.manifest import Manifest
+    from pipeline.data.dataset.manifest import Manifest
     from pipeline.training.run_folder import DATA_IN_CHECKPOINT, data_change, data_identity
 
     digits = data_identity(Manifest.read(digits_root))

@@ -26,7 +26,7 @@ from services.flaky_http import HTML_PAGE, serve  # noqa: E402
 
 from pipeline.config.schema import DataConfig  # noqa: E402
 from pipeline.data import faults  # noqa: E402
-from pipeline.data.dataset import specs_manifest  # noqa: E402
+from pipeline.data.dataset.resolve import specs_manifest  # noqa: E402
 from pipeline.data.faults import inspect_sample  # noqa: E402
 from pipeline.data.images import ImageTooLarge, open_image  # noqa: E402
 from pipeline.data.io.counters import net_counters  # noqa: E402

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import wds_shards  # noqa: E402
 
 from pipeline.config.schema import DataConfig  # noqa: E402
-from pipeline.data.dataset import sample_keys, spec_manifest  # noqa: E402
-from pipeline.data.index import INDEX_VERSION, cache_path, load_or_build  # noqa: E402
-from pipeline.data.manifest import Manifest, SplitInfo  # noqa: E402
+from pipeline.data.dataset.index import INDEX_VERSION, cache_path, load_or_build  # noqa: E402
+from pipeline.data.dataset.manifest import Manifest, SplitInfo  # noqa: E402
+from pipeline.data.dataset.resolve import sample_keys, spec_manifest  # noqa: E402
 from tests.conftest import TINY, run_cli  # noqa: E402
 
 OVERLAP = ("warning: data.val: 100 of 200 samples are also in data.train (the same image bytes), e.g. 'd00100', "

@@ -14,7 +14,7 @@ import pytest
 from benchmarks.stratify_folds import missing, shuffled_folds, tag_set
 from pipeline.commands.cv import fold_assignment
 from pipeline.config import load_config
-from pipeline.data.manifest import Manifest
+from pipeline.data.dataset.manifest import Manifest
 from pipeline.data.sources import scan_csv, scan_source
 from pipeline.data.stratify import multi_hot, proportion_deviation, quantile_bins, stratified_split
 from pipeline.training.run_data import load_manifest

@@ -39,7 +39,7 @@ def _load(args: argparse.Namespace):
 def _check_data_root(cfg: Config) -> None:
     """A data.root without our shards: one line before torch is imported, too (the run checks it again, on every
     rank, when it reads the manifest; shard specs, data.train ..., are checked there)."""
-    if not (cfg.data.train or cfg.data.val or cfg.data.test):  # (pipeline.data.dataset.uses_specs loads torch)
+    if not (cfg.data.train or cfg.data.val or cfg.data.test):  # (pipeline.data.dataset.resolve.uses_specs loads torch)
         from pipeline.training.preflight import check_data_root
 
         check_data_root(cfg)
@@ -57,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"test": metrics}, indent=None))
     else:
-        from pipeline.data.dataset import dataset_manifest
+        from pipeline.data.dataset.resolve import dataset_manifest
         from pipeline.evaluation.summary import print_training_summary, run_end_lines
         from pipeline.tracking.console import console
 
@@ -115,7 +115,7 @@ def _cv(args: argparse.Namespace) -> int:
 
 def _data_summary(args: argparse.Namespace) -> int:
     from pipeline.data.balance import imbalance_summary
-    from pipeline.data.manifest import Manifest
+    from pipeline.data.dataset.manifest import Manifest
 
     print("\n".join(imbalance_summary(Manifest.read(args.root))))
     return 0

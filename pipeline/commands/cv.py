@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.data.keys import TargetLabel
-from pipeline.data.manifest import Manifest
+from pipeline.data.dataset.keys import TargetLabel
+from pipeline.data.dataset.manifest import Manifest
 from pipeline.data.stratify import METHODS, assign_folds, multi_hot, strata
 from pipeline.data.subsets import write_split_shards
 from pipeline.tracking.console import warn
@@ -69,7 +69,7 @@ def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, T
     """(members, label) of every sample of a split with a usable label, read with the training stream's reader (the
     label member is left out for classification, which writes it as `cls`); samples without one are left out, with
     a warning."""
-    from pipeline.data.dataset import read_options, sample_keys
+    from pipeline.data.dataset.resolve import read_options, sample_keys
     from pipeline.data.io.tar import tar_samples
     from pipeline.data.stream import shard_paths
 
@@ -91,7 +91,7 @@ def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, T
 
 def write_fold_shards(cfg: Config, fold: int, out: Path) -> Path:
     """Shards of one fold at `out` (kept if its manifest exists): train = other folds, val = this fold."""
-    from pipeline.data.dataset import dataset_manifest
+    from pipeline.data.dataset.resolve import dataset_manifest
 
     if (out / "manifest.json").is_file():
         return out
@@ -117,7 +117,7 @@ def cv_root(cfg: Config) -> Path:
 
 
 def fold_config(cfg: Config, fold: int) -> Config:
-    from pipeline.data.dataset import uses_specs
+    from pipeline.data.dataset.resolve import uses_specs
 
     default_dir = cv_root(cfg) / "data" if uses_specs(cfg.data) else f"{cfg.data.root.rstrip('/')}_cv{cfg.cv.folds}"
     data_dir = Path(cfg.cv.data_dir or default_dir)

@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 from pipeline.config.schema import Config
-from pipeline.data.manifest import Manifest
+from pipeline.data.dataset.manifest import Manifest
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pipeline.data.workers import WorkerStuck
 
 _LAZY = {"ReadOptions": "pipeline.data.io.handles", "ShardStream": "pipeline.data.stream",
-         "build_transform": "pipeline.data.transforms", "read_options": "pipeline.data.dataset"}
+         "build_transform": "pipeline.data.transforms", "read_options": "pipeline.data.dataset.resolve"}
 """Names the package gives from its modules, imported on first use."""
 
 
@@ -93,7 +93,7 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
                  train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
     """The split's stream for one rank; `codec` (default: decode and augment in the workers, uint8 batches)
     turns samples into batch items, see `pipeline.data.decode`."""
-    from pipeline.data.dataset import read_options, sample_keys
+    from pipeline.data.dataset.resolve import read_options, sample_keys
     from pipeline.data.decode import build_decoding
     from pipeline.data.stream import ShardStream, shard_paths
 

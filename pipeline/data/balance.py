@@ -8,8 +8,8 @@ import random
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
+from pipeline.data.dataset.manifest import Manifest
 from pipeline.data.faults import MISSING, UNDRAWN, parse_label
-from pipeline.data.manifest import Manifest
 from pipeline.data.stream import Segment, ShardStream
 
 

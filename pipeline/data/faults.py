@@ -9,7 +9,7 @@ Every sample the stream reads is inspected once, as a pure function of its bytes
 - skipped (counted by reason): `truncated` (the manifest promises the sample but its shard ends
   before it, or is not a tar at all), `undecodable` (no image, the image bytes do not decode, or a file
   name repeated in the sample), `no_label` (nothing under `data.label_key`, or nothing readable there; see
-  `pipeline.data.keys`), `bad_label` (an index outside the classes, or a name not among them), `oversize`
+  `pipeline.data.dataset.keys`), `bad_label` (an index outside the classes, or a name not among them), `oversize`
   (the sample's files hold more than `data.max_sample_mb`, skipped unread by `pipeline.data.io.tar`; or the
   image has more pixels than PIL's decompression-bomb limit, see `pipeline.data.images.open_image`).
 
@@ -25,17 +25,16 @@ the batches it consumed: exactly what a checkpoint at that step has seen.
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
 
+from pipeline.data.dataset.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
 from pipeline.data.images import ImageTooLarge, open_image, to_mode
 from pipeline.data.io.tar import BAD
-from pipeline.data.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
-from pipeline.errors import first_line
+from pipeline.errors import short_error
 
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label", "oversize")
 CONVERSIONS = ("mode", "size")
@@ -52,15 +51,6 @@ they are inspected and counted at the position that carries them."""
 
 EXIT_BAD_DATA = 65
 """Exit code when data.max_bad_fraction is exceeded (EX_DATAERR, as 75 = EX_TEMPFAIL for preemption)."""
-
-
-def short_error(exc: BaseException, limit: int = 120) -> str:
-    """'Type: first line of the message', without the object reprs PIL and webdataset add."""
-    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-    text = re.sub(r"\s*@ <.*", "", first_line(text))  # webdataset: ' @ <file object>'
-    text = re.sub(r"\s*<_io\.\w+ (object at 0x[0-9a-f]+|name=[^>]*)>", "", text)  # PIL: '<_io.BytesIO object ...>'
-    text = re.sub(r"^\w+, \S+\.(cpp|cu|h):\d+, ", "", text)  # torch ops: 'decode_jpeg, /build/path.cpp:171, '
-    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
 class DataQualityError(ValueError):

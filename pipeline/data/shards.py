@@ -21,11 +21,12 @@ from typing import Sequence
 import numpy as np
 import webdataset as wds
 
-from pipeline.data.index import add_targets, target_stats
-from pipeline.data.keys import TargetLabel
-from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, SplitInfo
+from pipeline.data.dataset.index import add_targets, target_stats
+from pipeline.data.dataset.keys import TargetLabel
+from pipeline.data.dataset.manifest import SPLITS, Manifest, ShardInfo, SplitInfo
 from pipeline.data.sources import IMAGE_EXTENSIONS, SourceImage, Sources, scan_source
 from pipeline.data.stratify import METHODS, stratified_split
+from pipeline.errors import short_error
 from pipeline.tracking.console import progress_bar, warn
 
 SOURCES_NAME = "sources.csv"
@@ -49,7 +50,6 @@ def check_image(path: Path) -> ImageCheck:
     """Decode the whole image (PIL `load`), as the loader will, and hash its bytes; never raises."""
     import io
 
-    from pipeline.data.faults import short_error
     from pipeline.data.images import open_image
 
     digest = ""

@@ -74,14 +74,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import faults
-from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
+from pipeline.data.dataset.keys import DEFAULT_KEYS, SampleKeys
+from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample
 from pipeline.data.io.counters import net_counters
 from pipeline.data.io.errors import ShardChanged
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.readahead import prefetch
 from pipeline.data.io.tar import tar_samples
-from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
 from pipeline.data.workers import track, worker_options
+from pipeline.errors import short_error
 from pipeline.testing import faults as injected
 
 NO_POSITION = -1
@@ -384,7 +385,7 @@ class ShardStream(IterableDataset):
             raise ValueError("sample_offsets and shard_paths differ in length")
         # What a good sample looks like (from the manifest); see pipeline.data.faults.
         self.num_classes, self.image_mode, self.image_size = num_classes, image_mode, image_size
-        self.keys = keys  # which members are the image and the label (see pipeline.data.keys)
+        self.keys = keys  # which members are the image and the label (see pipeline.data.dataset.keys)
         self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")
         self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.data.keys import TargetLabel
-from pipeline.data.manifest import Manifest
+from pipeline.data.dataset.keys import TargetLabel
+from pipeline.data.dataset.manifest import Manifest
 from pipeline.data.shards import _RollingTarWriter, label_member, split_info
 
 

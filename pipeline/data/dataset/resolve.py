@@ -1,8 +1,8 @@
 """The dataset a config names, as one `Manifest`: data.root's manifest.json, or shard specs and their indexes.
 
-With `data.train` / `data.val` / `data.test` set (see `pipeline.data.specs`), each spec is expanded to
+With `data.train` / `data.val` / `data.test` set (see `pipeline.data.dataset.specs`), each spec is expanded to
 its shards, our own folders contribute their manifest's counts, any other shards are indexed (see
-`pipeline.data.index`; read once, cached), and the class names come from, in this order:
+`pipeline.data.dataset.index`; read once, cached), and the class names come from, in this order:
 `data.classes`, our folder's manifest, a `classes.txt` or `_info.json` beside the first training
 shard, or the labels found while indexing (integers 0..max as '0'..'max', or the sorted names). The
 resulting manifest names its shards by absolute path or URL, so the loader, the resume logic and the
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config.schema import DataConfig, TaskConfig
-from pipeline.data.index import (
+from pipeline.data.dataset.index import (
     SpecIndex,
     cache_path,
     label_summary,
@@ -28,11 +28,11 @@ from pipeline.data.index import (
     target_stats,
     target_sums,
 )
+from pipeline.data.dataset.keys import SampleKeys
+from pipeline.data.dataset.manifest import Manifest, ShardInfo, SplitInfo
+from pipeline.data.dataset.specs import SpecError, beside, describe, expand, is_url
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.remote import open_shard
-from pipeline.data.keys import SampleKeys
-from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
-from pipeline.data.specs import SpecError, beside, describe, expand, is_url
 
 SPEC_SPLITS = ("train", "val", "test")
 CLASS_FILES = ("classes.txt", "_info.json")

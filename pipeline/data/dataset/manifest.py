@@ -50,7 +50,7 @@ class SplitInfo:
 @dataclass
 class SharedSamples:
     """Samples of one split whose image is byte-identical to a training sample's: found by the fingerprints of a
-    shard index (`pipeline.data.index.shared_samples`) or by our manifest's `duplicate_sources`."""
+    shard index (`pipeline.data.dataset.index.shared_samples`) or by our manifest's `duplicate_sources`."""
 
     split: str
     count: int
