@@ -126,9 +126,9 @@ class Epochs:
 def _raw_contender(name: str, shards: Path, manifest, args, normalize, dtype: torch.dtype) -> Epochs:
     """Our shard stream's batches exactly as the workers send them (no main-process step)."""
     from pipeline.data import SplitLoader, build_stream
-    from pipeline.data.decode import WorkerDecode
+    from pipeline.data.samples.decode import WorkerDecode
+    from pipeline.data.samples.transforms import SampleAugment
     from pipeline.data.stream import make_loader
-    from pipeline.data.transforms import SampleAugment
 
     cfg = shard_config(shards, args, "data.jpeg_draft=true")
     codec = WorkerDecode(SampleAugment(cfg.data, train=True), 3, normalize, draft=True)
@@ -139,7 +139,7 @@ def _raw_contender(name: str, shards: Path, manifest, args, normalize, dtype: to
 
 def build_contenders(folder: Path, shards: Path, args) -> dict[str, Epochs]:
     from pipeline.data import Manifest, build_loader
-    from pipeline.data.transforms import BatchNormalize, build_transform
+    from pipeline.data.samples.transforms import BatchNormalize, build_transform
 
     shape = (3, args.image_size, args.image_size)
     manifest = Manifest.read(shards)

@@ -186,13 +186,13 @@ def test_the_cycle_finder_finds_a_circle() -> None:
 
 
 PRIVATE_STORAGE = ("_typed_storage", "_new_shared", "_storage_Use_Count", "_cdata")
-"""torch's private storage calls: used in `pipeline.data.memory` only, where each has a public fallback."""
+"""torch's private storage calls: used in `pipeline.data.samples.memory` only, where each has a public fallback."""
 
 
 def private_storage_uses() -> list[str]:
     found = []
     for name, path in MODULES.items():
-        if name == "pipeline.data.memory":
+        if name == "pipeline.data.samples.memory":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             used = getattr(node, "attr", None) or (node.value if isinstance(node, ast.Constant) else None)
@@ -203,5 +203,5 @@ def private_storage_uses() -> list[str]:
 
 def test_private_torch_storage_calls_only_in_memory() -> None:
     wrong = private_storage_uses()
-    assert not wrong, "private torch storage calls belong in pipeline.data.memory:\n" + "\n".join(wrong)
-    assert any(a in MODULES["pipeline.data.memory"].read_text() for a in PRIVATE_STORAGE)  # the check looks
+    assert not wrong, "private torch storage calls belong in pipeline.data.samples.memory:\n" + "\n".join(wrong)
+    assert any(a in MODULES["pipeline.data.samples.memory"].read_text() for a in PRIVATE_STORAGE)  # the check looks

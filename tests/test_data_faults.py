@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
 from pipeline.data.dataset.manifest import SplitInfo
-from pipeline.data.faults import FIELDS, as_dict
+from pipeline.data.samples.faults import FIELDS, as_dict
 from pipeline.data.shards import _RollingTarWriter
 from tests.conftest import TINY, read_jsonl, run_cli, run_main
 

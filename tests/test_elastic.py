@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import faults
+from pipeline.data.samples import faults
 from pipeline.data.stream import Layout, ShardStream, _shuffled
 
 SIZES = [13, 40, 7, 25, 31, 9, 22]  # 147 samples; shards smaller and larger than the shuffle buffer

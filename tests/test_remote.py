@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline.data import faults
 from pipeline.data.io.counters import net_counters
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.remote import open_shard
 from pipeline.data.io.shard_cache import TEMP_PREFIX, cache_path
 from pipeline.data.io.stat import stat_shard
 from pipeline.data.io.tar import tar_samples
+from pipeline.data.samples import faults
 from pipeline.data.stream import shard_slice
 from tests.services.flaky_http import serve, serve_static
 
@@ -247,7 +247,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 def _evaluate(urls: list[str], workers: int, options: ReadOptions) -> tuple[list[int], dict]:
     from pipeline.config import load_config
-    from pipeline.data.decode import build_decoding
+    from pipeline.data.samples.decode import build_decoding
     from pipeline.data.stream import ShardStream, make_loader
 
     cfg = load_config(None, ["data.image_size=8"])
@@ -340,7 +340,7 @@ def test_a_prefetched_shard_is_read_ahead_then_handed_over_on_one_connection(sha
 
 def test_the_stream_opens_a_slots_next_shard_while_reading_the_current_one(image_dir: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.data.decode import build_decoding
+    from pipeline.data.samples.decode import build_decoding
     from pipeline.data.stream import ShardStream
 
     urls = sorted(p.name for p in image_dir.glob("*.tar"))

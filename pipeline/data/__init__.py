@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pipeline.data.workers import WorkerStuck
 
 _LAZY = {"ReadOptions": "pipeline.data.io.handles", "ShardStream": "pipeline.data.stream",
-         "build_transform": "pipeline.data.transforms", "read_options": "pipeline.data.dataset.resolve"}
+         "build_transform": "pipeline.data.samples.transforms", "read_options": "pipeline.data.dataset.resolve"}
 """Names the package gives from its modules, imported on first use."""
 
 
@@ -36,13 +36,13 @@ class SplitLoader:
     """A split's stream (for position and counts) and the DataLoader that iterates it.
 
     Iterating `loader` gives (images, labels) batches, ready on the training device: `finish` (see
-    `pipeline.data.decode`) turns what the workers sent into them, in the main process. The fault
-    counts each batch carries (see `pipeline.data.faults`; `finish` adds the images it could not
+    `pipeline.data.samples.decode`) turns what the workers sent into them, in the main process. The fault
+    counts each batch carries (see `pipeline.data.samples.faults`; `finish` adds the images it could not
     decode) are added to `faults`, this rank's total over the batches consumed.
     """
 
     def __init__(self, stream: ShardStream, dataloader: DataLoader, finish: Optional[Callable] = None):
-        from pipeline.data import faults
+        from pipeline.data.samples import faults
 
         self.stream, self.dataloader, self.finish = stream, dataloader, finish
         self.faults = faults.empty_counts()
@@ -92,9 +92,9 @@ class SplitLoader:
 def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                  train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
     """The split's stream for one rank; `codec` (default: decode and augment in the workers, uint8 batches)
-    turns samples into batch items, see `pipeline.data.decode`."""
+    turns samples into batch items, see `pipeline.data.samples.decode`."""
     from pipeline.data.dataset.resolve import read_options, sample_keys
-    from pipeline.data.decode import build_decoding
+    from pipeline.data.samples.decode import build_decoding
     from pipeline.data.stream import ShardStream, shard_paths
 
     info = manifest.split(split)
@@ -117,7 +117,7 @@ def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_s
 def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
                  train: bool, pin_memory: bool = False, device: Optional[torch.device] = None) -> SplitLoader:
     """The loader for one split on one rank; its batches are ready for the model on `device` (None: CPU)."""
-    from pipeline.data.decode import build_decoding
+    from pipeline.data.samples.decode import build_decoding
     from pipeline.data.stream import make_loader
 
     codec, finish = build_decoding(cfg.data, train, device, warn_prefix=f"rank {rank}: " if world_size > 1 else "")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
 from pipeline.data.dataset.manifest import Manifest
-from pipeline.data.faults import MISSING, UNDRAWN, parse_label
+from pipeline.data.samples.faults import MISSING, UNDRAWN, parse_label
 from pipeline.data.stream import Segment, ShardStream
 
 

@@ -50,7 +50,7 @@ def check_image(path: Path) -> ImageCheck:
     """Decode the whole image (PIL `load`), as the loader will, and hash its bytes; never raises."""
     import io
 
-    from pipeline.data.images import open_image
+    from pipeline.data.samples.images import open_image
 
     digest = ""
     try:

@@ -24,7 +24,7 @@ How an epoch is laid out (the contract the resume logic relies on):
 4. The DataLoader takes batches from its workers round-robin, and every worker holds the same number
    of batches, so rank-local step `s` comes from worker `s mod workers`. To restart at step `s`,
    physical worker p plays slot v = (p + s) mod workers; see `set_position`.
-5. Bad samples (see `pipeline.data.faults`) never change a slot's length in training: a bad sample
+5. Bad samples (see `pipeline.data.samples.faults`) never change a slot's length in training: a bad sample
    is replaced by the next good sample of the same shard slice (or, at the slice's end, by its
    first good one; failing that, by the first good sample of the split), transformed with the bad
    sample's own seed. The choice depends only on the data from that position on, so a restart
@@ -51,7 +51,7 @@ processes, except the `EpochPlan.left_out()` samples the new layout
 cannot share equally (fewer than its slot count; with drop_last, also each slot's tail short of a full
 batch). A stream that draws with replacement (balance.py) is not `elastic`: the trainer restarts the epoch.
 
-What a batch holds is the codec's business (`pipeline.data.decode`): decoded, augmented images, or
+What a batch holds is the codec's business (`pipeline.data.samples.decode`): decoded, augmented images, or
 the encoded bytes and augmentation parameters for decoding in the main process. Either way the
 parameters come from the position's seed, so both give the same batches.
 """
@@ -73,20 +73,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data import faults
 from pipeline.data.dataset.keys import DEFAULT_KEYS, SampleKeys
-from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample
 from pipeline.data.io.counters import net_counters
 from pipeline.data.io.errors import ShardChanged
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.readahead import prefetch
 from pipeline.data.io.tar import tar_samples
+from pipeline.data.samples import faults
+from pipeline.data.samples.faults import NO_POSITION, FaultWarnings, SampleCheck, inspect_sample, missing_sample
 from pipeline.data.workers import track, worker_options
 from pipeline.errors import short_error
 from pipeline.testing import faults as injected
-
-NO_POSITION = -1
-"""The seed given when inspecting a sample whose position is not known yet (a fill-in for bad ones)."""
 
 
 @dataclass(frozen=True)
@@ -357,7 +354,7 @@ class NetworkDelta:
 
 
 class SampleCodec(Protocol):
-    """What a stream does with each sample and batch (see `pipeline.data.decode`)."""
+    """What a stream does with each sample and batch (see `pipeline.data.samples.decode`)."""
 
     def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> object:
         """The inspection's decoding (raise if the image is bad), for the position with `seed`."""
@@ -383,7 +380,7 @@ class ShardStream(IterableDataset):
             raise ValueError("shard_paths and shard_sizes differ in length")
         if sample_offsets and len(sample_offsets) != len(shard_paths):
             raise ValueError("sample_offsets and shard_paths differ in length")
-        # What a good sample looks like (from the manifest); see pipeline.data.faults.
+        # What a good sample looks like (from the manifest); see pipeline.data.samples.faults.
         self.num_classes, self.image_mode, self.image_size = num_classes, image_mode, image_size
         self.keys = keys  # which members are the image and the label (see pipeline.data.dataset.keys)
         self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")

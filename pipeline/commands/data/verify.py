@@ -5,7 +5,7 @@ files, patterns, URLs; see `pipeline.data.dataset.specs`) is checked against its
 Shards are read with the training stream's reader (`pipeline.data.io.tar`), so the two never disagree.
 Per shard: the file exists, its size (and sha256, where the manifest has it) match, it holds the number of samples
 the manifest says, and every sample passes the same inspection the training stream applies
-(`pipeline.data.faults.inspect_sample`: label present and in range, image decodes). Images whose
+(`pipeline.data.samples.faults.inspect_sample`: label present and in range, image decodes). Images whose
 mode or size differ from the dataset's are reported as "converted on load" (not a problem: the
 loader fixes them). Exit code 0 when nothing is wrong, 1 when something is.
 """
@@ -21,10 +21,10 @@ from pipeline.config.schema import DataConfig
 from pipeline.data.dataset.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from pipeline.data.dataset.resolve import read_options, sample_keys, specs_manifest
 from pipeline.data.dataset.specs import SHARD_SUFFIXES, describe, is_shard_name, is_url
-from pipeline.data.faults import MISSING, inspect_sample
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.stat import stat_shard
 from pipeline.data.io.tar import tar_samples
+from pipeline.data.samples.faults import MISSING, inspect_sample
 from pipeline.data.stream import shard_paths, shard_slice
 from pipeline.errors import short_error
 

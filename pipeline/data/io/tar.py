@@ -36,7 +36,7 @@ What a shard may not do to the reader:
   ("undecodable") and the rest of the shard is read as usual (webdataset raises, losing the rest).
 
 A sample marked `BAD` still counts as one sample (the index and the stream agree on the count), and
-`pipeline.data.faults` skips and counts it.
+`pipeline.data.samples.faults` skips and counts it.
 """
 
 from __future__ import annotations

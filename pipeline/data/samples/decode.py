@@ -37,11 +37,10 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.faults import FIELDS, DataQualityError, FaultWarnings, SampleCheck
-from pipeline.data.images import to_mode, to_uint8
-from pipeline.data.memory import shared_empty, storage_users
-from pipeline.data.stream import NO_POSITION
-from pipeline.data.transforms import BatchNormalize, SampleAugment, seeded_cpu_rng
+from pipeline.data.samples.faults import FIELDS, NO_POSITION, DataQualityError, FaultWarnings, SampleCheck
+from pipeline.data.samples.images import to_mode, to_uint8
+from pipeline.data.samples.memory import shared_empty, storage_users
+from pipeline.data.samples.transforms import BatchNormalize, SampleAugment, seeded_cpu_rng
 from pipeline.errors import short_error
 
 JPEG_KEYS = ("jpg", "jpeg")

@@ -11,7 +11,7 @@ Every sample the stream reads is inspected once, as a pure function of its bytes
   name repeated in the sample), `no_label` (nothing under `data.label_key`, or nothing readable there; see
   `pipeline.data.dataset.keys`), `bad_label` (an index outside the classes, or a name not among them), `oversize`
   (the sample's files hold more than `data.max_sample_mb`, skipped unread by `pipeline.data.io.tar`; or the
-  image has more pixels than PIL's decompression-bomb limit, see `pipeline.data.images.open_image`).
+  image has more pixels than PIL's decompression-bomb limit, see `pipeline.data.samples.images.open_image`).
 
 Network counts (not skips; `pipeline.data.io.remote`): `net_retries` (failed attempts that were retried),
 `net_resumed` (connections re-established in the middle of a shard), `net_failed` (shards given up;
@@ -32,19 +32,21 @@ import torch
 from PIL import Image
 
 from pipeline.data.dataset.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
-from pipeline.data.images import ImageTooLarge, open_image, to_mode
 from pipeline.data.io.tar import BAD
+from pipeline.data.samples.images import ImageTooLarge, open_image, to_mode
 from pipeline.errors import short_error
 
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label", "oversize")
 CONVERSIONS = ("mode", "size")
 NETWORK_FIELDS = {"retries": "net_retries", "resumed": "net_resumed", "failed": "net_failed"}
-"""remote.net_counters() name -> counts field."""
+"""`pipeline.data.io.counters.net_counters()` name -> counts field."""
 FIELDS = ("seen", *SKIP_REASONS, *(f"converted_{c}" for c in CONVERSIONS), *NETWORK_FIELDS.values())
 """Layout of a counts tensor: samples inspected, skips per reason, conversions per kind, network events."""
 
 MISSING = "__missing__"
 """Key of the stand-in the stream yields for a sample its shard does not deliver (truncated shard)."""
+NO_POSITION = -1
+"""The seed given when inspecting a sample whose position is not known yet (a fill-in for bad ones)."""
 UNDRAWN = "__undrawn__"
 """Key under which a resampling stream hands over samples it cannot draw (no usable label), so
 they are inspected and counted at the position that carries them."""
@@ -108,7 +110,7 @@ def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, imag
 
     The label is checked first (cheap), so a sample with a bad label is not decoded. `decode(opened
     image, its bytes, its key)` replaces the decoding to a PIL image (the loader decodes its own way,
-    see `pipeline.data.decode`); whatever it returns becomes `check.image`, and raising means undecodable.
+    see `pipeline.data.samples.decode`); whatever it returns becomes `check.image`, and raising means undecodable.
     """
     check = SampleCheck(key=str(sample.get("__key__", "?")), url=str(sample.get("__url__", "")))
     if UNDRAWN in sample:
