@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
 from pipeline.data.dataset.manifest import Manifest
+from pipeline.data.plan import Segment
 from pipeline.data.samples.faults import MISSING, UNDRAWN, parse_label
-from pipeline.data.stream import Segment, ShardStream
+from pipeline.data.stream import ShardStream
 
 
 def class_counts(manifest: Manifest, split: str = "train") -> list[int]:
