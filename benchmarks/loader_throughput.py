@@ -44,8 +44,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def prepare(work: Path, images: int, source_size: int) -> tuple[Path, Path]:
     """The JPEG ImageFolder and its shards (reused when `work` already holds the same set)."""
-    from pipeline.data.digits import write_digits_jpeg_imagefolder
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.digits import write_digits_jpeg_imagefolder
+    from pipeline.data.writer.shards import write_shards
 
     folder, shards = work / "imagefolder", work / "shards"
     stamp = work / "made.txt"

@@ -12,9 +12,9 @@ from torchvision.transforms import v2
 
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
-from pipeline.data.digits import write_digits_jpeg_imagefolder
 from pipeline.data.samples.transforms import BatchNormalize, SampleAugment, build_transform
-from pipeline.data.shards import write_shards
+from pipeline.data.writer.digits import write_digits_jpeg_imagefolder
+from pipeline.data.writer.shards import write_shards
 
 AUGMENT = ["data.augment.random_resized_crop=true", "data.augment.hflip=0.5", "data.augment.color_jitter=0.2"]
 
@@ -33,7 +33,7 @@ def jpeg_root(tmp_path_factory) -> Path:
 def broken_root(tmp_path_factory) -> Path:
     """48 training and 16 validation JPEGs in shards of 16; training samples 5, 6 and 30 and validation
     sample 3 are cut in half: their headers read, their data does not decode."""
-    from pipeline.data.subsets import write_split_shards
+    from pipeline.data.writer.subsets import write_split_shards
 
     folder = tmp_path_factory.mktemp("broken_jpegs")
     write_digits_jpeg_imagefolder(folder, 64, size=40)

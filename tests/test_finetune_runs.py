@@ -200,7 +200,7 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
     from pipeline.data import build_stream
     from pipeline.data.balance import auto_class_weights, class_counts, imbalance_summary
     from pipeline.data.dataset.manifest import Manifest
-    from pipeline.data.subsets import write_split_shards
+    from pipeline.data.writer.subsets import write_split_shards
 
     rng = np.random.default_rng(0)
 

@@ -183,8 +183,8 @@ def test_offsets_are_trusted_only_where_every_open_checks_the_shard() -> None:
 @pytest.fixture(scope="module")
 def own_folder(tmp_path_factory) -> Path:
     """A folder `pipeline data shards` wrote: 600 JPEGs, train 420 samples in 5 shards of at most 100."""
-    from pipeline.data.digits import write_digits_jpeg_imagefolder
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.digits import write_digits_jpeg_imagefolder
+    from pipeline.data.writer.shards import write_shards
 
     work = tmp_path_factory.mktemp("own")
     write_digits_jpeg_imagefolder(work / "images", 600, size=24)

@@ -317,8 +317,8 @@ def test_resume_never_moves_the_earlier_run_aside_and_says_so(digits_root: Path,
 @pytest.fixture(scope="module")
 def five_classes(tmp_path_factory) -> Path:
     """Shards of the digits 0-4 only: what data.root holds after the data was rebuilt with 5 classes."""
-    from pipeline.data.digits import write_digits_imagefolder
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.digits import write_digits_imagefolder
+    from pipeline.data.writer.shards import write_shards
 
     folder = tmp_path_factory.mktemp("five")
     write_digits_imagefolder(folder / "images")

@@ -188,7 +188,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _data_digits(args: argparse.Namespace) -> int:
-    from pipeline.data.digits import write_digits_imagefolder
+    from pipeline.data.writer.digits import write_digits_imagefolder
 
     count = write_digits_imagefolder(args.out)
     print(f"wrote {count} digits images to {args.out}")
@@ -197,7 +197,7 @@ def _data_digits(args: argparse.Namespace) -> int:
 
 def _data_shards(args: argparse.Namespace) -> int:
     from pipeline.commands.data.shards import print_written
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.shards import write_shards
 
     fractions = [float(x) for x in args.split.split(",")]
     manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,

@@ -1,7 +1,7 @@
 """k-fold cross-validation: `pipeline cv CONFIG folds=K`.
 
 The samples of the train and val splits are pooled and cut into K stratified folds, seeded by cv.seed
-(`pipeline.data.stratify`): by class (scikit-learn's StratifiedKFold), by label set for task.type=multilabel
+(`pipeline.data.writer.stratify`): by class (scikit-learn's StratifiedKFold), by label set for task.type=multilabel
 (iterative stratification, MultilabelStratifiedKFold over the multi-hot labels), by quantile bins of the first output
 for task.type=regression (StratifiedKFold over at most 10 equal-count bins of at least K samples each; a shuffled
 KFold, with a warning, when not even two such bins exist). Fold k trains on the other K-1 folds, validates on fold k
@@ -26,8 +26,8 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data.dataset.keys import TargetLabel
 from pipeline.data.dataset.manifest import Manifest
-from pipeline.data.stratify import METHODS, assign_folds, multi_hot, strata
-from pipeline.data.subsets import write_split_shards
+from pipeline.data.writer.stratify import METHODS, assign_folds, multi_hot, strata
+from pipeline.data.writer.subsets import write_split_shards
 from pipeline.tracking.console import warn
 
 SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc",  # classification

@@ -90,7 +90,7 @@ class Manifest:
     """How the splits were made: 'folders': the source's own split folders were kept (see split_folders); else one
     seeded split of all images by split_fractions, 'stratified' by class, 'iterative' (task multilabel: iterative
     stratification of the label sets) or 'binned' (task regression: stratified by quantile bins of the first
-    output); 'specs': shards named by data.train/val/test (see `pipeline.data.stratify`)."""
+    output); 'specs': shards named by data.train/val/test (see `pipeline.data.writer.stratify`)."""
     split_folders: dict[str, str] = field(default_factory=dict)
     """split -> the source folder it was read from (split_source 'folders')."""
     carved_from_train: dict[str, float] = field(default_factory=dict)
