@@ -26,14 +26,23 @@ class SplitLoader:
     Iterating `loader` gives (images, labels) batches, ready on the training device: `finish` (see
     `pipeline.data.samples.decode`) turns what the workers sent into them, in the main process. The fault
     counts each batch carries (see `pipeline.data.samples.faults`; `finish` adds the images it could not
-    decode) are added to `faults`, this rank's total over the batches consumed.
+    decode) are added to `bad_samples` (`BadSampleCounts`), this rank's total over the batches consumed.
     """
 
     def __init__(self, stream: ShardStream, dataloader: DataLoader, finish: Optional[Callable] = None):
         from pipeline.data.samples import faults
 
         self.stream, self.dataloader, self.finish = stream, dataloader, finish
-        self.faults = faults.empty_counts()
+        self.bad_samples = faults.BadSampleCounts()
+
+    @property
+    def faults(self) -> torch.Tensor:
+        """The counts tensor of `bad_samples` (read by the trainer and the evaluation; setting it restores them)."""
+        return self.bad_samples.total
+
+    @faults.setter
+    def faults(self, counts: torch.Tensor) -> None:
+        self.bad_samples.load_state_dict({"counts": counts})
 
     def set_position(self, epoch: int, step: int = 0, history: Sequence = ()) -> None:
         """See `ShardStream.set_position` (`history`: earlier layouts of a continued epoch)."""
@@ -57,7 +66,7 @@ class SplitLoader:
                 raise self._stuck() from None
             if labels.numel() and self.finish is not None:  # (it may find and count more bad samples)
                 images, labels = self.finish(images, labels, counts)
-            self.faults += counts
+            self.bad_samples.add(counts)
             if labels.numel():  # an empty batch only carries counts (evaluation)
                 yield images, labels
 

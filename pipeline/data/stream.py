@@ -90,7 +90,14 @@ from pipeline.data.plan import (
     shuffled,
 )
 from pipeline.data.samples import faults
-from pipeline.data.samples.faults import NO_POSITION, FaultWarnings, SampleCheck, inspect_sample, missing_sample
+from pipeline.data.samples.faults import (
+    NO_POSITION,
+    FaultWarnings,
+    SampleCheck,
+    inspect_sample,
+    missing_sample,
+    replace_bad,
+)
 from pipeline.data.workers import track, worker_options
 from pipeline.errors import short_error
 from pipeline.testing import faults as injected
@@ -386,27 +393,24 @@ class ShardStream(IterableDataset):
         `position` is the lane position of the first pair (`in_slot` maps it to the slot's); a sample is inspected
         (decoded) for its own position, which follows the bad samples still waiting for it.
         """
+        checks = self._checked(self._segment_samples(epoch, lane, number, segment, skip),
+                               lambda k: self._seed(epoch, slot, in_slot(position + k)))
+        if self.train:
+            first_good = partial(self._first_good, epoch, lane, number, segment)
+            yield from replace_bad(checks, lambda check: check.ok, first_good)
+        else:
+            yield from ((check, check if check.ok else None) for check in checks)
+
+    def _checked(self, samples: Iterator[dict], seed: Callable[[int], Optional[int]]) -> Iterator[SampleCheck]:
+        """The inspection of each sample (the k-th with `seed(k)`: its own position), warned about as it is made."""
         action = "replaced by another sample of the same shard" if self.train else "left out of evaluation"
-        pending: list[SampleCheck] = []  # bad samples waiting for the next good one (training)
-        for sample in self._segment_samples(epoch, lane, number, segment, skip):
-            check = self._inspect(sample, self._seed(epoch, slot, in_slot(position + len(pending))))
+        for k, sample in enumerate(samples):
+            check = self._inspect(sample, seed(k))
             for bad in check.undrawn:  # carried by a resampling stream (balance.py): never drawn
                 self.warnings(bad, "never drawn")
             if check.reason or check.converted:
                 self.warnings(check, action)
-            if check.ok:
-                yield from ((bad, check) for bad in pending)
-                position += len(pending) + 1
-                pending = []
-                yield check, check
-            elif self.train:
-                pending.append(check)
-            else:
-                position += 1
-                yield check, None
-        if pending:
-            fill = self._first_good(epoch, lane, number, segment)
-            yield from ((bad, fill) for bad in pending)
+            yield check
 
     def _inspect(self, sample: dict, seed: Optional[int]) -> SampleCheck:
         return inspect_sample(sample, self.mode, self.num_classes, self.image_mode, self.image_size,

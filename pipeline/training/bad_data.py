@@ -28,8 +28,8 @@ class BadDataMonitor:
 
     def collect(self, data: SplitLoader, split: str, epoch: int | None = None) -> dict:
         """The split's counts summed over ranks as record keys (`data/<split>/...`); resets the split's counts."""
-        per_rank = self.dist.gather_rows(data.faults)
-        data.faults.zero_()
+        per_rank = self.dist.gather_rows(data.bad_samples.total)
+        data.bad_samples.zero()
         total = per_rank.sum(dim=0)
         self.totals[split] = total
         record = faults.counts_record(total, split)

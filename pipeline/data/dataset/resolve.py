@@ -52,11 +52,7 @@ def sample_keys(data: DataConfig, classes: list[str] | tuple[str, ...] = (), tas
 def read_options(data: DataConfig, shards: Sequence[ShardInfo] = ()) -> ReadOptions:
     """How shards are read (remote ones: retries, timeouts, pace, cache, endpoint; the sample cap); see
     `pipeline.data.io.remote`. `shards`: the indexed ones are pinned to the size and version their index saw."""
-    return ReadOptions(retries=data.retries, timeout_s=data.timeout_s, cache_dir=data.cache_dir,
-                       cache_max_gb=data.cache_max_gb, endpoint_url=data.endpoint_url, prefetch_mb=data.prefetch_mb,
-                       min_bytes_per_s=data.min_bytes_per_s, slow_window_s=data.slow_window_s,
-                       max_sample_mb=data.max_sample_mb,
-                       pinned={s.name: (s.num_bytes, s.version) for s in shards if s.version})
+    return ReadOptions.from_config(data, pinned={s.name: (s.num_bytes, s.version) for s in shards if s.version})
 
 
 def dataset_manifest(data: DataConfig, progress: bool = False, task: Optional[TaskConfig] = None) -> Manifest:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 CHUNK = 1 << 20
@@ -55,6 +55,13 @@ class ReadOptions:
         if self.min_bytes_per_s < 0 or self.slow_window_s <= 0 or self.max_sample_mb < 0:
             raise ValueError(f"ReadOptions needs min_bytes_per_s >= 0, slow_window_s > 0 and max_sample_mb >= 0; got "
                              f"{self.min_bytes_per_s}, {self.slow_window_s}, {self.max_sample_mb}")
+
+    @classmethod
+    def from_config(cls, data: object, **more: object) -> "ReadOptions":
+        """The options a `data:` config section sets (`pipeline.config.schema.DataConfig`: every field of ours it has,
+        by name, so none is copied by hand), plus `more` (e.g. `pinned`)."""
+        given = {f.name: getattr(data, f.name) for f in fields(cls) if hasattr(data, f.name)}
+        return cls(**{**given, **more})
 
     @property
     def max_sample_bytes(self) -> int:

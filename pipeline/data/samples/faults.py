@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from PIL import Image
@@ -171,6 +171,29 @@ def count(counts: list[int] | torch.Tensor, check: SampleCheck) -> None:
         counts[FIELDS.index(f"converted_{kind}")] += 1
 
 
+class BadSampleCounts:
+    """One rank's bad-sample counts (laid out as FIELDS) over the batches its loader delivered: the one place they add
+    up. The workers count what they inspect (`count`) into each batch's counts, the main-process decoder adds the
+    images it could not decode, and the loader adds each batch's counts here (`add`). At an epoch's end they are
+    summed over ranks and zeroed (`pipeline.training.bad_data`); a checkpoint saves and restores them
+    (`state_dict`, `load_state_dict`), so a resumed epoch keeps counting from where it stopped."""
+
+    def __init__(self) -> None:
+        self.total = empty_counts()
+
+    def add(self, counts: torch.Tensor) -> None:
+        self.total += counts
+
+    def zero(self) -> None:
+        self.total.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"counts": self.total.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.total = state["counts"].clone()
+
+
 def as_dict(counts: torch.Tensor) -> dict[str, int]:
     return dict(zip(FIELDS, (int(v) for v in counts.tolist())))
 
@@ -237,6 +260,30 @@ def check_threshold(counts: torch.Tensor, split_name: str, max_bad_fraction: flo
             f"data.max_bad_fraction={max_bad_fraction} exceeded: {num_skipped(counts)} of {int(counts[0])} "
             f"{split_name} samples ({100 * bad_fraction(counts):.2f}%) were skipped{when} ({describe(counts)}); "
             f"find them with `pipeline data verify {root}`, or raise data.max_bad_fraction")
+
+
+T = TypeVar("T")
+
+
+def replace_bad(items: Iterable[T], ok: Callable[[T], bool], first_good: Callable[[], T]) -> Iterator[tuple[T, T]]:
+    """(item, what stands in for it), in the items' order: the one rule for replacing a bad sample in training.
+
+    A good item stands for itself; a bad one for the next good item after it, or, when no good one follows, for
+    `first_good()` (asked only then). The choice depends only on the items from the bad one on, so a resumed run
+    makes the same choices: the stream applies it to a shard slice's samples (`first_good`: the slice's first good
+    one, else the split's), the main-process decoder to a batch's images (`first_good`: the batch's first good one).
+    """
+    pending: list[T] = []  # bad items waiting for the next good one
+    for item in items:
+        if ok(item):
+            yield from ((bad, item) for bad in pending)
+            pending = []
+            yield item, item
+        else:
+            pending.append(item)
+    if pending:
+        fill = first_good()
+        yield from ((bad, fill) for bad in pending)
 
 
 class FaultWarnings:
