@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import torch
 
-from pipeline.config.schema import DataConfig
+from pipeline.config.schema import DataConfig, ReadConfig
 from pipeline.data.dataset.resolve import read_options
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.samples.faults import FIELDS, BadSampleCounts, replace_bad
@@ -45,7 +45,7 @@ def test_bad_sample_counts_add_zero_and_round_trip_through_a_state_dict() -> Non
 
 def test_read_options_take_every_field_the_data_config_shares_with_them() -> None:
     shared = [f.name for f in fields(ReadOptions) if f.name in {g.name for g in fields(DataConfig)}]
-    assert len(shared) == 9
+    assert shared == [f.name for f in fields(ReadConfig)] and len(shared) == 9  # defined once, in ReadConfig
     defaults, options = DataConfig(), ReadOptions()
     assert all(getattr(defaults, name) == getattr(options, name) for name in shared)
     data = DataConfig(retries=2, timeout_s=7.0, cache_dir="/c", cache_max_gb=3.0, endpoint_url="http://e",

@@ -11,39 +11,23 @@ import random
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from pipeline.config.schema import ReadConfig
+
 CHUNK = 1 << 20
 """Bytes per read when discarding and copying; also the object stores' read-ahead block."""
 
 
 @dataclass
-class ReadOptions:
-    """How shards are read (picklable: it travels to the loader's worker processes)."""
+class ReadOptions(ReadConfig):
+    """How shards are read (picklable: it travels to the loader's worker processes): the `data:` section's read
+    fields (`ReadConfig`, defined there once) and the reader's own below."""
 
-    retries: int = 5
-    """Retries after a transient failure, in a row (the count restarts once bytes arrive again); 0: none."""
-    timeout_s: float = 60.0
-    """Seconds to wait for a connection or for the next bytes before the attempt counts as failed."""
     backoff_s: float = 0.5
     """Wait before the first retry; doubled for each further one, capped at backoff_max_s."""
     backoff_max_s: float = 10.0
     """Longest wait between two attempts."""
-    cache_dir: str = ""
-    """Folder keeping remote shards read to their end (empty: no cache); see pipeline.data.io.shard_cache."""
-    cache_max_gb: float = 50.0
-    """Size cap of cache_dir in GB (10^9 bytes); least recently used shards are removed beyond it."""
-    endpoint_url: str = ""
-    """S3-compatible endpoint for s3:// URLs (e.g. http://127.0.0.1:9000); empty: AWS_ENDPOINT_URL or AWS."""
-    prefetch_mb: float = 32.0
-    """The next remote shard of a worker's slot is opened and read ahead, up to this many MB, while the current one
-    is read (0: off); see `prefetch`."""
     storage_options: dict = field(default_factory=dict)
     """Extra keyword arguments for the fsspec filesystem of object-store URLs (e.g. {"anon": true})."""
-    min_bytes_per_s: float = 1000.0
-    """A connection slower than this over `slow_window_s` seconds of waiting fails like a timeout (0: no minimum)."""
-    slow_window_s: float = 60.0
-    """Seconds of waiting for a connection's bytes over which its rate is measured (curl's --speed-time)."""
-    max_sample_mb: float = 64.0
-    """A tar sample whose files hold more than this many MB is skipped unread (`pipeline.data.io.tar`; 0: no cap)."""
     pinned: dict = field(default_factory=dict)
     """URL -> (size in bytes or 0, version or '') each shard had when indexed; a shard that answers another size or
     version at an open raises `ShardChanged` (see `pipeline.data.io.remote`). Empty: nothing compared."""
@@ -57,11 +41,9 @@ class ReadOptions:
                              f"{self.min_bytes_per_s}, {self.slow_window_s}, {self.max_sample_mb}")
 
     @classmethod
-    def from_config(cls, data: object, **more: object) -> "ReadOptions":
-        """The options a `data:` config section sets (`pipeline.config.schema.DataConfig`: every field of ours it has,
-        by name, so none is copied by hand), plus `more` (e.g. `pinned`)."""
-        given = {f.name: getattr(data, f.name) for f in fields(cls) if hasattr(data, f.name)}
-        return cls(**{**given, **more})
+    def from_config(cls, data: ReadConfig, **more: object) -> "ReadOptions":
+        """The options a `data:` config section sets (its `ReadConfig` fields), plus `more` (e.g. `pinned`)."""
+        return cls(**{f.name: getattr(data, f.name) for f in fields(ReadConfig)}, **more)
 
     @property
     def max_sample_bytes(self) -> int:
