@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.transfer import FROM_SCRATCH, add_arguments, add_run, finish, parse_arguments, pretrain_config, table  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.data.subsets import write_split_shards  # noqa: E402
+from pipeline.data.writer.subsets import write_split_shards  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SOURCE, TARGET = CLASSES[:5], CLASSES[5:]

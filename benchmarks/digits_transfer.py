@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.transfer import FROM_SCRATCH, add_arguments, add_run, finish, parse_arguments, pretrain_config, table  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.data.subsets import write_split_shards  # noqa: E402
+from pipeline.data.writer.subsets import write_split_shards  # noqa: E402
 
 METHODS = {
     "scratch": FROM_SCRATCH,
@@ -57,7 +57,7 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
 
 def build_transfer_shards(root: Path, shots: int = 20, val_shots: int = 10, seed: int = 0) -> tuple[Path, Path]:
     """`root/source_0to4` and `root/target_5to9_<shots>shot`; kept if their manifests exist already."""
-    from pipeline.data.stratify import stratified_split
+    from pipeline.data.writer.stratify import stratified_split
 
     source, target = root / "source_0to4", root / f"target_5to9_{shots}shot"
     images, labels = digits_images()

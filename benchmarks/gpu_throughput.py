@@ -87,8 +87,8 @@ def jpeg_strokes() -> tuple | None:
 
 
 def make_shards(work: Path, images: int, source_size: int) -> Path:
-    from pipeline.data.digits import write_digits_jpeg_imagefolder
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.digits import write_digits_jpeg_imagefolder
+    from pipeline.data.writer.shards import write_shards
 
     shards = work / f"shards-{images}"
     if not (shards / "manifest.json").is_file():

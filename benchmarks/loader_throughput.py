@@ -44,8 +44,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 def prepare(work: Path, images: int, source_size: int) -> tuple[Path, Path]:
     """The JPEG ImageFolder and its shards (reused when `work` already holds the same set)."""
-    from pipeline.data.digits import write_digits_jpeg_imagefolder
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.digits import write_digits_jpeg_imagefolder
+    from pipeline.data.writer.shards import write_shards
 
     folder, shards = work / "imagefolder", work / "shards"
     stamp = work / "made.txt"
@@ -126,9 +126,9 @@ class Epochs:
 def _raw_contender(name: str, shards: Path, manifest, args, normalize, dtype: torch.dtype) -> Epochs:
     """Our shard stream's batches exactly as the workers send them (no main-process step)."""
     from pipeline.data import SplitLoader, build_stream
-    from pipeline.data.decode import WorkerDecode
+    from pipeline.data.samples.decode import WorkerDecode
+    from pipeline.data.samples.transforms import SampleAugment
     from pipeline.data.stream import make_loader
-    from pipeline.data.transforms import SampleAugment
 
     cfg = shard_config(shards, args, "data.jpeg_draft=true")
     codec = WorkerDecode(SampleAugment(cfg.data, train=True), 3, normalize, draft=True)
@@ -139,7 +139,7 @@ def _raw_contender(name: str, shards: Path, manifest, args, normalize, dtype: to
 
 def build_contenders(folder: Path, shards: Path, args) -> dict[str, Epochs]:
     from pipeline.data import Manifest, build_loader
-    from pipeline.data.transforms import BatchNormalize, build_transform
+    from pipeline.data.samples.transforms import BatchNormalize, build_transform
 
     shape = (3, args.image_size, args.image_size)
     manifest = Manifest.read(shards)

@@ -70,7 +70,7 @@ class InMemorySplit:
             return self.samples
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
-        from pipeline.data import faults
+        from pipeline.data.samples import faults
 
         self.loader = batches
         self.faults = faults.empty_counts()  # no bad samples in memory

@@ -46,7 +46,7 @@ def _config(urls: list[str], args, mix: int, index_dir: Path):
 def reader(name: str, urls: list[str], args, mix: int, index_dir: Path) -> tuple[Epochs, object]:
     """One contender: our loader over `urls` at `mix`; (epochs, its SplitLoader)."""
     from pipeline.data import build_loader
-    from pipeline.data.dataset import spec_manifest
+    from pipeline.data.dataset.resolve import spec_manifest
 
     cfg = _config(urls, args, mix, index_dir)
     split = build_loader(cfg, spec_manifest(cfg.data, progress=False), "train", 0, 1, train=True)
@@ -84,7 +84,7 @@ def batch_diversity(work: Path, mixes: list[int]) -> dict[int, float]:
     """Mean distinct classes per full batch of 64 on class-sorted digits shards (1 rank x 2 workers, 3 epochs)."""
     from pipeline.config import load_config
     from pipeline.data import build_stream
-    from pipeline.data.dataset import spec_manifest
+    from pipeline.data.dataset.resolve import spec_manifest
     from tests.support.wds_shards import write_class_sorted
 
     paths = write_class_sorted(work / "class_sorted")

@@ -6,7 +6,7 @@ Multi-label: a synthetic long-tailed tag set (`tag_set`): `--samples` images, `-
 falls as 0.4 / rank (0.4, 0.2, 0.13, ... 0.02 for 20 classes), each drawn independently, plus the rarest class
 forced to exactly `--folds` positives. Regression: one target drawn log-normally (skewed, as prices or counts are).
 For each seed, the folds of `pipeline.commands.cv.fold_assignment` (iterative stratification; quantile bins) and of
-scikit-learn's `KFold(shuffle=True)` are scored by `pipeline.data.stratify.proportion_deviation` (the mean over
+scikit-learn's `KFold(shuffle=True)` are scored by `pipeline.data.writer.stratify.proportion_deviation` (the mean over
 folds and classes of |a fold's share of positives - the whole set's|), the folds that miss a class, and (regression)
 the mean |fold mean - overall mean| in standard deviations. Writes benchmarks/results/stratify_folds.json.
 """
@@ -57,7 +57,7 @@ def mean_shift(values: np.ndarray, assignment: np.ndarray) -> float:
 
 def measure(args) -> dict:
     from pipeline.commands.cv import fold_assignment
-    from pipeline.data.stratify import multi_hot, proportion_deviation
+    from pipeline.data.writer.stratify import multi_hot, proportion_deviation
 
     names = [f"c{i}" for i in range(args.classes)]
     rows: dict[str, list[float]] = {key: [] for key in ("iterative", "shuffled", "iterative_missing",

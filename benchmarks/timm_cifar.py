@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cifar_transfer import CLASSES, cifar10_folder  # noqa: E402
 from benchmarks.common import environment, smoke_sizes, write_json  # noqa: E402
-from pipeline.data.subsets import write_split_shards  # noqa: E402
+from pipeline.data.writer.subsets import write_split_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VAL_PER_CLASS = 50

@@ -83,7 +83,7 @@ class RangeHandler(QuietHandler):
 def ours(name: str, urls: list[str], args, index_dir: Path) -> Epochs:
     from pipeline.config import load_config
     from pipeline.data import build_loader
-    from pipeline.data.dataset import spec_manifest
+    from pipeline.data.dataset.resolve import spec_manifest
 
     quoted = "[" + ",".join(f"'{u}'" for u in urls) + "]"
     cfg = load_config(None, [f"data.train={quoted}", f"data.val={quoted}", f"data.index_dir={index_dir}",

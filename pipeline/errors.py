@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def first_line(error: BaseException | str, typed: bool = False, limit: int = 0) -> str:
     """The first non-blank line of `error`'s message, stripped (cut to `limit` characters when given); with
@@ -12,6 +14,15 @@ def first_line(error: BaseException | str, typed: bool = False, limit: int = 0) 
     if not line:
         return name
     return f"{name}: {line}" if typed and name else line
+
+
+def short_error(exc: BaseException, limit: int = 120) -> str:
+    """'Type: first line of the message', without the object reprs PIL and webdataset add."""
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    text = re.sub(r"\s*@ <.*", "", first_line(text))  # webdataset: ' @ <file object>'
+    text = re.sub(r"\s*<_io\.\w+ (object at 0x[0-9a-f]+|name=[^>]*)>", "", text)  # PIL: '<_io.BytesIO object ...>'
+    text = re.sub(r"^\w+, \S+\.(cpp|cu|h):\d+, ", "", text)  # torch ops: 'decode_jpeg, /build/path.cpp:171, '
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
 def raised_again_line(message: str) -> str:

@@ -20,7 +20,7 @@ TINY = ["model.channels=[8,16]", "data.image_size=8", "train.batch_size=32", "lo
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    from pipeline.data.shards import ensure_digits_shards
+    from pipeline.data.writer.shards import ensure_digits_shards
 
     root = tmp_path_factory.mktemp("digits") / "shards"
     ensure_digits_shards(root)
@@ -37,7 +37,7 @@ def tiny_digits_root(tmp_path_factory) -> Path:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from pipeline.data.subsets import write_split_shards
+    from pipeline.data.writer.subsets import write_split_shards
 
     digits = load_digits()
     pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)

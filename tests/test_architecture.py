@@ -186,13 +186,13 @@ def test_the_cycle_finder_finds_a_circle() -> None:
 
 
 PRIVATE_STORAGE = ("_typed_storage", "_new_shared", "_storage_Use_Count", "_cdata")
-"""torch's private storage calls: used in `pipeline.data.memory` only, where each has a public fallback."""
+"""torch's private storage calls: used in `pipeline.data.samples.memory` only, where each has a public fallback."""
 
 
 def private_storage_uses() -> list[str]:
     found = []
     for name, path in MODULES.items():
-        if name == "pipeline.data.memory":
+        if name == "pipeline.data.samples.memory":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             used = getattr(node, "attr", None) or (node.value if isinstance(node, ast.Constant) else None)
@@ -203,5 +203,80 @@ def private_storage_uses() -> list[str]:
 
 def test_private_torch_storage_calls_only_in_memory() -> None:
     wrong = private_storage_uses()
-    assert not wrong, "private torch storage calls belong in pipeline.data.memory:\n" + "\n".join(wrong)
-    assert any(a in MODULES["pipeline.data.memory"].read_text() for a in PRIVATE_STORAGE)  # the check looks
+    assert not wrong, "private torch storage calls belong in pipeline.data.samples.memory:\n" + "\n".join(wrong)
+    assert any(a in MODULES["pipeline.data.samples.memory"].read_text() for a in PRIVATE_STORAGE)  # the check looks
+
+
+# ---- inside pipeline.data: layers by concept ----------------------------------------------------------------------
+DATA = "pipeline.data"
+DATA_LAYERS = {"io": 0, "dataset": 1, "samples": 2, "plan": 3, "workers": 3, "stream": 4, "balance": 4, "loader": 5}
+"""Each concept of the data package and its floor: transport (io) below what the shards are (dataset) below sample
+processing (samples) below the stream: the epoch plan and the worker processes, then the stream (and its resampling
+variant), then the loader that builds it. A module imports its own floor or lower ones."""
+WRITER_USES = {"io", "dataset", "samples", "writer"}
+"""The shard writer stands beside the reader: it uses transport and the dataset description, and checks each image as
+the loader will (`samples.images`, `samples.faults`'s rules live there); never the stream."""
+PRIVATE_IMPORTS_LEFT = {("pipeline.commands.tune.config", "pipeline.config.loader", "_parse_overrides")}
+"""Private names imported across modules outside pipeline.data, left to their owners (issue 31)."""
+
+
+def data_concept(name: str) -> str | None:
+    """The concept a module of pipeline.data belongs to (its sub-package or top module), None for the face."""
+    if not name.startswith(DATA + "."):
+        return None
+    return name.split(".")[2]
+
+
+def data_layer_violations() -> list[str]:
+    wrong = []
+    for name in MODULES:
+        concept = data_concept(name)
+        if concept is None:
+            continue
+        for target, _, line in imports(name):
+            other = data_concept(target)
+            if target == DATA:
+                wrong.append(f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {name} imports the package face "
+                             f"{DATA} (import the module that defines the name)")
+            if other is None or other == concept:
+                continue
+            where = f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {name} ({concept}) imports {target} ({other})"
+            if concept == "writer":
+                if other not in WRITER_USES:
+                    wrong.append(f"{where}: the writer uses only {sorted(WRITER_USES)}")
+            elif other == "writer":
+                wrong.append(f"{where}: only the writer's commands use the writer")
+            elif DATA_LAYERS[other] > DATA_LAYERS[concept]:
+                wrong.append(f"{where}: a lower floor imports a higher one")
+    return wrong
+
+
+def private_imports() -> set[tuple[str, str, str]]:
+    """(importer, module, name) for each import of an underscore name from another module of the package."""
+    return {(name, target, imported) for name in MODULES for target, imported, _ in imports(name)
+            if imported.startswith("_") and not imported.startswith("__") and target != name}
+
+
+def test_every_data_module_has_a_concept_with_a_floor() -> None:
+    concepts = {data_concept(name) for name in MODULES} - {None}
+    assert concepts <= set(DATA_LAYERS) | {"writer"}, concepts - set(DATA_LAYERS) - {"writer"}
+
+
+def test_data_layers_import_downwards_only() -> None:
+    wrong = data_layer_violations()
+    assert not wrong, "inside pipeline.data, io < dataset < samples < plan/stream/loader:\n" + "\n".join(wrong)
+
+
+def test_the_data_layer_check_sees_an_upward_import() -> None:
+    assert DATA_LAYERS["io"] < DATA_LAYERS["dataset"] < DATA_LAYERS["samples"] < DATA_LAYERS["stream"]
+    assert data_concept("pipeline.data.io.remote") == "io" and data_concept("pipeline.data.loader") == "loader"
+    assert data_concept("pipeline.data") is None
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    found = private_imports()
+    inside_data = sorted(f"{a} imports {n} from {m}" for a, m, n in found if a.startswith(DATA + ".")
+                         or m.startswith(DATA + "."))
+    assert not inside_data, "private names stay in their module:\n" + "\n".join(inside_data)
+    assert found <= PRIVATE_IMPORTS_LEFT, "private names stay in their module:\n" + "\n".join(
+        f"{a} imports {n} from {m}" for a, m, n in sorted(found - PRIVATE_IMPORTS_LEFT))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.tar import tar_samples
+from pipeline.data.io.tar import tar_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"

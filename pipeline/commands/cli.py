@@ -2,7 +2,7 @@
 
 Bad input ends with one line and exit code 2; too many bad samples in the training data
 (data.max_bad_fraction) or a shard that changed during the run with 65; remote data that cannot be had after the
-retries with 69 (see pipeline.data.remote); non-finite training stops with 70 (see pipeline.training.nonfinite),
+retries with 69 (see pipeline.data.io.remote); non-finite training stops with 70 (see pipeline.training.nonfinite),
 a write failure with 74, a preempted run with 75, a lost rank or distributed timeout with 76, Ctrl-C with 130.
 """
 
@@ -39,7 +39,7 @@ def _load(args: argparse.Namespace):
 def _check_data_root(cfg: Config) -> None:
     """A data.root without our shards: one line before torch is imported, too (the run checks it again, on every
     rank, when it reads the manifest; shard specs, data.train ..., are checked there)."""
-    if not (cfg.data.train or cfg.data.val or cfg.data.test):  # (pipeline.data.dataset.uses_specs loads torch)
+    if not (cfg.data.train or cfg.data.val or cfg.data.test):  # (pipeline.data.dataset.resolve.uses_specs loads torch)
         from pipeline.training.preflight import check_data_root
 
         check_data_root(cfg)
@@ -57,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"test": metrics}, indent=None))
     else:
-        from pipeline.data.dataset import dataset_manifest
+        from pipeline.data.dataset.resolve import dataset_manifest
         from pipeline.evaluation.summary import print_training_summary, run_end_lines
         from pipeline.tracking.console import console
 
@@ -115,7 +115,7 @@ def _cv(args: argparse.Namespace) -> int:
 
 def _data_summary(args: argparse.Namespace) -> int:
     from pipeline.data.balance import imbalance_summary
-    from pipeline.data.manifest import Manifest
+    from pipeline.data.dataset.manifest import Manifest
 
     print("\n".join(imbalance_summary(Manifest.read(args.root))))
     return 0
@@ -188,7 +188,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _data_digits(args: argparse.Namespace) -> int:
-    from pipeline.data.digits import write_digits_imagefolder
+    from pipeline.data.writer.digits import write_digits_imagefolder
 
     count = write_digits_imagefolder(args.out)
     print(f"wrote {count} digits images to {args.out}")
@@ -197,7 +197,7 @@ def _data_digits(args: argparse.Namespace) -> int:
 
 def _data_shards(args: argparse.Namespace) -> int:
     from pipeline.commands.data.shards import print_written
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.shards import write_shards
 
     fractions = [float(x) for x in args.split.split(",")]
     manifest = write_shards(args.src, args.out, fractions=fractions, max_samples=args.max_samples,

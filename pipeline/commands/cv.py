@@ -1,7 +1,7 @@
 """k-fold cross-validation: `pipeline cv CONFIG folds=K`.
 
 The samples of the train and val splits are pooled and cut into K stratified folds, seeded by cv.seed
-(`pipeline.data.stratify`): by class (scikit-learn's StratifiedKFold), by label set for task.type=multilabel
+(`pipeline.data.writer.stratify`): by class (scikit-learn's StratifiedKFold), by label set for task.type=multilabel
 (iterative stratification, MultilabelStratifiedKFold over the multi-hot labels), by quantile bins of the first output
 for task.type=regression (StratifiedKFold over at most 10 equal-count bins of at least K samples each; a shuffled
 KFold, with a warning, when not even two such bins exist). Fold k trains on the other K-1 folds, validates on fold k
@@ -24,10 +24,10 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.data.keys import TargetLabel
-from pipeline.data.manifest import Manifest
-from pipeline.data.stratify import METHODS, assign_folds, multi_hot, strata
-from pipeline.data.subsets import write_split_shards
+from pipeline.data.dataset.keys import TargetLabel
+from pipeline.data.dataset.manifest import Manifest
+from pipeline.data.writer.stratify import METHODS, assign_folds, multi_hot, strata
+from pipeline.data.writer.subsets import write_split_shards
 from pipeline.tracking.console import warn
 
 SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc",  # classification
@@ -69,9 +69,9 @@ def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, T
     """(members, label) of every sample of a split with a usable label, read with the training stream's reader (the
     label member is left out for classification, which writes it as `cls`); samples without one are left out, with
     a warning."""
-    from pipeline.data.dataset import read_options, sample_keys
+    from pipeline.data.dataset.resolve import read_options, sample_keys
+    from pipeline.data.io.tar import tar_samples
     from pipeline.data.stream import shard_paths
-    from pipeline.data.tar import tar_samples
 
     keys, options = sample_keys(cfg.data, manifest.classes, cfg.task), read_options(cfg.data)
     dropped = keys.member if cfg.task.type == "classification" else None
@@ -91,7 +91,7 @@ def _labelled(cfg: Config, manifest: Manifest, split: str) -> list[tuple[dict, T
 
 def write_fold_shards(cfg: Config, fold: int, out: Path) -> Path:
     """Shards of one fold at `out` (kept if its manifest exists): train = other folds, val = this fold."""
-    from pipeline.data.dataset import dataset_manifest
+    from pipeline.data.dataset.resolve import dataset_manifest
 
     if (out / "manifest.json").is_file():
         return out
@@ -117,7 +117,7 @@ def cv_root(cfg: Config) -> Path:
 
 
 def fold_config(cfg: Config, fold: int) -> Config:
-    from pipeline.data.dataset import uses_specs
+    from pipeline.data.dataset.resolve import uses_specs
 
     default_dir = cv_root(cfg) / "data" if uses_specs(cfg.data) else f"{cfg.data.root.rstrip('/')}_cv{cfg.cv.folds}"
     data_dir = Path(cfg.cv.data_dir or default_dir)

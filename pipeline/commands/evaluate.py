@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import faults
+from pipeline.data.samples import faults
 from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import collect_predictions, evaluate, evaluation_record
 from pipeline.evaluation.loaded import load_run, load_run_config

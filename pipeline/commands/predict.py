@@ -19,8 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config.schema import AugmentConfig, DataConfig, ModelConfig
-from pipeline.data.images import ImageTooLarge, open_image, to_mode
-from pipeline.data.transforms import build_transform
+from pipeline.data.samples.images import ImageTooLarge, open_image, to_mode
+from pipeline.data.samples.transforms import build_transform
 from pipeline.errors import first_line
 from pipeline.evaluation.loaded import LoadedRun, load_run
 from pipeline.evaluation.tta import tta_views, with_tta

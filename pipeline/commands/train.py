@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from pipeline.checkpointing import Checkpointer
 from pipeline.config import Config, to_yaml
 from pipeline.data import Manifest, build_loader
-from pipeline.data.faults import SKIP_REASONS
+from pipeline.data.samples.faults import SKIP_REASONS
 from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.distributed.sync_bn import convert_sync_batchnorm
 from pipeline.evaluation.tta import with_tta

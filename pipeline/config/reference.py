@@ -34,7 +34,15 @@ class ConfigKey:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written directly under each field of a dataclass."""
+    """Docstrings written directly under each field of a dataclass (or of the dataclass it extends)."""
+    docs = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(_own_field_docs(base))
+    return {**docs, **_own_field_docs(cls)}
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}

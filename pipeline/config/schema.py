@@ -177,7 +177,36 @@ class AugmentConfig:
 
 
 @dataclass
-class DataConfig:
+class ReadConfig:
+    """How shards are read (remote ones: retries, timeouts, pace, cache, endpoint; the sample cap): the fields the
+    `data:` section (DataConfig) and the reader's options (`pipeline.data.io.handles.ReadOptions`) share, each
+    defined once, here."""
+
+    retries: int = 5
+    """Retries of a remote shard read after a transient failure (reset, timeout, HTTP 5xx/429), in a row; 0: none."""
+    timeout_s: float = 60.0
+    """Seconds a remote read waits for a connection or for the next bytes before that attempt counts as failed."""
+    cache_dir: str = ""
+    """Folder keeping remote shards once read to their end, so later epochs read them locally (empty: no cache)."""
+    cache_max_gb: float = 50.0
+    """Size cap of data.cache_dir in GB; the least recently used shards are removed beyond it."""
+    endpoint_url: str = ""
+    """S3-compatible endpoint for s3:// shards (MinIO, Ceph, ...: http://host:9000); empty: AWS_ENDPOINT_URL or AWS."""
+    prefetch_mb: float = 32.0
+    """Each worker opens its next remote shard and reads up to this many MB of it while reading the current one
+    (0: off)."""
+    min_bytes_per_s: float = 1000.0
+    """A remote read slower than this over data.slow_window_s seconds fails like a timeout (retried, counted; curl's
+    --speed-limit); 0: no minimum (only data.timeout_s, an idle timeout, applies)."""
+    slow_window_s: float = 60.0
+    """Seconds of waiting for a connection's bytes over which data.min_bytes_per_s is measured (curl's --speed-time)."""
+    max_sample_mb: float = 64.0
+    """A sample whose files hold more than this many MB is skipped unread and counted as 'oversize' (never held in
+    memory: a tar or .tar.gz bomb costs time, not memory); 0: no cap."""
+
+
+@dataclass
+class DataConfig(ReadConfig):
     """Where the WebDataset shards live and how they are read."""
 
     root: str = "data/digits_shards"
@@ -246,27 +275,6 @@ class DataConfig:
     """Stop (exit 65) when more than this fraction of an epoch's train or val samples were skipped as bad
     (undecodable, unlabelled, truncated shard; see docs/data.md "Bad data"); 0: any bad sample stops the run,
     1: never."""
-    retries: int = 5
-    """Retries of a remote shard read after a transient failure (reset, timeout, HTTP 5xx/429), in a row; 0: none."""
-    timeout_s: float = 60.0
-    """Seconds a remote read waits for a connection or for the next bytes before that attempt counts as failed."""
-    cache_dir: str = ""
-    """Folder keeping remote shards once read to their end, so later epochs read them locally (empty: no cache)."""
-    cache_max_gb: float = 50.0
-    """Size cap of data.cache_dir in GB; the least recently used shards are removed beyond it."""
-    endpoint_url: str = ""
-    """S3-compatible endpoint for s3:// shards (MinIO, Ceph, ...: http://host:9000); empty: AWS_ENDPOINT_URL or AWS."""
-    prefetch_mb: float = 32.0
-    """Each worker opens its next remote shard and reads up to this many MB of it while reading the current one
-    (0: off)."""
-    min_bytes_per_s: float = 1000.0
-    """A remote read slower than this over data.slow_window_s seconds fails like a timeout (retried, counted; curl's
-    --speed-limit); 0: no minimum (only data.timeout_s, an idle timeout, applies)."""
-    slow_window_s: float = 60.0
-    """Seconds of waiting for a connection's bytes over which data.min_bytes_per_s is measured (curl's --speed-time)."""
-    max_sample_mb: float = 64.0
-    """A sample whose files hold more than this many MB is skipped unread and counted as 'oversize' (never held in
-    memory: a tar or .tar.gz bomb costs time, not memory); 0: no cap."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
 

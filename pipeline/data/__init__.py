@@ -1,5 +1,10 @@
 """Data: digits export, shard writing, manifest, transforms, and the resumable shard stream.
 
+The package by concept: `io` (opening shard bytes anywhere; the cache; tar), `dataset` (what the shards are:
+manifest, specs, index, keys, the resolver), `samples` (checking, decoding, augmenting a sample), `plan` (which
+slices each slot reads in an epoch), `stream` (the IterableDataset; `balance`, `workers` beside it), `loader`
+(SplitLoader, build_stream, build_loader) and `writer` (shards, sources, digits, subsets, stratify).
+
 Importing the package (or one of its modules) is cheap: the loader's modules (the stream and its workers, decoding
 and augmentation with torchvision) are imported when a loader is built or one of their names is asked for, so that
 a command that only reads a manifest or checks a data folder refuses bad input before torch and torchvision load.
@@ -8,21 +13,19 @@ a command that only reads a manifest or checks a data folder refuses bad input b
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING
 
-from pipeline.config.schema import Config
-from pipeline.data.manifest import Manifest
+from pipeline.data.dataset.manifest import Manifest
 
 if TYPE_CHECKING:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from pipeline.data.remote import ReadOptions
+    from pipeline.data.io.handles import ReadOptions
+    from pipeline.data.loader import SplitLoader, build_loader, build_stream
     from pipeline.data.stream import ShardStream
-    from pipeline.data.workers import WorkerStuck
 
-_LAZY = {"ReadOptions": "pipeline.data.remote", "ShardStream": "pipeline.data.stream",
-         "build_transform": "pipeline.data.transforms", "read_options": "pipeline.data.dataset"}
+_LAZY = {"ReadOptions": "pipeline.data.io.handles", "ShardStream": "pipeline.data.stream",
+         "build_transform": "pipeline.data.samples.transforms", "read_options": "pipeline.data.dataset.resolve",
+         "SplitLoader": "pipeline.data.loader", "build_loader": "pipeline.data.loader",
+         "build_stream": "pipeline.data.loader"}
 """Names the package gives from its modules, imported on first use."""
 
 
@@ -30,101 +33,6 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class SplitLoader:
-    """A split's stream (for position and counts) and the DataLoader that iterates it.
-
-    Iterating `loader` gives (images, labels) batches, ready on the training device: `finish` (see
-    `pipeline.data.decode`) turns what the workers sent into them, in the main process. The fault
-    counts each batch carries (see `pipeline.data.faults`; `finish` adds the images it could not
-    decode) are added to `faults`, this rank's total over the batches consumed.
-    """
-
-    def __init__(self, stream: ShardStream, dataloader: DataLoader, finish: Optional[Callable] = None):
-        from pipeline.data import faults
-
-        self.stream, self.dataloader, self.finish = stream, dataloader, finish
-        self.faults = faults.empty_counts()
-
-    def set_position(self, epoch: int, step: int = 0, history: Sequence = ()) -> None:
-        """See `ShardStream.set_position` (`history`: earlier layouts of a continued epoch)."""
-        self.stream.set_position(epoch, step, history)
-
-    @property
-    def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from pipeline.data.workers import timed_out
-
-        batches = None
-        while True:
-            try:  # persistent workers: `iter` already waits for each one to take up the new epoch
-                if batches is None:
-                    batches = iter(self.dataloader)
-                images, labels, counts = next(batches)
-            except StopIteration:
-                return
-            except RuntimeError as exc:
-                if not timed_out(exc):
-                    raise
-                raise self._stuck() from None
-            if labels.numel() and self.finish is not None:  # (it may find and count more bad samples)
-                images, labels = self.finish(images, labels, counts)
-            self.faults += counts
-            if labels.numel():  # an empty batch only carries counts (evaluation)
-                yield images, labels
-
-    def _stuck(self) -> WorkerStuck:
-        """The error for a worker that delivered nothing for data.worker_timeout_s; the caller ends the workers."""
-        from pipeline.data.workers import WorkerStuck, waited_on, worker_pid
-
-        stream = self.stream
-        worker = waited_on(self.dataloader)
-        worker = stream.stalest_worker() if worker is None else worker  # (while it waited for all to start)
-        pid = worker_pid(self.dataloader, worker)
-        who = f"rank {stream.rank}: " if stream.world_size > 1 else ""
-        data = "training" if stream.train else "evaluation"
-        return WorkerStuck(f"{who}loader worker {worker} (pid {pid}) delivered no {data} batch for "
-                           f"{self.dataloader.timeout:g} s (data.worker_timeout_s); {stream.reading(worker)}. "
-                           "The last complete checkpoint is kept: rerun the same command to resume from it (raise "
-                           "data.worker_timeout_s if reads are legitimately this slow)")
-
-
-def build_stream(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
-                 train: bool, batch_size: int | None = None, codec: object = None) -> ShardStream:
-    """The split's stream for one rank; `codec` (default: decode and augment in the workers, uint8 batches)
-    turns samples into batch items, see `pipeline.data.decode`."""
-    from pipeline.data.dataset import read_options, sample_keys
-    from pipeline.data.decode import build_decoding
-    from pipeline.data.stream import ShardStream, shard_paths
-
-    info = manifest.split(split)
-    kind, extra = ShardStream, {}
-    if train and cfg.imbalance.balanced_sampling:
-        from pipeline.data.balance import BalancedShardStream, class_counts
-
-        kind, extra = BalancedShardStream, {"class_counts": class_counts(manifest, split)}
-    return kind(
-        shard_paths(cfg.data.root, [s.name for s in info.shards]), [s.num_samples for s in info.shards],
-        batch_size=batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size),
-        codec=codec or build_decoding(cfg.data, train)[0], channels=cfg.data.channels, rank=rank,
-        world_size=world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed, train=train,
-        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last and train,
-        num_classes=manifest.num_classes, image_mode=manifest.image_mode or None, image_size=manifest.image_size,
-        keys=sample_keys(cfg.data, manifest.classes, cfg.task), read_options=read_options(cfg.data, info.shards),
-        mix_shards=cfg.data.mix_shards, sample_offsets=[s.offsets for s in info.shards], **extra)
-
-
-def build_loader(cfg: Config, manifest: Manifest, split: str, rank: int, world_size: int,
-                 train: bool, pin_memory: bool = False, device: Optional[torch.device] = None) -> SplitLoader:
-    """The loader for one split on one rank; its batches are ready for the model on `device` (None: CPU)."""
-    from pipeline.data.decode import build_decoding
-    from pipeline.data.stream import make_loader
-
-    codec, finish = build_decoding(cfg.data, train, device, warn_prefix=f"rank {rank}: " if world_size > 1 else "")
-    stream = build_stream(cfg, manifest, split, rank, world_size, train, codec=codec)
-    loader = make_loader(stream, cfg.data.num_workers, pin_memory and cfg.data.pin_memory, cfg.data.worker_start,
-                         cfg.data.worker_timeout_s)
-    return SplitLoader(stream, loader, finish)
 
 
 __all__ = ["Manifest", "ReadOptions", "ShardStream", "SplitLoader", "build_loader", "build_stream",

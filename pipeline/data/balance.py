@@ -8,9 +8,10 @@ import random
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
-from pipeline.data.faults import MISSING, UNDRAWN, parse_label
-from pipeline.data.manifest import Manifest
-from pipeline.data.stream import Segment, ShardStream
+from pipeline.data.dataset.manifest import Manifest
+from pipeline.data.plan import Segment
+from pipeline.data.samples.faults import MISSING, UNDRAWN, parse_label
+from pipeline.data.stream import ShardStream
 
 
 def class_counts(manifest: Manifest, split: str = "train") -> list[int]:

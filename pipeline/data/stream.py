@@ -24,7 +24,7 @@ How an epoch is laid out (the contract the resume logic relies on):
 4. The DataLoader takes batches from its workers round-robin, and every worker holds the same number
    of batches, so rank-local step `s` comes from worker `s mod workers`. To restart at step `s`,
    physical worker p plays slot v = (p + s) mod workers; see `set_position`.
-5. Bad samples (see `pipeline.data.faults`) never change a slot's length in training: a bad sample
+5. Bad samples (see `pipeline.data.samples.faults`) never change a slot's length in training: a bad sample
    is replaced by the next good sample of the same shard slice (or, at the slice's end, by its
    first good one; failing that, by the first good sample of the split), transformed with the bad
    sample's own seed. The choice depends only on the data from that position on, so a restart
@@ -36,7 +36,7 @@ How an epoch is laid out (the contract the resume logic relies on):
    rank-local step, mix_shards). Resumed in another layout, the epoch continues with what the old one left
    unread: slot g of the old layout had consumed the first c_g samples of its stream (c_g follows from the
    step, rule 4), hence each of its lanes its round-robin share of them (rule 3, with the old layout's k), and
-   which (shard, index) those were follows from replaying its shuffle buffers on indices alone (`_shuffled`
+   which (shard, index) those were follows from replaying its shuffle buffers on indices alone (`shuffled`
    draws as a function of the count only). The unread samples, ordered by shard in the epoch's order and by
    index within a shard, are cut into lanes for the new slots as in rules 2-3 (`EpochPlan` generation 1; a
    further change of layout in the same epoch makes generation 2, and so on). A new lane reads its pieces
@@ -51,7 +51,7 @@ processes, except the `EpochPlan.left_out()` samples the new layout
 cannot share equally (fewer than its slot count; with drop_last, also each slot's tail short of a full
 batch). A stream that draws with replacement (balance.py) is not `elastic`: the trainer restarts the epoch.
 
-What a batch holds is the codec's business (`pipeline.data.decode`): decoded, augmented images, or
+What a batch holds is the codec's business (`pipeline.data.samples.decode`): decoded, augmented images, or
 the encoded bytes and augmentation parameters for decoding in the main process. Either way the
 parameters come from the position's seed, so both give the same batches.
 """
@@ -59,11 +59,9 @@ parameters come from the position's seed, so both give the same batches.
 from __future__ import annotations
 
 import itertools
-import math
 import os
-import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol, Sequence
@@ -73,242 +71,41 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data import faults
-from pipeline.data.faults import FaultWarnings, SampleCheck, inspect_sample, missing_sample, short_error
-from pipeline.data.keys import DEFAULT_KEYS, SampleKeys
-from pipeline.data.remote import ReadOptions, ShardChanged, net_counters, prefetch
-from pipeline.data.tar import tar_samples
+from pipeline.data.dataset.keys import DEFAULT_KEYS, SampleKeys
+from pipeline.data.io.counters import net_counters
+from pipeline.data.io.errors import ShardChanged
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.readahead import prefetch
+from pipeline.data.io.tar import tar_samples
+from pipeline.data.plan import (
+    LAYOUT_INTS,
+    MAX_HISTORY,
+    EpochPlan,
+    Layout,
+    Segment,
+    epoch_shard_order,
+    lane_buffer,
+    lane_share,
+    shuffle_rng,
+    shuffled,
+)
+from pipeline.data.samples import faults
+from pipeline.data.samples.faults import (
+    NO_POSITION,
+    FaultWarnings,
+    SampleCheck,
+    inspect_sample,
+    missing_sample,
+    replace_bad,
+)
 from pipeline.data.workers import track, worker_options
+from pipeline.errors import short_error
 from pipeline.testing import faults as injected
-
-NO_POSITION = -1
-"""The seed given when inspecting a sample whose position is not known yet (a fill-in for bad ones)."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A slice [start, stop) of one shard's samples; with `keep`, only those shard indices of it (ascending)."""
-
-    shard: int
-    start: int
-    stop: int
-    keep: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
-
-    @property
-    def length(self) -> int:
-        return self.stop - self.start if self.keep is None else len(self.keep)
-
-    def indices(self) -> np.ndarray:
-        """The shard indices it reads, in reading order (before the shuffle buffer)."""
-        return np.arange(self.start, self.stop) if self.keep is None else self.keep
-
-
-def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """The order in which an epoch visits the shards; a pure function of (seed, epoch)."""
-    if not shuffle:
-        return list(range(num_shards))
-    return [int(i) for i in np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_shards)]
-
-
-def slot_segments(shard_sizes: Sequence[int], order: Sequence[int], start: int, stop: int) -> list[Segment]:
-    """The shard slices that cover samples [start, stop) of the ordered virtual sequence."""
-    segments, offset = [], 0
-    for shard in order:
-        size = shard_sizes[shard]
-        lo, hi = max(start, offset), min(stop, offset + size)
-        if lo < hi:
-            segments.append(Segment(shard, lo - offset, hi - offset))
-        offset += size
-        if offset >= stop:
-            break
-    return segments
-
-
-def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle buffer (as webdataset's), driven by an explicit RNG."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        j = rng.randrange(buffer_size)
-        yield buffer[j]
-        buffer[j] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def shuffle_rng(seed: int, epoch: int, slot: int, number: int, shard: int, generation: int = 0) -> random.Random:
-    """The RNG of a segment's shuffle buffer (generation 0 keeps the seeds of checkpoints written before rule 6)."""
-    key = (seed, epoch, slot, number, shard) + ((generation,) if generation else ())
-    return random.Random(hash(key))
-
-
-MAX_HISTORY = 8
-"""Layouts one epoch may pass through before its current one (each resume with another layout adds one)."""
-LAYOUT_INTS = 6
-"""Integers per Layout in the position shared with the workers (`Layout.as_ints`)."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How an epoch was read when a checkpoint was written: ranks, loader workers per rank (0 and 1 are the
-    same: one slot per rank), rank-local batch size, drop_last, and the rank-local step reached."""
-
-    world_size: int
-    workers: int
-    batch_size: int
-    drop_last: bool
-    step: int = 0
-    mix_shards: int = 1
-    """Lanes each slot interleaves (rule 3; 1 in checkpoints written before mixing existed)."""
-
-    @property
-    def slots_per_rank(self) -> int:
-        return max(1, self.workers)
-
-    def reads_like(self, other: "Layout") -> bool:
-        """Whether both lay an epoch out alike (the step aside): then a resume is bit-exact."""
-        return (self.world_size, self.slots_per_rank, self.batch_size, self.drop_last, self.mix_shards) == \
-            (other.world_size, other.slots_per_rank, other.batch_size, other.drop_last, other.mix_shards)
-
-    def consumed(self, slot: int, limit: int) -> int:
-        """Samples of slot `slot` (limit: its samples read per epoch) in the batches its rank consumed by `step`;
-        rank-local step s comes from the slot s mod workers (module docstring, rule 4)."""
-        workers = self.slots_per_rank
-        virtual = slot % workers
-        done = self.step // workers + (1 if virtual < self.step % workers else 0)
-        return min(done * self.batch_size, limit)
-
-    def as_ints(self) -> list[int]:
-        return [self.world_size, self.workers, self.batch_size, int(self.drop_last), self.step, self.mix_shards]
-
-    @classmethod
-    def from_ints(cls, values: Sequence[int]) -> "Layout":
-        world, workers, batch, drop, step, mix = (int(v) for v in values)
-        return cls(world, workers, batch, bool(drop), step, mix)
-
-    def describe(self) -> str:
-        return f"{self.world_size} rank(s) x {self.workers} worker(s), batch {self.batch_size}"
-
-
-def lane_buffer(shuffle_buffer: int, mix_shards: int) -> int:
-    """A lane's shuffle buffer: the worker's buffer shared by its lanes, so a worker holds as many samples as
-    with one lane (rule 3)."""
-    return max(1, shuffle_buffer // mix_shards)
-
-
-def lane_share(count: int, lane: int, mix_shards: int) -> int:
-    """How many of a slot's first `count` positions fall to its lane number `lane` (round-robin, rule 3)."""
-    return max(0, (count - lane + mix_shards - 1) // mix_shards)
-
-
-class EpochPlan:
-    """What each of `num_slots` slots reads in one epoch (module docstring, rules 2, 3 and 6).
-
-    The plan's sequence is cut into `num_slots x mix_shards` consecutive lanes (training; evaluation: one lane per
-    slot); slot g reads lanes g, g + num_slots, g + 2 num_slots, ... round-robin, so its j-th lane is as long as its
-    round-robin share of the slot's samples (the first lanes one more). Generation 0 splits the epoch's
-    virtual sequence (`order`); generation k > 0 splits `remaining`, the global ids (shard offset + index) the k
-    earlier layouts of this epoch left unread, ordered by shard in the epoch's order, ascending within a shard.
-    Training slots get equal lengths (total // num_slots); evaluation keeps all.
-    """
-
-    def __init__(self, sizes: Sequence[int], order: Sequence[int], num_slots: int, batch_size: int,
-                 drop_last: bool, train: bool, remaining: Optional[np.ndarray] = None, generation: int = 0,
-                 mix_shards: int = 1):
-        self.sizes, self.order, self.num_slots = list(sizes), list(order), num_slots
-        self.batch_size, self.drop_last, self.train = batch_size, drop_last, train
-        self.remaining, self.generation = remaining, generation
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        self.total = int(self.offsets[-1]) if remaining is None else len(remaining)
-        self.mix_shards = mix_shards if train else 1
-        self.num_lanes = num_slots * self.mix_shards
-        if train:  # every slot total // num_slots samples; its lanes differ by at most one (round-robin shares)
-            per_slot = self.total // num_slots
-            lengths = [lane_share(per_slot, lane // num_slots, self.mix_shards) for lane in range(self.num_lanes)]
-        else:  # one lane per slot; every sample is read
-            lengths = np.diff([lane * self.total // self.num_lanes for lane in range(self.num_lanes + 1)])
-        self.lane_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-
-    def lanes(self, slot: int) -> list[int]:
-        """The lanes slot `slot` interleaves, in round-robin order."""
-        return [slot + number * self.num_slots for number in range(self.mix_shards)]
-
-    def lane_range(self, lane: int) -> tuple[int, int]:
-        """Positions [start, stop) of the plan's sequence that lane `lane` owns."""
-        return int(self.lane_starts[lane]), int(self.lane_starts[lane + 1])
-
-    def slot_length(self, slot: int) -> int:
-        return sum(stop - start for start, stop in map(self.lane_range, self.lanes(slot)))
-
-    def batches(self, slot: int) -> int:
-        rounding = math.floor if self.drop_last else math.ceil
-        return rounding(self.slot_length(slot) / self.batch_size)
-
-    def limit(self, slot: int) -> int:
-        """Samples the slot reads: its lanes, or (training with drop_last) only its full batches."""
-        if self.train and self.drop_last:
-            return self.batches(slot) * self.batch_size
-        return self.slot_length(slot)
-
-    def left_out(self) -> int:
-        """Samples of the plan's sequence no slot reads (so every rank runs the same steps)."""
-        return self.total - sum(self.limit(g) for g in range(self.num_slots))
-
-    def segments(self, lane: int) -> list[Segment]:
-        """The shard slices lane `lane` reads, in order."""
-        start, stop = self.lane_range(lane)
-        if self.remaining is None:
-            return slot_segments(self.sizes, self.order, start, stop)
-        ids = self.remaining[start:stop]
-        shards = np.searchsorted(self.offsets, ids, side="right") - 1
-        cuts = np.flatnonzero(np.diff(shards)) + 1
-        segments = []
-        for run, shard in zip(np.split(ids, cuts), shards[np.concatenate([[0], cuts])] if len(ids) else []):
-            local = run - self.offsets[shard]
-            segments.append(Segment(int(shard), int(local[0]), int(local[-1]) + 1, keep=local))
-        return segments
-
-    def unread(self, layout: Layout, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
-        """Global ids this plan's slots still had to read when `layout` stopped at its step, in the epoch's
-        shard order. A slot consumed the first samples of its stream, taken round-robin from its lanes; which
-        ones a lane gave follows from replaying its shuffle buffers on indices alone (`_shuffled` draws as a
-        function of the count only)."""
-        unread = np.zeros(int(self.offsets[-1]), dtype=bool)
-        buffer = lane_buffer(shuffle_buffer, self.mix_shards)
-        for slot in range(self.num_slots):
-            limit = self.limit(slot)
-            consumed = layout.consumed(slot, limit)
-            for number, lane in enumerate(self.lanes(slot)):
-                first = lane_share(consumed, number, self.mix_shards)
-                self._lane_unread(unread, lane, first, lane_share(limit, number, self.mix_shards), seed, epoch,
-                                  buffer)
-        return np.concatenate([self.offsets[s] + np.flatnonzero(unread[self.offsets[s]:self.offsets[s + 1]])
-                               for s in self.order]).astype(np.int64)
-
-    def _lane_unread(self, unread: np.ndarray, lane: int, first: int, limit: int, seed: int, epoch: int,
-                     buffer: int) -> None:
-        """Mark the samples of lane positions [first, limit) in `unread`."""
-        position = 0
-        for number, segment in enumerate(self.segments(lane)):
-            lo, hi = max(first, position), min(limit, position + segment.length)
-            if lo < hi:
-                local = segment.indices()
-                if hi - lo < segment.length:  # partly read: which ones depends on the shuffle
-                    rng = shuffle_rng(seed, epoch, lane, number, segment.shard, self.generation)
-                    order = np.fromiter(_shuffled(iter(range(segment.length)), buffer, rng),
-                                        dtype=np.int64, count=segment.length)
-                    local = local[order[lo - position:hi - position]]
-                unread[self.offsets[segment.shard] + local] = True
-            position += segment.length
-            if position >= limit:
-                break
 
 
 def shard_slice(url: str, start: int, stop: int, options: ReadOptions | None = None, at: int = 0) -> Iterator[dict]:
     """Raw samples [start, stop) of a shard, always stop - start of them: where the shard ends early
-    (truncated, unreadable, or the network gave up: `pipeline.data.remote`), the missing ones are
+    (truncated, unreadable, or the network gave up: `pipeline.data.io.remote`), the missing ones are
     stand-ins (`faults.missing_sample`) carrying the reason. `at`: sample `start`'s byte offset (0: unknown)."""
     index = start
     raw = tar_samples(url, start, stop, options, at)  # the shard is opened at `at`, or walked to `start` unread
@@ -353,7 +150,7 @@ class NetworkDelta:
 
 
 class SampleCodec(Protocol):
-    """What a stream does with each sample and batch (see `pipeline.data.decode`)."""
+    """What a stream does with each sample and batch (see `pipeline.data.samples.decode`)."""
 
     def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> object:
         """The inspection's decoding (raise if the image is bad), for the position with `seed`."""
@@ -379,13 +176,13 @@ class ShardStream(IterableDataset):
             raise ValueError("shard_paths and shard_sizes differ in length")
         if sample_offsets and len(sample_offsets) != len(shard_paths):
             raise ValueError("sample_offsets and shard_paths differ in length")
-        # What a good sample looks like (from the manifest); see pipeline.data.faults.
+        # What a good sample looks like (from the manifest); see pipeline.data.samples.faults.
         self.num_classes, self.image_mode, self.image_size = num_classes, image_mode, image_size
-        self.keys = keys  # which members are the image and the label (see pipeline.data.keys)
+        self.keys = keys  # which members are the image and the label (see pipeline.data.dataset.keys)
         self.warnings = FaultWarnings(prefix=f"rank {rank}: " if world_size > 1 else "")
         self._fallback: SampleCheck | None = None
         self.shard_paths, self.shard_sizes = list(shard_paths), list(shard_sizes)
-        self.read_options = read_options  # how shards are opened: retries, timeouts, cache (pipeline.data.remote)
+        self.read_options = read_options  # how shards are opened: retries, timeouts, cache (pipeline.data.io.remote)
         # Per shard, each sample's byte offset (empty: unknown); a lane opens a shard at its first sample's (rule 2).
         self.sample_offsets = [np.asarray(o, dtype=np.int64) for o in sample_offsets or [()] * len(shard_paths)]
         self.batch_size, self.codec = batch_size, codec
@@ -596,27 +393,24 @@ class ShardStream(IterableDataset):
         `position` is the lane position of the first pair (`in_slot` maps it to the slot's); a sample is inspected
         (decoded) for its own position, which follows the bad samples still waiting for it.
         """
+        checks = self._checked(self._segment_samples(epoch, lane, number, segment, skip),
+                               lambda k: self._seed(epoch, slot, in_slot(position + k)))
+        if self.train:
+            first_good = partial(self._first_good, epoch, lane, number, segment)
+            yield from replace_bad(checks, lambda check: check.ok, first_good)
+        else:
+            yield from ((check, check if check.ok else None) for check in checks)
+
+    def _checked(self, samples: Iterator[dict], seed: Callable[[int], Optional[int]]) -> Iterator[SampleCheck]:
+        """The inspection of each sample (the k-th with `seed(k)`: its own position), warned about as it is made."""
         action = "replaced by another sample of the same shard" if self.train else "left out of evaluation"
-        pending: list[SampleCheck] = []  # bad samples waiting for the next good one (training)
-        for sample in self._segment_samples(epoch, lane, number, segment, skip):
-            check = self._inspect(sample, self._seed(epoch, slot, in_slot(position + len(pending))))
+        for k, sample in enumerate(samples):
+            check = self._inspect(sample, seed(k))
             for bad in check.undrawn:  # carried by a resampling stream (balance.py): never drawn
                 self.warnings(bad, "never drawn")
             if check.reason or check.converted:
                 self.warnings(check, action)
-            if check.ok:
-                yield from ((bad, check) for bad in pending)
-                position += len(pending) + 1
-                pending = []
-                yield check, check
-            elif self.train:
-                pending.append(check)
-            else:
-                position += 1
-                yield check, None
-        if pending:
-            fill = self._first_good(epoch, lane, number, segment)
-            yield from ((bad, fill) for bad in pending)
+            yield check
 
     def _inspect(self, sample: dict, seed: Optional[int]) -> SampleCheck:
         return inspect_sample(sample, self.mode, self.num_classes, self.image_mode, self.image_size,
@@ -652,7 +446,7 @@ class ShardStream(IterableDataset):
             raw = _kept(raw, segment.start, segment.keep)
         if self.train:
             rng = shuffle_rng(self.seed, epoch, lane, number, segment.shard, self._generation)
-            raw = _shuffled(raw, lane_buffer(self.shuffle_buffer, self.plan(epoch).mix_shards), rng)
+            raw = shuffled(raw, lane_buffer(self.shuffle_buffer, self.plan(epoch).mix_shards), rng)
         for index, sample in enumerate(raw):
             if index >= skip:
                 yield sample

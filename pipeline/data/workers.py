@@ -71,7 +71,7 @@ def worker_context(start_method: str) -> multiprocessing.context.BaseContext:
     """
     context = _OWNED_CONTEXTS[start_method]
     if start_method == "forkserver":
-        context.set_forkserver_preload(["pipeline.data.stream", "pipeline.data.decode"])
+        context.set_forkserver_preload(["pipeline.data.stream", "pipeline.data.samples.decode"])
     if start_method != "fork":
         from multiprocessing import forkserver, resource_tracker
 

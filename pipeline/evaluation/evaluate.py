@@ -7,7 +7,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from pipeline.data.faults import SKIP_REASONS
+from pipeline.data.samples.faults import SKIP_REASONS
 from pipeline.evaluation.metrics import ClassificationMetrics
 
 TEST_METRIC_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc", "confusion_matrix",

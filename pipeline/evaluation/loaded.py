@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.checkpointing import EMA_WEIGHTS, Checkpointer, load_weights
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Manifest, SplitLoader, build_loader
-from pipeline.data.dataset import dataset_manifest
+from pipeline.data.dataset.resolve import dataset_manifest
 from pipeline.distributed import Dist, build_dist
 from pipeline.models import create_model
 from pipeline.tasks import Task, load_task

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from pipeline.config.schema import Config, OptimConfig, TaskConfig
 from pipeline.data.balance import auto_class_weights, class_counts
-from pipeline.data.manifest import Manifest
+from pipeline.data.dataset.manifest import Manifest
 from pipeline.tasks.base import TASK_FILE, Task
 from pipeline.tasks.classification import Classification
 from pipeline.tasks.multilabel import Multilabel, pos_weights

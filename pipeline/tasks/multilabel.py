@@ -1,7 +1,7 @@
 """task.type=multilabel: any set of the classes per image; a sigmoid per class, BCE-with-logits on multi-hot targets.
 
-Targets arrive multi-hot from the loader (`pipeline.data.keys`); MixUp/CutMix mix them like one-hot ones. A class is
-predicted when its probability is at least its threshold: task.threshold for every class, or per class the
+Targets arrive multi-hot from the loader (`pipeline.data.dataset.keys`); MixUp/CutMix mix them like one-hot ones. A
+class is predicted when its probability is at least its threshold: task.threshold for every class, or per class the
 threshold of the best F1 on the validation split (`tune`, with sklearn's precision_recall_curve). Metrics are
 torchmetrics': map_macro (mean over classes of the average precision; threshold-free), f1_micro, f1_macro,
 exact_match (the predicted set is the true set) and hamming_loss (wrong (image, class) decisions / all).

@@ -1,8 +1,8 @@
 """task.type=regression: task.num_outputs numbers per image, one linear output each.
 
 The model learns standardised targets, (y - mean) / std per output with the training split's mean and std (from
-the shard index: `pipeline.data.index.target_stats`), so the loss (task.loss: mse, huber or l1) has the same scale
-whatever the labels' units; `outputs` turns the model's values back into the labels' units, and everything people
+the shard index: `pipeline.data.dataset.index.target_stats`), so the loss (task.loss: mse, huber or l1) has the same
+scale whatever the labels' units; `outputs` turns the model's values back into the labels' units, and everything people
 see (metrics, predict, evaluate, the report) is in those units. mean and std are part of the task's state (each
 checkpoint's state.json, <run>/task.json, the export sidecar). Metrics are torchmetrics': mae, rmse and r2 per
 output, and their mean over the outputs.

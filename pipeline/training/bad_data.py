@@ -1,6 +1,6 @@
 """Bad samples per epoch: summed over ranks into the epoch record, reported, and held to data.max_bad_fraction.
 
-The streams count every sample they inspect (`pipeline.data.faults`); each rank's counts arrive with
+The streams count every sample they inspect (`pipeline.data.samples.faults`); each rank's counts arrive with
 its batches. At the end of an epoch one all-gather brings every rank's counts to every rank, so all
 ranks see the same totals and take the same stop decision: a threshold breach never leaves one
 rank waiting for another. At log steps a smaller check (`check_running`) stops an epoch early once
@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.config.schema import DataConfig
-from pipeline.data import SplitLoader, faults
+from pipeline.data import SplitLoader
+from pipeline.data.samples import faults
 from pipeline.distributed import Dist
 
 SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
@@ -27,8 +28,8 @@ class BadDataMonitor:
 
     def collect(self, data: SplitLoader, split: str, epoch: int | None = None) -> dict:
         """The split's counts summed over ranks as record keys (`data/<split>/...`); resets the split's counts."""
-        per_rank = self.dist.gather_rows(data.faults)
-        data.faults.zero_()
+        per_rank = self.dist.gather_rows(data.bad_samples.total)
+        data.bad_samples.zero()
         total = per_rank.sum(dim=0)
         self.totals[split] = total
         record = faults.counts_record(total, split)

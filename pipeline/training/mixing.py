@@ -28,7 +28,7 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.config.schema import AugmentConfig
-from pipeline.data.transforms import seeded_cpu_rng
+from pipeline.data.samples.transforms import seeded_cpu_rng
 
 
 class HardTargets:

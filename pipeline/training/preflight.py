@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config.schema import Config, DataConfig
-from pipeline.data.manifest import MANIFEST_NAME, Manifest
-from pipeline.data.specs import is_shard_name, is_url
+from pipeline.data.dataset.manifest import MANIFEST_NAME, Manifest
+from pipeline.data.dataset.specs import is_shard_name, is_url
 from pipeline.errors import first_line
 
 if TYPE_CHECKING:  # (the module loads without torch: the CLI checks data.root before importing it)

@@ -8,9 +8,9 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.data import Manifest
 from pipeline.data.balance import mixing_line, shard_mixing
-from pipeline.data.dataset import spec_manifest, training_shard_labels, uses_specs
-from pipeline.data.shards import ensure_digits_shards
-from pipeline.data.specs import describe, expand, other_splits_line
+from pipeline.data.dataset.resolve import spec_manifest, training_shard_labels, uses_specs
+from pipeline.data.dataset.specs import describe, expand, other_splits_line
+from pipeline.data.writer.shards import ensure_digits_shards
 from pipeline.distributed import Dist
 from pipeline.tracking.console import warn
 from pipeline.training.preflight import builds_digits, check_data_root

@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.checkpointing import EMA_WEIGHTS, Checkpointer, CheckpointWriteError, load_weights
 from pipeline.config.schema import Config
 from pipeline.data import SplitLoader
-from pipeline.data.stream import MAX_HISTORY, Layout
+from pipeline.data.plan import MAX_HISTORY, Layout
 from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics

@@ -19,8 +19,8 @@ from pipeline.commands.diagnose import diagnose_run, read_history
 from pipeline.commands.diagnose.rules import OVERFIT_GAP
 from pipeline.commands.train import train
 from pipeline.config import load_config
-from pipeline.data.digits import write_digits_imagefolder
-from pipeline.data.shards import write_shards
+from pipeline.data.writer.digits import write_digits_imagefolder
+from pipeline.data.writer.shards import write_shards
 
 pytestmark = pytest.mark.slow
 QUIET = ["data.num_workers=0", "logging.wandb_mode=disabled", "logging.progress=false"]

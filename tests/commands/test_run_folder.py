@@ -317,8 +317,8 @@ def test_resume_never_moves_the_earlier_run_aside_and_says_so(digits_root: Path,
 @pytest.fixture(scope="module")
 def five_classes(tmp_path_factory) -> Path:
     """Shards of the digits 0-4 only: what data.root holds after the data was rebuilt with 5 classes."""
-    from pipeline.data.digits import write_digits_imagefolder
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.digits import write_digits_imagefolder
+    from pipeline.data.writer.shards import write_shards
 
     folder = tmp_path_factory.mktemp("five")
     write_digits_imagefolder(folder / "images")
@@ -357,7 +357,7 @@ def test_resume_on_data_whose_classes_changed_is_refused_before_any_file_changes
 
 def test_data_identity_tells_rebuilt_shards_from_the_same_ones(digits_root: Path, five_classes: Path,
                                                                tmp_path: Path) -> None:
-    from pipeline.data.manifest import Manifest
+    from pipeline.data.dataset.manifest import Manifest
     from pipeline.training.run_folder import DATA_IN_CHECKPOINT, data_change, data_identity
 
     digits = data_identity(Manifest.read(digits_root))

@@ -28,7 +28,7 @@ POSTGRES_ENV = "PIPELINE_TEST_POSTGRES_URL"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from pipeline.data.shards import ensure_digits_shards
+    from pipeline.data.writer.shards import ensure_digits_shards
 
     root = tmp_path_factory.mktemp("digits") / "shards"
     ensure_digits_shards(root)

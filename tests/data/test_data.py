@@ -16,9 +16,9 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
-from pipeline.data.digits import write_digits_imagefolder
-from pipeline.data.shards import write_shards
-from pipeline.data.stream import epoch_shard_order, slot_segments
+from pipeline.data.plan import epoch_shard_order, slot_segments
+from pipeline.data.writer.digits import write_digits_imagefolder
+from pipeline.data.writer.shards import write_shards
 
 
 def _cfg(root: Path, *overrides: str):

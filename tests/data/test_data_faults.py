@@ -16,9 +16,9 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
-from pipeline.data.faults import FIELDS, as_dict
-from pipeline.data.manifest import SplitInfo
-from pipeline.data.shards import _RollingTarWriter
+from pipeline.data.dataset.manifest import SplitInfo
+from pipeline.data.samples.faults import FIELDS, as_dict
+from pipeline.data.writer.shards import RollingTarWriter
 from tests.conftest import TINY, read_jsonl, run_cli, run_main
 
 CLASSES = ["a", "b", "c", "d"]
@@ -58,7 +58,7 @@ def write_set(root: Path, samples: list[dict], shard_size: int = 10, classes: li
     root.mkdir(parents=True)
     splits = {}
     for split in ("train", "val", "test"):
-        writer = _RollingTarWriter(root, split, shard_size, 1 << 30)
+        writer = RollingTarWriter(root, split, shard_size, 1 << 30)
         for sample in samples:
             writer.write(sample)
         writer.close()

@@ -12,9 +12,9 @@ from torchvision.transforms import v2
 
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
-from pipeline.data.digits import write_digits_jpeg_imagefolder
-from pipeline.data.shards import write_shards
-from pipeline.data.transforms import BatchNormalize, SampleAugment, build_transform
+from pipeline.data.samples.transforms import BatchNormalize, SampleAugment, build_transform
+from pipeline.data.writer.digits import write_digits_jpeg_imagefolder
+from pipeline.data.writer.shards import write_shards
 
 AUGMENT = ["data.augment.random_resized_crop=true", "data.augment.hflip=0.5", "data.augment.color_jitter=0.2"]
 
@@ -33,7 +33,7 @@ def jpeg_root(tmp_path_factory) -> Path:
 def broken_root(tmp_path_factory) -> Path:
     """48 training and 16 validation JPEGs in shards of 16; training samples 5, 6 and 30 and validation
     sample 3 are cut in half: their headers read, their data does not decode."""
-    from pipeline.data.subsets import write_split_shards
+    from pipeline.data.writer.subsets import write_split_shards
 
     folder = tmp_path_factory.mktemp("broken_jpegs")
     write_digits_jpeg_imagefolder(folder, 64, size=40)
@@ -146,7 +146,7 @@ def test_normalising_in_the_main_process_equals_normalising_in_the_workers(jpeg_
     """The workers send uint8 batches; normalised in the main process (recycled host memory on a CPU, the
     device on a GPU: `DeviceNormalize`, checked here on the CPU) they are the bits the workers would send."""
     from pipeline.data import build_stream
-    from pipeline.data.decode import DeviceNormalize, WorkerDecode
+    from pipeline.data.samples.decode import DeviceNormalize, WorkerDecode
     from pipeline.data.stream import make_loader
 
     cfg = _cfg(jpeg_root, "data.num_workers=2")
@@ -169,7 +169,7 @@ def test_normalising_in_the_main_process_equals_normalising_in_the_workers(jpeg_
 
 
 def test_host_normalize_recycles_only_memory_nobody_holds(jpeg_root: Path) -> None:
-    from pipeline.data.decode import HostNormalize
+    from pipeline.data.samples.decode import HostNormalize
 
     normalize = BatchNormalize(_cfg(jpeg_root).data)
     finish, labels = HostNormalize(normalize), torch.arange(6)
@@ -208,7 +208,7 @@ def test_host_normalize_recycles_only_memory_nobody_holds(jpeg_root: Path) -> No
 
 
 def _loaded(cfg, split: str) -> tuple[list, dict]:
-    from pipeline.data.faults import as_dict
+    from pipeline.data.samples.faults import as_dict
 
     data = build_loader(cfg, Manifest.read(cfg.data.root), split, 0, 1, train=split == "train")
     data.set_position(1)
@@ -252,8 +252,8 @@ def test_broken_jpegs_decoded_in_the_main_process_are_replaced_and_counted(broke
 
 
 def test_a_training_batch_with_no_decodable_image_stops_in_one_line() -> None:
-    from pipeline.data.decode import DeviceDecode, EncodedImages
-    from pipeline.data.faults import DataQualityError
+    from pipeline.data.samples.decode import DeviceDecode, EncodedImages
+    from pipeline.data.samples.faults import DataQualityError
 
     cfg = load_config(None, ["data.image_size=8"]).data
     finish = DeviceDecode(SampleAugment(cfg, True), BatchNormalize(cfg), 3, torch.device("cpu"), torch.device("cpu"))

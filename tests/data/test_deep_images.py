@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.data import Manifest, build_loader, faults
-from pipeline.data.images import to_mode, to_uint8
+from pipeline.data import Manifest, build_loader
+from pipeline.data.samples import faults
+from pipeline.data.samples.images import to_mode, to_uint8
 from tests.conftest import TINY, run_cli
 from tests.data.test_data_faults import write_set
 

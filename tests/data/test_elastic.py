@@ -15,8 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data import faults
-from pipeline.data.stream import Layout, ShardStream, _shuffled
+from pipeline.data.plan import Layout
+from pipeline.data.plan import shuffled as _shuffled
+from pipeline.data.samples import faults
+from pipeline.data.stream import ShardStream
 
 SIZES = [13, 40, 7, 25, 31, 9, 22]  # 147 samples; shards smaller and larger than the shuffle buffer
 BUFFER = 8

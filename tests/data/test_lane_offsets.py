@@ -15,10 +15,12 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data import build_stream
-from pipeline.data.dataset import spec_manifest
-from pipeline.data.index import cache_path
-from pipeline.data.remote import ReadOptions, open_shard, prefetch
-from pipeline.data.tar import placed_samples, tar_samples
+from pipeline.data.dataset.index import cache_path
+from pipeline.data.dataset.resolve import spec_manifest
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.readahead import prefetch
+from pipeline.data.io.remote import open_shard
+from pipeline.data.io.tar import placed_samples, tar_samples
 from tests.data.test_elastic import KeyCodec
 from tests.services.flaky_http import serve
 from tests.support import wds_shards
@@ -96,7 +98,7 @@ def _lane_starts(stream, epoch: int = 1) -> set[tuple[str, int]]:
 
 
 def test_local_lanes_open_their_shards_at_their_first_sample(digits, tmp_path: Path, monkeypatch) -> None:
-    from pipeline.data import tar
+    from pipeline.data.io import tar
 
     local = _config(digits, digits["train"], tmp_path / "index")
     walked = _config(digits, digits["train"], tmp_path / "walked")  # its index as one written before offsets
@@ -120,8 +122,8 @@ def test_local_lanes_open_their_shards_at_their_first_sample(digits, tmp_path: P
 
 def _strip_offsets(cfg) -> None:
     """Make the cached index of data.train one written before offsets were recorded (no `offsets` field)."""
-    from pipeline.data.dataset import sample_keys
-    from pipeline.data.specs import expand
+    from pipeline.data.dataset.resolve import sample_keys
+    from pipeline.data.dataset.specs import expand
 
     spec_manifest(cfg.data, progress=False)  # indexes (cached)
     path = cache_path(cfg.data.index_dir, expand(cfg.data.train, "data.train", "train").urls, sample_keys(cfg.data))
@@ -170,7 +172,7 @@ def test_a_read_ahead_at_an_offset_is_handed_over_only_there(digits) -> None:
 def test_offsets_are_trusted_only_where_every_open_checks_the_shard() -> None:
     """An offset is used only for a shard with a version (pinned: an open of another version fails), never for
     `pipe:` output (no version) or a .tar.gz shard (no seeking into a gzip stream)."""
-    from pipeline.data.index import ShardEntry
+    from pipeline.data.dataset.index import ShardEntry
 
     offsets = [0, 1536, 4096]
     assert ShardEntry("/d/a.tar", 3, version="size=9 mtime_ns=1", offsets=offsets).trusted_offsets() == offsets
@@ -181,8 +183,8 @@ def test_offsets_are_trusted_only_where_every_open_checks_the_shard() -> None:
 @pytest.fixture(scope="module")
 def own_folder(tmp_path_factory) -> Path:
     """A folder `pipeline data shards` wrote: 600 JPEGs, train 420 samples in 5 shards of at most 100."""
-    from pipeline.data.digits import write_digits_jpeg_imagefolder
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.digits import write_digits_jpeg_imagefolder
+    from pipeline.data.writer.shards import write_shards
 
     work = tmp_path_factory.mktemp("own")
     write_digits_jpeg_imagefolder(work / "images", 600, size=24)
@@ -191,7 +193,7 @@ def own_folder(tmp_path_factory) -> Path:
 
 
 def _own_epoch(root: Path, spec: bool = False) -> tuple[list[list[str]], object]:
-    from pipeline.data.dataset import dataset_manifest
+    from pipeline.data.dataset.resolve import dataset_manifest
 
     where = [f"data.train={root}", f"data.val={root}"] if spec else [f"data.root={root}"]
     cfg = load_config("configs/default.yaml", [*where, "data.mix_shards=16", "data.auto_prepare_digits=false"])
@@ -202,7 +204,7 @@ def _own_epoch(root: Path, spec: bool = False) -> tuple[list[list[str]], object]
 
 
 def test_our_writer_records_every_samples_offset_beside_the_manifest(own_folder: Path) -> None:
-    from pipeline.data.manifest import OFFSETS_NAME, Manifest
+    from pipeline.data.dataset.manifest import OFFSETS_NAME, Manifest
 
     assert (own_folder / OFFSETS_NAME).is_file() and "offsets" not in (own_folder / "manifest.json").read_text()
     manifest = Manifest.read(own_folder, offsets=True)
@@ -218,8 +220,8 @@ def test_lanes_open_our_shards_at_their_offsets_with_the_batches_of_the_walk(own
                                                                              monkeypatch) -> None:
     import shutil
 
-    from pipeline.data import tar
-    from pipeline.data.manifest import OFFSETS_NAME
+    from pipeline.data.dataset.manifest import OFFSETS_NAME
+    from pipeline.data.io import tar
 
     walked = tmp_path / "walked"  # the same folder as written before offsets were recorded
     shutil.copytree(own_folder, walked)
@@ -245,7 +247,7 @@ def test_lanes_open_our_shards_at_their_offsets_with_the_batches_of_the_walk(own
 def test_a_shard_changed_since_it_was_written_is_walked(own_folder: Path, tmp_path: Path) -> None:
     import shutil
 
-    from pipeline.data.manifest import Manifest
+    from pipeline.data.dataset.manifest import Manifest
 
     changed = tmp_path / "changed"
     shutil.copytree(own_folder, changed)

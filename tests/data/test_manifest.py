@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.data.manifest import Manifest
+from pipeline.data.dataset.manifest import Manifest
 from tests.conftest import TINY, run_cli, run_main
 
 

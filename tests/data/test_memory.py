@@ -1,11 +1,11 @@
-"""Batch memory (pipeline.data.memory): the private torch calls are there, and each fallback is correct."""
+"""Batch memory (pipeline.data.samples.memory): the private torch calls are there, and each fallback is correct."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.data import memory
+from pipeline.data.samples import memory
 
 
 def test_installed_torch_offers_both_fast_paths() -> None:

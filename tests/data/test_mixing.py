@@ -19,7 +19,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.config.schema import DataConfig  # noqa: E402
 from pipeline.data import build_stream  # noqa: E402
 from pipeline.data.balance import SORTED_BELOW, mixing_line, shard_mixing  # noqa: E402
-from pipeline.data.dataset import spec_manifest, training_shard_labels  # noqa: E402
+from pipeline.data.dataset.resolve import spec_manifest, training_shard_labels  # noqa: E402
 from tests.conftest import TINY, read_jsonl, run_cli  # noqa: E402
 from tests.support import wds_shards
 
@@ -114,7 +114,8 @@ def test_a_read_ahead_shorter_than_the_shard_reads_across_its_end(tmp_path: Path
     read-ahead's last bytes only, which the tar reader took for a cut shard)."""
     import os
 
-    from pipeline.data.remote import Prefetched, ReadOptions
+    from pipeline.data.io.handles import ReadOptions
+    from pipeline.data.io.readahead import Prefetched
     from tests.services.flaky_http import serve_static
 
     data = os.urandom(3_000_000)
@@ -147,7 +148,7 @@ def test_mixed_resume_over_a_flaky_server_gives_the_local_batches(digits, tmp_pa
     """Same layout, mixing on (16 lanes x 2 workers over 10 shards): resumed at step 5 from a server that cuts
     connections every 100 kB and answers its first 3 requests 503, the batches are those of the whole epoch read
     locally (the SIGKILL runs: tests/data/test_wds_remote.py)."""
-    from pipeline.data.remote import ReadOptions
+    from pipeline.data.io.handles import ReadOptions
     from pipeline.data.stream import ShardStream
     from tests.data.test_elastic import KeyCodec
     from tests.services.flaky_http import serve

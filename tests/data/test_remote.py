@@ -1,4 +1,4 @@
-"""Shards read from anywhere (pipeline.data.remote): HTTP (Python's server and a flaky one), S3 (moto's server),
+"""Shards read from anywhere (pipeline.data.io.remote): HTTP (Python's server and a flaky one), S3 (moto's server),
 pipe:, .tar.gz, and the local cache; exact samples, exact network counters, bounded failure times."""
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline.data import faults
-from pipeline.data.remote import ReadOptions, net_counters, open_shard, stat_shard
-from pipeline.data.shard_cache import TEMP_PREFIX, cache_path
+from pipeline.data.io.counters import net_counters
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.remote import open_shard
+from pipeline.data.io.shard_cache import TEMP_PREFIX, cache_path
+from pipeline.data.io.stat import stat_shard
+from pipeline.data.io.tar import tar_samples
+from pipeline.data.samples import faults
 from pipeline.data.stream import shard_slice
-from pipeline.data.tar import tar_samples
 from tests.services.flaky_http import serve, serve_static
 
 SAMPLES, SHARDS = 40, 3
@@ -244,7 +247,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 def _evaluate(urls: list[str], workers: int, options: ReadOptions) -> tuple[list[int], dict]:
     from pipeline.config import load_config
-    from pipeline.data.decode import build_decoding
+    from pipeline.data.samples.decode import build_decoding
     from pipeline.data.stream import ShardStream, make_loader
 
     cfg = load_config(None, ["data.image_size=8"])
@@ -301,7 +304,7 @@ def torch_counts(values: dict):
 
 
 def test_a_long_skip_over_http_is_a_range_request_not_a_download(tmp_path: Path) -> None:
-    """Skipping a member larger than remote.SEEK_BY_RANGE (4 MiB) is a Range request where the server allows it,
+    """Skipping a member larger than http.SEEK_BY_RANGE (4 MiB) is a Range request where the server allows it,
     else it is read through (smaller members are always read through: a round trip costs more)."""
     with wds.TarWriter(str(tmp_path / "big.tar")) as writer:
         for i in range(6):
@@ -318,7 +321,7 @@ def test_a_long_skip_over_http_is_a_range_request_not_a_download(tmp_path: Path)
 
 # ---- read-ahead of the next shard -----------------------------------------------------------------------------
 def test_a_prefetched_shard_is_read_ahead_then_handed_over_on_one_connection(shard_dir: Path) -> None:
-    from pipeline.data import remote
+    from pipeline.data.io import readahead
 
     name = names(shard_dir)[0]
     size = (shard_dir / name).stat().st_size
@@ -326,18 +329,18 @@ def test_a_prefetched_shard_is_read_ahead_then_handed_over_on_one_connection(sha
     for limit_mb in (size * 2 / 1e6, size / 3 / 1e6):  # the whole shard ahead, or only its first third
         with serve(shard_dir) as server:
             url = f"{server.url}/{name}"
-            remote.prefetch(url, ReadOptions(prefetch_mb=limit_mb))
+            readahead.prefetch(url, ReadOptions(prefetch_mb=limit_mb))
             deadline = time.time() + 10
             while sum(e.sent for e in server.gets(name)) < min(size, int(limit_mb * 1e6)) and time.time() < deadline:
                 time.sleep(0.01)  # nobody reads yet: the thread does
             assert sum(e.sent for e in server.gets(name)) >= min(size, int(limit_mb * 1e6))
             assert read(url) == expected and len(server.gets(name)) == 1  # handed over: no second request
-            assert url not in remote._PREFETCHED
+            assert url not in readahead._PREFETCHED
 
 
 def test_the_stream_opens_a_slots_next_shard_while_reading_the_current_one(image_dir: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.data.decode import build_decoding
+    from pipeline.data.samples.decode import build_decoding
     from pipeline.data.stream import ShardStream
 
     urls = sorted(p.name for p in image_dir.glob("*.tar"))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data import Manifest
-from pipeline.data.shards import SOURCES_NAME, write_shards
+from pipeline.data.writer.shards import SOURCES_NAME, write_shards
 from tests.conftest import run_cli
 
 _colours = itertools.count()

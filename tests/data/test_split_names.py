@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.specs import named_splits, other_splits_line, several_splits_line
+from pipeline.data.dataset.specs import named_splits, other_splits_line, several_splits_line
 from tests.conftest import TINY, run_cli
 from tests.support import wds_shards
 

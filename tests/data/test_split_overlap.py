@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config.schema import DataConfig  # noqa: E402
-from pipeline.data.dataset import sample_keys, spec_manifest  # noqa: E402
-from pipeline.data.index import INDEX_VERSION, cache_path, load_or_build  # noqa: E402
-from pipeline.data.manifest import Manifest, SplitInfo  # noqa: E402
+from pipeline.data.dataset.index import INDEX_VERSION, cache_path, load_or_build  # noqa: E402
+from pipeline.data.dataset.manifest import Manifest, SplitInfo  # noqa: E402
+from pipeline.data.dataset.resolve import sample_keys, spec_manifest  # noqa: E402
 from tests.conftest import TINY, run_cli  # noqa: E402
 from tests.support import wds_shards
 

@@ -14,9 +14,9 @@ import pytest
 from benchmarks.stratify_folds import missing, shuffled_folds, tag_set
 from pipeline.commands.cv import fold_assignment
 from pipeline.config import load_config
-from pipeline.data.manifest import Manifest
-from pipeline.data.sources import scan_csv, scan_source
-from pipeline.data.stratify import multi_hot, proportion_deviation, quantile_bins, stratified_split
+from pipeline.data.dataset.manifest import Manifest
+from pipeline.data.writer.sources import scan_csv, scan_source
+from pipeline.data.writer.stratify import multi_hot, proportion_deviation, quantile_bins, stratified_split
 from pipeline.training.run_data import load_manifest
 from tests.conftest import TINY, read_jsonl, run_cli
 
@@ -251,7 +251,7 @@ def test_cv_folds_label_sets_end_to_end(label_sets, tmp_path: Path) -> None:
 
 
 def test_cv_of_numbers_from_a_csv_end_to_end(tmp_path: Path) -> None:
-    from pipeline.data.shards import write_shards
+    from pipeline.data.writer.shards import write_shards
 
     names = _images(tmp_path, 40)
     values = np.random.default_rng(2).lognormal(0.0, 1.0, (40, 2)).round(4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from webdataset.tariterators import tarfile_samples
 
-from pipeline.data.tar import tar_samples
+from pipeline.data.io.tar import tar_samples
 
 
 def _webdataset(path: Path) -> list[dict]:

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.config.schema import DataConfig  # noqa: E402
-from pipeline.data import index as index_module  # noqa: E402
-from pipeline.data.dataset import spec_manifest  # noqa: E402
-from pipeline.data.keys import SampleKeys  # noqa: E402
-from pipeline.data.specs import SpecError, expand  # noqa: E402
+from pipeline.data.dataset import index as index_module  # noqa: E402
+from pipeline.data.dataset.keys import SampleKeys  # noqa: E402
+from pipeline.data.dataset.resolve import spec_manifest  # noqa: E402
+from pipeline.data.dataset.specs import SpecError, expand  # noqa: E402
 from tests.conftest import TINY, run_cli  # noqa: E402
 from tests.support import wds_shards
 
@@ -178,7 +178,7 @@ def test_resume_mid_epoch_on_foreign_shards_is_bit_identical(shards, tmp_path) -
 
 def test_cv_folds_of_foreign_shards_read_their_labels(shards, tmp_path) -> None:
     from pipeline.commands.cv import write_fold_shards
-    from pipeline.data.manifest import Manifest
+    from pipeline.data.dataset.manifest import Manifest
 
     data = _data(shards["png+txt"], tmp_path, label_key="txt")
     cfg = load_config(None, [f"data.train={data.train[0]}", f"data.val={data.val[0]}", f"data.test={data.test[0]}",

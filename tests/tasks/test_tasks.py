@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from sklearn import metrics as skm
 
 from pipeline.config import load_config
-from pipeline.data.index import add_targets, index_shard, target_stats
-from pipeline.data.keys import SampleKeys
+from pipeline.data.dataset.index import add_targets, index_shard, target_stats
+from pipeline.data.dataset.keys import SampleKeys
 from pipeline.tasks.multilabel import Multilabel, MultilabelMetrics, best_f1_thresholds
 from pipeline.tasks.regression import Regression
 from pipeline.training.losses import OneHotBCE, RegressionLoss

@@ -16,8 +16,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.config import load_config
-from pipeline.data.auto_augment import INTERPOLATION, auto_augment_step
-from pipeline.data.transforms import SampleAugment, build_transform, seeded_cpu_rng
+from pipeline.data.samples.auto_augment import INTERPOLATION, auto_augment_step
+from pipeline.data.samples.transforms import SampleAugment, build_transform, seeded_cpu_rng
 from pipeline.training.losses import build_loss
 from pipeline.training.mixing import BatchAugment, HardTargets, MixedTargets
 from tests.conftest import TINY, read_jsonl, run_cli

@@ -199,8 +199,8 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
     from benchmarks.digits_transfer import FROM_SCRATCH, _png, digits_images
     from pipeline.data import build_stream
     from pipeline.data.balance import auto_class_weights, class_counts, imbalance_summary
-    from pipeline.data.manifest import Manifest
-    from pipeline.data.subsets import write_split_shards
+    from pipeline.data.dataset.manifest import Manifest
+    from pipeline.data.writer.subsets import write_split_shards
 
     rng = np.random.default_rng(0)
 
@@ -233,7 +233,8 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
     # The draw is the same in any process (a resumed run, a forkserver's workers): none of its seed is a str,
     # whose hash changes with PYTHONHASHSEED.
     script = ("import json, sys\nfrom pipeline.config import load_config\nfrom pipeline.data import build_stream\n"
-              "from pipeline.data.manifest import Manifest\ncfg = load_config(sys.argv[1], json.loads(sys.argv[2]))\n"
+              "from pipeline.data.dataset.manifest import Manifest\n"
+              "cfg = load_config(sys.argv[1], json.loads(sys.argv[2]))\n"
               "stream = build_stream(cfg, Manifest.read(cfg.data.root), 'train', 0, 1, train=True)\n"
               "stream.set_position(2, 0)\nprint(json.dumps([y.tolist() for _, y, _ in stream]))\n")
     balanced.set_position(2, 0)
@@ -248,7 +249,7 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
 
 def test_cv_folds_partition_train_and_val_stratified(tmp_path):
     from pipeline.commands.cv import fold_assignment, fold_config
-    from pipeline.data.manifest import Manifest
+    from pipeline.data.dataset.manifest import Manifest
     from pipeline.training.run_data import load_manifest
 
     labels = [0] * 10 + [1] * 6 + [2] * 5

@@ -23,7 +23,7 @@ from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
 
 from pipeline.config.schema import AugmentConfig, DataConfig, ModelConfig, TrainConfig
-from pipeline.data.transforms import build_transform
+from pipeline.data.samples.transforms import build_transform
 from pipeline.evaluation.tta import TestTimeAugmentation, tta_views
 from pipeline.models import SimpleCNN, create_model
 from pipeline.training.ema import ModelEma, ema_decay, first_weights_share, short_run_warning

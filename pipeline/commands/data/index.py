@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.data.balance import shard_mixing
-from pipeline.data.index import SpecIndex, cache_path, index_with_progress, label_summary
+from pipeline.data.dataset.index import SpecIndex, cache_path, index_with_progress, label_summary
 
 
 def write_index(specs: Sequence[str], data, out: str | None = None, sha256: bool = False,
                 progress: bool = True, split: str = "train") -> tuple[SpecIndex, Path]:
     """`pipeline data index`: index the shards `specs` name afresh, into the cache (and `out`); `split`: which split
     of one of our folders a spec names (the training shards' SPEC, --val's, --test's)."""
-    from pipeline.data.dataset import read_options, sample_keys
-    from pipeline.data.specs import expand
+    from pipeline.data.dataset.resolve import read_options, sample_keys
+    from pipeline.data.dataset.specs import expand
 
     what = "SPEC" if split == "train" else f"--{split}"
     expanded = expand(list(specs), what, split)
@@ -33,7 +33,7 @@ def print_index(index: SpecIndex, path: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from pipeline.data.specs import several_splits_line
+    from pipeline.data.dataset.specs import several_splits_line
     from pipeline.tracking.console import console, warn
 
     table = Table(title_justify="left")
@@ -62,7 +62,7 @@ def index_splits(specs: Sequence[str], others: dict[str, Sequence[str]], data, o
                  sha256: bool = False, progress: bool = True) -> int:
     """`pipeline data index SPEC [--val SPEC] [--test SPEC]`: index each afresh, print its table, and warn when val
     or test samples are training (SPEC) samples too; 1 when a shard could not be read to its end, else 0."""
-    from pipeline.data.dataset import warn_shared_samples
+    from pipeline.data.dataset.resolve import warn_shared_samples
 
     indexes = {}
     for split, split_specs in {"train": specs, **others}.items():

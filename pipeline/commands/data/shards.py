@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.data.manifest import Manifest
+from pipeline.data.dataset.manifest import Manifest
 
 SPLIT_METHODS = {"stratified": "stratified by class", "iterative": "iterative stratification of the label sets",
                  "binned": "stratified by quantile bins of {first}"}

@@ -1,11 +1,11 @@
 """`pipeline data verify SHARDS_DIR | SPEC...`: check every shard against its manifest or index; decode every sample.
 
 SHARDS_DIR is one of our folders (manifest.json); any other spec (WebDataset shards in a folder,
-files, patterns, URLs; see `pipeline.data.specs`) is checked against its index (built if needed).
-Shards are read with the training stream's reader (`pipeline.data.tar`), so the two never disagree.
+files, patterns, URLs; see `pipeline.data.dataset.specs`) is checked against its index (built if needed).
+Shards are read with the training stream's reader (`pipeline.data.io.tar`), so the two never disagree.
 Per shard: the file exists, its size (and sha256, where the manifest has it) match, it holds the number of samples
 the manifest says, and every sample passes the same inspection the training stream applies
-(`pipeline.data.faults.inspect_sample`: label present and in range, image decodes). Images whose
+(`pipeline.data.samples.faults.inspect_sample`: label present and in range, image decodes). Images whose
 mode or size differ from the dataset's are reported as "converted on load" (not a problem: the
 loader fixes them). Exit code 0 when nothing is wrong, 1 when something is.
 """
@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.dataset import read_options, sample_keys, specs_manifest
-from pipeline.data.faults import MISSING, inspect_sample, short_error
-from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from pipeline.data.remote import ReadOptions, stat_shard
-from pipeline.data.specs import SHARD_SUFFIXES, describe, is_shard_name, is_url
+from pipeline.data.dataset.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from pipeline.data.dataset.resolve import read_options, sample_keys, specs_manifest
+from pipeline.data.dataset.specs import SHARD_SUFFIXES, describe, is_shard_name, is_url
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.stat import stat_shard
+from pipeline.data.io.tar import tar_samples
+from pipeline.data.samples.faults import MISSING, inspect_sample
 from pipeline.data.stream import shard_paths, shard_slice
-from pipeline.data.tar import tar_samples
+from pipeline.errors import short_error
 
 EXAMPLES_PER_SHARD = 3
 

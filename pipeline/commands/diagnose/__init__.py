@@ -46,7 +46,7 @@ def task_chance(cfg, classes) -> Chance | int:
 
 def diagnose_run(run_dir: str | Path) -> list[Finding]:
     """Diagnose a run folder from metrics.jsonl, its data manifest and, if present, per-class test metrics."""
-    from pipeline.data.dataset import dataset_manifest
+    from pipeline.data.dataset.resolve import dataset_manifest
     from pipeline.evaluation.loaded import load_run_config
 
     run_dir = Path(run_dir)

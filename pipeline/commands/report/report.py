@@ -24,8 +24,8 @@ from pipeline.commands.visualize import (
     signals_png,
     to_display,
 )
-from pipeline.data.dataset import uses_specs
-from pipeline.data.specs import describe
+from pipeline.data.dataset.resolve import uses_specs
+from pipeline.data.dataset.specs import describe
 from pipeline.evaluation.analysis import analyse, confusion_matrix
 from pipeline.evaluation.loaded import load_run
 from pipeline.evaluation.summary import DETAIL_COLUMNS, HEADLINES

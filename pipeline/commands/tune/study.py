@@ -282,7 +282,7 @@ def check_base(tune: TuneConfig, base: Config) -> None:
     trained on other settings. Changes a resume may make (logging, workers, ...) are only noted."""
     import yaml
 
-    from pipeline.data.dataset import dataset_manifest
+    from pipeline.data.dataset.resolve import dataset_manifest
     from pipeline.training.preflight import check_data_root
     from pipeline.training.run_folder import config_changes, is_harmless
 

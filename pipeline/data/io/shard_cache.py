@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.data.handles import CHUNK, ForwardReader, ReadOptions, open_local
+from pipeline.data.io.handles import CHUNK, ForwardReader, ReadOptions, open_local
 
 TAIL = 64 << 10
 """A handle closed this close to its shard's end reads the rest, so the copy completes."""

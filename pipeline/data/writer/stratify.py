@@ -9,8 +9,8 @@
   `MAX_BINS` equal-count bins, each with enough samples for the splitter); a set too small for two such bins is
   split shuffled, unstratified (`strata` returns None; the caller says so).
 
-Labels come as `pipeline.data.keys.SampleKeys.label` gives them: a class index, a tuple of class indices, or a tuple
-of floats. Every splitter is seeded; the same labels, fractions and seed give the same split.
+Labels come as `pipeline.data.dataset.keys.SampleKeys.label` gives them: a class index, a tuple of class indices, or a
+tuple of floats. Every splitter is seeded; the same labels, fractions and seed give the same split.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.data.keys import TargetLabel
+from pipeline.data.dataset.keys import TargetLabel
 
 MAX_BINS = 10
 """Regression: the most quantile bins of the first output that a split or fold assignment stratifies by."""

@@ -20,7 +20,7 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.auto_augment import auto_augment_step
+from pipeline.data.samples.auto_augment import auto_augment_step
 
 
 @contextlib.contextmanager

@@ -9,11 +9,11 @@ Every sample the stream reads is inspected once, as a pure function of its bytes
 - skipped (counted by reason): `truncated` (the manifest promises the sample but its shard ends
   before it, or is not a tar at all), `undecodable` (no image, the image bytes do not decode, or a file
   name repeated in the sample), `no_label` (nothing under `data.label_key`, or nothing readable there; see
-  `pipeline.data.keys`), `bad_label` (an index outside the classes, or a name not among them), `oversize`
-  (the sample's files hold more than `data.max_sample_mb`, skipped unread by `pipeline.data.tar`; or the
-  image has more pixels than PIL's decompression-bomb limit, see `pipeline.data.images.open_image`).
+  `pipeline.data.dataset.keys`), `bad_label` (an index outside the classes, or a name not among them), `oversize`
+  (the sample's files hold more than `data.max_sample_mb`, skipped unread by `pipeline.data.io.tar`; or the
+  image has more pixels than PIL's decompression-bomb limit, see `pipeline.data.samples.images.open_image`).
 
-Network counts (not skips; `pipeline.data.remote`): `net_retries` (failed attempts that were retried),
+Network counts (not skips; `pipeline.data.io.remote`): `net_retries` (failed attempts that were retried),
 `net_resumed` (connections re-established in the middle of a shard), `net_failed` (shards given up;
 their missing samples are also counted as `truncated`, with the network's error as the reason).
 
@@ -25,42 +25,34 @@ the batches it consumed: exactly what a checkpoint at that step has seen.
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from PIL import Image
 
-from pipeline.data.images import ImageTooLarge, open_image, to_mode
-from pipeline.data.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
-from pipeline.data.tar import BAD
-from pipeline.errors import first_line
+from pipeline.data.dataset.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # noqa: F401 - IMAGE_KEYS re-exported
+from pipeline.data.io.tar import BAD
+from pipeline.data.samples.images import ImageTooLarge, open_image, to_mode
+from pipeline.errors import short_error
 
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label", "oversize")
 CONVERSIONS = ("mode", "size")
 NETWORK_FIELDS = {"retries": "net_retries", "resumed": "net_resumed", "failed": "net_failed"}
-"""remote.net_counters() name -> counts field."""
+"""`pipeline.data.io.counters.net_counters()` name -> counts field."""
 FIELDS = ("seen", *SKIP_REASONS, *(f"converted_{c}" for c in CONVERSIONS), *NETWORK_FIELDS.values())
 """Layout of a counts tensor: samples inspected, skips per reason, conversions per kind, network events."""
 
 MISSING = "__missing__"
 """Key of the stand-in the stream yields for a sample its shard does not deliver (truncated shard)."""
+NO_POSITION = -1
+"""The seed given when inspecting a sample whose position is not known yet (a fill-in for bad ones)."""
 UNDRAWN = "__undrawn__"
 """Key under which a resampling stream hands over samples it cannot draw (no usable label), so
 they are inspected and counted at the position that carries them."""
 
 EXIT_BAD_DATA = 65
 """Exit code when data.max_bad_fraction is exceeded (EX_DATAERR, as 75 = EX_TEMPFAIL for preemption)."""
-
-
-def short_error(exc: BaseException, limit: int = 120) -> str:
-    """'Type: first line of the message', without the object reprs PIL and webdataset add."""
-    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-    text = re.sub(r"\s*@ <.*", "", first_line(text))  # webdataset: ' @ <file object>'
-    text = re.sub(r"\s*<_io\.\w+ (object at 0x[0-9a-f]+|name=[^>]*)>", "", text)  # PIL: '<_io.BytesIO object ...>'
-    text = re.sub(r"^\w+, \S+\.(cpp|cu|h):\d+, ", "", text)  # torch ops: 'decode_jpeg, /build/path.cpp:171, '
-    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
 
 
 class DataQualityError(ValueError):
@@ -118,7 +110,7 @@ def inspect_sample(sample: dict, mode: str, num_classes: int | None = None, imag
 
     The label is checked first (cheap), so a sample with a bad label is not decoded. `decode(opened
     image, its bytes, its key)` replaces the decoding to a PIL image (the loader decodes its own way,
-    see `pipeline.data.decode`); whatever it returns becomes `check.image`, and raising means undecodable.
+    see `pipeline.data.samples.decode`); whatever it returns becomes `check.image`, and raising means undecodable.
     """
     check = SampleCheck(key=str(sample.get("__key__", "?")), url=str(sample.get("__url__", "")))
     if UNDRAWN in sample:
@@ -177,6 +169,29 @@ def count(counts: list[int] | torch.Tensor, check: SampleCheck) -> None:
         counts[FIELDS.index(check.reason)] += 1
     for kind in check.converted:
         counts[FIELDS.index(f"converted_{kind}")] += 1
+
+
+class BadSampleCounts:
+    """One rank's bad-sample counts (laid out as FIELDS) over the batches its loader delivered: the one place they add
+    up. The workers count what they inspect (`count`) into each batch's counts, the main-process decoder adds the
+    images it could not decode, and the loader adds each batch's counts here (`add`). At an epoch's end they are
+    summed over ranks and zeroed (`pipeline.training.bad_data`); a checkpoint saves and restores them
+    (`state_dict`, `load_state_dict`), so a resumed epoch keeps counting from where it stopped."""
+
+    def __init__(self) -> None:
+        self.total = empty_counts()
+
+    def add(self, counts: torch.Tensor) -> None:
+        self.total += counts
+
+    def zero(self) -> None:
+        self.total.zero_()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"counts": self.total.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.total = state["counts"].clone()
 
 
 def as_dict(counts: torch.Tensor) -> dict[str, int]:
@@ -245,6 +260,30 @@ def check_threshold(counts: torch.Tensor, split_name: str, max_bad_fraction: flo
             f"data.max_bad_fraction={max_bad_fraction} exceeded: {num_skipped(counts)} of {int(counts[0])} "
             f"{split_name} samples ({100 * bad_fraction(counts):.2f}%) were skipped{when} ({describe(counts)}); "
             f"find them with `pipeline data verify {root}`, or raise data.max_bad_fraction")
+
+
+T = TypeVar("T")
+
+
+def replace_bad(items: Iterable[T], ok: Callable[[T], bool], first_good: Callable[[], T]) -> Iterator[tuple[T, T]]:
+    """(item, what stands in for it), in the items' order: the one rule for replacing a bad sample in training.
+
+    A good item stands for itself; a bad one for the next good item after it, or, when no good one follows, for
+    `first_good()` (asked only then). The choice depends only on the items from the bad one on, so a resumed run
+    makes the same choices: the stream applies it to a shard slice's samples (`first_good`: the slice's first good
+    one, else the split's), the main-process decoder to a batch's images (`first_good`: the batch's first good one).
+    """
+    pending: list[T] = []  # bad items waiting for the next good one
+    for item in items:
+        if ok(item):
+            yield from ((bad, item) for bad in pending)
+            pending = []
+            yield item, item
+        else:
+            pending.append(item)
+    if pending:
+        fill = first_good()
+        yield from ((bad, fill) for bad in pending)
 
 
 class FaultWarnings:

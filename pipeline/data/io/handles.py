@@ -6,46 +6,31 @@ Below both `remote` (the transports) and `shard_cache` (which wraps them), so ne
 from __future__ import annotations
 
 import io
+import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
+
+from pipeline.config.schema import ReadConfig
 
 CHUNK = 1 << 20
 """Bytes per read when discarding and copying; also the object stores' read-ahead block."""
 
 
 @dataclass
-class ReadOptions:
-    """How shards are read (picklable: it travels to the loader's worker processes)."""
+class ReadOptions(ReadConfig):
+    """How shards are read (picklable: it travels to the loader's worker processes): the `data:` section's read
+    fields (`ReadConfig`, defined there once) and the reader's own below."""
 
-    retries: int = 5
-    """Retries after a transient failure, in a row (the count restarts once bytes arrive again); 0: none."""
-    timeout_s: float = 60.0
-    """Seconds to wait for a connection or for the next bytes before the attempt counts as failed."""
     backoff_s: float = 0.5
     """Wait before the first retry; doubled for each further one, capped at backoff_max_s."""
     backoff_max_s: float = 10.0
     """Longest wait between two attempts."""
-    cache_dir: str = ""
-    """Folder keeping remote shards read to their end (empty: no cache); see pipeline.data.shard_cache."""
-    cache_max_gb: float = 50.0
-    """Size cap of cache_dir in GB (10^9 bytes); least recently used shards are removed beyond it."""
-    endpoint_url: str = ""
-    """S3-compatible endpoint for s3:// URLs (e.g. http://127.0.0.1:9000); empty: AWS_ENDPOINT_URL or AWS."""
-    prefetch_mb: float = 32.0
-    """The next remote shard of a worker's slot is opened and read ahead, up to this many MB, while the current one
-    is read (0: off); see `prefetch`."""
     storage_options: dict = field(default_factory=dict)
     """Extra keyword arguments for the fsspec filesystem of object-store URLs (e.g. {"anon": true})."""
-    min_bytes_per_s: float = 1000.0
-    """A connection slower than this over `slow_window_s` seconds of waiting fails like a timeout (0: no minimum)."""
-    slow_window_s: float = 60.0
-    """Seconds of waiting for a connection's bytes over which its rate is measured (curl's --speed-time)."""
-    max_sample_mb: float = 64.0
-    """A tar sample whose files hold more than this many MB is skipped unread (`pipeline.data.tar`; 0: no cap)."""
     pinned: dict = field(default_factory=dict)
     """URL -> (size in bytes or 0, version or '') each shard had when indexed; a shard that answers another size or
-    version at an open raises `ShardChanged` (see `pipeline.data.remote`). Empty: nothing compared."""
+    version at an open raises `ShardChanged` (see `pipeline.data.io.remote`). Empty: nothing compared."""
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0 or self.cache_max_gb <= 0:
@@ -54,6 +39,11 @@ class ReadOptions:
         if self.min_bytes_per_s < 0 or self.slow_window_s <= 0 or self.max_sample_mb < 0:
             raise ValueError(f"ReadOptions needs min_bytes_per_s >= 0, slow_window_s > 0 and max_sample_mb >= 0; got "
                              f"{self.min_bytes_per_s}, {self.slow_window_s}, {self.max_sample_mb}")
+
+    @classmethod
+    def from_config(cls, data: ReadConfig, **more: object) -> "ReadOptions":
+        """The options a `data:` config section sets (its `ReadConfig` fields), plus `more` (e.g. `pinned`)."""
+        return cls(**{f.name: getattr(data, f.name) for f in fields(ReadConfig)}, **more)
 
     @property
     def max_sample_bytes(self) -> int:
@@ -117,3 +107,11 @@ def open_local(path: str) -> io.BufferedReader:
     """A local shard: the plain buffered file (its C methods are called per tar member; a subclass of
     it, to carry `size`, measured ~20% slower per call). `shard_size` gives its size."""
     return open(path, "rb", buffering=CHUNK)
+
+
+def shard_size(handle) -> Optional[int]:
+    """The size of the shard behind a handle from `open_shard`, or None where it is not known (streams)."""
+    size = getattr(handle, "size", None)
+    if size is None and isinstance(handle, io.BufferedReader) and isinstance(handle.raw, io.FileIO):
+        return os.fstat(handle.fileno()).st_size
+    return size

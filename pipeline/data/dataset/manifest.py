@@ -1,7 +1,7 @@
 """The shard folder's manifest.json: classes, per-split counts, shard names, sizes and sha256.
 
 Beside it, sample_offsets.json (written with it when the writer recorded them) holds each sample's byte offset per
-shard, so a reader can open a shard at any sample (a seek; see `pipeline.data.tar.placed_samples`). It is kept out
+shard, so a reader can open a shard at any sample (a seek; see `pipeline.data.io.tar.placed_samples`). It is kept out
 of manifest.json (8 bytes a sample, not for reading) and used for a shard only while that shard's file still has the
 size both files recorded; otherwise the reader walks the shard from its start, as for a folder written without it.
 """
@@ -50,7 +50,7 @@ class SplitInfo:
 @dataclass
 class SharedSamples:
     """Samples of one split whose image is byte-identical to a training sample's: found by the fingerprints of a
-    shard index (`pipeline.data.index.shared_samples`) or by our manifest's `duplicate_sources`."""
+    shard index (`pipeline.data.dataset.index.shared_samples`) or by our manifest's `duplicate_sources`."""
 
     split: str
     count: int
@@ -90,7 +90,7 @@ class Manifest:
     """How the splits were made: 'folders': the source's own split folders were kept (see split_folders); else one
     seeded split of all images by split_fractions, 'stratified' by class, 'iterative' (task multilabel: iterative
     stratification of the label sets) or 'binned' (task regression: stratified by quantile bins of the first
-    output); 'specs': shards named by data.train/val/test (see `pipeline.data.stratify`)."""
+    output); 'specs': shards named by data.train/val/test (see `pipeline.data.writer.stratify`)."""
     split_folders: dict[str, str] = field(default_factory=dict)
     """split -> the source folder it was read from (split_source 'folders')."""
     carved_from_train: dict[str, float] = field(default_factory=dict)

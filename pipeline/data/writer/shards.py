@@ -1,7 +1,7 @@
 """Turn an ImageFolder (or a CSV of path,label) into WebDataset tar shards plus manifest.json.
 
 Samples are split train/val/test by the source's own split folders when it has them (train/, val/,
-test/ and their aliases), else by a seeded split stratified for the task (`pipeline.data.stratify`: by class,
+test/ and their aliases), else by a seeded split stratified for the task (`pipeline.data.writer.stratify`: by class,
 by label set, by quantile bins); shuffled within each split, and written as `<split>-NNNNNN.tar` with keys
 `<index>.<ext>` (original image bytes, never re-encoded) and the label (`LABEL_KEYS`): `<index>.cls` (the class
 index), or for a CSV of label sets or numbers `<index>.json` holding {"labels": [class names]} or
@@ -21,11 +21,12 @@ from typing import Sequence
 import numpy as np
 import webdataset as wds
 
-from pipeline.data.index import add_targets, target_stats
-from pipeline.data.keys import TargetLabel
-from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, SplitInfo
-from pipeline.data.sources import IMAGE_EXTENSIONS, SourceImage, Sources, scan_source
-from pipeline.data.stratify import METHODS, stratified_split
+from pipeline.data.dataset.index import add_targets, target_stats
+from pipeline.data.dataset.keys import TargetLabel
+from pipeline.data.dataset.manifest import SPLITS, Manifest, ShardInfo, SplitInfo
+from pipeline.data.writer.sources import IMAGE_EXTENSIONS, SourceImage, Sources, scan_source
+from pipeline.data.writer.stratify import METHODS, stratified_split
+from pipeline.errors import short_error
 from pipeline.tracking.console import progress_bar, warn
 
 SOURCES_NAME = "sources.csv"
@@ -49,8 +50,7 @@ def check_image(path: Path) -> ImageCheck:
     """Decode the whole image (PIL `load`), as the loader will, and hash its bytes; never raises."""
     import io
 
-    from pipeline.data.faults import short_error
-    from pipeline.data.images import open_image
+    from pipeline.data.samples.images import open_image
 
     digest = ""
     try:
@@ -171,7 +171,7 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-class _RollingTarWriter:
+class RollingTarWriter:
     """Write samples into `<prefix>-NNNNNN.tar`, starting a new shard at the count/byte limit."""
 
     def __init__(self, out: Path, prefix: str, max_samples: int, max_bytes: int):
@@ -233,7 +233,7 @@ def _check_sources(src: Path, sources: Sources, skip_bad: bool,
 def _write_split(out: Path, split: str, indices: np.ndarray, sources: Sources, limits: tuple[int, int],
                  rows: list[list[str]], advance) -> SplitInfo:
     """Write one split's shards in `indices` order; append each sample's provenance row to `rows`."""
-    writer = _RollingTarWriter(out, split, *limits)
+    writer = RollingTarWriter(out, split, *limits)
     for position, index in enumerate(indices):
         image = sources.images[int(index)]
         ext = image.path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
@@ -282,7 +282,7 @@ def write_shards(src: str | Path, out_dir: str | Path, *, fractions: Sequence[fl
                  val_fraction: float | None = None, task: str = "classification") -> Manifest:
     """Write train/val/test shards of the ImageFolder or CSV at `src` into `out_dir`.
 
-    `task` says what a CSV's label is (`pipeline.data.sources`: a class, a label set, numbers; an ImageFolder is
+    `task` says what a CSV's label is (`pipeline.data.writer.sources`: a class, a label set, numbers; an ImageFolder is
     classification only) and how it is written (`LABEL_KEYS`). Split folders in `src` are kept (see
     `assign_splits`); otherwise the split is stratified for the task by `fractions`. Every image is decoded first.
     Unreadable ones stop the writer before anything is written (a ValueError naming them), or with `skip_bad` are
@@ -336,7 +336,7 @@ def ensure_digits_shards(root: str | Path, max_samples: int = 64) -> Manifest:
     import shutil
     import tempfile
 
-    from pipeline.data.digits import write_digits_imagefolder
+    from pipeline.data.writer.digits import write_digits_imagefolder
 
     root = Path(root)
     if (root / "manifest.json").is_file():

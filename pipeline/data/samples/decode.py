@@ -37,11 +37,11 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.faults import FIELDS, DataQualityError, FaultWarnings, SampleCheck, short_error
-from pipeline.data.images import to_mode, to_uint8
-from pipeline.data.memory import shared_empty, storage_users
-from pipeline.data.stream import NO_POSITION
-from pipeline.data.transforms import BatchNormalize, SampleAugment, seeded_cpu_rng
+from pipeline.data.samples.faults import FIELDS, NO_POSITION, DataQualityError, FaultWarnings, SampleCheck, replace_bad
+from pipeline.data.samples.images import to_mode, to_uint8
+from pipeline.data.samples.memory import shared_empty, storage_users
+from pipeline.data.samples.transforms import BatchNormalize, SampleAugment, seeded_cpu_rng
+from pipeline.errors import short_error
 
 JPEG_KEYS = ("jpg", "jpeg")
 
@@ -297,10 +297,10 @@ class DeviceDecode:
             raise UndecodableBatch(f"no image of a training batch decodes ({SampleCheck(key, url).where()}: "
                                    f"{images[0]}; and {len(images) - 1} more); check the shards with "
                                    "`pipeline data verify`") from None
-        # Each failed image takes the next good one of the batch (cyclically): deterministic, so a resumed
-        # run builds the same batch.
-        return [i if isinstance(images[i], torch.Tensor) else next((g for g in good if g > i), good[0])
-                for i in range(len(images))]
+        # Each failed image takes the next good one of the batch, else its first (the stream's rule, `replace_bad`:
+        # deterministic, so a resumed run builds the same batch).
+        return [fill for _, fill in replace_bad(range(len(images)), lambda i: isinstance(images[i], torch.Tensor),
+                                                  lambda: good[0])]
 
 
 def build_decoding(cfg: DataConfig, train: bool, device: Optional[torch.device] = None,

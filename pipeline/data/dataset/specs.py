@@ -26,7 +26,7 @@ from typing import Sequence
 
 from braceexpand import braceexpand
 
-from pipeline.data.manifest import MANIFEST_NAME, ShardInfo
+from pipeline.data.dataset.manifest import MANIFEST_NAME, ShardInfo
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 GLOB_CHARS = "*?["
@@ -114,7 +114,7 @@ def _add(out: Expanded, text: str, key: str, split: str, item: str) -> None:
 
 def _add_folder(out: Expanded, path: Path, key: str, split: str) -> None:
     if (path / MANIFEST_NAME).is_file():
-        from pipeline.data.manifest import Manifest
+        from pipeline.data.dataset.manifest import Manifest
 
         manifest = Manifest.read(path, offsets=True)
         if split not in manifest.splits:

@@ -1,8 +1,8 @@
 """The dataset a config names, as one `Manifest`: data.root's manifest.json, or shard specs and their indexes.
 
-With `data.train` / `data.val` / `data.test` set (see `pipeline.data.specs`), each spec is expanded to
+With `data.train` / `data.val` / `data.test` set (see `pipeline.data.dataset.specs`), each spec is expanded to
 its shards, our own folders contribute their manifest's counts, any other shards are indexed (see
-`pipeline.data.index`; read once, cached), and the class names come from, in this order:
+`pipeline.data.dataset.index`; read once, cached), and the class names come from, in this order:
 `data.classes`, our folder's manifest, a `classes.txt` or `_info.json` beside the first training
 shard, or the labels found while indexing (integers 0..max as '0'..'max', or the sorted names). The
 resulting manifest names its shards by absolute path or URL, so the loader, the resume logic and the
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config.schema import DataConfig, TaskConfig
-from pipeline.data.index import (
+from pipeline.data.dataset.index import (
     SpecIndex,
     cache_path,
     label_summary,
@@ -28,10 +28,11 @@ from pipeline.data.index import (
     target_stats,
     target_sums,
 )
-from pipeline.data.keys import SampleKeys
-from pipeline.data.manifest import Manifest, ShardInfo, SplitInfo
-from pipeline.data.remote import ReadOptions, open_shard
-from pipeline.data.specs import SpecError, beside, describe, expand, is_url
+from pipeline.data.dataset.keys import SampleKeys
+from pipeline.data.dataset.manifest import Manifest, ShardInfo, SplitInfo
+from pipeline.data.dataset.specs import SpecError, beside, describe, expand, is_url
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.remote import open_shard
 
 SPEC_SPLITS = ("train", "val", "test")
 CLASS_FILES = ("classes.txt", "_info.json")
@@ -50,12 +51,8 @@ def sample_keys(data: DataConfig, classes: list[str] | tuple[str, ...] = (), tas
 
 def read_options(data: DataConfig, shards: Sequence[ShardInfo] = ()) -> ReadOptions:
     """How shards are read (remote ones: retries, timeouts, pace, cache, endpoint; the sample cap); see
-    `pipeline.data.remote`. `shards`: the indexed ones are pinned to the size and version their index saw."""
-    return ReadOptions(retries=data.retries, timeout_s=data.timeout_s, cache_dir=data.cache_dir,
-                       cache_max_gb=data.cache_max_gb, endpoint_url=data.endpoint_url, prefetch_mb=data.prefetch_mb,
-                       min_bytes_per_s=data.min_bytes_per_s, slow_window_s=data.slow_window_s,
-                       max_sample_mb=data.max_sample_mb,
-                       pinned={s.name: (s.num_bytes, s.version) for s in shards if s.version})
+    `pipeline.data.io.remote`. `shards`: the indexed ones are pinned to the size and version their index saw."""
+    return ReadOptions.from_config(data, pinned={s.name: (s.num_bytes, s.version) for s in shards if s.version})
 
 
 def dataset_manifest(data: DataConfig, progress: bool = False, task: Optional[TaskConfig] = None) -> Manifest:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.data.keys import TargetLabel
-from pipeline.data.manifest import Manifest
-from pipeline.data.shards import _RollingTarWriter, label_member, split_info
+from pipeline.data.dataset.keys import TargetLabel
+from pipeline.data.dataset.manifest import Manifest
+from pipeline.data.writer.shards import RollingTarWriter, label_member, split_info
 
 
 def write_split_shards(out: str | Path, classes: list[str],
@@ -26,7 +26,7 @@ def write_split_shards(out: str | Path, classes: list[str],
     staging.mkdir(parents=True)
     infos = {}
     for split, samples in splits.items():
-        writer = _RollingTarWriter(staging, split, max_samples, 1 << 30)
+        writer = RollingTarWriter(staging, split, max_samples, 1 << 30)
         for position, (payload, label) in enumerate(samples):
             member = label_member(label, classes, task) if task == "classification" else {}  # else: in payload
             writer.write({"__key__": f"{position:08d}", **payload, **member})

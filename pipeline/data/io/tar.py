@@ -7,7 +7,7 @@ needs (name, size, type; PAX `path`, GNU long names), and seeks past the data of
 `start` instead of reading them. Grouping follows webdataset: members with the same name up to the
 first dot of the file name form one sample, keyed by the rest of the name (lower-cased).
 
-Shards are opened with `pipeline.data.remote.open_shard`, so a URL may be local, http(s)://, an object
+Shards are opened with `pipeline.data.io.remote.open_shard`, so a URL may be local, http(s)://, an object
 store or `pipe:COMMAND`. Where the handle knows its size, data is skipped by seeking (local files: a
 seek in the buffer or the file; HTTP: read through, or a Range request for long jumps); where it does
 not (pipes, gzip streams), it is read and discarded, which also finds a cut. `.tar.gz`/`.tgz` shards
@@ -19,7 +19,7 @@ that outlasts the retries raises the reader's one-line OSError.
 Where a sample starts: the byte offset of its first member's header (of the PAX or long-name header
 before it, if any) is what `placed_samples` yields with each sample and the shard index records. Given
 that offset (`at`), `tar_samples` opens the shard there (a seek; over HTTP a `Range: bytes=N-` request,
-see `pipeline.data.remote`) instead of walking the members before `start`. Without it (0) the walk from
+see `pipeline.data.io.remote`) instead of walking the members before `start`. Without it (0) the walk from
 the shard's start stays; so it does for `.tar.gz` shards (offsets are not seekable in a gzip stream).
 
 What a shard may not do to the reader:
@@ -36,7 +36,7 @@ What a shard may not do to the reader:
   ("undecodable") and the rest of the shard is read as usual (webdataset raises, losing the rest).
 
 A sample marked `BAD` still counts as one sample (the index and the stream agree on the count), and
-`pipeline.data.faults` skips and counts it.
+`pipeline.data.samples.faults` skips and counts it.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ import zlib
 from contextlib import closing, contextmanager
 from typing import BinaryIO, Iterator, Optional
 
-from pipeline.data.remote import CHUNK, ReadOptions, open_shard, shard_size
+from pipeline.data.io.handles import CHUNK, ReadOptions, shard_size
+from pipeline.data.io.remote import open_shard
 
 BLOCK = 512
 MAX_NAME_HEADER = 1 << 20

@@ -9,7 +9,7 @@ standard deviation), each sample's key and
 fingerprint (its image's size and blake2b-8 hash: what finds validation samples that are training samples,
 `shared_samples`; 16 bytes a sample, a hash at about 1 GB/s of bytes read anyway), and each sample's byte offset
 in the shard (where its first header starts: a reader opens the shard there rather than walking to it, see
-`pipeline.data.tar`). Indexes written before offsets were recorded have none; they stay valid (the reader then
+`pipeline.data.io.tar`). Indexes written before offsets were recorded have none; they stay valid (the reader then
 walks); offsets come when it is rebuilt (a shard changed, or its cache file was deleted). The index is
 cached in `data.index_dir` under a name derived from the shard list and the label and image keys, and
 reused while every shard still has the version it had; a shard that changed makes the index be
@@ -29,11 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from pipeline.data.faults import short_error
-from pipeline.data.keys import SampleKeys
-from pipeline.data.manifest import SharedSamples
-from pipeline.data.remote import ReadOptions, RemoteError, stat_shard
-from pipeline.data.tar import BAD, gzipped, placed_samples
+from pipeline.data.dataset.keys import SampleKeys
+from pipeline.data.dataset.manifest import SharedSamples
+from pipeline.data.io.errors import RemoteError
+from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.stat import stat_shard
+from pipeline.data.io.tar import BAD, gzipped, placed_samples
+from pipeline.errors import short_error
 
 INDEX_VERSION = 2
 """2: per-sample keys and fingerprints. The version is part of the cache file's name: older caches are rebuilt."""
