@@ -60,6 +60,8 @@ class InMemorySplit:
     """Stands in for a SplitLoader: the same batches every epoch, already on the device."""
 
     class _Stream:
+        epoch, history = 0, ()  # an epoch never continued from another layout (`pipeline.data.loader_state`)
+
         def __init__(self, steps: int, samples: int):
             self.steps, self.samples = steps, samples
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.data import DataLoader
 
+    from pipeline.data.loader_state import Continuation
     from pipeline.data.remote import ReadOptions
     from pipeline.data.stream import ShardStream
     from pipeline.data.workers import WorkerStuck
@@ -50,6 +51,18 @@ class SplitLoader:
     def set_position(self, epoch: int, step: int = 0, history: Sequence = ()) -> None:
         """See `ShardStream.set_position` (`history`: earlier layouts of a continued epoch)."""
         self.stream.set_position(epoch, step, history)
+
+    def state_dict(self, epoch: int, step: int) -> dict:
+        """Its layout, the epoch's earlier ones and its fault counts at `step` of `epoch` (`loader_state`)."""
+        from pipeline.data import loader_state
+
+        return loader_state.state_dict(self, epoch, step)
+
+    def load_state_dict(self, state: dict, rank_states: Callable) -> Continuation:
+        """Resume where `state` was saved, in this layout or another (`loader_state.load_state_dict`)."""
+        from pipeline.data import loader_state
+
+        return loader_state.load_state_dict(self, state, rank_states)
 
     @property
     def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
