@@ -60,6 +60,8 @@ class InMemorySplit:
     """Stands in for a SplitLoader: the same batches every epoch, already on the device."""
 
     class _Stream:
+        epoch, history = 0, ()  # an epoch never continued from another layout (`pipeline.data.loader_state`)
+
         def __init__(self, steps: int, samples: int):
             self.steps, self.samples = steps, samples
 
@@ -73,7 +75,8 @@ class InMemorySplit:
         from pipeline.data.samples import faults
 
         self.loader = batches
-        self.faults = faults.empty_counts()  # no bad samples in memory
+        self.bad_samples = faults.BadSampleCounts()  # no bad samples in memory
+        self.faults = self.bad_samples.total
         self.stream = self._Stream(len(batches), sum(len(labels) for _, labels in batches))
 
     def set_position(self, epoch: int, step: int = 0, history=()) -> None:

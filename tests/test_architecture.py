@@ -209,7 +209,8 @@ def test_private_torch_storage_calls_only_in_memory() -> None:
 
 # ---- inside pipeline.data: layers by concept ----------------------------------------------------------------------
 DATA = "pipeline.data"
-DATA_LAYERS = {"io": 0, "dataset": 1, "samples": 2, "plan": 3, "workers": 3, "stream": 4, "balance": 4, "loader": 5}
+DATA_LAYERS = {"io": 0, "dataset": 1, "samples": 2, "plan": 3, "workers": 3, "stream": 4, "balance": 4, "loader": 5,
+               "loader_state": 5}
 """Each concept of the data package and its floor: transport (io) below what the shards are (dataset) below sample
 processing (samples) below the stream: the epoch plan and the worker processes, then the stream (and its resampling
 variant), then the loader that builds it. A module imports its own floor or lower ones."""

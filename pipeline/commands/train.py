@@ -27,6 +27,7 @@ from pipeline.evaluation.tta import with_tta
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
+from pipeline.training.accumulation import AccumulationWindows
 from pipeline.training.ema import build_ema, short_run_warning
 from pipeline.training.finetune import build_finetune, match_input
 from pipeline.training.grad_stats import TrainingSignals
@@ -84,10 +85,12 @@ def build_run(cfg: Config, callbacks: list | None = None) -> Run:
     run_dir = run_dir_of(cfg)
     manifest = load_manifest(cfg, dist)
     preflight(cfg, dist, manifest)  # shards present, batch fits, run folder writable (created here)
-    config_yaml = to_yaml(cfg)
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))  # once: config.yaml and the trackers
+    config_yaml = to_yaml(resolved)
     lock = claim_run_folder(cfg, dist, run_dir, config_yaml, manifest)
     try:
-        return dataclasses.replace(_build_rest(cfg, dist, run_dir, manifest, config_yaml, lock, callbacks, gradual),
+        return dataclasses.replace(_build_rest(cfg, dist, run_dir, manifest, resolved, config_yaml, lock, callbacks,
+                                               gradual),
                                    threads=threads)
     except BaseException:
         lock.release()
@@ -113,8 +116,8 @@ def claim_run_folder(cfg: Config, dist: Dist, run_dir: Path, config_yaml: str, m
     return lock
 
 
-def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, config_yaml: str, lock: RunLock,
-                callbacks: list | None, gradual: bool) -> Run:
+def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, resolved: dict, config_yaml: str,
+                lock: RunLock, callbacks: list | None, gradual: bool) -> Run:
     from pipeline.models import create_model
     from pipeline.tasks import build_task, class_weights
     from pipeline.training.trainer import Trainer
@@ -136,7 +139,7 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     ema = build_ema(cfg.train, dist.accelerator.unwrap_model(model))  # on the device, before torch.compile
     if cfg.model.compile:
         model = torch.compile(model)
-    steps_per_epoch = -(-train.stream.steps_per_epoch() // cfg.train.grad_accum_steps)
+    steps_per_epoch = AccumulationWindows(train.stream.steps_per_epoch(), cfg.train.grad_accum_steps).optimizer_steps
     schedule = LRSchedule(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.epochs, cfg.train.monitor_mode)
     if short_ema := short_run_warning(cfg.train, steps_per_epoch * cfg.train.epochs):
         dist.print(short_ema)
@@ -144,7 +147,7 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, conf
     loss_fn = task.build_loss(class_weights(cfg, manifest)).to(dist.device)
     log_cfg = cfg.logging
     tracker = Trackers([
-        build_tracker(run_dir, log_cfg, cfg.run.name, OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main),
+        build_tracker(run_dir, log_cfg, cfg.run.name, resolved, dist.is_main),
         build_tensorboard(run_dir, log_cfg.tensorboard, dist.is_main)])
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val, task.metrics(dist.device),
                       Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml,

@@ -419,9 +419,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return merge_layers(layers)
 
 
-def to_yaml(config: Config) -> str:
-    """The resolved config as YAML, as written into the run folder; secrets are masked as *** (never saved)."""
-    return OmegaConf.to_yaml(OmegaConf.create(mask(OmegaConf.to_container(OmegaConf.structured(config)))))
+def to_yaml(config: Config | dict) -> str:
+    """The resolved config as YAML, as written into the run folder; secrets are masked as *** (never saved).
+    `config`: a Config, or its plain containers when the caller has them already (`OmegaConf.to_container`)."""
+    resolved = config if isinstance(config, dict) else OmegaConf.to_container(OmegaConf.structured(config))
+    return OmegaConf.to_yaml(OmegaConf.create(mask(resolved)))
 
 
 def config_from_dict(data: dict) -> Config:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.data import DataLoader
 
+    from pipeline.data.loader_state import Continuation
     from pipeline.data.stream import ShardStream
     from pipeline.data.workers import WorkerStuck
 
@@ -37,16 +38,25 @@ class SplitLoader:
 
     @property
     def faults(self) -> torch.Tensor:
-        """The counts tensor of `bad_samples` (read by the trainer and the evaluation; setting it restores them)."""
+        """The counts tensor of `bad_samples` (read by the bad-data check and the evaluation; restored only through
+        `load_state_dict`)."""
         return self.bad_samples.total
-
-    @faults.setter
-    def faults(self, counts: torch.Tensor) -> None:
-        self.bad_samples.load_state_dict({"counts": counts})
 
     def set_position(self, epoch: int, step: int = 0, history: Sequence = ()) -> None:
         """See `ShardStream.set_position` (`history`: earlier layouts of a continued epoch)."""
         self.stream.set_position(epoch, step, history)
+
+    def state_dict(self, epoch: int, step: int) -> dict:
+        """Its layout, the epoch's earlier ones and its bad-sample counts at `step` of `epoch` (`loader_state`)."""
+        from pipeline.data import loader_state
+
+        return loader_state.state_dict(self, epoch, step)
+
+    def load_state_dict(self, state: dict, rank_states: Callable) -> Continuation:
+        """Resume where `state` was saved, in this layout or another (`loader_state.load_state_dict`)."""
+        from pipeline.data import loader_state
+
+        return loader_state.load_state_dict(self, state, rank_states)
 
     @property
     def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 from rich.console import Console
 from rich.progress import (
@@ -101,3 +101,24 @@ def warn(message: str) -> None:
     from pipeline.config.secrets import mask_text
 
     _above_bar(err_console).print(f"[yellow]warning:[/yellow] {escape(mask_text(message))}")
+
+
+def epoch_line(record: dict, epochs: int, seconds: float, improved: bool, width: Optional[int] = None,
+               headline: tuple[str, str] = ("val/accuracy", "val_acc")) -> str:
+    """The line printed after each epoch: <= 100 characters while epochs < 1000, losses < 10 (cross-entropy starts at
+    ln(classes)), throughput < 1M images/s and an epoch < 10,000 s. Given a terminal's `width`, it stays one row of
+    it: the throughput, then the learning rate, are left out when it would wrap (both are in metrics.jsonl).
+    `headline`: the task's (record key, label) shown after the validation loss (`pipeline.tasks`)."""
+    speed = record.get("images_per_second")
+    key, label = headline
+    fields = {"epoch": f"epoch {record['epoch']}/{epochs}", "loss": f"loss {record['train/loss']:.4f}",
+              "val_loss": f"val_loss {record['val/loss']:.4f}", "val_acc": f"{label} {record[key]:.4f}",
+              "lr": f"lr {record['lr']:.1e}", "speed": f"{speed:.0f} img/s" if speed else "",
+              "time": f"{seconds:.1f}s", "best": "best" if improved else ""}
+    line = "  ".join(v for v in fields.values() if v)
+    for droppable in ("speed", "lr"):
+        if width is None or len(line) <= width:
+            break
+        fields[droppable] = ""
+        line = "  ".join(v for v in fields.values() if v)
+    return line

@@ -56,8 +56,8 @@ class BadDataMonitor:
         up, so the epoch would breach at its end anyway: this never stops an epoch that would have passed."""
         if self.max_bad_fraction >= 1:
             return
-        planned = torch.tensor([data.stream.samples_per_epoch()], dtype=data.faults.dtype)
-        total = self.dist.gather_rows(torch.cat([data.faults, planned])).sum(dim=0)
+        planned = torch.tensor([data.stream.samples_per_epoch()], dtype=data.bad_samples.total.dtype)
+        total = self.dist.gather_rows(torch.cat([data.bad_samples.total, planned])).sum(dim=0)
         counts, epoch_samples = total[:-1], int(total[-1])
         skipped = faults.num_skipped(counts)
         if skipped > self.max_bad_fraction * epoch_samples:

@@ -51,6 +51,7 @@ from torch import nn
 from pipeline.config.secrets import mask
 from pipeline.distributed import Dist
 from pipeline.testing import faults
+from pipeline.training.callbacks import Callback, Trainer
 
 EXIT_NONFINITE = 70  # EX_SOFTWARE
 DIAGNOSTICS_FILE = "nonfinite.json"
@@ -250,3 +251,28 @@ class NonFiniteGuard:
         self.skipped = int(state.get("skipped", 0))
         self.scaler_skipped = int(state.get("scaler_skipped", 0))
         self.in_a_row = int(state.get("in_a_row", 0))
+
+
+class GuardHooks(Callback):
+    """The non-finite guard's part in the callback flow: it watches the model once resumed, adds its counts to
+    the epoch record (after every other callback) and keeps them in checkpoints (as the 'nonfinite' callback)."""
+
+    name = NonFiniteGuard.name
+
+    def __init__(self, guard: NonFiniteGuard):
+        self.guard = guard
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.guard.watch(trainer.unwrapped)
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        counts, line = self.guard.end_epoch()
+        record.update(counts)
+        if line:
+            trainer.dist.print(f"epoch {trainer.state.epoch}: {line}")
+
+    def state_dict(self) -> dict:
+        return self.guard.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.guard.load_state_dict(state)

@@ -10,8 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from pipeline.evaluation.summary import per_class_rows, print_training_summary
-from pipeline.tracking.console import ImagesPerSecondColumn
-from pipeline.training.trainer import epoch_line
+from pipeline.tracking.console import ImagesPerSecondColumn, epoch_line
 
 METRICS = {"accuracy": 0.75, "precision_macro": 0.7, "recall_macro": 0.7166, "f1_macro": 0.68, "auroc": 0.9,
            "num_samples": 12, "num_skipped": 0, "confusion_matrix": [[4, 0, 0], [1, 2, 1], [0, 1, 3]]}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import itertools
 import tarfile
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -245,17 +244,21 @@ class _Printer:
 
 
 def _resume(stream: ShardStream, old_ranks: list[dict]) -> SimpleNamespace:
-    """Trainer.resume_epoch on a stand-in trainer: a checkpoint of 2 ranks x 2 workers, batch 4, at step 3."""
-    from pipeline.training.trainer import Trainer, TrainState
+    """CheckpointManager.resume_epoch on a stand-in trainer: a checkpoint of 2 ranks x 2 workers, batch 4, at
+    step 3."""
+    from pipeline.checkpointing.manager import CheckpointManager
+    from pipeline.data import SplitLoader
+    from pipeline.data.loader_state import epoch_history
+    from pipeline.training.trainer import TrainState
 
     trainer = SimpleNamespace(state=TrainState(epoch=1, global_step=3, step_in_epoch=3), dist=_Printer(),
-                              train_data=SimpleNamespace(stream=stream, faults=faults.empty_counts()),
-                              checkpointer=SimpleNamespace(rank_states=lambda folder: old_ranks),
-                              epoch_history=(), epoch_totals=torch.zeros(3))
-    trainer._restore_sums = partial(Trainer._restore_sums, trainer)
+                              train_data=SplitLoader(stream, None), epoch_totals=torch.zeros(3))
+    manager = SimpleNamespace(loop=trainer, dist=trainer.dist, loader=trainer.train_data, sums=trainer.epoch_totals,
+                              checkpointer=SimpleNamespace(rank_states=lambda folder: old_ranks))
     state = {"world_size": 2, "data_layout": {"world_size": 2, "workers": 2, "batch_size": 4, "drop_last": False,
                                               "step": 3, "history": []}}
-    Trainer.resume_epoch(trainer, Path("unused"), state, None)
+    CheckpointManager.resume_epoch(manager, Path("unused"), state, None)
+    trainer.epoch_history = epoch_history(stream, trainer.state.epoch)
     return trainer
 
 

@@ -41,7 +41,7 @@ class TrialReporter(Callback):
             self.trial.report(value, step=record["epoch"])
             prune = self.trial.should_prune()
         if trainer.dist.broadcast_object(prune):
-            from pipeline.training.trainer import epoch_line  # (loaded by then; not with `pipeline tune`'s checks)
+            from pipeline.tracking.console import epoch_line  # (loaded by then; not with `pipeline tune`'s checks)
 
             record["pruned"] = True
             trainer.log.append(record)  # the loop logs after callbacks; keep the pruned epoch in metrics.jsonl
