@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from pipeline.evaluation.summary import per_class_rows, print_training_summary
+from pipeline.run.summary import per_class_rows, print_training_summary
 from pipeline.tracking.console import ImagesPerSecondColumn
 from pipeline.training.trainer import epoch_line
 

@@ -14,6 +14,8 @@ import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pipeline.exits import SIGNAL_NAMES
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("cosine", "plateau", "step", "constant")
@@ -498,9 +500,6 @@ class TrainConfig:
         _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         _check_range("train.ema_every_steps", self.ema_every_steps, 1)
         _check_choice("train.ema_buffers", self.ema_buffers, EMA_BUFFERS)
-
-
-SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
 
 
 @dataclass

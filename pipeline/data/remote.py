@@ -78,10 +78,7 @@ RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 """HTTP statuses that are retried (any other 5xx is too); other 4xx fail at once."""
 HEAD_REFUSED = frozenset({400, 403, 405, 501})
 """Answers to HEAD after which `stat_shard` asks a ranged GET instead (S3 presigned GET URLs: 403)."""
-EXIT_REMOTE_DATA = 69
-"""Exit code when remote data cannot be had after the retries (EX_UNAVAILABLE: a service is unavailable)."""
-EXIT_CHANGED_DATA = 65
-"""Exit code when a shard changed during the run (EX_DATAERR, as data.max_bad_fraction)."""
+from pipeline.exits import EXIT_BAD_DATA, EXIT_REMOTE_DATA  # noqa: E402 - a changed shard is bad data (65)
 USER_AGENT = "pipeline-shard-reader/1"
 
 _COUNTERS = {"retries": 0, "resumed": 0, "failed": 0}
@@ -117,7 +114,7 @@ class ShardChanged(PermanentError):
     """A shard that answers another size or version than the index recorded (`ReadOptions.pinned`): reading on
     would mix two versions of the data in one run (exit 65)."""
 
-    exit_code = EXIT_CHANGED_DATA
+    exit_code = EXIT_BAD_DATA
 
 
 class _HeadRefused(Exception):

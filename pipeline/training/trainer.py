@@ -13,13 +13,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline.checkpointing import EMA_WEIGHTS, Checkpointer, CheckpointWriteError, load_weights
+from pipeline.checkpointing import EMA_WEIGHTS, Checkpointer, load_weights
+from pipeline.checkpointing.checkpointer import resume_folder
 from pipeline.config.schema import Config
 from pipeline.data import SplitLoader
 from pipeline.data.stream import MAX_HISTORY, Layout
 from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
+from pipeline.exits import EXIT_INTERRUPTED, EXIT_PREEMPTED, CheckpointWriteError, Interrupted, Preempted, StopRequest
+from pipeline.run.folder import DIAGNOSTICS_FILE, PREEMPTED_MARKER
 from pipeline.testing import faults as injected
 from pipeline.tracking.console import NullProgress, progress_bar, terminal_width
 from pipeline.tracking.metrics_log import MetricsLog
@@ -28,17 +31,8 @@ from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.ema import ModelEma, NoEma
 from pipeline.training.mixing import BatchAugment
-from pipeline.training.nonfinite import DIAGNOSTICS_FILE, NonFiniteGuard, Verdict, reset_scaler
+from pipeline.training.nonfinite import NonFiniteGuard, Verdict, reset_scaler
 from pipeline.training.optim import build_l1_penalty
-from pipeline.training.preemption import (
-    EXIT_INTERRUPTED,
-    EXIT_PREEMPTED,
-    PREEMPTED_MARKER,
-    Interrupted,
-    Preempted,
-    StopRequest,
-)
-from pipeline.training.run_folder import resume_folder
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import rng_state, set_rng_state
 

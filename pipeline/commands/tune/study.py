@@ -30,6 +30,7 @@ from pipeline.config import Config, to_yaml
 from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
 from pipeline.errors import first_line
+from pipeline.run.folder import RunFolder
 
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
@@ -193,7 +194,7 @@ def trial_dir(study_dir: Path, number: int) -> Path:
 def _continue_from(study_dir: Path, job: Job) -> None:
     """A retried trial starts from the checkpoints its dead worker left (same parameters, new number)."""
     old, new = trial_dir(study_dir, job.retry_of), trial_dir(study_dir, job.number)
-    if (old / "checkpoints").is_dir() and not new.exists():
+    if RunFolder(old).checkpoints.is_dir() and not new.exists():
         shutil.copytree(old, new)
 
 
@@ -283,8 +284,8 @@ def check_base(tune: TuneConfig, base: Config) -> None:
     import yaml
 
     from pipeline.data.dataset import dataset_manifest
-    from pipeline.training.preflight import check_data_root
-    from pipeline.training.run_folder import config_changes, is_harmless
+    from pipeline.run.guards import config_changes, is_harmless
+    from pipeline.run.preflight import check_data_root
 
     check_data_root(base)
     dataset_manifest(base.data)  # shards readable, classes known (an index comes from its cache)

@@ -12,8 +12,8 @@ from pipeline.data.dataset import spec_manifest, training_shard_labels, uses_spe
 from pipeline.data.shards import ensure_digits_shards
 from pipeline.data.specs import describe, expand, other_splits_line
 from pipeline.distributed import Dist
+from pipeline.run.preflight import builds_digits, check_data_root
 from pipeline.tracking.console import warn
-from pipeline.training.preflight import builds_digits, check_data_root
 
 
 def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:
