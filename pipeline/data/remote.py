@@ -79,6 +79,7 @@ RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 HEAD_REFUSED = frozenset({400, 403, 405, 501})
 """Answers to HEAD after which `stat_shard` asks a ranged GET instead (S3 presigned GET URLs: 403)."""
 from pipeline.exits import EXIT_BAD_DATA, EXIT_REMOTE_DATA  # noqa: E402 - a changed shard is bad data (65)
+
 USER_AGENT = "pipeline-shard-reader/1"
 
 _COUNTERS = {"retries": 0, "resumed": 0, "failed": 0}

@@ -35,8 +35,7 @@ from typing import Callable, Iterator
 from torch.utils.data import DataLoader
 
 from pipeline.config.schema import SIGNAL_NAMES
-
-from pipeline.exits import EXIT_STUCK  # noqa: E402 - a loader worker stopped answering
+from pipeline.exits import EXIT_STUCK
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in SIGNAL_NAMES)
 """Signals the loader's processes ignore: every one `checkpoint.signals` may name, and SIGINT."""

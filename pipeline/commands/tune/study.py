@@ -21,12 +21,13 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.commands.train import train
-from pipeline.commands.tune.config import TuneConfig, load_tune_config
+from pipeline.commands.tune.config import load_tune_config
 from pipeline.commands.tune.pruning import MetricNotInRecord, TrialReporter
 from pipeline.commands.tune.report import write_report
 from pipeline.commands.tune.space import SearchSpace, apply_overrides
 from pipeline.commands.tune.storage import build_storage, check_url, mask_url, study_lock
 from pipeline.config import Config, to_yaml
+from pipeline.config.schema import TuneConfig
 from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
 from pipeline.errors import first_line
