@@ -33,7 +33,7 @@ from pipeline.checkpointing.safe_load import load_tensors
 from pipeline.distributed import Dist
 from pipeline.errors import first_line
 from pipeline.exits import CheckpointWriteError
-from pipeline.run.folder import CONFIG_FILE
+from pipeline.run_folder import CONFIG_FILE
 from pipeline.testing import faults
 
 MARKER = "COMPLETE"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.checkpointing import EMA_WEIGHTS, verify
 from pipeline.checkpointing.checkpointer import MARKER, STEP_PREFIX
-from pipeline.run.folder import CONFIG_FILE, RunFolder
+from pipeline.run_folder import CONFIG_FILE, RunFolder
 
 AVERAGED = "averaged"
 """The folder name (under RUN_DIR/checkpoints) of the averaged weights, and the --checkpoint value that loads it."""

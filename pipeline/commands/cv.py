@@ -28,7 +28,7 @@ from pipeline.data.keys import TargetLabel
 from pipeline.data.manifest import Manifest
 from pipeline.data.stratify import METHODS, assign_folds, multi_hot, strata
 from pipeline.data.subsets import write_split_shards
-from pipeline.run.folder import CV_SUMMARY_FILE, fold_folder, fold_name
+from pipeline.run_folder import CV_SUMMARY_FILE, fold_folder, fold_name
 from pipeline.tracking.console import warn
 
 SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc",  # classification

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.run.folder import CHECKPOINTS_DIR, RunFolder
+from pipeline.run_folder import CHECKPOINTS_DIR, RunFolder
 
 FORMATS = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
 """Export formats and the file suffix each is written with."""

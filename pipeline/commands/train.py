@@ -25,9 +25,9 @@ from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.distributed.sync_bn import convert_sync_batchnorm
 from pipeline.evaluation.tta import with_tta
 from pipeline.run.data import load_manifest
-from pipeline.run.folder import RunFolder
 from pipeline.run.guards import RunLock, check_resume, data_identity, record_start
 from pipeline.run.preflight import preflight
+from pipeline.run_folder import RunFolder
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import first_line
-from pipeline.run.folder import CHECKPOINTS_DIR, RunFolder
+from pipeline.run_folder import CHECKPOINTS_DIR, RunFolder
 
 
 @dataclass

@@ -27,7 +27,7 @@ import yaml
 
 from pipeline.checkpointing.checkpointer import DATA_IN_CHECKPOINT, STEP_PREFIX, resume_folder, verify
 from pipeline.config.secrets import mask_text
-from pipeline.run.folder import CONFIG_FILE, EARLIER_NAME, HISTORY_NAME, LOCK_NAME, RunFolder
+from pipeline.run_folder import CONFIG_FILE, EARLIER_NAME, HISTORY_NAME, LOCK_NAME, RunFolder
 from pipeline.tracking.console import warn
 
 HEARTBEAT_S = 30.0

@@ -15,7 +15,7 @@ from pipeline.data import Manifest, SplitLoader, build_loader
 from pipeline.data.dataset import dataset_manifest
 from pipeline.distributed import Dist, build_dist
 from pipeline.models import create_model
-from pipeline.run.folder import RunFolder
+from pipeline.run_folder import RunFolder
 from pipeline.tasks import Task, load_task
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.run.folder import RunFolder
+from pipeline.run_folder import RunFolder
 
 WORST_CLASSES = 3
 """Classes listed under "worst classes" at the end of training (lowest F1 first)."""

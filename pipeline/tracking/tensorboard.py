@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.run.folder import RunFolder
+from pipeline.run_folder import RunFolder
 from pipeline.tracking.console import warn
 from pipeline.tracking.wandb_logger import NullTracker
 

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from pipeline.config.schema import LoggingConfig
 from pipeline.config.secrets import mask, mask_url, mask_value
 from pipeline.errors import first_line
-from pipeline.run.folder import RunFolder
+from pipeline.run_folder import RunFolder
 from pipeline.tracking.console import warn
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"

@@ -20,7 +20,7 @@ from pipeline.models.pretrained import (
     read_pretrained_state,
 )
 from pipeline.models.timm_models import input_of_pretrained_cfg, is_timm_name, timm_pretrained_input
-from pipeline.run.folder import RunFolder
+from pipeline.run_folder import RunFolder
 from pipeline.training.callbacks import Callback
 from pipeline.training.freezing import FreezeCallback, apply_freeze, build_groups, optimizer_param_groups
 

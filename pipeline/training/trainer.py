@@ -22,7 +22,7 @@ from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
 from pipeline.exits import EXIT_INTERRUPTED, EXIT_PREEMPTED, CheckpointWriteError, Interrupted, Preempted, StopRequest
-from pipeline.run.folder import DIAGNOSTICS_FILE, PREEMPTED_MARKER
+from pipeline.run_folder import DIAGNOSTICS_FILE, PREEMPTED_MARKER
 from pipeline.testing import faults as injected
 from pipeline.tracking.console import NullProgress, progress_bar, terminal_width
 from pipeline.tracking.metrics_log import MetricsLog

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from pipeline.commands.diagnose.rules import Chance, Finding, diagnose
-from pipeline.run.folder import RunFolder
+from pipeline.run_folder import RunFolder
 
 
 def read_history(run_dir: str | Path) -> list[dict]:

@@ -27,9 +27,9 @@ from pipeline.commands.visualize import (
 from pipeline.data.dataset import uses_specs
 from pipeline.data.specs import describe
 from pipeline.evaluation.analysis import analyse, confusion_matrix
-from pipeline.run.folder import RunFolder
 from pipeline.run.loaded import load_run
 from pipeline.run.summary import DETAIL_COLUMNS, HEADLINES
+from pipeline.run_folder import RunFolder
 
 # (id, title) of every section, in page order; the Chromium test checks each exists.
 SECTIONS = (("config", "Configuration"), ("data", "Data"), ("curves", "Training curves"),

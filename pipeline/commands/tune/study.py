@@ -31,7 +31,7 @@ from pipeline.config.schema import TuneConfig
 from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
 from pipeline.errors import first_line
-from pipeline.run.folder import RunFolder
+from pipeline.run_folder import RunFolder
 
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 

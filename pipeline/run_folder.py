@@ -15,7 +15,9 @@
     visualize/, export/    `pipeline visualize`, `pipeline export`
     earlier/<UTC time>/    an earlier run's files, set aside by checkpoint.resume=never
 
-On the ground floor: imports nothing from the package (the core names its files through it too).
+On the ground floor beside `pipeline.errors` and `pipeline.exits`: it imports nothing from the package, so the
+core (the trainer's marker, the checkpointer's config.yaml, the trackers' folders) names its files through it as
+the run layer above it (`pipeline.run`) and the commands do.
 """
 
 from __future__ import annotations
