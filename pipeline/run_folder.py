@@ -6,6 +6,7 @@
     .run.lock              held by the running process (`pipeline.run.guards.RunLock`)
     metrics.jsonl          one record per epoch (and the end-of-run records)
     test_metrics.json      the final test metrics (`pipeline train`)
+    task.json              a multilabel or regression run's task state: thresholds, target mean/std
     checkpoints/           step-NNNNNNNN/ folders, `last` (a link) and `best` (`pipeline.checkpointing`)
     PREEMPTED              the step a preempted run stopped after (removed when the run completes)
     nonfinite.json         what a non-finite stop saw (train.nonfinite)
@@ -81,6 +82,11 @@ class RunFolder:
     def checkpoint(self, name: str) -> Path:
         """A checkpoint folder by name: `best`, `last` (a link to the newest step) or step-NNNNNNNN."""
         return self.checkpoints / name
+
+    @property
+    def task(self) -> Path:
+        """The task's type and state (thresholds, target mean/std), for evaluate/predict/export (pipeline.tasks)."""
+        return self.path / "task.json"
 
     @property
     def preempted(self) -> Path:
