@@ -1,9 +1,11 @@
 """The package's layers, checked from its imports (read with ast; nothing is imported).
 
-The core (config, data, models, training, checkpointing, distributed, tracking, evaluation) never imports the
-command layer `pipeline.commands`; a command uses another command only through the names in that command's
-`__all__` (the dispatcher `pipeline.commands.cli` may use anything); and no modules import each other in a circle.
-Every import counts: module level, inside functions, and under `if TYPE_CHECKING:`.
+Floors, bottom up: the ground floor (`GROUND_FLOOR`: errors, exits, the run folder's file names), which imports
+nothing but itself; the core (config, data, models, training, checkpointing, distributed, tracking, evaluation);
+the run layer `pipeline.run` (set-up and opening a finished run: only commands use it); the command layer
+`pipeline.commands`. No module imports a floor above its own; a command uses another command only through the names
+in that command's `__all__` (the dispatcher `pipeline.commands.cli` may use anything); and no modules import each
+other in a circle. Every import counts: module level, inside functions, and under `if TYPE_CHECKING:`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ COMMANDS = "pipeline.commands"
 DISPATCHER = "pipeline.commands.cli"
 ENTRY = {"pipeline.__main__"}
 """`python -m pipeline`: starts the dispatcher, as the console script does."""
+RUN = "pipeline.run"
+GROUND_FLOOR = {"pipeline.errors", "pipeline.exits", "pipeline.run_folder"}
+"""Modules every floor may import: they import nothing of the package but each other (no torch either)."""
 
 
 def module_name(path: Path) -> str:
@@ -79,6 +84,21 @@ def public_names(command: str) -> set[str]:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
             return set(ast.literal_eval(node.value))
     return set()
+
+
+def is_run_layer(name: str) -> bool:
+    return name == RUN or name.startswith(RUN + ".")
+
+
+def ground_floor_imports() -> list[str]:
+    return [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: ground-floor module {name} imports {target}"
+            for name in sorted(GROUND_FLOOR) for target, _, line in imports(name) if target not in GROUND_FLOOR]
+
+
+def run_layer_imports() -> list[str]:
+    return [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: core module {name} imports {target}"
+            for name in MODULES if not is_command(name) and not is_run_layer(name) and name not in ENTRY
+            for target, _, line in imports(name) if is_run_layer(target)]
 
 
 def upward_imports() -> list[str]:
@@ -167,6 +187,23 @@ def test_the_walk_sees_module_and_function_level_imports() -> None:
 def test_no_core_module_imports_a_command() -> None:
     wrong = upward_imports()
     assert not wrong, "the core must not import the command layer:\n" + "\n".join(wrong)
+
+
+def test_the_ground_floor_imports_only_itself() -> None:
+    wrong = ground_floor_imports()
+    assert not wrong, "the ground floor imports nothing above it:\n" + "\n".join(wrong)
+
+
+def test_no_core_module_imports_the_run_layer() -> None:
+    wrong = run_layer_imports()
+    assert not wrong, "the core must not import the run layer:\n" + "\n".join(wrong)
+    assert "pipeline.run.guards" in MODULES and is_run_layer("pipeline.run.guards")  # the check looks
+
+
+def test_distributed_does_not_import_training() -> None:
+    wrong = [f"{name} imports {target}" for name in MODULES if name.startswith("pipeline.distributed")
+             for target, _, _ in imports(name) if target.startswith("pipeline.training")]
+    assert not wrong, "pipeline.distributed sits below the training loop:\n" + "\n".join(wrong)
 
 
 def test_commands_use_only_each_others_public_names() -> None:

@@ -24,11 +24,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from pipeline.checkpointing import Checkpointer, CheckpointWriteError, verify
+from pipeline.checkpointing import Checkpointer, verify
 from pipeline.checkpointing.checkpointer import _tensor_bytes, model_state
 from pipeline.config import load_config
 from pipeline.config.schema import LoggingConfig
 from pipeline.distributed import Dist
+from pipeline.exits import CheckpointWriteError
 from pipeline.testing.faults import parse_steps
 from pipeline.tracking import wandb_logger
 from pipeline.tracking.wandb_logger import NullTracker, WandbTracker, build_tracker

@@ -3,10 +3,9 @@
 from pipeline.checkpointing.checkpointer import (
     EMA_WEIGHTS,
     Checkpointer,
-    CheckpointWriteError,
     load_weights,
     save_weights,
     verify,
 )
 
-__all__ = ["EMA_WEIGHTS", "CheckpointWriteError", "Checkpointer", "load_weights", "save_weights", "verify"]
+__all__ = ["EMA_WEIGHTS", "Checkpointer", "load_weights", "save_weights", "verify"]

@@ -32,6 +32,8 @@ from torch import nn
 from pipeline.checkpointing.safe_load import load_tensors
 from pipeline.distributed import Dist
 from pipeline.errors import first_line
+from pipeline.exits import CheckpointWriteError
+from pipeline.run_folder import CONFIG_FILE
 from pipeline.testing import faults
 
 MARKER = "COMPLETE"
@@ -92,14 +94,27 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True):
 EMA_WEIGHTS = "ema.safetensors"
 """The EMA copy's weights in a checkpoint folder; what evaluation loads when present (see pipeline.training.ema)."""
 STEP_PREFIX = "step-"
-EXIT_CHECKPOINT_WRITE = 74  # EX_IOERR
+DATA_IN_CHECKPOINT = "data.json"
+"""The identity of the data a checkpoint was trained on (classes, shard fingerprint), beside its config.yaml."""
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, permissions...); the message is one line naming the folder."""
-
-    exit_code = EXIT_CHECKPOINT_WRITE
-    same_on_every_rank = True
+def resume_folder(cfg, checkpoints: Path) -> Optional[Path]:
+    """The checkpoint this start will continue from (verified), or None for a fresh start."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume != "auto":
+        folder = Path(resume)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"checkpoint.resume='{resume}' is not a checkpoint folder")
+        problem = verify(folder)
+        if problem:
+            raise ValueError(f"checkpoint.resume='{resume}' cannot be loaded: {problem}; give a complete checkpoint "
+                             f"folder or checkpoint.resume=auto")
+        return folder
+    steps = sorted((p for p in checkpoints.glob(f"{STEP_PREFIX}*") if p.is_dir()), reverse=True) \
+        if checkpoints.is_dir() else []
+    return next((p for p in steps if verify(p) is None), None)
 
 
 def _tensor_bytes(obj: object) -> int:
@@ -140,7 +155,7 @@ class Checkpointer:
                  data_identity: Optional[dict] = None):
         self.directory = Path(directory)
         self.config_yaml = config_yaml  # stored in every checkpoint: what a resume compares its config with
-        self.data_identity = data_identity  # ... and its data with (see pipeline.training.run_folder.data_identity)
+        self.data_identity = data_identity  # ... and its data with (see pipeline.run.guards.data_identity)
         self.dist = dist
         self.keep_last = keep_last
 
@@ -193,9 +208,9 @@ class Checkpointer:
             _torch_save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.dist.world_size}, indent=2))
         if self.config_yaml:
-            (tmp / "config.yaml").write_text(self.config_yaml)
+            (tmp / CONFIG_FILE).write_text(self.config_yaml)
         if self.data_identity is not None:
-            (tmp / "data.json").write_text(json.dumps(self.data_identity, indent=1))
+            (tmp / DATA_IN_CHECKPOINT).write_text(json.dumps(self.data_identity, indent=1))
         _fsync_tree(tmp)
         files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}

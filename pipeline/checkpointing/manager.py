@@ -20,14 +20,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline.checkpointing.checkpointer import EMA_WEIGHTS, Checkpointer, CheckpointWriteError, load_weights
+from pipeline.checkpointing.checkpointer import EMA_WEIGHTS, Checkpointer, load_weights, resume_folder
 from pipeline.config.schema import Config
 from pipeline.data.loader_state import FAULTS
 from pipeline.distributed import Dist
 from pipeline.distributed.stop import AgreedStop
+from pipeline.exits import CheckpointWriteError, Interrupted, Preempted
+from pipeline.run_folder import RunFolder
 from pipeline.testing import faults as injected
-from pipeline.training.preemption import PREEMPTED_MARKER, Interrupted, Preempted
-from pipeline.training.run_folder import resume_folder
 from pipeline.training.seed import rng_state, set_rng_state
 
 
@@ -88,7 +88,7 @@ class CheckpointManager:
         second SIGINT exits at once, with the same code)."""
         step, stop = self.loop.state.global_step, self.stop
         if self.dist.is_main:
-            (self.checkpointer.directory.parent / PREEMPTED_MARKER).write_text(f"{step}\n")
+            RunFolder(self.checkpointer.directory.parent).preempted.write_text(f"{step}\n")
         kind = Interrupted if stop.interrupted else Preempted
         what = "interrupted" if stop.interrupted else "stop requested"
         self.dist.print(f"{what} ({stop.signal_name}): checkpoint saved at step {step}; "
@@ -145,7 +145,7 @@ class CheckpointManager:
         self.resume_epoch(folder, state, rank_state)
         self.log.truncate_after(self.loop.state.epoch)
         if self.dist.is_main:
-            (self.checkpointer.directory.parent / PREEMPTED_MARKER).unlink(missing_ok=True)
+            RunFolder(self.checkpointer.directory.parent).preempted.unlink(missing_ok=True)
         self.announce_first_step = True
         return folder
 

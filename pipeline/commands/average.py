@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.checkpointing import EMA_WEIGHTS, verify
 from pipeline.checkpointing.checkpointer import MARKER, STEP_PREFIX
+from pipeline.run_folder import CONFIG_FILE, RunFolder
 
 AVERAGED = "averaged"
 """The folder name (under RUN_DIR/checkpoints) of the averaged weights, and the --checkpoint value that loads it."""
@@ -28,7 +29,7 @@ AVERAGED = "averaged"
 
 def epoch_end_checkpoints(run_dir: Path, last: int) -> list[Path]:
     """The newest `last` complete step checkpoints written at an epoch's end, newest first."""
-    folder = run_dir / "checkpoints"
+    folder = RunFolder(run_dir).checkpoints
     steps = sorted((p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir()), key=lambda p: p.name, reverse=True)
     found = [p for p in steps if verify(p) is None
              and json.loads((p / "state.json").read_text())["train"]["step_in_epoch"] == 0]
@@ -53,16 +54,17 @@ def average_run(run_dir: str | Path, last: int = 5) -> tuple[Path, list[Path]]:
     run_dir = Path(run_dir)
     if last < 1:
         raise ValueError(f"--last={last} must be at least 1")
-    if not (run_dir / "checkpoints").is_dir():
+    checkpoints = RunFolder(run_dir).checkpoints
+    if not checkpoints.is_dir():
         raise FileNotFoundError(f"'{run_dir}' is not a run folder with checkpoints")
     sources = epoch_end_checkpoints(run_dir, last)
     files = [s / EMA_WEIGHTS if (s / EMA_WEIGHTS).is_file() else s / "model.safetensors" for s in sources]
     weights = average_weights(files)
-    final, tmp = run_dir / "checkpoints" / AVERAGED, run_dir / "checkpoints" / f".{AVERAGED}.tmp"
+    final, tmp = checkpoints / AVERAGED, checkpoints / f".{AVERAGED}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(weights, str(tmp / "model.safetensors"))
-    shutil.copyfile(sources[0] / "config.yaml", tmp / "config.yaml")
+    shutil.copyfile(sources[0] / CONFIG_FILE, tmp / CONFIG_FILE)
     (tmp / "averaged.json").write_text(json.dumps({"averaged": [str(f.relative_to(run_dir)) for f in files]},
                                                   indent=2) + "\n")
     digests = {}

@@ -3,7 +3,8 @@
 Bad input ends with one line and exit code 2; too many bad samples in the training data
 (data.max_bad_fraction) or a shard that changed during the run with 65; remote data that cannot be had after the
 retries with 69 (see pipeline.data.io.remote); non-finite training stops with 70 (see pipeline.training.nonfinite),
-a write failure with 74, a preempted run with 75, a lost rank or distributed timeout with 76, Ctrl-C with 130.
+a write failure with 74, a preempted run with 75, a lost rank or distributed timeout with 76, Ctrl-C with 130
+(the table of codes: pipeline.exits).
 """
 
 from __future__ import annotations
@@ -15,13 +16,21 @@ import sys
 import time
 from typing import TYPE_CHECKING, Sequence
 
+from pipeline.exits import (
+    EXIT_DISTRIBUTED,
+    EXIT_INTERRUPTED,
+    EXIT_IO,
+    EXIT_USAGE,
+    STOP_CODES,
+    CommandSignals,
+    Preempted,
+    SignalStop,
+    ignore_stop_signals,
+)
+
 if TYPE_CHECKING:
     from pipeline.config.schema import Config
 
-EXIT_USAGE = 2  # bad input: config, files, values
-EXIT_IO = 74  # EX_IOERR: a file could not be written (disk full, permissions)
-EXIT_DISTRIBUTED = 76  # EX_PROTOCOL: a rank was lost, a collective timed out, the process group did not form
-# (the same value as pipeline.distributed.EXIT_DISTRIBUTED; this module must not import torch before the config)
 
 
 def _load(args: argparse.Namespace):
@@ -40,7 +49,7 @@ def _check_data_root(cfg: Config) -> None:
     """A data.root without our shards: one line before torch is imported, too (the run checks it again, on every
     rank, when it reads the manifest; shard specs, data.train ..., are checked there)."""
     if not (cfg.data.train or cfg.data.val or cfg.data.test):  # (pipeline.data.dataset.resolve.uses_specs loads torch)
-        from pipeline.training.preflight import check_data_root
+        from pipeline.run.preflight import check_data_root
 
         check_data_root(cfg)
 
@@ -58,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps({"test": metrics}, indent=None))
     else:
         from pipeline.data.dataset.resolve import dataset_manifest
-        from pipeline.evaluation.summary import print_training_summary, run_end_lines
+        from pipeline.run.summary import print_training_summary, run_end_lines
         from pipeline.tracking.console import console
 
         # (an index comes from its cache)
@@ -130,7 +139,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        from pipeline.evaluation.summary import print_evaluation
+        from pipeline.run.summary import print_evaluation
 
         print_evaluation(metrics, args.split)
     return 0
@@ -405,8 +414,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every way it can end gives its documented exit code and ends the processes it started
     (the loader's workers) before returning. See docs/preemption.md "Faults and failures"."""
     args = build_parser().parse_args(argv)
-    from pipeline.training.preemption import CommandSignals
-
     signals = ("SIGINT", "SIGTERM", "SIGUSR1") if args.command in TRAINING_COMMANDS else ("SIGINT",)
     with CommandSignals(signals) as handling:
         try:
@@ -419,7 +426,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
-    from pipeline.training.preemption import EXIT_INTERRUPTED, Preempted, SignalStop
 
     try:
         code = args.func(args)
@@ -513,8 +519,6 @@ def entry() -> None:
     reports. The heartbeat thread of `pipeline tune` is a daemon and has nothing to finish.
     """
     code = main()
-    from pipeline.training.preemption import STOP_CODES, ignore_stop_signals
-
     if code in STOP_CODES:
         ignore_stop_signals()
     if _EXIT_AT_ONCE:

@@ -28,6 +28,7 @@ from pipeline.data.dataset.keys import TargetLabel
 from pipeline.data.dataset.manifest import Manifest
 from pipeline.data.writer.stratify import METHODS, assign_folds, multi_hot, strata
 from pipeline.data.writer.subsets import write_split_shards
+from pipeline.run_folder import CV_SUMMARY_FILE, fold_folder, fold_name
 from pipeline.tracking.console import warn
 
 SUMMARY_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auroc",  # classification
@@ -127,7 +128,7 @@ def fold_config(cfg: Config, fold: int) -> Config:
     # The fold shards are ours (manifest, the same image members; labels as `fold_label_key` reads them).
     fold_cfg.data.train, fold_cfg.data.val, fold_cfg.data.test, fold_cfg.data.classes = [], [], [], []
     fold_cfg.data.label_key = fold_label_key(cfg)
-    fold_cfg.run.output_dir, fold_cfg.run.name = str(cv_root(cfg)), f"fold{fold}"
+    fold_cfg.run.output_dir, fold_cfg.run.name = str(cv_root(cfg)), fold_name(fold)
     fold_cfg.cv.fold = fold
     return fold_cfg
 
@@ -135,7 +136,7 @@ def fold_config(cfg: Config, fold: int) -> Config:
 def summarize(cfg: Config) -> dict | None:
     """mean ± std over folds of each test metric, once every fold has test_metrics.json; else None."""
     root = cv_root(cfg)
-    paths = [root / f"fold{k}" / "test_metrics.json" for k in range(cfg.cv.folds)]
+    paths = [fold_folder(root, k).test_metrics for k in range(cfg.cv.folds)]
     if not all(p.is_file() for p in paths):
         return None
     per_fold = [json.loads(p.read_text()) for p in paths]
@@ -145,7 +146,7 @@ def summarize(cfg: Config) -> dict | None:
         if len(values) == len(per_fold):
             summary["metrics"][key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values),
                                        "per_fold": values}
-    (root / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (root / CV_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -157,7 +158,7 @@ def summary_lines(summary: dict) -> list[str]:
 def run_cv(cfg: Config) -> dict | None:
     """Run cv.fold (or every fold when -1); return the summary if all folds are done."""
     from pipeline.commands.train import train
-    from pipeline.training.run_data import load_manifest
+    from pipeline.run.data import load_manifest
 
     load_manifest(cfg)  # build the bundled digits shards if needed; check the splits exist
     folds = range(cfg.cv.folds) if cfg.cv.fold < 0 else [cfg.cv.fold]

@@ -11,8 +11,8 @@ import torch
 from pipeline.data.samples import faults
 from pipeline.distributed import Dist
 from pipeline.evaluation.evaluate import collect_predictions, evaluate, evaluation_record
-from pipeline.evaluation.loaded import load_run, load_run_config
 from pipeline.evaluation.tta import tta_views, with_tta
+from pipeline.run.loaded import load_run, load_run_config
 from pipeline.tasks import class_weights
 
 

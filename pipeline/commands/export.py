@@ -34,6 +34,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.run_folder import CHECKPOINTS_DIR, RunFolder
+
 FORMATS = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
 """Export formats and the file suffix each is written with."""
 TOLERANCE = 1e-4
@@ -114,10 +116,8 @@ def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.
 
 def _git_commit(run_dir: Path) -> str | None:
     """The commit that trained the run (its run_info.json), else None."""
-    from pipeline.training.run_folder import RUN_INFO_NAME
-
     try:
-        return json.loads((run_dir / RUN_INFO_NAME).read_text()).get("git_commit")
+        return json.loads(RunFolder(run_dir).run_info.read_text()).get("git_commit")
     except (OSError, ValueError):
         return None
 
@@ -125,7 +125,7 @@ def _git_commit(run_dir: Path) -> str | None:
 def export_metadata(run, fmt: str) -> dict:
     """The sidecar's content for a loaded run (before the parity figures are added)."""
     data = run.cfg.data
-    config_text = (run.run_dir / "config.yaml").read_text()
+    config_text = run.folder.config.read_text()
     return {"format": fmt, "model": run.cfg.model.name, "model_config": dataclasses.asdict(run.cfg.model),
             "classes": run.classes, "num_classes": len(run.classes),
             "channels": data.channels, "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std),
@@ -170,7 +170,7 @@ def checkpoint_folder_of(path: Path) -> Path | None:
     from pipeline.checkpointing.checkpointer import MARKER
 
     for folder in Path(os.path.realpath(path)).parents:
-        if (folder / MARKER).is_file() or folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
+        if (folder / MARKER).is_file() or folder.name == CHECKPOINTS_DIR and RunFolder(folder.parent).config.is_file():
             return folder
     return None
 
@@ -181,7 +181,7 @@ def output_path(run_dir: Path, fmt: str, out: str | Path | None) -> Path:
     beside it). ValueError, before anything is read, for a path inside a checkpoint."""
     suffix = FORMATS[fmt]
     if out is None:
-        path = run_dir / "export" / fmt / f"model{suffix}"
+        path = RunFolder(run_dir).export / fmt / f"model{suffix}"
     elif Path(out).is_dir() or str(out).endswith(("/", os.sep)):
         path = Path(out) / f"model{suffix}"
     elif Path(out).suffix != suffix:
@@ -194,7 +194,7 @@ def output_path(run_dir: Path, fmt: str, out: str | Path | None) -> Path:
         if folder is not None:
             raise ValueError(f"--out '{out}' would write {target.name} into the checkpoint folder '{folder}'; export "
                              f"never writes into a run's checkpoints: choose a path outside them (default "
-                             f"{run_dir / 'export' / fmt}/)")
+                             f"{RunFolder(run_dir).export / fmt}/)")
     return path
 
 
@@ -204,7 +204,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, tol
     for parity first; the sidecar (.json) and the weights with metadata (.safetensors) are written beside it, same
     stem."""
     from pipeline.checkpointing.checkpointer import model_state
-    from pipeline.evaluation.loaded import load_run
+    from pipeline.run.loaded import load_run
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not valid; choose one of {', '.join(FORMATS)}")

@@ -21,12 +21,12 @@ from pipeline.data import build_loader
 from pipeline.distributed import build_dist, choose_precision
 from pipeline.distributed.sync_bn import convert_sync_batchnorm
 from pipeline.models import create_model
+from pipeline.run.data import load_manifest
+from pipeline.run.preflight import preflight
 from pipeline.tasks import build_task, class_weights
 from pipeline.training.finetune import build_finetune, match_input
 from pipeline.training.lr_finder import RULES, Sweep, SweepStep, run_sweep, sweep_lrs
 from pipeline.training.optim import build_l1_penalty, build_optimizer
-from pipeline.training.preflight import preflight
-from pipeline.training.run_data import load_manifest
 from pipeline.training.seed import seed_everything
 from pipeline.training.threads import set_threads
 

@@ -22,8 +22,8 @@ from pipeline.config.schema import AugmentConfig, DataConfig, ModelConfig
 from pipeline.data.samples.images import ImageTooLarge, open_image, to_mode
 from pipeline.data.samples.transforms import build_transform
 from pipeline.errors import first_line
-from pipeline.evaluation.loaded import LoadedRun, load_run
 from pipeline.evaluation.tta import tta_views, with_tta
+from pipeline.run.loaded import LoadedRun, load_run
 from pipeline.tasks import Task, task_from_state
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

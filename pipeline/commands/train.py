@@ -24,6 +24,10 @@ from pipeline.data.samples.faults import SKIP_REASONS
 from pipeline.distributed import Dist, build_dist, choose_precision
 from pipeline.distributed.sync_bn import convert_sync_batchnorm
 from pipeline.evaluation.tta import with_tta
+from pipeline.run.data import load_manifest
+from pipeline.run.guards import RunLock, check_resume, data_identity, record_start
+from pipeline.run.preflight import preflight
+from pipeline.run_folder import RunFolder
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.tracking.tensorboard import Trackers, build_tensorboard
 from pipeline.tracking.wandb_logger import build_tracker
@@ -32,9 +36,6 @@ from pipeline.training.ema import build_ema, short_run_warning
 from pipeline.training.finetune import build_finetune, match_input
 from pipeline.training.grad_stats import TrainingSignals
 from pipeline.training.optim import build_optimizer
-from pipeline.training.preflight import preflight
-from pipeline.training.run_data import load_manifest
-from pipeline.training.run_folder import RunLock, check_resume, data_identity, record_start
 from pipeline.training.schedulers import LRSchedule
 from pipeline.training.seed import seed_everything
 from pipeline.training.threads import cpu_precision_warning, set_threads
@@ -150,9 +151,9 @@ def _build_rest(cfg: Config, dist: Dist, run_dir: Path, manifest: Manifest, reso
         build_tracker(run_dir, log_cfg, cfg.run.name, resolved, dist.is_main),
         build_tensorboard(run_dir, log_cfg.tensorboard, dist.is_main)])
     trainer = Trainer(cfg, dist, model, optimizer, schedule, loss_fn, train, val, task.metrics(dist.device),
-                      Checkpointer(run_dir / "checkpoints", dist, cfg.checkpoint.keep_last, config_yaml,
+                      Checkpointer(RunFolder(run_dir).checkpoints, dist, cfg.checkpoint.keep_last, config_yaml,
                                    data_identity(manifest)),
-                      MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), tracker, callbacks, ema,
+                      MetricsLog(RunFolder(run_dir).metrics, enabled=dist.is_main), tracker, callbacks, ema,
                       task=task)
     return Run(cfg, dist, run_dir, manifest, trainer, task, lock)
 
@@ -214,7 +215,7 @@ def train(cfg: Config, callbacks: list | None = None) -> dict:
             from pipeline.tasks import write_task
 
             write_task(run.task, run.run_dir)
-            (run.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            RunFolder(run.run_dir).test_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
         run.trainer.bad_data.check()  # the test split too (the same totals, hence decision, on every rank)
         if dist.is_main:
             run.trainer.tracker.summary({f"test/{k}": v for k, v in metrics.items()})

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, TuneConfig
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
@@ -84,9 +84,19 @@ def config_keys(prefix: str = "") -> list[ConfigKey]:
     return [k for k in keys if k.key.startswith(section) or k.key.startswith(prefix)]
 
 
+def tune_keys() -> list[ConfigKey]:
+    """The keys of a tuning file's `tune:` section (`pipeline tune`), with their defaults: not keys of a run's config,
+    so not in `config_keys` (TuneConfig() itself is refused: its search space must be given)."""
+    docs, hints = _field_docs(TuneConfig), typing.get_type_hints(TuneConfig)
+    return [ConfigKey(f"tune.{f.name}", type_name(hints[f.name]),
+                      f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default,
+                      docs.get(f.name, "")) for f in dataclasses.fields(TuneConfig)]
+
+
 def reference_markdown() -> str:
     lines = [BEGIN, "| key | default | meaning |", "|---|---|---|"]
-    lines.extend(f"| `{k.key}` | `{k.shown_default}` | {k.doc} |" for k in config_keys())
+    lines.extend(f"| `{k.key}` | `{k.shown_default}` | {k.doc.replace('|', '/')} |"  # a '|' would end the cell
+                 for k in config_keys() + tune_keys())
     lines.append(END)
     return "\n".join(lines)
 

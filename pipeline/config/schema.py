@@ -11,8 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
+
+from pipeline.exits import SIGNAL_NAMES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -508,9 +512,6 @@ class TrainConfig:
         _check_choice("train.ema_buffers", self.ema_buffers, EMA_BUFFERS)
 
 
-SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
-
-
 @dataclass
 class CheckpointConfig:
     """Checkpoints under <run folder>/checkpoints/: step-NNNNNNNN folders, `last` (link) and `best`."""
@@ -579,27 +580,6 @@ class LoggingConfig:
         _check_choice("logging.wandb_mode", self.wandb_mode, WANDB_MODES)
         _check_range("logging.wandb_init_timeout", self.wandb_init_timeout, 0.0, low_open=True)
         _check_range("logging.wandb_finish_timeout", self.wandb_finish_timeout, 0.0)
-
-
-@dataclass
-class ReportConfig:
-    """The run report (`pipeline report RUN_DIR`): one self-contained report.html in the run folder."""
-
-    enabled: bool = False
-    """Write <run folder>/report.html at the end of training (and log its images to W&B when logging is on)."""
-    gradcam_examples: int = 6
-    """Grad-CAM overlays shown for correctly and for wrongly classified test images (each)."""
-    feature_map_layers: list[str] = field(default_factory=list)
-    """Layer names (as in model.named_modules()) whose feature maps are shown; empty: first and last conv."""
-    feature_map_channels: int = 16
-    """Channels shown per feature-map grid."""
-    sample_images: int = 2
-    """Test images whose feature maps are shown."""
-
-    def __post_init__(self) -> None:
-        _check_range("report.gradcam_examples", self.gradcam_examples, 0)
-        _check_range("report.feature_map_channels", self.feature_map_channels, 1)
-        _check_range("report.sample_images", self.sample_images, 0)
 
 
 @dataclass
@@ -676,27 +656,6 @@ class ImbalanceConfig:
 
     def __post_init__(self) -> None:
         _check_choice("imbalance.class_weights", self.class_weights, CLASS_WEIGHT_MODES)
-
-
-@dataclass
-class CVConfig:
-    """k-fold cross-validation (`pipeline cv`): stratified folds over train+val; the test split is kept."""
-
-    folds: int = 5
-    """Number of folds K."""
-    fold: int = -1
-    """Run only this fold (0-based; one SLURM array task each); -1 runs every fold."""
-    seed: int = 0
-    """Seed of the stratified fold assignment."""
-    data_dir: str = ""
-    """Where per-fold shards are written; empty: <data.root>_cv<K> (with data.train set: <run.name>_cv<K>/data)."""
-
-    def __post_init__(self) -> None:
-        _check_range("cv.folds", self.folds, 2)
-        _check_range("cv.seed", self.seed, 0, MAX_SEED)
-        _check_range("cv.fold", self.fold, -1)
-        if self.fold >= self.folds:
-            raise ValueError(f"cv.fold={self.fold} must be < cv.folds={self.folds} (or -1 for all folds)")
 
 
 @dataclass
@@ -792,6 +751,146 @@ def _check_task(cfg: "Config") -> None:
     if kind == "regression" and (cfg.imbalance.class_weights != "none" or cfg.optim.class_weights is not None):
         raise ValueError("class weights (optim.class_weights, imbalance.class_weights) weigh classes; "
                          "task.type=regression has none")
+
+
+# ---- the commands' settings: `cv:` and `report:` (sections of a run's config) and `tune:` (its own file section,
+# see pipeline.commands.tune.config); kept together, below the core's sections -------------------------------------
+@dataclass
+class ReportConfig:
+    """The run report (`pipeline report RUN_DIR`): one self-contained report.html in the run folder."""
+
+    enabled: bool = False
+    """Write <run folder>/report.html at the end of training (and log its images to W&B when logging is on)."""
+    gradcam_examples: int = 6
+    """Grad-CAM overlays shown for correctly and for wrongly classified test images (each)."""
+    feature_map_layers: list[str] = field(default_factory=list)
+    """Layer names (as in model.named_modules()) whose feature maps are shown; empty: first and last conv."""
+    feature_map_channels: int = 16
+    """Channels shown per feature-map grid."""
+    sample_images: int = 2
+    """Test images whose feature maps are shown."""
+
+    def __post_init__(self) -> None:
+        _check_range("report.gradcam_examples", self.gradcam_examples, 0)
+        _check_range("report.feature_map_channels", self.feature_map_channels, 1)
+        _check_range("report.sample_images", self.sample_images, 0)
+
+
+@dataclass
+class CVConfig:
+    """k-fold cross-validation (`pipeline cv`): stratified folds over train+val; the test split is kept."""
+
+    folds: int = 5
+    """Number of folds K."""
+    fold: int = -1
+    """Run only this fold (0-based; one SLURM array task each); -1 runs every fold."""
+    seed: int = 0
+    """Seed of the stratified fold assignment."""
+    data_dir: str = ""
+    """Where per-fold shards are written; empty: <data.root>_cv<K> (with data.train set: <run.name>_cv<K>/data)."""
+
+    def __post_init__(self) -> None:
+        _check_range("cv.folds", self.folds, 2)
+        _check_range("cv.seed", self.seed, 0, MAX_SEED)
+        _check_range("cv.fold", self.fold, -1)
+        if self.fold >= self.folds:
+            raise ValueError(f"cv.fold={self.fold} must be < cv.folds={self.folds} (or -1 for all folds)")
+
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+DIRECTIONS = ("maximize", "minimize")
+STORAGE_ENV = "PIPELINE_TUNE_STORAGE"
+
+
+@dataclass
+class TuneConfig:
+    """An Optuna study: where it lives, how it samples and prunes, its budget and its search space."""
+
+    study_name: str = "study"
+    """Study name; also the study folder <output_dir>/<study_name>/ and the name inside the database."""
+    output_dir: str = "runs/tune"
+    """Parent folder of study folders (trial run folders go to <study folder>/trials/)."""
+    storage: Optional[str] = None
+    """Database URL (sqlite:///..., postgresql://user@host/db); null: $PIPELINE_TUNE_STORAGE if set,
+    else an SQLite file study.db in the study folder. Passwords are never printed or saved."""
+    base_config: Optional[str] = None
+    """YAML loaded first as the base config (the tuning file's own sections go on top); null: none."""
+    sampler: str = "tpe"
+    """tpe (Bayesian, default), random, or grid (every param needs `choices` or a `step`)."""
+    pruner: str = "median"
+    """median, hyperband, or none: stops trials whose per-epoch metric is poor."""
+    n_trials: Optional[int] = 20
+    """Trials the whole study should have (all workers together; failed ones are not counted);
+    null: no count limit (timeout_s, or an exhausted grid, ends the study)."""
+    timeout_s: Optional[float] = None
+    """Seconds after which this worker starts no new trial (a running trial is finished); null: none."""
+    metric: str = "val/accuracy"
+    """Epoch-record key to optimise (reported every epoch for pruning); a trial's value is its best epoch."""
+    direction: str = "maximize"
+    """maximize or minimize `metric`."""
+    seed: int = 0
+    """Sampler seed; worker_index and the study's trial count at start are mixed in, so parallel or
+    restarted workers do not draw the same points."""
+    worker_index: int = 0
+    """This worker's index among parallel workers (slurm/tune.sbatch passes the array task id)."""
+    sampler_startup_trials: int = 5
+    """tpe: random trials before the Bayesian model takes over."""
+    pruner_startup_trials: int = 3
+    """median: completed trials before any trial may be pruned."""
+    pruner_warmup_epochs: int = 1
+    """median: epochs every trial completes before it may be pruned (0: pruning from epoch 1 on);
+    hyperband: its minimum resource (at least 1 epoch)."""
+    heartbeat_s: int = 30
+    """Seconds between a running trial's heartbeats in the database."""
+    grace_s: int = 120
+    """A running trial without a heartbeat for this long is marked failed (its worker died) and retried."""
+    max_retries: int = 1
+    """How often a trial whose worker died is retried with the same parameters (0: never)."""
+    max_consecutive_failures: int = 3
+    """Stop this worker after this many failed trials in a row (e.g. a space that gives invalid configs)."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space: config key -> {type: float|int|categorical, low, high, log, step, choices, when}."""
+
+    def __post_init__(self) -> None:
+        if not self.study_name or "/" in self.study_name:
+            raise ValueError(f"tune.study_name={self.study_name!r} must be a non-empty name without '/'")
+        for key, value, choices in (("tune.sampler", self.sampler, SAMPLERS), ("tune.pruner", self.pruner, PRUNERS),
+                                    ("tune.direction", self.direction, DIRECTIONS)):
+            if value not in choices:
+                raise ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+        if self.n_trials is not None and self.n_trials < 0:
+            raise ValueError(f"tune.n_trials={self.n_trials} must be >= 0 (or null for no count limit)")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"tune.timeout_s={self.timeout_s} must be > 0 (or null for no time limit)")
+        if self.n_trials is None and self.timeout_s is None and self.sampler != "grid":
+            raise ValueError("tune.n_trials and tune.timeout_s are both null; set at least one budget")
+        if "/" not in self.metric:
+            raise ValueError(f"tune.metric={self.metric!r} must be an epoch-record key such as val/accuracy")
+        for key in ("worker_index", "sampler_startup_trials", "pruner_startup_trials", "pruner_warmup_epochs",
+                    "max_retries"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"tune.{key}={getattr(self, key)} must be >= 0")
+        for key in ("heartbeat_s", "grace_s", "max_consecutive_failures"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"tune.{key}={getattr(self, key)} must be >= 1")
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(f"tune.grace_s={self.grace_s} must be larger than tune.heartbeat_s={self.heartbeat_s}")
+        if not self.space:
+            raise ValueError("tune.space is empty; give at least one config key to search, "
+                             "e.g. tune.space: {optim.lr: {type: float, low: 1e-4, high: 1e-1, log: true}}")
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.output_dir) / self.study_name
+
+    def storage_url(self) -> str:
+        """The database URL this study uses (see `storage`)."""
+        if self.storage:
+            return self.storage
+        if os.environ.get(STORAGE_ENV):
+            return os.environ[STORAGE_ENV]
+        return f"sqlite:///{(self.study_dir / 'study.db').resolve()}"
 
 
 @dataclass

@@ -35,10 +35,7 @@ from typing import Callable, Iterator
 from torch.utils.data import DataLoader
 
 from pipeline.config.schema import SIGNAL_NAMES
-
-EXIT_STUCK = 76
-"""Exit code of a stuck loader worker: a process of the run stopped answering, as a lost rank or a collective
-past dist.timeout_s (`pipeline.distributed.EXIT_DISTRIBUTED`); docs/preemption.md, "Faults and failures"."""
+from pipeline.exits import EXIT_STUCK
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in SIGNAL_NAMES)
 """Signals the loader's processes ignore: every one `checkpoint.signals` may name, and SIGINT."""

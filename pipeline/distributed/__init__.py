@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
 from pipeline.errors import first_line
+from pipeline.exits import EXIT_DISTRIBUTED, exit_now
 
 T = TypeVar("T")
 # Errors re-raised as themselves on the other ranks by `Dist.on_main` (the CLI turns them into one line).
@@ -258,10 +259,6 @@ def teardown() -> bool:
     return True
 
 
-EXIT_DISTRIBUTED = 76
-"""Exit code when a rank was lost, a collective timed out, or the process group did not form (EX_PROTOCOL)."""
-
-
 def build_dist(precision: str = "fp32", cpu: bool = False, find_unused_parameters: bool = False,
                timeout_s: float = 600.0, init_timeout_s: float = 120.0) -> Dist:
     """Create the Accelerator. Without CUDA the CPU is used (gloo when several ranks are launched).
@@ -303,8 +300,6 @@ def init_watchdog(seconds: float) -> Iterator[None]:
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
     def expire() -> None:
-        from pipeline.training.preemption import exit_now
-
         exit_now(EXIT_DISTRIBUTED, f"error: rank {rank}: the {world} ranks did not all join the process group at "
                  f"{where} within dist.init_timeout_s={seconds:g} s (a rank that failed to start, or the port held "
                  "by an earlier run); check the other ranks' output, or raise dist.init_timeout_s")
@@ -345,5 +340,5 @@ def describe_failure(exc: BaseException) -> str | None:
             "away); the launcher names it; rerun the same command to resume from the last complete checkpoint")
 
 
-__all__ = ["EXIT_DISTRIBUTED", "Dist", "build_dist", "describe_failure", "is_main_process", "process_rank",
+__all__ = ["Dist", "build_dist", "describe_failure", "is_main_process", "process_rank",
            "teardown"]

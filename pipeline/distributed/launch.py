@@ -24,10 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.exits import EXIT_DISTRIBUTED, EXIT_INTERRUPTED, EXIT_PREEMPTED, ignore_stop_signals
+
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-EX_TEMPFAIL = 75
-EX_INTERRUPTED = 130
-EX_LOST_RANK = 76  # what a rank says when another one ended under it (pipeline.distributed.EXIT_DISTRIBUTED)
 TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
 REPORTS_ENV = "PIPELINE_LAUNCH_REPORTS"
 """The folder where a rank that timed out leaves its rank number (set by `main` for the ranks)."""
@@ -85,13 +84,13 @@ def exit_code_of(failures: dict, timed_out: set[int] = frozenset()) -> int:
 def _cause(failures: dict, timed_out: set[int] = frozenset()) -> tuple[int, int]:
     """(rank, exit code) of the failure that explains the others; see `exit_code_of`."""
     ranked = sorted((rank, failure.exitcode) for rank, failure in failures.items())
-    for wanted in (EX_TEMPFAIL, EX_INTERRUPTED):
+    for wanted in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
         if any(code == wanted for _, code in ranked):
             return next(item for item in ranked if item[1] == wanted)
-    waited = [item for item in ranked if item[0] in timed_out and item[1] == EX_LOST_RANK]
+    waited = [item for item in ranked if item[0] in timed_out and item[1] == EXIT_DISTRIBUTED]
     if waited:  # the stuck rank was then ended by torchrun (137 or 143): a victim, not the cause
         return waited[0]
-    causes = [item for item in ranked if item[1] not in (-signal.SIGTERM, EX_LOST_RANK)] or ranked
+    causes = [item for item in ranked if item[1] not in (-signal.SIGTERM, EXIT_DISTRIBUTED)] or ranked
     return causes[0] if causes else (0, 1)
 
 
@@ -102,7 +101,7 @@ def _shell_code(code: int) -> int:
 def describe(failures: dict, timed_out: set[int] = frozenset()) -> str:
     """One line naming the rank whose failure ended the job."""
     rank, code = _cause(failures, timed_out)
-    if code in (EX_TEMPFAIL, EX_INTERRUPTED):
+    if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
         return ""
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
     if rank in timed_out:
@@ -116,8 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from pipeline.training.preemption import ignore_stop_signals
 
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     args.signals_to_handle = TORCHRUN_SIGNALS  # torchrun's agent must leave SIGUSR1/SIGTERM to `_forward`

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pipeline.distributed import Dist
-from pipeline.training.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
+from pipeline.exits import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 
 
 class AgreedStop:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import first_line
+from pipeline.run_folder import CHECKPOINTS_DIR, RunFolder
 
 
 @dataclass
@@ -146,8 +147,9 @@ def _weights_file_of_folder(folder: Path) -> Path:
     (models--org--name, or one of its snapshots) -> its weights file."""
     if folder.name.startswith("models--"):
         folder = hf_snapshot(folder)
-    for candidate in (folder / "model.safetensors", folder / "checkpoints" / "best" / "model.safetensors",
-                      folder / "checkpoints" / "last" / "model.safetensors", folder / "pytorch_model.bin"):
+    run = RunFolder(folder)
+    for candidate in (folder / "model.safetensors", run.checkpoint("best") / "model.safetensors",
+                      run.checkpoint("last") / "model.safetensors", folder / "pytorch_model.bin"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"finetune.weights='{folder}' is a folder without model.safetensors, "
@@ -157,8 +159,7 @@ def _weights_file_of_folder(folder: Path) -> Path:
 def is_run_folder(source: str) -> bool:
     """A run or checkpoint folder of ours (its data settings are its own config's, not a pretrained config's)."""
     path = Path(source)
-    return path.is_dir() and ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
-                              or path.parent.name == "checkpoints")
+    return path.is_dir() and (RunFolder(path).is_run() or path.parent.name == CHECKPOINTS_DIR)
 
 
 def pretrained_weights_file(source: str, model_name: str | None = None) -> Path:

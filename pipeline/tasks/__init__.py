@@ -18,7 +18,8 @@ from typing import Sequence
 from pipeline.config.schema import Config, OptimConfig, TaskConfig
 from pipeline.data.balance import auto_class_weights, class_counts
 from pipeline.data.dataset.manifest import Manifest
-from pipeline.tasks.base import TASK_FILE, Task
+from pipeline.run_folder import RunFolder
+from pipeline.tasks.base import Task
 from pipeline.tasks.classification import Classification
 from pipeline.tasks.multilabel import Multilabel, pos_weights
 from pipeline.tasks.regression import Regression
@@ -60,16 +61,16 @@ def task_from_state(classes: Sequence[str], state: dict | None) -> Task:
 def write_task(task: Task, run_dir: Path) -> None:
     """<run>/task.json for a multilabel or regression run (a classifier's run folder stays as it was)."""
     if task.type != "classification":
-        (Path(run_dir) / TASK_FILE).write_text(json.dumps(task.state(), indent=2) + "\n")
+        RunFolder(run_dir).task.write_text(json.dumps(task.state(), indent=2) + "\n")
 
 
 def load_task(cfg: Config, manifest: Manifest, run_dir: Path) -> Task:
     """A finished run's task, with the state it stored (tuned thresholds, the target mean/std it trained with)."""
     task = build_task(cfg, manifest)
-    path = Path(run_dir) / TASK_FILE
+    path = RunFolder(run_dir).task
     if path.is_file():
         task.load_state(json.loads(path.read_text()))
     return task
 
 
-__all__ = ["TASK_FILE", "Task", "build_task", "class_weights", "load_task", "task_from_state", "write_task"]
+__all__ = ["Task", "build_task", "class_weights", "load_task", "task_from_state", "write_task"]

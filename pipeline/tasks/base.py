@@ -10,9 +10,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-TASK_FILE = "task.json"
-"""<run folder>/task.json: the task's type and state (thresholds, target mean/std), for evaluate/predict/export."""
-
 
 class Task:
     """Base of the task types; each method says what the loop or a command asks of it."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.run_folder import RunFolder
 from pipeline.tracking.console import warn
 from pipeline.tracking.wandb_logger import NullTracker
 
-EVENTS_DIR = "tensorboard"
 """Sub-folder of the run folder that holds the event files (`tensorboard --logdir runs/`)."""
 
 
@@ -74,7 +74,7 @@ def build_tensorboard(run_dir: Path, enabled: bool, is_main: bool) -> TensorBoar
     if not enabled or not is_main:
         return NullTracker()
     try:
-        return TensorBoardTracker(run_dir / EVENTS_DIR)
+        return TensorBoardTracker(RunFolder(run_dir).tensorboard)
     except ImportError:
         warn("logging.tensorboard=true needs the tensorboard package (pip install -e \".[tensorboard]\"); "
              "continuing without it (metrics.jsonl has everything)")

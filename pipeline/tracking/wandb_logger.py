@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from pipeline.config.schema import LoggingConfig
 from pipeline.config.secrets import mask, mask_url, mask_value
 from pipeline.errors import first_line
+from pipeline.run_folder import RunFolder
 from pipeline.tracking.console import warn
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -92,7 +93,7 @@ class WandbTracker:
                  base_url: str | None = None, init_timeout: float = 60.0, finish_timeout: float = 600.0):
         import wandb
 
-        id_file = run_dir / "wandb_id.txt"
+        id_file = RunFolder(run_dir).wandb_id
         # W&B run ids are lowercase alphanumerics; wandb.util.generate_id is gone from recent releases.
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
@@ -185,7 +186,7 @@ def build_tracker(run_dir: Path, logging: LoggingConfig, name: str, config: dict
     init_timeout, finish_timeout = logging.wandb_init_timeout, logging.wandb_finish_timeout
     if not is_main or mode == "disabled":
         return NullTracker()
-    offline_note = f"logging offline to {run_dir / 'wandb'} (upload later with `wandb sync`)"
+    offline_note = f"logging offline to {RunFolder(run_dir).wandb} (upload later with `wandb sync`)"
     if mode == "online":
         url = server_url(base_url)
         problem = missing_credentials(url) or probe(url, min(init_timeout, MAX_PROBE_SECONDS))

@@ -20,6 +20,7 @@ from pipeline.models.pretrained import (
     read_pretrained_state,
 )
 from pipeline.models.timm_models import input_of_pretrained_cfg, is_timm_name, timm_pretrained_input
+from pipeline.run_folder import RunFolder
 from pipeline.training.callbacks import Callback
 from pipeline.training.freezing import FreezeCallback, apply_freeze, build_groups, optimizer_param_groups
 
@@ -86,7 +87,7 @@ def build_finetune(cfg: Config, model: nn.Module, run_dir: Path | None = None, p
         for line in report.lines():
             printer(line)
         if is_main and run_dir is not None:
-            (run_dir / "pretrained_load.json").write_text(json.dumps(report.__dict__, indent=1) + "\n")
+            RunFolder(run_dir).pretrained_load.write_text(json.dumps(report.__dict__, indent=1) + "\n")
     groups = build_groups(model, f.groups)
     callback = FreezeCallback(f, model, groups)
     callback.set_epoch(0)  # the fixed strategies need the frozen set before the optimizer is built

@@ -50,19 +50,11 @@ from torch import nn
 
 from pipeline.config.secrets import mask
 from pipeline.distributed import Dist
+from pipeline.exits import NonFiniteStop
 from pipeline.testing import faults
 from pipeline.training.callbacks import Callback, Trainer
 
-EXIT_NONFINITE = 70  # EX_SOFTWARE
-DIAGNOSTICS_FILE = "nonfinite.json"
 MAX_WARNINGS_PER_EPOCH = 20
-
-
-class NonFiniteStop(RuntimeError):
-    """Training stopped on non-finite values; the CLI prints the one-line message and exits with 70."""
-
-    exit_code = EXIT_NONFINITE
-    same_on_every_rank = True
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pipeline.distributed import Dist
 from pipeline.distributed.stop import AgreedStop
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
+from pipeline.run_folder import RunFolder
 from pipeline.tracking.console import NullProgress, epoch_line, progress_bar, terminal_width
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.training.accumulation import AccumulationWindows
@@ -30,7 +31,7 @@ from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.ema import ModelEma, NoEma
 from pipeline.training.mixing import BatchAugment
-from pipeline.training.nonfinite import DIAGNOSTICS_FILE, GuardHooks, NonFiniteGuard, Verdict, reset_scaler
+from pipeline.training.nonfinite import GuardHooks, NonFiniteGuard, Verdict, reset_scaler
 from pipeline.training.optim import build_l1_penalty
 from pipeline.training.schedulers import LRSchedule
 
@@ -187,7 +188,7 @@ class Trainer:
         NonFiniteStop after writing the diagnostic record (every rank's losses and sample keys)."""
         step, epoch = self.state.global_step + 1, self.state.epoch + 1
         if verdict.stop:
-            path, last = self.checkpointer.directory.parent / DIAGNOSTICS_FILE, self.checkpointer.latest()
+            path, last = RunFolder(self.checkpointer.directory.parent).nonfinite, self.checkpointer.latest()
             stream = self.train_data.stream
             self.nonfinite.write_record(verdict, step, epoch, path,
                                         lambda micro: stream.batch_sample_keys(self.state.epoch, micro),

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from pipeline.evaluation.summary import per_class_rows, print_training_summary
+from pipeline.run.summary import per_class_rows, print_training_summary
 from pipeline.tracking.console import ImagesPerSecondColumn, epoch_line
 
 METRICS = {"accuracy": 0.75, "precision_macro": 0.7, "recall_macro": 0.7166, "f1_macro": 0.68, "auroc": 0.9,

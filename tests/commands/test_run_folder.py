@@ -224,7 +224,7 @@ def test_an_explicit_resume_of_a_corrupted_checkpoint_is_refused(digits_root: Pa
 
 
 def test_ranks_may_trade_for_accumulation_steps_but_the_global_batch_may_not_change() -> None:
-    from pipeline.training.run_folder import GLOBAL_WINDOW, config_changes, is_harmless
+    from pipeline.run.guards import GLOBAL_WINDOW, config_changes, is_harmless
 
     old = {"train": {"grad_accum_steps": 1, "batch_size": 32}, "logging": {"progress": True}}
     traded = {"train": {"grad_accum_steps": 2, "batch_size": 32}, "logging": {"progress": False}}
@@ -357,8 +357,9 @@ def test_resume_on_data_whose_classes_changed_is_refused_before_any_file_changes
 
 def test_data_identity_tells_rebuilt_shards_from_the_same_ones(digits_root: Path, five_classes: Path,
                                                                tmp_path: Path) -> None:
+    from pipeline.checkpointing.checkpointer import DATA_IN_CHECKPOINT
     from pipeline.data.dataset.manifest import Manifest
-    from pipeline.training.run_folder import DATA_IN_CHECKPOINT, data_change, data_identity
+    from pipeline.run.guards import data_change, data_identity
 
     digits = data_identity(Manifest.read(digits_root))
     folder = tmp_path / "step"

@@ -211,7 +211,7 @@ def test_report_evaluate_and_test_metrics_agree_to_the_last_digit(tmp_path):
     # differed from evaluate's on 3 of 10,000 CIFAR-10 test images).
     from pipeline.commands.visualize import predict_split
     from pipeline.evaluation.evaluate import collect_predictions
-    from pipeline.evaluation.loaded import load_run
+    from pipeline.run.loaded import load_run
 
     run = load_run(run_dir)
     probs, labels = collect_predictions(run.model, run.loader("test"), run.device, run.dist.accelerator.autocast,

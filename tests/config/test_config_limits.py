@@ -101,7 +101,7 @@ def test_image_size_out_of_range_is_one_line(size: int, line: str) -> None:
 
 
 def test_image_size_a_torchvision_model_cannot_take_is_refused_at_start(digits_root: Path, tmp_path: Path) -> None:
-    from pipeline.training.preflight import image_size_misfit
+    from pipeline.run.preflight import image_size_misfit
 
     assert image_size_misfit(load_config(None, ["model.name=resnet18"])) == ""
     assert image_size_misfit(load_config(None, ["model.name=vgg11", "data.image_size=16"])).endswith(

@@ -161,7 +161,7 @@ def test_missing_or_url_root_is_one_line_and_writes_nothing(tmp_path: Path, root
 
 def test_default_root_still_builds_the_demo(tmp_path: Path, monkeypatch) -> None:
     from pipeline.config import load_config
-    from pipeline.training.preflight import builds_digits
+    from pipeline.run.preflight import builds_digits
 
     monkeypatch.chdir(tmp_path)
     assert builds_digits(load_config(None, []))

@@ -75,7 +75,7 @@ def test_shard_mixing_measure_tells_sorted_from_shuffled(digits, tmp_path: Path)
 
 
 def test_data_index_and_a_run_say_the_shards_are_class_sorted(digits, tmp_path: Path) -> None:
-    from pipeline.training.run_data import load_manifest
+    from pipeline.run.data import load_manifest
 
     listing = run_cli(["data", "index", *digits["sorted"]["train"], "--index-dir", str(tmp_path / "index"),
                        "--no-progress"])

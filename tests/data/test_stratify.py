@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.data.dataset.manifest import Manifest
 from pipeline.data.writer.sources import scan_csv, scan_source
 from pipeline.data.writer.stratify import multi_hot, proportion_deviation, quantile_bins, stratified_split
-from pipeline.training.run_data import load_manifest
+from pipeline.run.data import load_manifest
 from tests.conftest import TINY, read_jsonl, run_cli
 
 NAMES = ["cat", "dog", "ship", "rare"]

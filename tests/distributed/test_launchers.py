@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.distributed.launch import EX_TEMPFAIL, exit_code_of
+from pipeline.distributed.launch import exit_code_of
+from pipeline.exits import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[2]
 # Tiny but real: 3 epochs of ~20 optimizer steps per rank, periodic checkpoints, no W&B, no loader workers.
@@ -78,7 +79,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 def test_exit_code_of_prefers_preemption() -> None:
     failure = lambda code: SimpleNamespace(exitcode=code)  # noqa: E731
-    assert exit_code_of({0: failure(1), 1: failure(EX_TEMPFAIL)}) == EX_TEMPFAIL
+    assert exit_code_of({0: failure(1), 1: failure(EXIT_PREEMPTED)}) == EXIT_PREEMPTED
     assert exit_code_of({1: failure(-9), 0: failure(3)}) == 3
     assert exit_code_of({0: failure(-9)}) == 137
 
@@ -185,7 +186,7 @@ def test_slurm_preempted_job_requeues_and_equals_uninterrupted_run(reference: Si
     assert preempted, f"the job was not preempted and requeued:\n{text[-4000:]}"
     steps_per_epoch = int(re.search(r"(\d+) steps/epoch/rank", text).group(1))
     assert int(preempted.group(1)) % steps_per_epoch != 0, "the stop was meant to land mid-epoch"
-    assert f"training exited with {EX_TEMPFAIL}" in text
+    assert f"training exited with {EXIT_PREEMPTED}" in text
     assert "(restart 1)" in text and "(restart 2)" not in text
     assert not (run_dir / "PREEMPTED").exists()
     assert_same_result(run_dir, reference.run_dir)

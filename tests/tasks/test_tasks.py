@@ -312,7 +312,7 @@ def test_cross_validation_folds_keep_the_json_labels_the_run_reads(shards: dict,
     import tarfile
 
     from pipeline.commands.cv import fold_config
-    from pipeline.training.run_data import load_manifest
+    from pipeline.run.data import load_manifest
 
     cfg = load_config(None, [*(f"data.{split}={shards[split]}" for split in ("train", "val", "test")),
                              f"data.index_dir={tmp_path / 'index'}", "cv.folds=3", f"cv.data_dir={tmp_path / 'folds'}",

@@ -250,7 +250,7 @@ def test_auto_class_weights_and_balanced_sampling(tmp_path):
 def test_cv_folds_partition_train_and_val_stratified(tmp_path):
     from pipeline.commands.cv import fold_assignment, fold_config
     from pipeline.data.dataset.manifest import Manifest
-    from pipeline.training.run_data import load_manifest
+    from pipeline.run.data import load_manifest
 
     labels = [0] * 10 + [1] * 6 + [2] * 5
     assignment = fold_assignment(labels, 5, seed=0)

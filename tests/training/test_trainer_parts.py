@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from pipeline.distributed.stop import AgreedStop
+from pipeline.exits import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from pipeline.training.accumulation import AccumulationWindows
-from pipeline.training.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 
 def test_windows_cover_the_epoch_with_a_short_last_one() -> None:

@@ -7,16 +7,17 @@ import math
 from pathlib import Path
 
 from pipeline.commands.diagnose.rules import Chance, Finding, diagnose
+from pipeline.run_folder import RunFolder
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
     """The run's epoch records from metrics.jsonl (one-line error if the folder is not a run)."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"'{run_dir}' has no metrics.jsonl; is it a run folder that trained an epoch?")
+        raise FileNotFoundError(f"'{run_dir}' has no {path.name}; is it a run folder that trained an epoch?")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -47,7 +48,7 @@ def task_chance(cfg, classes) -> Chance | int:
 def diagnose_run(run_dir: str | Path) -> list[Finding]:
     """Diagnose a run folder from metrics.jsonl, its data manifest and, if present, per-class test metrics."""
     from pipeline.data.dataset.resolve import dataset_manifest
-    from pipeline.evaluation.loaded import load_run_config
+    from pipeline.run.loaded import load_run_config
 
     run_dir = Path(run_dir)
     history = read_history(run_dir)
@@ -59,7 +60,7 @@ def diagnose_run(run_dir: str | Path) -> list[Finding]:
     except (FileNotFoundError, ValueError, KeyError):
         pass  # diagnose from the history alone when the shards have moved
     per_class = None
-    test_path = run_dir / "test_metrics.json"
+    test_path = RunFolder(run_dir).test_metrics
     if test_path.is_file():
         test = json.loads(test_path.read_text())
         per_class = test.get("per_class")

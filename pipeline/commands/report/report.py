@@ -27,8 +27,9 @@ from pipeline.commands.visualize import (
 from pipeline.data.dataset.resolve import uses_specs
 from pipeline.data.dataset.specs import describe
 from pipeline.evaluation.analysis import analyse, confusion_matrix
-from pipeline.evaluation.loaded import load_run
-from pipeline.evaluation.summary import DETAIL_COLUMNS, HEADLINES
+from pipeline.run.loaded import load_run
+from pipeline.run.summary import DETAIL_COLUMNS, HEADLINES
+from pipeline.run_folder import RunFolder
 
 # (id, title) of every section, in page order; the Chromium test checks each exists.
 SECTIONS = (("config", "Configuration"), ("data", "Data"), ("curves", "Training curves"),
@@ -77,7 +78,7 @@ def build_report(run_dir: str | Path) -> tuple[str, dict[str, bytes]]:
     cfg, rcfg, classes = run.cfg, run.cfg.report, run.classes
     preds = predict_split(run, "test")
     counts = run.manifest.split("train").class_counts
-    test_file = run.run_dir / "test_metrics.json"
+    test_file = run.folder.test_metrics
     saved = json.loads(test_file.read_text()) if test_file.is_file() else {}
     images: dict[str, bytes | None] = {"curves": curves_png(history), "signals": signals_png(history),
                                        "filters": filters_png(first_conv_weight(run.model))}
@@ -186,7 +187,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, tracker=Non
     """Write report.html (default: in the run folder); log its images to `tracker` if given. Returns path, seconds."""
     started = time.perf_counter()
     page, images = build_report(run_dir)
-    path = Path(out) if out else Path(run_dir) / "report.html"
+    path = Path(out) if out else RunFolder(run_dir).report
     path.write_text(page)
     if tracker is not None and hasattr(tracker, "log_images"):
         tracker.log_images({f"report/{k}": v for k, v in images.items()})

@@ -12,10 +12,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.commands.tune.config import TuneConfig
 from pipeline.commands.tune.space import apply_overrides
 from pipeline.commands.tune.storage import mask_url
 from pipeline.config import Config, to_yaml
+from pipeline.config.schema import TuneConfig
 
 
 def _write(path: Path, text: str) -> None:

@@ -21,15 +21,17 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline.commands.train import train
-from pipeline.commands.tune.config import TuneConfig, load_tune_config
+from pipeline.commands.tune.config import load_tune_config
 from pipeline.commands.tune.pruning import MetricNotInRecord, TrialReporter
 from pipeline.commands.tune.report import write_report
 from pipeline.commands.tune.space import SearchSpace, apply_overrides
 from pipeline.commands.tune.storage import build_storage, check_url, mask_url, study_lock
 from pipeline.config import Config, to_yaml
+from pipeline.config.schema import TuneConfig
 from pipeline.config.secrets import mask
 from pipeline.distributed import build_dist
 from pipeline.errors import first_line
+from pipeline.run_folder import RunFolder
 
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
@@ -193,7 +195,7 @@ def trial_dir(study_dir: Path, number: int) -> Path:
 def _continue_from(study_dir: Path, job: Job) -> None:
     """A retried trial starts from the checkpoints its dead worker left (same parameters, new number)."""
     old, new = trial_dir(study_dir, job.retry_of), trial_dir(study_dir, job.number)
-    if (old / "checkpoints").is_dir() and not new.exists():
+    if RunFolder(old).checkpoints.is_dir() and not new.exists():
         shutil.copytree(old, new)
 
 
@@ -283,8 +285,8 @@ def check_base(tune: TuneConfig, base: Config) -> None:
     import yaml
 
     from pipeline.data.dataset.resolve import dataset_manifest
-    from pipeline.training.preflight import check_data_root
-    from pipeline.training.run_folder import config_changes, is_harmless
+    from pipeline.run.guards import config_changes, is_harmless
+    from pipeline.run.preflight import check_data_root
 
     check_data_root(base)
     dataset_manifest(base.data)  # shards readable, classes known (an index comes from its cache)

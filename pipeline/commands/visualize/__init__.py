@@ -82,7 +82,7 @@ def visualize_image(run_dir: str | Path, layer: str, image: str | Path, out: str
                     channels: int = 16) -> Path:
     """Feature maps of `layer` for one image file, plus its Grad-CAM at that layer when it is spatial."""
     from pipeline.commands.predict import image_paths, preprocess
-    from pipeline.evaluation.loaded import load_run
+    from pipeline.run.loaded import load_run
 
     if channels < 1:
         raise ValueError(f"--channels={channels} must be at least 1")
@@ -100,7 +100,7 @@ def visualize_image(run_dir: str | Path, layer: str, image: str | Path, out: str
     probs = logits.softmax(dim=-1)[0]
     label = run.classes[int(probs.argmax())]
     title = f"{paths[0].name}: predicted {label} ({float(probs.max()):.2f})"
-    out = Path(out) if out else run.run_dir / "visualize" / f"{layer.replace('.', '_')}_{paths[0].stem}.png"
+    out = Path(out) if out else run.folder.visualize / f"{layer.replace('.', '_')}_{paths[0].stem}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(feature_maps_png(shown, {layer: activation[0]}, channels, title))
     out.with_name(out.stem + "_gradcam.png").write_bytes(gradcam_png([shown], cams, [f"Grad-CAM at {layer}: {label}"]))

@@ -6,14 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from pipeline.errors import raised_again_line
+from pipeline.exits import EXIT_BAD_DATA, EXIT_REMOTE_DATA
 
 if TYPE_CHECKING:
     from pipeline.data.io.handles import ReadOptions
 
-EXIT_REMOTE_DATA = 69
-"""Exit code when remote data cannot be had after the retries (EX_UNAVAILABLE: a service is unavailable)."""
-EXIT_CHANGED_DATA = 65
-"""Exit code when a shard changed during the run (EX_DATAERR, as data.max_bad_fraction)."""
 
 class RemoteError(OSError):
     """The reader's own errors: one line, kept when torch's DataLoader raises one again in the main process."""
@@ -40,7 +37,7 @@ class ShardChanged(PermanentError):
     """A shard that answers another size or version than the index recorded (`ReadOptions.pinned`): reading on
     would mix two versions of the data in one run (exit 65)."""
 
-    exit_code = EXIT_CHANGED_DATA
+    exit_code = EXIT_BAD_DATA  # a changed shard is bad data (65)
 
 
 def check_pinned(url: str, options: ReadOptions, size: Optional[int], version: str, content_type: str = "") -> None:

@@ -51,8 +51,7 @@ UNDRAWN = "__undrawn__"
 """Key under which a resampling stream hands over samples it cannot draw (no usable label), so
 they are inspected and counted at the position that carries them."""
 
-EXIT_BAD_DATA = 65
-"""Exit code when data.max_bad_fraction is exceeded (EX_DATAERR, as 75 = EX_TEMPFAIL for preemption)."""
+from pipeline.exits import EXIT_BAD_DATA  # noqa: E402 - data.max_bad_fraction exceeded
 
 
 class DataQualityError(ValueError):

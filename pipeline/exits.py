@@ -1,5 +1,28 @@
-"""Stop requests: signals (SLURM preemption, time limits, Ctrl-C), and what a repeated signal does.
+"""How a run ends: every exit code, the exceptions that carry one, and the stop signals (no torch, no imports).
 
+code  name              meaning                                                      who ends with it
+0                       done                                                         every command
+1                       crashed: an error no code is designed for (a traceback)      Python
+2     EXIT_USAGE        bad input: config, files, values; a URL naming nothing       the CLI; PermanentError (data)
+65    EXIT_BAD_DATA     the data is bad: data.max_bad_fraction exceeded, or a shard  DataQualityError, ShardChanged
+                        changed during the run (EX_DATAERR)                          (pipeline.data)
+69    EXIT_REMOTE_DATA  remote data cannot be had after the retries (EX_UNAVAILABLE) NetworkError (pipeline.data)
+70    EXIT_NONFINITE    training stopped on non-finite values (EX_SOFTWARE)          NonFiniteStop
+74    EXIT_IO           a file could not be written: disk full, permissions          CheckpointWriteError; the CLI
+                        (EX_IOERR)                                                   for any other OSError
+75    EXIT_PREEMPTED    a stop signal ended the run, its checkpoint written: requeue Preempted, SignalStop; the
+                        me (EX_TEMPFAIL; resume=auto continues from it)              launcher passes it on
+76    EXIT_DISTRIBUTED  a rank was lost, a collective timed out, the process group   the CLI, pipeline.distributed,
+                        did not form (EX_PROTOCOL)                                   the launcher
+76    EXIT_STUCK        a loader worker delivered nothing for data.worker_timeout_s: WorkerStuck (pipeline.data)
+                        a process of the run stopped answering, as a lost rank
+130   EXIT_INTERRUPTED  Ctrl-C (128 + SIGINT, as a shell reports it)                 Interrupted, SignalStop
+
+An exception carries its code as `exit_code` (and `same_on_every_rank` when every rank stops with the same
+message, which rank 0 prints); the CLI matches the attribute, so it never imports torch to learn a code.
+docs/preemption.md, "Faults and failures", tells each path with its line and its checkpoint rule.
+
+Stop requests: signals (SLURM preemption, time limits, Ctrl-C), and what a repeated signal does.
 Inside the training loop a signal only sets a flag; the loop asks at optimizer-step boundaries and after each
 epoch, all-reducing the flags so every rank stops after the *same* step, then checkpoints and exits: with
 `EXIT_PREEMPTED` (75, "requeue me") for the signals in `checkpoint.signals`, with `EXIT_INTERRUPTED` (130, as a
@@ -16,9 +39,43 @@ import os
 import signal
 from typing import Sequence
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later; resume=auto continues from the checkpoint
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-PREEMPTED_MARKER = "PREEMPTED"
+EXIT_USAGE = 2
+"""Bad input: config, files, values (the CLI, for ConfigError, FileNotFoundError, ValueError, KeyError)."""
+EXIT_BAD_DATA = 65
+"""EX_DATAERR: data.max_bad_fraction exceeded, or a shard changed during the run."""
+EXIT_REMOTE_DATA = 69
+"""EX_UNAVAILABLE: remote data cannot be had after the retries (a service is unavailable)."""
+EXIT_NONFINITE = 70
+"""EX_SOFTWARE: training stopped on non-finite values (train.nonfinite)."""
+EXIT_IO = 74
+"""EX_IOERR: a file could not be written (disk full, permissions), a checkpoint or any other."""
+EXIT_PREEMPTED = 75
+"""EX_TEMPFAIL: try again later; resume=auto continues from the checkpoint."""
+EXIT_DISTRIBUTED = 76
+"""EX_PROTOCOL: a rank was lost, a collective timed out, or the process group did not form."""
+EXIT_STUCK = 76
+"""Exit code of a stuck loader worker: a process of the run stopped answering, as a lost rank or a collective
+past dist.timeout_s (`EXIT_DISTRIBUTED`); docs/preemption.md, "Faults and failures"."""
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for Ctrl-C."""
+STOP_CODES = (EXIT_PREEMPTED, EXIT_INTERRUPTED)
+"""The codes of a stop asked for by a signal."""
+SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
+"""The stop signals `checkpoint.signals` may name (SIGINT is always handled)."""
+
+
+class NonFiniteStop(RuntimeError):
+    """Training stopped on non-finite values; the CLI prints the one-line message and exits with 70."""
+
+    exit_code = EXIT_NONFINITE
+    same_on_every_rank = True
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions...); the message is one line naming the folder."""
+
+    exit_code = EXIT_IO
+    same_on_every_rank = True
 
 
 class Preempted(Exception):
@@ -50,15 +107,10 @@ def exit_now(code: int, line: str) -> None:
     os._exit(code)
 
 
-STOP_CODES = (EXIT_PREEMPTED, EXIT_INTERRUPTED)
-
-
 def ignore_stop_signals() -> None:
     """For the last moments of a process whose exit code a stop already decided: Python's own teardown puts back
     the default handlers of the signals it handled, so a signal repeated then would still kill the process (exit
     143, 138). Ignored signals stay ignored through teardown."""
-    from pipeline.config.schema import SIGNAL_NAMES
-
     for name in SIGNAL_NAMES:
         try:
             signal.signal(getattr(signal, name), signal.SIG_IGN)

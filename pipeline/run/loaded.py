@@ -15,6 +15,7 @@ from pipeline.data import Manifest, SplitLoader, build_loader
 from pipeline.data.dataset.resolve import dataset_manifest
 from pipeline.distributed import Dist, build_dist
 from pipeline.models import create_model
+from pipeline.run_folder import RunFolder
 from pipeline.tasks import Task, load_task
 
 
@@ -22,9 +23,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder '{run_dir}' does not exist")
-    path = run_dir / "config.yaml"
+    path = RunFolder(run_dir).config
     if not path.is_file():
-        raise FileNotFoundError(f"'{run_dir}' is not a run folder (no config.yaml)")
+        raise FileNotFoundError(f"'{run_dir}' is not a run folder (no {path.name})")
     return config_from_dict(yaml.safe_load(path.read_text()))
 
 
@@ -42,6 +43,11 @@ class LoadedRun:
     """Which weights were loaded: model (the trained ones) or ema (their moving average, train.ema_decay > 0)."""
     task: Task | None = None
     """What the model predicts, with the state the run stored (thresholds, target mean/std; `pipeline.tasks`)."""
+
+    @property
+    def folder(self) -> RunFolder:
+        """The run folder's files."""
+        return RunFolder(self.run_dir)
 
     @property
     def device(self) -> torch.device:
@@ -69,15 +75,16 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> LoadedRun:
     cfg = load_run_config(run_dir)
     dist = build_dist("fp32" if cfg.train.precision == "fp16" else cfg.train.precision, cfg.train.cpu)
     manifest = dataset_manifest(cfg.data, task=cfg.task)
-    checkpointer = Checkpointer(run_dir / "checkpoints", dist)
+    checkpoints = RunFolder(run_dir).checkpoints
+    checkpointer = Checkpointer(checkpoints, dist)
     if checkpoint is not None:
         folder = checkpointer.find(checkpoint)
         if folder is None:
-            raise FileNotFoundError(f"'{run_dir}/checkpoints' has no complete checkpoint '{checkpoint}'")
+            raise FileNotFoundError(f"'{checkpoints}' has no complete checkpoint '{checkpoint}'")
     else:
         folder = checkpointer.find("best") or checkpointer.find("last")
     if folder is None:
-        raise FileNotFoundError(f"'{run_dir}/checkpoints' has no complete best or last checkpoint")
+        raise FileNotFoundError(f"'{checkpoints}' has no complete best or last checkpoint")
     model = create_model(cfg.model, manifest.num_classes, cfg.data.channels).to(dist.device)
     weights = "ema" if (folder / EMA_WEIGHTS).is_file() else "model"
     load_weights(model, folder / (EMA_WEIGHTS if weights == "ema" else "model.safetensors"))

@@ -25,21 +25,14 @@ from typing import Optional
 
 import yaml
 
-from pipeline.checkpointing.checkpointer import STEP_PREFIX, verify
+from pipeline.checkpointing.checkpointer import DATA_IN_CHECKPOINT, STEP_PREFIX, resume_folder, verify
 from pipeline.config.secrets import mask_text
+from pipeline.run_folder import CONFIG_FILE, EARLIER_NAME, HISTORY_NAME, LOCK_NAME, RunFolder
 from pipeline.tracking.console import warn
 
-LOCK_NAME = ".run.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0
 """A lock whose heartbeat is older than this (10 minutes) is stale, wherever its holder runs."""
-HISTORY_NAME = "config_history.jsonl"
-RUN_INFO_NAME = "run_info.json"
-CONFIG_IN_CHECKPOINT = "config.yaml"
-DATA_IN_CHECKPOINT = "data.json"
-"""The identity of the data a checkpoint was trained on (classes, shard fingerprint), beside its config.yaml."""
-EARLIER_NAME = "earlier"
-"""checkpoint.resume=never moves an earlier run's files to <run>/earlier/<UTC time>/ instead of writing over them."""
 
 HARMLESS_PREFIXES = ("logging.", "report.", "checkpoint.", "run.", "cv.", "dist.", "eval.")
 HARMLESS_KEYS = {"data.num_workers", "data.worker_start", "data.pin_memory", "data.max_bad_fraction",
@@ -69,7 +62,7 @@ class RunLock:
     """`<run>/.run.lock`, held by the main process for the run's life; `release` is safe to call twice."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_NAME
+        self.path = RunFolder(run_dir).lock
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(), "heartbeat": time.time()}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -183,28 +176,9 @@ def _describe(changes: list[tuple[str, object, object]]) -> str:
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
 
 
-def resume_folder(cfg, checkpoints: Path) -> Optional[Path]:
-    """The checkpoint this start will continue from (verified), or None for a fresh start."""
-    resume = cfg.checkpoint.resume
-    if resume == "never":
-        return None
-    if resume != "auto":
-        folder = Path(resume)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"checkpoint.resume='{resume}' is not a checkpoint folder")
-        problem = verify(folder)
-        if problem:
-            raise ValueError(f"checkpoint.resume='{resume}' cannot be loaded: {problem}; give a complete checkpoint "
-                             f"folder or checkpoint.resume=auto")
-        return folder
-    steps = sorted((p for p in checkpoints.glob(f"{STEP_PREFIX}*") if p.is_dir()), reverse=True) \
-        if checkpoints.is_dir() else []
-    return next((p for p in steps if verify(p) is None), None)
-
-
 def stored_config(folder: Path, run_dir: Path) -> Optional[dict]:
     """The config a checkpoint was trained with (older checkpoints: the run folder's config.yaml)."""
-    for path in (folder / CONFIG_IN_CHECKPOINT, run_dir / "config.yaml"):
+    for path in (folder / CONFIG_FILE, RunFolder(run_dir).config):
         if path.is_file():
             return yaml.safe_load(path.read_text())
     return None
@@ -237,14 +211,15 @@ def _checkpoint_folders(checkpoints: Path) -> list[Path]:
 def earlier_history(run_dir: Path) -> list[str]:
     """What an earlier run left in the folder that a fresh start would write over: its epoch records and its
     checkpoints (e.g. ['metrics.jsonl epochs 1-2', 'checkpoints/step-00000080', 'checkpoints/best']); [] if none."""
-    epochs = _logged_epochs(run_dir / "metrics.jsonl")
-    found = [f"metrics.jsonl epochs {min(epochs)}-{max(epochs)}"] if epochs else []
-    return found + [f"checkpoints/{p.name}" for p in _checkpoint_folders(run_dir / "checkpoints")]
+    run = RunFolder(run_dir)
+    epochs = _logged_epochs(run.metrics)
+    found = [f"{run.metrics.name} epochs {min(epochs)}-{max(epochs)}"] if epochs else []
+    return found + [f"{run.checkpoints.name}/{p.name}" for p in _checkpoint_folders(run.checkpoints)]
 
 
 def unusable_history(run_dir: Path, history: list[str]) -> str:
     """The one line refusing a resume=auto start into a folder whose earlier run left no checkpoint to continue."""
-    folders = _checkpoint_folders(run_dir / "checkpoints")
+    folders = _checkpoint_folders(RunFolder(run_dir).checkpoints)
     problems = {p: verify(p) for p in folders}
     damaged = [f"{p.name}: {why}" for p, why in problems.items() if why]
     intact = [p for p, why in problems.items() if not why]
@@ -254,7 +229,7 @@ def unusable_history(run_dir: Path, history: list[str]) -> str:
                                                             "(none here is intact)"
     return (f"run folder '{run_dir}' holds an earlier run ({', '.join(history)}) but no checkpoint to resume: {what}; "
             f"continue with {resume}, or start afresh with another run.name or with checkpoint.resume=never "
-            f"(which moves the earlier run's files to {run_dir / EARLIER_NAME}/)")
+            f"(which moves the earlier run's files to {RunFolder(run_dir).earlier}/)")
 
 
 def set_aside(run_dir: Path) -> Optional[Path]:
@@ -265,10 +240,10 @@ def set_aside(run_dir: Path) -> Optional[Path]:
     if not entries:
         return None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    dest, n = run_dir / EARLIER_NAME / stamp, 1
+    dest, n = RunFolder(run_dir).earlier / stamp, 1
     while dest.exists():
         n += 1
-        dest = run_dir / EARLIER_NAME / f"{stamp}-{n}"
+        dest = RunFolder(run_dir).earlier / f"{stamp}-{n}"
     dest.mkdir(parents=True)
     for entry in entries:
         entry.rename(dest / entry.name)
@@ -319,7 +294,7 @@ def check_resume(cfg, config_yaml: str, run_dir: Path, world_size: int, identity
     ValueError (refused). A resume's config and data (`identity`, see data_identity) must be those of its checkpoint;
     resume=auto into a folder with history but no usable checkpoint is refused; resume=never sets history aside."""
     record = {"time": _now(), "resumed_from": None, "changes": [], "allowed": [], "forced": []}
-    folder = resume_folder(cfg, run_dir / "checkpoints")
+    folder = resume_folder(cfg, RunFolder(run_dir).checkpoints)
     history = earlier_history(run_dir) if folder is None else []
     if history and cfg.checkpoint.resume == "auto":
         raise ValueError(unusable_history(run_dir, history))
@@ -361,10 +336,11 @@ def record_start(run_dir: Path, config_yaml: str, history: dict, world_size: int
     if history.get("set_aside"):
         moved = set_aside(run_dir)
         history = {**history, "set_aside": str(moved) if moved else None}
-    (run_dir / "config.yaml").write_text(config_yaml)
-    with open(run_dir / HISTORY_NAME, "a") as handle:
+    run = RunFolder(run_dir)
+    run.config.write_text(config_yaml)
+    with open(run.history, "a") as handle:
         handle.write(json.dumps(history, default=str) + "\n")
-    (run_dir / RUN_INFO_NAME).write_text(json.dumps(run_info(world_size, evaluates), indent=2) + "\n")
+    run.run_info.write_text(json.dumps(run_info(world_size, evaluates), indent=2) + "\n")
 
 
 def _git(args: list[str]) -> Optional[str]:
@@ -393,5 +369,4 @@ def run_info(world_size: int, evaluates: str = "") -> dict:
             "versions": {p: _version(p) for p in ("torch", "torchvision", "accelerate", "webdataset", "pipeline")}}
 
 
-__all__ = ["RunLock", "check_resume", "data_identity", "record_start", "resume_folder", "CONFIG_IN_CHECKPOINT",
-           "DATA_IN_CHECKPOINT"]
+__all__ = ["RunLock", "check_resume", "data_identity", "record_start"]

@@ -12,8 +12,8 @@ from pipeline.data.dataset.resolve import spec_manifest, training_shard_labels, 
 from pipeline.data.dataset.specs import describe, expand, other_splits_line
 from pipeline.data.writer.shards import ensure_digits_shards
 from pipeline.distributed import Dist
+from pipeline.run.preflight import builds_digits, check_data_root
 from pipeline.tracking.console import warn
-from pipeline.training.preflight import builds_digits, check_data_root
 
 
 def load_manifest(cfg: Config, dist: Dist | None = None) -> Manifest:

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.run_folder import RunFolder
+
 WORST_CLASSES = 3
 """Classes listed under "worst classes" at the end of training (lowest F1 first)."""
 MAX_GRID_CLASSES = 20
@@ -138,12 +140,12 @@ def _duration(seconds: float) -> str:
 def run_end_lines(run_dir: Path, monitor: str, seconds: float) -> list[str]:
     """What a finished run did and what to do next: the best epoch and its monitored value (from the best
     checkpoint's early-stopping state), the wall time, where the best weights are, and the commands that use them."""
-    best = run_dir / "checkpoints" / "best"
+    run = RunFolder(run_dir)
+    best, last_state = run.checkpoint("best"), run.checkpoint("last") / "state.json"
     lines = []
     try:
         early = json.loads((best / "state.json").read_text())["early_stopping"]
-        epochs = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())["train"]["epoch"] \
-            if (run_dir / "checkpoints" / "last" / "state.json").is_file() else early["best_epoch"]
+        epochs = json.loads(last_state.read_text())["train"]["epoch"] if last_state.is_file() else early["best_epoch"]
         lines.append(f"best epoch {early['best_epoch']} of {epochs}: {monitor} {early['best']:.4f}  |  "
                      f"wall time {_duration(seconds)}")
     except (OSError, KeyError, ValueError):
