@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import ROOT, TINY, free_port
 from tests.data.test_data import _proc_stat
 from tests.data.test_data_faults import faulty_samples, write_set
-from tests.test_faults import _checkpointer
+from tests.support.faults import run_checkpointer
 
 STEPS_PER_EPOCH = 20  # digits: 1257 training images, batch 64 (0 or 2 workers alike)
 EXIT_WITHIN_S = 10.0  # from the run's last message (or the first signal) to the command's exit, one rank
@@ -184,7 +184,7 @@ def test_every_exit_ends_in_seconds_with_its_code_and_leaves_no_process(name: st
     ended = run_watched(cmd, tmp_path, env=dict(case.env), signals=case.signals, message=case.line)
     _check(case, ended, workers, EXIT_WITHIN_S)
     if case.code in (75, 130) and case.line.endswith("saved at step"):  # a handled stop: its checkpoint is complete
-        checkpoint = _checkpointer(tmp_path / "runs/r").latest()
+        checkpoint = run_checkpointer(tmp_path / "runs/r").latest()
         assert checkpoint is not None and (tmp_path / "runs/r/PREEMPTED").is_file()
     if case.code == 1:  # an unexpected error keeps its traceback, for the bug report
         assert "Traceback (most recent call last)" in ended.stderr
@@ -288,7 +288,7 @@ def test_a_stopped_loader_worker_ends_the_run_with_one_line_naming_it(digits_roo
                     r"\(data.worker_timeout_s\); it was reading shard '.*/train-\d{6}\.tar' at sample \d+\. The last "
                     r"complete checkpoint is kept: rerun the same command", line), line
     assert "Traceback" not in ended.stderr
-    checkpoint = _checkpointer(tmp_path / "runs/r").latest()  # the end of epoch 1, complete
+    checkpoint = run_checkpointer(tmp_path / "runs/r").latest()  # the end of epoch 1, complete
     assert checkpoint is not None and checkpoint.name.startswith("step-")
 
 

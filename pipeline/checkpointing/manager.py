@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpointing.checkpointer import EMA_WEIGHTS, Checkpointer, load_weights, resume_folder
+from pipeline.checkpointing.rng import rng_state, set_rng_state
 from pipeline.config.schema import Config
 from pipeline.data.loader_state import FAULTS
 from pipeline.distributed import Dist
@@ -28,7 +29,6 @@ from pipeline.distributed.stop import AgreedStop
 from pipeline.exits import CheckpointWriteError, Interrupted, Preempted
 from pipeline.run_folder import RunFolder
 from pipeline.testing import faults as injected
-from pipeline.training.seed import rng_state, set_rng_state
 
 
 class CheckpointManager:

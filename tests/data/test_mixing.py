@@ -3,7 +3,7 @@ sortedness is measured and said, and class-sorted digits train like shuffled one
 
 Exact and elastic resume with mixing on are proved in tests/data/test_elastic.py (counted, every layout change) and by
 the SIGKILL tests, which run the default config (data.mix_shards=16): test_wds_remote.py (flaky HTTP server),
-test_wds_world.py, test_distributed.py, test_faults.py.
+test_wds_world.py, test_distributed.py, training/test_random_kills.py.
 """
 
 from __future__ import annotations
