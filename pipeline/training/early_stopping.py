@@ -34,6 +34,11 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_epochs >= self.patience
 
+    def stop_line(self, monitor: str) -> str:
+        """What a run that stopped early says."""
+        return (f"early stopping: no improvement of {monitor} for {self.bad_epochs} epochs (best {self.best:.4f} "
+                f"at epoch {self.best_epoch})")
+
     def state_dict(self) -> dict:
         return asdict(self)
 

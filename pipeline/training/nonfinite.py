@@ -51,6 +51,7 @@ from torch import nn
 from pipeline.config.secrets import mask
 from pipeline.distributed import Dist
 from pipeline.exits import NonFiniteStop
+from pipeline.run_folder import RunFolder
 from pipeline.testing import faults
 from pipeline.training.callbacks import Callback, Trainer
 
@@ -182,6 +183,20 @@ class NonFiniteGuard:
         return True
 
     # ---- stopping ---------------------------------------------------------------------------------
+    def skip(self, verdict: Verdict, step: int, epoch: int, checkpointer, sample_keys: Callable[[int], list[str]],
+             optimizer: torch.optim.Optimizer) -> None:
+        """Act on a verdict that takes no update: drop the update (the step still counts), or stop with
+        NonFiniteStop after writing the diagnostic record (every rank's losses and sample keys; `sample_keys(micro)`
+        names micro-batch `micro` of the epoch) beside the run's checkpoints."""
+        if verdict.stop:
+            path, last = RunFolder(checkpointer.directory.parent).nonfinite, checkpointer.latest()
+            self.write_record(verdict, step, epoch, path, sample_keys, [g["lr"] for g in optimizer.param_groups], last)
+            raise self.stop_error(verdict, step, epoch, path, last)
+        reset_scaler(self.dist.accelerator.scaler)
+        if verdict.warning:
+            self.dist.warn(verdict.warning)
+        optimizer.zero_grad(set_to_none=True)
+
     def stop_error(self, verdict: Verdict, step: int, epoch: int, path: Path, last: Optional[Path]) -> NonFiniteStop:
         """The error a stopping verdict raises (after `write_record` wrote `path`)."""
         cause = ("train.nonfinite=halt" if self.policy == "halt" else

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +22,6 @@ from pipeline.distributed import Dist
 from pipeline.distributed.stop import AgreedStop
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.evaluation.metrics import ClassificationMetrics
-from pipeline.run_folder import RunFolder
 from pipeline.tracking.console import NullProgress, epoch_line, progress_bar, terminal_width
 from pipeline.tracking.metrics_log import MetricsLog
 from pipeline.training.accumulation import AccumulationWindows
@@ -31,32 +30,10 @@ from pipeline.training.callbacks import Callback, CallbackList
 from pipeline.training.early_stopping import EarlyStopping
 from pipeline.training.ema import ModelEma, NoEma
 from pipeline.training.mixing import BatchAugment
-from pipeline.training.nonfinite import GuardHooks, NonFiniteGuard, Verdict, reset_scaler
+from pipeline.training.nonfinite import GuardHooks, NonFiniteGuard
 from pipeline.training.optim import build_l1_penalty
 from pipeline.training.schedulers import LRSchedule
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint's state.json."""
-
-    epoch: int = 0
-    """Epochs completed."""
-    global_step: int = 0
-    """Optimizer steps taken (including updates skipped for non-finite values: a step of the data stream)."""
-    step_in_epoch: int = 0
-    """Micro-batches of the current epoch already consumed by this rank."""
-    stopped_early: bool = False
-    """Early stopping ended training."""
-
-
-def resume_point(state: TrainState) -> str:
-    """Where a resume goes on, in the epoch numbers the epoch lines print (1-based; `state.epoch` counts the epochs
-    completed): 'in epoch 5 after 3 of its batches (step 63)' or 'after epoch 4 (step 60)'."""
-    if state.step_in_epoch:
-        return (f"in epoch {state.epoch + 1} after {state.step_in_epoch} of its batches "
-                f"(step {state.global_step})")
-    return f"after epoch {state.epoch} (step {state.global_step})"
+from pipeline.training.state import TrainState, resume_point
 
 
 class Trainer:
@@ -179,25 +156,11 @@ class Trainer:
                 self.dist.optimizer_step(self.optimizer)
                 if self.nonfinite.stepped(accelerator.optimizer_step_was_skipped):  # not by the fp16 GradScaler
                     self.schedule.after_optimizer_step()
-            else:
-                self.skip_update(verdict)
+            else:  # the update is dropped (the step still counts), or the run stops with its diagnostic record
+                stream, epoch = self.train_data.stream, self.state.epoch
+                self.nonfinite.skip(verdict, self.state.global_step + 1, epoch + 1, self.checkpointer,
+                                    lambda micro: stream.batch_sample_keys(epoch, micro), self.optimizer)
         return loss, self.task.train_score(logits, targets)
-
-    def skip_update(self, verdict: Verdict) -> None:
-        """Act on the non-finite guard's verdict: drop the update (the step still counts), or stop with
-        NonFiniteStop after writing the diagnostic record (every rank's losses and sample keys)."""
-        step, epoch = self.state.global_step + 1, self.state.epoch + 1
-        if verdict.stop:
-            path, last = RunFolder(self.checkpointer.directory.parent).nonfinite, self.checkpointer.latest()
-            stream = self.train_data.stream
-            self.nonfinite.write_record(verdict, step, epoch, path,
-                                        lambda micro: stream.batch_sample_keys(self.state.epoch, micro),
-                                        [g["lr"] for g in self.optimizer.param_groups], last)
-            raise self.nonfinite.stop_error(verdict, step, epoch, path, last)
-        reset_scaler(self.dist.accelerator.scaler)
-        if verdict.warning:
-            self.dist.warn(verdict.warning)
-        self.optimizer.zero_grad(set_to_none=True)
 
     def validate(self) -> dict:
         self.ema.sync(self.dist)
@@ -225,9 +188,7 @@ class Trainer:
         final = self.state.epoch >= self.cfg.train.epochs or self.state.stopped_early
         self.checkpoints.end_epoch(improved, final)
         if self.state.stopped_early:
-            self.dist.print(f"early stopping: no improvement of {self.cfg.train.monitor} for "
-                            f"{self.early.bad_epochs} epochs (best {self.early.best:.4f} "
-                            f"at epoch {self.early.best_epoch})")
+            self.dist.print(self.early.stop_line(self.cfg.train.monitor))
         self.bad_data.check(self.state.epoch)  # after logging and saving: the epoch's counts are on record
 
     # ---- state ----------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ def _resume(stream: ShardStream, old_ranks: list[dict]) -> SimpleNamespace:
     from pipeline.checkpointing.manager import CheckpointManager
     from pipeline.data import SplitLoader
     from pipeline.data.loader_state import epoch_history
-    from pipeline.training.trainer import TrainState
+    from pipeline.training.state import TrainState
 
     trainer = SimpleNamespace(state=TrainState(epoch=1, global_step=3, step_in_epoch=3), dist=_Printer(),
                               train_data=SplitLoader(stream, None), epoch_totals=torch.zeros(3))

@@ -122,7 +122,7 @@ def test_losses() -> None:
 
 def test_the_resume_line_names_the_epoch_the_epoch_lines_print():
     """state.epoch counts completed epochs: a resume 3 batches into the fifth epoch is 'in epoch 5', not 'epoch 4'."""
-    from pipeline.training.trainer import TrainState, resume_point
+    from pipeline.training.state import TrainState, resume_point
 
     assert resume_point(TrainState(epoch=4, global_step=63, step_in_epoch=3)) == \
         "in epoch 5 after 3 of its batches (step 63)"
