@@ -76,7 +76,6 @@ class InMemorySplit:
 
         self.loader = batches
         self.bad_samples = faults.BadSampleCounts()  # no bad samples in memory
-        self.faults = self.bad_samples.total
         self.stream = self._Stream(len(batches), sum(len(labels) for _, labels in batches))
 
     def set_position(self, epoch: int, step: int = 0, history=()) -> None:

@@ -35,7 +35,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", tta: str | None = Non
     data = run.split_loader(split)
     metrics = evaluate(model, data.loader, task.build_loss(class_weights(run.cfg, run.manifest)).to(run.device),
                        task.metrics(run.device), run.device, run.dist.accelerator.autocast, run.cfg.model.channels_last)
-    counts = run.dist.gather_rows(data.faults).sum(dim=0)  # bad samples are left out of the metrics
+    counts = run.dist.gather_rows(data.bad_samples.total).sum(dim=0)  # bad samples are left out of the metrics
     outputs, labels = _gather(*collect_predictions(model, run.loader(split), run.device, run.dist.accelerator.autocast,
                                                    run.cfg.model.channels_last, task.outputs), run.dist)
     return {**evaluation_record(metrics, faults.num_skipped(counts), faults.as_dict(counts), task.test_keys),

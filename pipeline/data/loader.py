@@ -36,12 +36,6 @@ class SplitLoader:
         self.stream, self.dataloader, self.finish = stream, dataloader, finish
         self.bad_samples = faults.BadSampleCounts()
 
-    @property
-    def faults(self) -> torch.Tensor:
-        """The counts tensor of `bad_samples` (read by the bad-data check and the evaluation; restored only through
-        `load_state_dict`)."""
-        return self.bad_samples.total
-
     def set_position(self, epoch: int, step: int = 0, history: Sequence = ()) -> None:
         """See `ShardStream.set_position` (`history`: earlier layouts of a continued epoch)."""
         self.stream.set_position(epoch, step, history)

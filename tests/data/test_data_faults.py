@@ -110,7 +110,7 @@ def _epoch(root: Path, split: str, world: int, workers: int, train: bool, epoch:
             assert len(batches) == data.stream.steps_per_epoch()
         steps.append(len(batches))
         labels += [int(y) for _, batch in batches for y in batch]
-        counts += data.faults
+        counts += data.bad_samples.total
     return steps, labels, as_dict(counts)
 
 

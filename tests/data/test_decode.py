@@ -214,7 +214,7 @@ def _loaded(cfg, split: str) -> tuple[list, dict]:
     data.set_position(1)
     batches = [(images.clone(), labels.clone()) for images, labels in data.loader]
     assert len(batches) == data.stream.steps_per_epoch()
-    return batches, as_dict(data.faults)
+    return batches, as_dict(data.bad_samples.total)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

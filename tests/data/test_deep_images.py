@@ -67,7 +67,7 @@ def test_the_loader_feeds_16_bit_images_at_full_range(decode_device: str, tmp_pa
     assert len(labels) == 8
     pixels = (images[labels == 1][0, 0].numpy() * 255).round()
     assert np.array_equal(pixels, np.rint(GRADIENT / 257)), pixels
-    counts = dict(zip(faults.FIELDS, split.faults.tolist()))
+    counts = dict(zip(faults.FIELDS, split.bad_samples.total.tolist()))
     assert counts["seen"] == 8 and sum(counts[r] for r in faults.SKIP_REASONS) == 0  # none skipped
     assert counts["converted_mode"] == 8  # the set says RGB: each is counted as converted, and used
 

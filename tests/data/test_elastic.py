@@ -273,7 +273,7 @@ def test_trainer_continues_the_epoch_and_rank_0_takes_over_the_old_sums(shards: 
         "0 worker(s), batch 4: continuing epoch 2 with the 120 sample(s) it left unread, 30 step(s) per rank",
         "0 sample(s) of the interrupted epoch are left out so every rank runs the same steps"]
     assert trainer.state.step_in_epoch == 0 and trainer.epoch_history == (Layout(2, 2, 4, False, 3),)
-    assert trainer.epoch_totals.tolist() == [6.0, 10.0, 24.0] and trainer.train_data.faults.tolist()[0] == 24
+    assert trainer.epoch_totals.tolist() == [6.0, 10.0, 24.0] and trainer.train_data.bad_samples.total.tolist()[0] == 24
 
 
 def test_balanced_sampling_restarts_the_epoch_with_the_reason(shards: list[str]) -> None:
