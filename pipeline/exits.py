@@ -1,11 +1,13 @@
-"""How a run ends: every exit code, the exceptions that carry one, and the stop signals (no torch, no imports).
+"""How a run ends: every exit code, the exceptions that carry one, and the stop signals (no torch; it imports only
+`pipeline.errors`).
 
 code  name              meaning                                                      who ends with it
 0                       done                                                         every command
 1                       crashed: an error no code is designed for (a traceback)      Python
 2     EXIT_USAGE        bad input: config, files, values; a URL naming nothing       the CLI; PermanentError (data)
-65    EXIT_BAD_DATA     the data is bad: data.max_bad_fraction exceeded, or a shard  DataQualityError, ShardChanged
-                        changed during the run (EX_DATAERR)                          (pipeline.data)
+65    EXIT_BAD_DATA     the data is bad: data.max_bad_fraction exceeded, or a shard  DataQualityError,
+                        changed during the run (EX_DATAERR)                          UndecodableBatch, ShardChanged
+                                                                                     (pipeline.data)
 69    EXIT_REMOTE_DATA  remote data cannot be had after the retries (EX_UNAVAILABLE) NetworkError (pipeline.data)
 70    EXIT_NONFINITE    training stopped on non-finite values (EX_SOFTWARE)          NonFiniteStop
 74    EXIT_IO           a file could not be written: disk full, permissions          CheckpointWriteError; the CLI
@@ -19,7 +21,8 @@ code  name              meaning                                                 
 130   EXIT_INTERRUPTED  Ctrl-C (128 + SIGINT, as a shell reports it)                 Interrupted, SignalStop
 
 An exception carries its code as `exit_code` (and `same_on_every_rank` when every rank stops with the same
-message, which rank 0 prints); the CLI matches the attribute, so it never imports torch to learn a code.
+message, which rank 0 prints); the CLI matches the attribute, so it never imports torch to learn a code. Every such
+exception is defined here, whichever package raises it (tests/test_architecture.py holds every other module to it).
 docs/preemption.md, "Faults and failures", tells each path with its line and its checkpoint rule.
 
 Stop requests: signals (SLURM preemption, time limits, Ctrl-C), and what a repeated signal does.
@@ -38,6 +41,8 @@ from __future__ import annotations
 import os
 import signal
 from typing import Sequence
+
+from pipeline.errors import raised_again_line
 
 EXIT_USAGE = 2
 """Bad input: config, files, values (the CLI, for ConfigError, FileNotFoundError, ValueError, KeyError)."""
@@ -76,6 +81,56 @@ class CheckpointWriteError(OSError):
 
     exit_code = EXIT_IO
     same_on_every_rank = True
+
+
+class DataQualityError(ValueError):
+    """Too many bad samples (data.max_bad_fraction exceeded; `pipeline.data.samples.faults`); the message is one
+    line."""
+
+    exit_code = EXIT_BAD_DATA
+    same_on_every_rank = True  # every rank stops with the same totals; rank 0 says it
+
+
+class UndecodableBatch(DataQualityError):
+    """A training batch in which no image decodes (met by one rank's main process: that rank says it)."""
+
+    same_on_every_rank = False
+
+
+class WorkerStuck(RuntimeError):
+    """A loader worker delivered nothing for data.worker_timeout_s (stuck in a read, stopped): the run ends with
+    `EXIT_STUCK` and this one line; the workers are ended as on every exit path (`pipeline.data.workers`)."""
+
+    exit_code = EXIT_STUCK
+
+
+class RemoteError(OSError):
+    """The shard reader's own errors (`pipeline.data.io`): one line, kept when torch's DataLoader raises one again
+    in the main process."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(raised_again_line(message))
+
+
+class PermanentError(RemoteError):
+    """A failure that retrying cannot fix (HTTP 404/403, missing object, ...); the message is one line.
+    On the command line it is bad input, as a missing local file is: the URL names nothing readable."""
+
+    exit_code = EXIT_USAGE
+
+
+class NetworkError(RemoteError):
+    """A remote read given up after `ReadOptions.retries` retries (the server fails, stalls, is too slow or
+    cannot be reached)."""
+
+    exit_code = EXIT_REMOTE_DATA
+
+
+class ShardChanged(PermanentError):
+    """A shard that answers another size or version than the index recorded (`ReadOptions.pinned`): reading on
+    would mix two versions of the data in one run, which is bad data."""
+
+    exit_code = EXIT_BAD_DATA
 
 
 class Preempted(Exception):

@@ -318,3 +318,37 @@ def test_no_module_imports_a_private_name_of_another() -> None:
     assert not inside_data, "private names stay in their module:\n" + "\n".join(inside_data)
     assert found <= PRIVATE_IMPORTS_LEFT, "private names stay in their module:\n" + "\n".join(
         f"{a} imports {n} from {m}" for a, m, n in sorted(found - PRIVATE_IMPORTS_LEFT))
+
+
+EXITS = "pipeline.exits"
+
+
+def exit_code_definitions() -> list[str]:
+    """Where a module other than `pipeline.exits` defines an exit code: a module-level `EXIT_* = ...`, or a class
+    body that sets `exit_code` (an exception that carries one)."""
+    found = []
+    for name, path in MODULES.items():
+        if name == EXITS:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                found += [f"{name}:{item.lineno}: class {node.name} sets exit_code" for item in node.body
+                          if isinstance(item, ast.Assign) and any(getattr(t, "id", "") == "exit_code"
+                                                                  for t in item.targets)]
+        found += [f"{name}:{node.lineno}: defines {target.id}" for node in tree.body if isinstance(node, ast.Assign)
+                  for target in node.targets if getattr(target, "id", "").startswith("EXIT_")]
+    return found
+
+
+def test_exit_codes_and_the_exceptions_that_carry_them_are_defined_in_exits_only() -> None:
+    found = exit_code_definitions()
+    assert not found, "every exit code and the exception that carries it live in pipeline/exits.py:\n" + "\n".join(found)
+
+
+def test_the_exit_code_check_sees_a_definition(tmp_path, monkeypatch) -> None:
+    stray = tmp_path / "stray.py"
+    stray.write_text("EXIT_OTHER = 3\n\nclass Other(Exception):\n    exit_code = 3\n")
+    monkeypatch.setitem(MODULES, "pipeline.stray", stray)
+    assert exit_code_definitions() == ["pipeline.stray:4: class Other sets exit_code",
+                                       "pipeline.stray:1: defines EXIT_OTHER"]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from pipeline.data.loader_state import Continuation
     from pipeline.data.stream import ShardStream
-    from pipeline.data.workers import WorkerStuck
+    from pipeline.exits import WorkerStuck
 
 
 class SplitLoader:
@@ -76,7 +76,8 @@ class SplitLoader:
 
     def _stuck(self) -> WorkerStuck:
         """The error for a worker that delivered nothing for data.worker_timeout_s; the caller ends the workers."""
-        from pipeline.data.workers import WorkerStuck, waited_on, worker_pid
+        from pipeline.data.workers import waited_on, worker_pid
+        from pipeline.exits import WorkerStuck
 
         stream = self.stream
         worker = waited_on(self.dataloader)

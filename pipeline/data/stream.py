@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.dataset.keys import DEFAULT_KEYS, SampleKeys
 from pipeline.data.io.counters import net_counters
-from pipeline.data.io.errors import ShardChanged
+from pipeline.exits import ShardChanged
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.readahead import prefetch
 from pipeline.data.io.tar import tar_samples

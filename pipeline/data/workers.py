@@ -35,7 +35,6 @@ from typing import Callable, Iterator
 from torch.utils.data import DataLoader
 
 from pipeline.config.schema import SIGNAL_NAMES
-from pipeline.exits import EXIT_STUCK
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in SIGNAL_NAMES)
 """Signals the loader's processes ignore: every one `checkpoint.signals` may name, and SIGINT."""
@@ -252,13 +251,6 @@ class _ForkContext(multiprocessing.context.ForkContext):
 
 _OWNED_CONTEXTS = {"forkserver": _ForkServerContext(), "spawn": _SpawnContext(), "fork": _ForkContext()}
 """The start methods' contexts, each making `OwnedProcess`es (classes at module level: they are pickled)."""
-
-
-class WorkerStuck(RuntimeError):
-    """A loader worker delivered nothing for data.worker_timeout_s (stuck in a read, stopped): the run ends with
-    `EXIT_STUCK` and this one line; the workers are ended as on every exit path (`shutdown_workers`)."""
-
-    exit_code = EXIT_STUCK
 
 
 def timed_out(exc: BaseException) -> bool:

@@ -15,6 +15,7 @@ from pipeline.config.schema import DataConfig
 from pipeline.data import SplitLoader
 from pipeline.data.samples import faults
 from pipeline.distributed import Dist
+from pipeline.exits import DataQualityError
 
 SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 
@@ -61,7 +62,7 @@ class BadDataMonitor:
         counts, epoch_samples = total[:-1], int(total[-1])
         skipped = faults.num_skipped(counts)
         if skipped > self.max_bad_fraction * epoch_samples:
-            raise faults.DataQualityError(
+            raise DataQualityError(
                 f"data.max_bad_fraction={self.max_bad_fraction} cannot hold in epoch {epoch}: {skipped} of its "
                 f"{epoch_samples} training samples ({100 * skipped / epoch_samples:.2f}%) were already skipped by "
                 f"step {step} of {steps} ({faults.describe(counts)}); find them with `pipeline data verify "

@@ -253,7 +253,7 @@ def test_broken_jpegs_decoded_in_the_main_process_are_replaced_and_counted(broke
 
 def test_a_training_batch_with_no_decodable_image_stops_in_one_line() -> None:
     from pipeline.data.samples.decode import DeviceDecode, EncodedImages
-    from pipeline.data.samples.faults import DataQualityError
+    from pipeline.exits import DataQualityError
 
     cfg = load_config(None, ["data.image_size=8"]).data
     finish = DeviceDecode(SampleAugment(cfg, True), BatchNormalize(cfg), 3, torch.device("cpu"), torch.device("cpu"))

@@ -23,7 +23,7 @@ import pytest
 from pipeline.config.schema import DataConfig  # noqa: E402
 from pipeline.data.dataset.resolve import specs_manifest  # noqa: E402
 from pipeline.data.io.counters import net_counters  # noqa: E402
-from pipeline.data.io.errors import NetworkError, ShardChanged  # noqa: E402
+from pipeline.exits import NetworkError, ShardChanged  # noqa: E402
 from pipeline.data.io.handles import ReadOptions  # noqa: E402
 from pipeline.data.io.remote import open_shard  # noqa: E402
 from pipeline.data.io.stat import stat_shard  # noqa: E402

@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence
 
 from pipeline.data.dataset.keys import SampleKeys
 from pipeline.data.dataset.manifest import SharedSamples
-from pipeline.data.io.errors import RemoteError
+from pipeline.exits import RemoteError
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.stat import stat_shard
 from pipeline.data.io.tar import BAD, gzipped, placed_samples

@@ -9,7 +9,8 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
-from pipeline.data.io.errors import PermanentError, ShardChanged, check_pinned
+from pipeline.data.io.pinned import check_pinned
+from pipeline.exits import PermanentError, ShardChanged
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.retry import ShardReader, Transient
 

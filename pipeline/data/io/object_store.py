@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from pipeline.data.io.errors import PermanentError, ShardChanged, check_pinned
+from pipeline.data.io.pinned import check_pinned
+from pipeline.exits import PermanentError, ShardChanged
 from pipeline.data.io.handles import CHUNK, ReadOptions
 from pipeline.data.io.retry import ShardReader
 from pipeline.errors import first_line

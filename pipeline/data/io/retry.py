@@ -10,7 +10,7 @@ import time
 from typing import Optional
 
 from pipeline.data.io.counters import count
-from pipeline.data.io.errors import NetworkError, PermanentError
+from pipeline.exits import NetworkError, PermanentError
 from pipeline.data.io.handles import CHUNK, ForwardReader, Pace, ReadOptions
 from pipeline.errors import first_line
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import re
 
-from pipeline.data.io.errors import ShardChanged, check_pinned
+from pipeline.data.io.pinned import check_pinned
+from pipeline.exits import ShardChanged
 from pipeline.data.io.handles import ReadOptions, open_local
 from pipeline.data.io.http import HttpReader
 from pipeline.data.io.object_store import FsspecReader

@@ -37,11 +37,12 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.config.schema import DataConfig
-from pipeline.data.samples.faults import FIELDS, NO_POSITION, DataQualityError, FaultWarnings, SampleCheck, replace_bad
+from pipeline.data.samples.faults import FIELDS, NO_POSITION, FaultWarnings, SampleCheck, replace_bad
 from pipeline.data.samples.images import to_mode, to_uint8
 from pipeline.data.samples.memory import shared_empty, storage_users
 from pipeline.data.samples.transforms import BatchNormalize, SampleAugment, seeded_cpu_rng
 from pipeline.errors import short_error
+from pipeline.exits import UndecodableBatch
 
 JPEG_KEYS = ("jpg", "jpeg")
 
@@ -208,12 +209,6 @@ class HostNormalize:
         buffer = torch.empty(shape, dtype=torch.float32)
         self._ring = [(buffer, storage_users(buffer)), *self._ring][:self.SLOTS]
         return buffer.view(shape)
-
-
-class UndecodableBatch(DataQualityError):
-    """A training batch in which no image decodes (met by one rank's main process: that rank says it)."""
-
-    same_on_every_rank = False
 
 
 class DeviceDecode:

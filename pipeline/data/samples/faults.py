@@ -35,6 +35,7 @@ from pipeline.data.dataset.keys import DEFAULT_KEYS, IMAGE_KEYS, SampleKeys  # n
 from pipeline.data.io.tar import BAD
 from pipeline.data.samples.images import ImageTooLarge, open_image, to_mode
 from pipeline.errors import short_error
+from pipeline.exits import DataQualityError
 
 SKIP_REASONS = ("truncated", "undecodable", "no_label", "bad_label", "oversize")
 CONVERSIONS = ("mode", "size")
@@ -50,15 +51,6 @@ NO_POSITION = -1
 UNDRAWN = "__undrawn__"
 """Key under which a resampling stream hands over samples it cannot draw (no usable label), so
 they are inspected and counted at the position that carries them."""
-
-from pipeline.exits import EXIT_BAD_DATA  # noqa: E402 - data.max_bad_fraction exceeded
-
-
-class DataQualityError(ValueError):
-    """Too many bad samples (data.max_bad_fraction exceeded); the message is one line."""
-
-    exit_code = EXIT_BAD_DATA
-    same_on_every_rank = True  # every rank stops with the same totals; rank 0 says it
 
 
 @dataclass
