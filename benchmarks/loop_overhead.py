@@ -74,12 +74,20 @@ class InMemorySplit:
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]):
         from pipeline.data.samples import faults
 
-        self.loader = batches
+        self.batches, self.step = batches, 0
         self.bad_samples = faults.BadSampleCounts()  # no bad samples in memory
         self.stream = self._Stream(len(batches), sum(len(labels) for _, labels in batches))
 
-    def set_position(self, epoch: int, step: int = 0, history=()) -> None:
-        pass
+    def start_epoch(self, epoch: int) -> int:
+        """Every epoch from its start, never continued from another layout (0 earlier layouts)."""
+        self.step = 0
+        return 0
+
+    @property
+    def loader(self):
+        for batch in self.batches:  # the loader counts the batches it hands out, as SplitLoader does
+            self.step += 1
+            yield batch
 
 
 def make_batches(cfg, steps: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -102,7 +102,7 @@ class CheckpointManager:
         on (the previous checkpoint stays; the next save retries), and an error when it is the run's last one."""
         position = self.loop.state
         self.guard.check_weights(self.model, position.global_step, self.checkpointer.latest)
-        data = self.loader.state_dict(position.epoch, position.step_in_epoch)
+        data = self.loader.state_dict()  # where the loader stands: the epoch and step it reached
         state = {**self.loop.state_dict(), "data_layout": data["layout"]}
         rank_state = {"rng": rng_state(), "epoch_totals": self.sums.detach().cpu(), FAULTS: data["faults"]}
         self.last_save_time = time.monotonic()
@@ -159,9 +159,9 @@ class CheckpointManager:
                 return self.checkpointer.rank_states(folder) if self.dist.is_main else []
             return [] if rank_state is None else [rank_state]
 
-        went_on = self.loader.load_state_dict({"epoch": position.epoch, "step": position.step_in_epoch,
-                                               "layout": state.get("data_layout"),
-                                               "world_size": state.get("world_size")}, rank_states)
+        went_on = self.loader.load_state_dict({"layout": state.get("data_layout"), "world_size": state.get("world_size"),
+                                               "epoch": position.epoch, "step": position.step_in_epoch},
+                                              rank_states)  # (the loop's position: for checkpoints without a layout)
         position.step_in_epoch = went_on.step
         if went_on.took_over:
             self.sums.copy_(sum(r["epoch_totals"] for r in went_on.took_over).to(self.sums.device))

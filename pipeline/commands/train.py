@@ -166,9 +166,8 @@ def test_split(run: Run, split: str = "test") -> dict:
     cfg, dist = run.cfg, run.dist
     data = build_loader(cfg, run.manifest, split, dist.rank, dist.world_size, train=False,
                         pin_memory=dist.device.type == "cuda", device=dist.device)
-    data.set_position(0, 0)
     trainer = run.trainer
-    metrics = evaluate(with_tta(trainer.eval_model, cfg.eval.tta), data.loader, trainer.loss_fn,
+    metrics = evaluate(with_tta(trainer.eval_model, cfg.eval.tta), data.from_start(), trainer.loss_fn,
                        run.task.metrics(dist.device), dist.device, dist.accelerator.autocast, cfg.model.channels_last)
     skipped = trainer.bad_data.collect(data, split)  # summed over ranks; bad samples are left out, not padded
     record = evaluation_record(metrics, skipped[f"data/{split}/skipped"],
@@ -185,7 +184,7 @@ def tune_task(run: Run) -> None:
     from pipeline.evaluation.evaluate import collect_predictions
 
     trainer, dist = run.trainer, run.dist
-    outputs, labels = collect_predictions(trainer.eval_model, trainer.batches(trainer.val_data), dist.device,
+    outputs, labels = collect_predictions(trainer.eval_model, trainer.val_data.from_start(), dist.device,
                                           dist.accelerator.autocast, run.cfg.model.channels_last, run.task.outputs)
     parts = dist.gather_object((outputs, labels))
     dist.print(run.task.tune(torch.cat([o for o, _ in parts]), torch.cat([t for _, t in parts])))

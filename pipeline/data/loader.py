@@ -28,6 +28,10 @@ class SplitLoader:
     `pipeline.data.samples.decode`) turns what the workers sent into them, in the main process. The fault
     counts each batch carries (see `pipeline.data.samples.faults`; `finish` adds the images it could not
     decode) are added to `bad_samples` (`BadSampleCounts`), this rank's total over the batches consumed.
+
+    It keeps its own position: the epoch (`stream.epoch`; the next one once an epoch is read to its end) and
+    `step`, the batches of it handed out in this layout. `state_dict()` saves that position with the epoch's
+    earlier layouts and the counts; `load_state_dict` goes on from it (see `pipeline.data.loader_state`).
     """
 
     def __init__(self, stream: ShardStream, dataloader: DataLoader, finish: Optional[Callable] = None):
@@ -35,22 +39,36 @@ class SplitLoader:
 
         self.stream, self.dataloader, self.finish = stream, dataloader, finish
         self.bad_samples = faults.BadSampleCounts()
+        self.step = 0  # batches of the current epoch handed out (in this layout)
 
     def set_position(self, epoch: int, step: int = 0, history: Sequence = ()) -> None:
         """See `ShardStream.set_position` (`history`: earlier layouts of a continued epoch)."""
         self.stream.set_position(epoch, step, history)
+        self.step = step
 
-    def state_dict(self, epoch: int, step: int) -> dict:
-        """Its layout, the epoch's earlier ones and its bad-sample counts at `step` of `epoch` (`loader_state`)."""
+    def start_epoch(self, epoch: int) -> int:
+        """Begin `epoch`, or go on with it where a resume put the loader (with its earlier layouts); the number of
+        those layouts."""
         from pipeline.data import loader_state
 
-        return loader_state.state_dict(self, epoch, step)
+        return loader_state.start_epoch(self, epoch)
+
+    def state_dict(self) -> dict:
+        """Its position and layout, the epoch's earlier layouts and its bad-sample counts (`loader_state`)."""
+        from pipeline.data import loader_state
+
+        return loader_state.state_dict(self)
 
     def load_state_dict(self, state: dict, rank_states: Callable) -> Continuation:
         """Resume where `state` was saved, in this layout or another (`loader_state.load_state_dict`)."""
         from pipeline.data import loader_state
 
         return loader_state.load_state_dict(self, state, rank_states)
+
+    def from_start(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A pass over the split from its start (evaluation: epoch 0, every sample once)."""
+        self.set_position(0)
+        return self.loader
 
     @property
     def loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,7 +80,8 @@ class SplitLoader:
                 if batches is None:
                     batches = iter(self.dataloader)
                 images, labels, counts = next(batches)
-            except StopIteration:
+            except StopIteration:  # the epoch is read: the loader stands at the next one's start
+                self.set_position(self.stream.epoch + 1)
                 return
             except RuntimeError as exc:
                 if not timed_out(exc):
@@ -72,6 +91,7 @@ class SplitLoader:
                 images, labels = self.finish(images, labels, counts)
             self.bad_samples.add(counts)
             if labels.numel():  # an empty batch only carries counts (evaluation)
+                self.step += 1
                 yield images, labels
 
     def _stuck(self) -> WorkerStuck:

@@ -1,9 +1,10 @@
 """What a training loader saves and restores of itself: where the epoch stands, the layouts it went through, and
 the bad samples met so far (`SplitLoader.state_dict` / `load_state_dict` delegate here).
 
-The state is `{"layout": ..., "faults": ...}`: the layout the epoch is read in (ranks x workers x batch size x
-drop_last x mix_shards) at the step reached, with the epoch's earlier layouts (`history`), written once per
-checkpoint (state.json, as `data_layout`); and this rank's fault counts (its own file, as `data_faults`).
+The state is `{"layout": ..., "faults": ...}`: where the loader stands (the epoch, and the step it reached: the
+batches it handed out, which it counts itself) in the layout the epoch is read in (ranks x workers x batch size x
+drop_last x mix_shards), with the epoch's earlier layouts (`history`), written once per checkpoint (state.json, as
+`data_layout`); and this rank's fault counts (its own file, as `data_faults`).
 
 Resuming (see `pipeline.data.stream`, rule 6): in the layout the checkpoint was written at, the epoch goes on at
 its step, bit-exactly, with this rank's counts. In another: with the samples that layout left unread, split over
@@ -43,29 +44,38 @@ def epoch_history(stream: ShardStream, epoch: int) -> tuple[Layout, ...]:
     return stream.history if stream.epoch == epoch else ()
 
 
-def start_epoch(loader, epoch: int, step: int) -> int:
-    """Position the loader at `step` of `epoch` (with the epoch's earlier layouts); the number of those layouts."""
+def start_epoch(loader, epoch: int) -> int:
+    """Position the loader at the start of `epoch`, or where a resume left it in that epoch (its step, with the
+    epoch's earlier layouts); the number of those layouts."""
+    going_on = loader.stream.epoch == epoch
     history = epoch_history(loader.stream, epoch)
-    loader.set_position(epoch, step, history)
+    loader.set_position(epoch, loader.step if going_on else 0, history)
     return len(history)
 
 
-def state_dict(loader, epoch: int, step: int) -> dict:
-    """The loader's state at micro-batch `step` of `epoch`."""
+def state_dict(loader) -> dict:
+    """The loader's state where it stands: `layout` (with the epoch, the step reached and the epoch's earlier
+    layouts) and `faults` (this rank's counts)."""
     stream = loader.stream
-    return {"layout": {**asdict(stream.layout(step)), "history": [asdict(h) for h in epoch_history(stream, epoch)]},
+    layout = asdict(stream.layout(loader.step))
+    return {"layout": {**layout, "epoch": stream.epoch,
+                       "history": [asdict(h) for h in epoch_history(stream, stream.epoch)]},
             "faults": loader.bad_samples.state_dict()["counts"]}
 
 
 def load_state_dict(loader, state: dict, rank_states: Callable[[bool], list[dict]]) -> Continuation:
-    """Resume at `state` = {"epoch", "step", "layout" (None for old checkpoints), "world_size" (of the writer)}.
+    """Resume at `state` = {"layout": what `state_dict` saved (None for old checkpoints), "world_size": of the
+    writer, "epoch", "step": where the training loop stood, read only when the layout record lacks them (older
+    checkpoints)}.
 
     `rank_states(every)`: the states the writer's ranks saved of their own (`FAULTS` and any partial sums): this
     rank's (every=False: [] when none was saved) or every rank's (every=True; [] on ranks that take none over)."""
     saved, history = _saved_layout(state.get("layout"))
-    stream, epoch, step = loader.stream, state["epoch"], state["step"]
+    record = state.get("layout") or {}
+    stream, epoch = loader.stream, record.get("epoch", state["epoch"])
+    step = saved.step if saved else state["step"]
     if saved.reads_like(stream.layout()) if saved else state.get("world_size") == stream.world_size:
-        stream.set_position(epoch, step, history)
+        loader.set_position(epoch, step, history)
         own = rank_states(False)
         _take_over(loader, own)
         return Continuation(step, own)
@@ -74,11 +84,11 @@ def load_state_dict(loader, state: dict, rank_states: Callable[[bool], list[dict
     why = _cannot_continue(stream.elastic, saved, history)
     written = saved.describe() if saved else f"{state.get('world_size')} rank(s)"
     if why:
-        stream.set_position(epoch, 0)
+        loader.set_position(epoch, 0)
         return Continuation(0, lines=[f"the checkpoint was written at {written}, this run reads with "
                                       f"{stream.layout().describe()}: restarting epoch {epoch + 1} from its "
                                       f"beginning ({why})"])
-    stream.set_position(epoch, 0, (*history, saved))
+    loader.set_position(epoch, 0, (*history, saved))
     old = rank_states(True)
     _take_over(loader, old)
     plan = stream.plan()

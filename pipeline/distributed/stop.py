@@ -5,6 +5,11 @@ optimizer-step boundaries and after each epoch: one all-reduce of the host flags
 never waits for the GPU), so every rank stops after the *same* step, and a rank that got no signal learns the
 other's request and with it the exit code (75 or 130). The checkpointer's time-based save rides on the same
 all-reduce (`agree(timed=...)`).
+
+The run's two other stops need no vote, so they do not come here: each is decided from numbers every rank already
+holds alike, at the same step. Early stopping compares validation metrics that torchmetrics has synced across ranks
+(`ClassificationMetrics.compute`); the non-finite guard's verdict (`NonFiniteGuard.decide`) reads one all-reduce of
+every rank's flags. A signal is the only stop one rank can know of alone.
 """
 
 from __future__ import annotations

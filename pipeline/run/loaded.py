@@ -58,9 +58,9 @@ class LoadedRun:
         return list(self.manifest.classes)
 
     def split_loader(self, split: str) -> SplitLoader:
-        """The split's loader on this rank, at its start; its `faults` count the bad samples left out."""
+        """The split's loader on this rank, at its start; its `bad_samples` count the bad samples left out."""
         data = build_loader(self.cfg, self.manifest, split, self.dist.rank, self.dist.world_size, train=False)
-        data.set_position(0, 0)
+        data.set_position(0)
         return data
 
     def loader(self, split: str):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,7 +16,6 @@ from pipeline.checkpointing import Checkpointer
 from pipeline.checkpointing.manager import CheckpointManager
 from pipeline.config.schema import Config
 from pipeline.data import SplitLoader
-from pipeline.data.loader_state import start_epoch
 from pipeline.distributed import Dist
 from pipeline.distributed.stop import AgreedStop
 from pipeline.evaluation.evaluate import evaluate
@@ -33,7 +31,7 @@ from pipeline.training.mixing import BatchAugment
 from pipeline.training.nonfinite import GuardHooks, NonFiniteGuard
 from pipeline.training.optim import build_l1_penalty
 from pipeline.training.schedulers import LRSchedule
-from pipeline.training.state import TrainState, resume_point
+from pipeline.training.state import EpochSums, TrainState, resume_point
 
 
 class Trainer:
@@ -63,17 +61,19 @@ class Trainer:
                                         check_grads=cfg.train.precision != "fp16", dist=dist)
         self.callbacks = CallbackList([*(callbacks or []), GuardHooks(self.nonfinite)])
         self.stop = AgreedStop(dist, cfg.checkpoint.signals)
-        self.epoch_totals = torch.zeros(3, device=dist.device)  # loss sum, training score sum, samples of this epoch
+        self.epoch_sums = EpochSums(dist.device)  # loss, training score and samples of this epoch so far
         self.bad_data = BadDataMonitor(cfg.data, dist)  # skipped/converted samples per epoch, max_bad_fraction
         self.layouts_before = 0  # layouts that read part of the current epoch before this one (elastic resume)
         self.checkpoints = CheckpointManager(cfg, checkpointer, dist, self.stop, loop=self, model=self.unwrapped,
                                              optimizer=optimizer, schedule=schedule, ema=self.ema, loader=train,
-                                             sums=self.epoch_totals, guard=self.nonfinite, log=log)
+                                             sums=self.epoch_sums.tensor, guard=self.nonfinite, log=log)
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         """Train (resuming if asked) until the epoch budget or early stopping; end on the best weights."""
-        self.maybe_resume()
+        folder = self.checkpoints.resume()  # when checkpoint.resume asks
+        if folder is not None:
+            self.dist.print(f"resumed from {folder} {resume_point(self.state)}")
         self.callbacks.on_fit_start(self)
         self.stop.install()
         show = self.cfg.logging.progress and self.dist.is_main
@@ -96,7 +96,7 @@ class Trainer:
         (classification: accuracy; see `pipeline.tasks`)."""
         self.callbacks.on_epoch_start(self, epoch)
         self.model.train()
-        self.layouts_before = start_epoch(self.train_data, epoch, self.state.step_in_epoch)
+        self.layouts_before = self.train_data.start_epoch(epoch)  # where a resume left it, or the start
         self.steps_per_epoch = self.train_data.stream.steps_per_epoch()  # a continued epoch: its remainder's
         windows = AccumulationWindows(self.steps_per_epoch, self.cfg.train.grad_accum_steps)
         task = self.progress.add_task(f"epoch {epoch + 1}", total=self.steps_per_epoch,
@@ -105,13 +105,8 @@ class Trainer:
         for images, labels in self.train_data.loader:
             window, last_in_window = windows.window(self.state.step_in_epoch)
             loss, score = self.train_step(images, labels, window, last_in_window)
-            # Sums stay on the device and nothing is copied from the host (torch.full is a fill kernel,
-            # torch.tensor would be a synchronising copy): no host sync per step. Non-finite losses are left out
-            # (the guard counts them).
-            count = float(labels.shape[0])
-            row = torch.stack([loss.detach() * count, score, score.new_full((), count)])
-            self.epoch_totals += torch.where(torch.isfinite(loss.detach()), row, 0.0)
-            self.state.step_in_epoch += 1
+            self.epoch_sums.add(loss, score, labels.shape[0])
+            self.state.step_in_epoch = self.train_data.step  # the loader counts the batches it handed out
             if last_in_window:
                 self.state.global_step += 1
                 self.ema.update(self.state.global_step)
@@ -123,9 +118,7 @@ class Trainer:
             self.progress.advance(task)
             self.progress.advance(self.epochs_task, 1 / self.steps_per_epoch)  # the epochs bar moves (and has an ETA)
         self.progress.remove_task(task)
-        totals = self.dist.reduce_sum(self.epoch_totals.clone())
-        self.epoch_totals.zero_()
-        return {"loss": float(totals[0] / totals[2]), self.task.train_metric: float(totals[1] / totals[2])}
+        return self.epoch_sums.means(self.dist, self.task.train_metric)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, window: int,
                    last_in_window: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +157,7 @@ class Trainer:
 
     def validate(self) -> dict:
         self.ema.sync(self.dist)
-        return evaluate(self.eval_model, self.batches(self.val_data), self.loss_fn, self.metrics, self.dist.device,
+        return evaluate(self.eval_model, self.val_data.from_start(), self.loss_fn, self.metrics, self.dist.device,
                         self.dist.accelerator.autocast, self.cfg.model.channels_last)
 
     def end_epoch(self, train_metrics: dict, val_metrics: dict, seconds: float) -> None:
@@ -210,15 +203,3 @@ class Trainer:
         self.state = TrainState(**state["train"])
         self.early.load_state_dict(state["early_stopping"])
         self.callbacks.load_state_dict(state.get("callbacks", {}))
-
-    def maybe_resume(self) -> Optional[Path]:
-        """Continue from a checkpoint when checkpoint.resume asks (see `CheckpointManager.resume`)."""
-        folder = self.checkpoints.resume()
-        if folder is not None:
-            self.dist.print(f"resumed from {folder} {resume_point(self.state)}")
-        return folder
-
-    def batches(self, split: SplitLoader):
-        """An evaluation pass over `split` from its start."""
-        split.set_position(0, 0)
-        return split.loader

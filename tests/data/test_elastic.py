@@ -287,3 +287,46 @@ def test_balanced_sampling_restarts_the_epoch_with_the_reason(shards: list[str])
         "worker(s), batch 4: restarting epoch 2 from its beginning (balanced sampling draws with replacement, so "
         "what was read is no set of samples)"]
     assert trainer.state.step_in_epoch == 0 and trainer.epoch_history == ()
+
+
+@pytest.mark.parametrize("workers", [0, 2])  # 2: the default data.num_workers, with the default start method
+def test_the_loader_counts_its_own_position_and_resumes_from_its_own_state(shards: list[str], workers: int) -> None:
+    """The loader, not the training loop, knows where it stands: what it handed out (step), the next epoch once one
+    is read; a new loader given only its saved state goes on with exactly the batches and counts left."""
+    from pipeline.config.schema import DataConfig
+    from pipeline.data import SplitLoader
+    from pipeline.data.stream import make_loader
+
+    def split() -> SplitLoader:
+        (stream,) = _streams(shards, 1, workers, 4, False)
+        return SplitLoader(stream, make_loader(stream, workers, False, DataConfig().worker_start))
+
+    def keys(batches) -> list[str]:
+        return [key for images, _ in batches for key in images]
+
+    whole = split()
+    assert whole.start_epoch(1) == 0
+    planned = whole.stream.samples_per_epoch()  # 147, less what equal steps per worker leave out
+    every = keys(whole.loader)
+    assert len(every) == planned == 147 - (workers == 2) and (whole.stream.epoch, whole.step) == (2, 0)  # read: it stands at the next epoch
+    assert whole.state_dict()["layout"]["epoch"] == 2 and whole.state_dict()["layout"]["step"] == 0
+
+    cut = split()
+    cut.start_epoch(1)
+    batches = cut.loader
+    first = keys(next(batches) for _ in range(5))
+    state = cut.state_dict()
+    assert cut.step == 5 and (state["layout"]["epoch"], state["layout"]["step"]) == (1, 5)
+
+    resumed = split()  # the loop's position (epoch/step) is only the fallback for checkpoints without a layout
+    went_on = resumed.load_state_dict({"layout": state["layout"], "world_size": 1, "epoch": 9, "step": 9},
+                                      lambda every: [{faults_key(): state["faults"]}])
+    assert went_on.step == 5 and resumed.start_epoch(1) == 0 and resumed.step == 5
+    assert first + keys(resumed.loader) == every  # bit-exact: the same samples, once, in the same order
+    assert torch.equal(resumed.bad_samples.total, whole.bad_samples.total) and int(whole.bad_samples.total[0]) == planned
+
+
+def faults_key() -> str:
+    from pipeline.data.loader_state import FAULTS
+
+    return FAULTS

@@ -111,7 +111,7 @@ def test_resume_in_the_middle_of_gradual_unfreezing_matches_an_uninterrupted_run
     assert state["train"] == {"epoch": 2, "global_step": 30, "step_in_epoch": 4, "stopped_early": False}
     assert state["callbacks"]["freeze"]["trainable"] == ["features.1", "features.2", "head"]
     run = build_run(config("resumed"))
-    run.trainer.maybe_resume()
+    run.trainer.checkpoints.resume()
     run.trainer.callbacks.on_fit_start(run.trainer)
     assert [n for n, p in run.trainer.unwrapped.named_parameters() if p.requires_grad] == [
         n for n, p in run.trainer.unwrapped.named_parameters() if not n.startswith("features.0.")]
