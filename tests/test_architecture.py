@@ -343,7 +343,7 @@ def exit_code_definitions() -> list[str]:
 
 def test_exit_codes_and_the_exceptions_that_carry_them_are_defined_in_exits_only() -> None:
     found = exit_code_definitions()
-    assert not found, "every exit code and the exception that carries it live in pipeline/exits.py:\n" + "\n".join(found)
+    assert not found, "exit codes and the exceptions that carry them live in pipeline/exits.py:\n" + "\n".join(found)
 
 
 def test_the_exit_code_check_sees_a_definition(tmp_path, monkeypatch) -> None:
@@ -352,3 +352,34 @@ def test_the_exit_code_check_sees_a_definition(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(MODULES, "pipeline.stray", stray)
     assert exit_code_definitions() == ["pipeline.stray:4: class Other sets exit_code",
                                        "pipeline.stray:1: defines EXIT_OTHER"]
+
+
+TESTS = PACKAGE.parent / "tests"
+SHARED_TEST_MODULES = ("tests.support", "tests.conftest", "tests.services")
+"""What a test module may import of tests/: the shared helpers, the fixtures, the test services."""
+
+
+def cross_test_imports(root: Path = TESTS) -> list[str]:
+    """Imports of one test module's names by another: helpers shared by tests live in tests/support."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            target = node.module if isinstance(node, ast.ImportFrom) and node.level == 0 else None
+            names = [target] if target else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            found += [f"{path.relative_to(root.parent)}:{node.lineno}: imports {name}" for name in names
+                      if name.split(".")[0] == "tests" and name != "tests"
+                      and not name.startswith(SHARED_TEST_MODULES)]
+    return found
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    found = cross_test_imports()
+    assert not found, "helpers shared by tests live in tests/support:\n" + "\n".join(found)
+
+
+def test_the_cross_test_check_sees_one(tmp_path: Path) -> None:
+    (tmp_path / "tests" / "data").mkdir(parents=True)
+    (tmp_path / "tests" / "data" / "test_b.py").write_text(
+        "from tests.data.test_a import helper\nfrom tests.support.x import y\nimport tests.test_c\n")
+    assert cross_test_imports(tmp_path / "tests") == ["tests/data/test_b.py:1: imports tests.data.test_a",
+                                                      "tests/data/test_b.py:3: imports tests.test_c"]

@@ -8,111 +8,23 @@ gone shortly after the command exits.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from tests.conftest import ROOT, TINY, free_port
-from tests.data.test_data import _proc_stat
-from tests.data.test_data_faults import faulty_samples, write_set
 from tests.support.faults import run_checkpointer
+from tests.support.faulty_shards import faulty_samples, write_set
+from tests.support.processes import Ended, descendants, live_stat, run_watched
 
 STEPS_PER_EPOCH = 20  # digits: 1257 training images, batch 64 (0 or 2 workers alike)
 EXIT_WITHIN_S = 10.0  # from the run's last message (or the first signal) to the command's exit, one rank
 EXIT_WITHIN_2_RANKS_S = 30.0
-GONE_WITHIN_S = 10.0  # from the command's exit until every process it started has ended
-
-
-@dataclass
-class Ended:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float  # from the trigger (message or first signal) to the exit
-    pids: set[int] = field(default_factory=set)  # every process of the run seen while it ran
-    left: list[int] = field(default_factory=list)  # those still alive GONE_WITHIN_S after the exit
-
-
-def _stat(pid: int) -> list[str] | None:
-    """[state, ppid, ...] of a live process, None if it is gone (or a zombie: it has ended)."""
-    fields = _proc_stat(pid)
-    return None if fields[0] in ("Z", "X") else fields
-
-
-def _descendants(root: int, known: set[int]) -> set[int]:
-    """`known` plus every live process whose parent chain reaches `root` or a process already known."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat(int(entry.name))
-            if fields is not None:
-                parents[int(entry.name)] = int(fields[1])
-    found = set(known)
-    changed = True
-    while changed:
-        changed = False
-        for pid, ppid in parents.items():
-            if pid not in found and (ppid == root or ppid in found):
-                found.add(pid)
-                changed = True
-    return found
-
-
-def run_watched(cmd: list[str], tmp_path: Path, env: dict | None = None, signals: tuple[str, ...] = (),
-                gap_s: float = 0.3, trigger: str = "epoch 1/", message: str = "error:",
-                timeout_s: float = 240.0, target: Callable[[int], list[int]] | None = None,
-                gone_within_s: float = GONE_WITHIN_S, last_output: str = "") -> Ended:
-    """Run `cmd`; once `trigger` is in its stdout send `signals` (`gap_s` apart) to it, or to the processes
-    `target(pid of cmd)` names (once it names any). `seconds` counts from the first signal, or else from the
-    moment `message` appeared in stderr (or, if given, `last_output` in stdout), to the exit."""
-    out, err = tmp_path / "stdout", tmp_path / "stderr"  # files, not pipes: a surviving worker would hold a pipe
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    pids: set[int] = set()
-    with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=stdout, stderr=stderr, start_new_session=True)
-    started, since, pending = time.monotonic(), None, list(signals)
-    try:
-        while proc.poll() is None:
-            assert time.monotonic() - started < timeout_s, f"no exit within {timeout_s} s:\n{err.read_text()[-3000:]}"
-            pids = _descendants(proc.pid, pids | {proc.pid})
-            if pending and trigger in out.read_text():
-                receivers = target(proc.pid) if target else [proc.pid]
-                if receivers:
-                    since = since or time.monotonic()
-                    signum = getattr(signal, pending.pop(0))
-                    for pid in receivers:
-                        os.kill(pid, signum)
-                    time.sleep(gap_s if pending else 0.0)
-                    continue
-            if since is None and not signals and message in err.read_text():
-                since = time.monotonic()
-            if last_output and last_output in out.read_text():
-                since, last_output = time.monotonic(), ""
-            time.sleep(0.05)
-        ended = time.monotonic()
-        if since is None and message in err.read_text():
-            since = ended  # the message came in the last poll interval
-        left = sorted(pids - {proc.pid})
-        while left and time.monotonic() - ended < gone_within_s:
-            time.sleep(0.1)
-            left = [pid for pid in left if _stat(pid) is not None]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in _descendants(proc.pid, pids):  # whatever happens, leave nothing running
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return Ended(proc.returncode, out.read_text(), err.read_text(), ended - (since or started), pids, left)
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +171,7 @@ def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            fields = _stat(int(entry.name))
+            fields = live_stat(int(entry.name))
             if fields is not None and int(fields[1]) == pid:
                 found.append((int(fields[19]), int(entry.name)))  # field 22 of stat: start time
     return [child for _, child in sorted(found)]
@@ -403,7 +315,7 @@ def test_a_killed_script_leaves_no_worker_or_forkserver(workers: str, digits_roo
 def _rank_processes(launcher_pid: int, rank: int) -> list[int]:
     """The process of `rank` among the launcher's descendants (read from its RANK variable)."""
     found = []
-    for pid in _descendants(launcher_pid, set()):
+    for pid in descendants(launcher_pid, set()):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:

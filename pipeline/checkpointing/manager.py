@@ -159,9 +159,9 @@ class CheckpointManager:
                 return self.checkpointer.rank_states(folder) if self.dist.is_main else []
             return [] if rank_state is None else [rank_state]
 
-        went_on = self.loader.load_state_dict({"layout": state.get("data_layout"), "world_size": state.get("world_size"),
-                                               "epoch": position.epoch, "step": position.step_in_epoch},
-                                              rank_states)  # (the loop's position: for checkpoints without a layout)
+        saved = {"layout": state.get("data_layout"), "world_size": state.get("world_size"),
+                 "epoch": position.epoch, "step": position.step_in_epoch}  # (the loop's: for checkpoints without one)
+        went_on = self.loader.load_state_dict(saved, rank_states)
         position.step_in_epoch = went_on.step
         if went_on.took_over:
             self.sums.copy_(sum(r["epoch_totals"] for r in went_on.took_over).to(self.sums.device))

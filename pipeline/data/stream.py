@@ -73,7 +73,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.dataset.keys import DEFAULT_KEYS, SampleKeys
 from pipeline.data.io.counters import net_counters
-from pipeline.exits import ShardChanged
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.readahead import prefetch
 from pipeline.data.io.tar import tar_samples
@@ -100,6 +99,7 @@ from pipeline.data.samples.faults import (
 )
 from pipeline.data.workers import track, worker_options
 from pipeline.errors import short_error
+from pipeline.exits import ShardChanged
 from pipeline.testing import faults as injected
 
 

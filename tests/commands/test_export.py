@@ -23,8 +23,8 @@ import pipeline.commands.export as export
 from pipeline.commands.cli import main
 from pipeline.commands.train import train
 from pipeline.config import load_config
-from tests.commands.test_run_folder import snapshot
 from tests.conftest import ROOT, TINY, run_cli
+from tests.support.run_folders import snapshot
 
 
 @pytest.fixture(scope="module")

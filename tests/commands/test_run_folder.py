@@ -6,7 +6,6 @@ End-to-end through the CLI on the tiny digits config (data.num_workers=0: failin
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, run_cli, run_main
+from tests.support.run_folders import snapshot
 
 EPOCHS = 2
 
@@ -27,18 +27,6 @@ EPOCHS = 2
 def base_args(root: Path, out: Path, *extra: str) -> list[str]:
     return ["train", *TINY, f"data.root={root}", f"run.output_dir={out}", "data.num_workers=0",
             f"train.epochs={EPOCHS}", *extra]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file (and the target of every link) under `folder`."""
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        rel = str(path.relative_to(folder))
-        if path.is_symlink():
-            files[rel] = "-> " + os.readlink(path)
-        elif path.is_file():
-            files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return files
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -258,7 +246,7 @@ load average 16-18 for these refusals and 10-17 s for the older config-change re
 def timed_cli(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
     """Run the CLI watched (tests.test_exits.run_watched): the result and the seconds from start to exit; the error
     line comes at most LINE_TO_EXIT_S before the exit, and no process the command started is left (by PID)."""
-    from tests.test_exits import run_watched
+    from tests.support.processes import run_watched
 
     started = time.monotonic()
     ended = run_watched([sys.executable, "-m", "pipeline", *args], tmp_path, timeout_s=240)

@@ -19,6 +19,7 @@ from pipeline.data import Manifest, build_loader
 from pipeline.data.plan import epoch_shard_order, slot_segments
 from pipeline.data.writer.digits import write_digits_imagefolder
 from pipeline.data.writer.shards import write_shards
+from tests.support.processes import proc_stat
 
 
 def _cfg(root: Path, *overrides: str):
@@ -125,16 +126,8 @@ def test_grayscale_digits_convert_to_rgb(digits_root: Path) -> None:
     assert torch.equal(images[:, 0], images[:, 1])  # gray replicated to RGB
 
 
-def _proc_stat(pid: int) -> list[str]:
-    """/proc/PID/stat's fields after the command name: [state, ppid, ...]; a vanished process reads as a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):  # gone, even between listing and reading
-        return ["Z"]
-
-
 def _parent_pid(pid: int) -> int:
-    return int(_proc_stat(pid)[1])
+    return int(proc_stat(pid)[1])
 
 
 def test_workers_start_from_a_forkserver_and_give_the_batches_fork_and_spawn_give(digits_root: Path) -> None:
@@ -194,6 +187,6 @@ os.kill(os.getpid(), signal.SIGKILL)
     server, *workers = [int(pid) for pid in out.read_text().split()]
     assert len(workers) == 2 and server not in (1, os.getpid(), *workers)  # the forkserver
     deadline = time.monotonic() + 20
-    while any(_proc_stat(pid)[0] != "Z" for pid in (*workers, server)):
+    while any(proc_stat(pid)[0] != "Z" for pid in (*workers, server)):
         assert time.monotonic() < deadline, f"workers {workers} or their server {server} outlived the main process"
         time.sleep(0.1)

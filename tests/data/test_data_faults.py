@@ -16,56 +16,14 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data import Manifest, build_loader
-from pipeline.data.dataset.manifest import SplitInfo
 from pipeline.data.samples.faults import FIELDS, as_dict
-from pipeline.data.writer.shards import RollingTarWriter
 from tests.conftest import TINY, read_jsonl, run_cli, run_main
+from tests.support.faulty_shards import BAD_LABEL, NO_LABEL, UNDECODABLE, faulty_samples, random_png, write_set
 
-CLASSES = ["a", "b", "c", "d"]
-UNDECODABLE, RGBA, NO_LABEL, BAD_LABEL = (3, 17, 29), (8, 22), 12, 35
 GOOD = 40 - len(UNDECODABLE) - 2  # 35: the two RGBA images are converted and kept
 NO_NETWORK = {"net_retries": 0, "net_resumed": 0, "net_failed": 0}  # local shards: no network events
 EXPECTED = {"seen": 40, "truncated": 0, "undecodable": 3, "no_label": 1, "bad_label": 1, "oversize": 0,
             "converted_mode": 2, "converted_size": 0, **NO_NETWORK}
-
-
-def _png(seed: int, mode: str = "RGB", size: tuple[int, int] = (8, 8)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode=mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def faulty_samples(n: int = 40) -> list[dict]:
-    """40 RGB 8x8 samples of 4 classes: 3 undecodable, 2 RGBA, 1 without a label, 1 with label 7."""
-    samples = []
-    for i in range(n):
-        sample = {"__key__": f"{i:08d}", "png": _png(i), "cls": str(i % 4).encode()}
-        if i in UNDECODABLE:
-            sample["png"] = _png(i)[:40] if i % 3 else b"this is not an image"
-        if i in RGBA:
-            sample["png"] = _png(i, "RGBA")
-        if i == NO_LABEL:
-            del sample["cls"]
-        if i == BAD_LABEL:
-            sample["cls"] = b"7"
-        samples.append(sample)
-    return samples
-
-
-def write_set(root: Path, samples: list[dict], shard_size: int = 10, classes: list[str] = CLASSES) -> Manifest:
-    """The same samples as train, val and test shards, with a manifest saying RGB 8x8."""
-    root.mkdir(parents=True)
-    splits = {}
-    for split in ("train", "val", "test"):
-        writer = RollingTarWriter(root, split, shard_size, 1 << 30)
-        for sample in samples:
-            writer.write(sample)
-        writer.close()
-        splits[split] = SplitInfo(len(samples), {c: len(samples) // len(classes) for c in classes}, writer.shards)
-    manifest = Manifest(classes=classes, splits=splits, image_mode="RGB", image_size=[8, 8])
-    manifest.write(root)
-    return manifest
 
 
 def truncate_inside(path: Path, member: str) -> None:
@@ -165,9 +123,9 @@ def test_balanced_sampling_counts_labels_it_cannot_draw(truncated_root: Path) ->
 
 
 def test_odd_sizes_and_gray_images_are_converted_not_skipped(tmp_path: Path) -> None:
-    samples = [{"__key__": f"{i:08d}", "png": _png(i), "cls": str(i % 4).encode()} for i in range(12)]
-    samples[2]["png"] = _png(2, "L")
-    samples[5]["png"] = _png(5, size=(20, 10))
+    samples = [{"__key__": f"{i:08d}", "png": random_png(i), "cls": str(i % 4).encode()} for i in range(12)]
+    samples[2]["png"] = random_png(2, "L")
+    samples[5]["png"] = random_png(5, size=(20, 10))
     write_set(tmp_path / "odd", samples, shard_size=6)
     _, labels, counts = _epoch(tmp_path / "odd", "test", 1, 0, train=False)
     assert len(labels) == 12
@@ -272,7 +230,7 @@ def test_two_ranks_stop_together_when_too_many_samples_are_bad(truncated_root: P
 # ---- pipeline data verify -----------------------------------------------------------------------
 
 def test_verify_passes_a_clean_set(tmp_path: Path) -> None:
-    write_set(tmp_path / "clean", [{"__key__": f"{i:08d}", "png": _png(i), "cls": str(i % 4).encode()}
+    write_set(tmp_path / "clean", [{"__key__": f"{i:08d}", "png": random_png(i), "cls": str(i % 4).encode()}
                                    for i in range(16)], shard_size=8)
     result = run_cli(["data", "verify", str(tmp_path / "clean"), "--no-progress"], check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -344,7 +302,7 @@ def test_writer_skip_bad_leaves_them_out_and_lists_them(tmp_path: Path) -> None:
 # ---- preflight: one line, exit 2, before any heavy work --------------------------------------------
 
 def _one_class(root: Path) -> Path:
-    write_set(root, [{"__key__": f"{i:08d}", "png": _png(i), "cls": b"0"} for i in range(8)], classes=["only"])
+    write_set(root, [{"__key__": f"{i:08d}", "png": random_png(i), "cls": b"0"} for i in range(8)], classes=["only"])
     return root
 
 

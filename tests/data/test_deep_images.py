@@ -16,7 +16,7 @@ from pipeline.data import Manifest, build_loader
 from pipeline.data.samples import faults
 from pipeline.data.samples.images import to_mode, to_uint8
 from tests.conftest import TINY, run_cli
-from tests.data.test_data_faults import write_set
+from tests.support.faulty_shards import write_set
 
 GRADIENT = np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)  # spans the whole 16-bit range
 

@@ -18,22 +18,10 @@ from pipeline.data.plan import Layout
 from pipeline.data.plan import shuffled as _shuffled
 from pipeline.data.samples import faults
 from pipeline.data.stream import ShardStream
+from tests.support.codecs import KeyCodec
 
 SIZES = [13, 40, 7, 25, 31, 9, 22]  # 147 samples; shards smaller and larger than the shuffle buffer
 BUFFER = 8
-
-
-class KeyCodec:
-    """Batch items are the samples' `shard/key`: what a layout read, without decoding anything."""
-
-    def decode(self, image: Image.Image, data: bytes, key: str, seed: Optional[int]) -> None:
-        return None
-
-    def sample(self, source, seed: Optional[int]) -> str:
-        return f"{Path(source.url).name}/{source.key}"
-
-    def batch(self, items: list) -> list:
-        return items
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +296,8 @@ def test_the_loader_counts_its_own_position_and_resumes_from_its_own_state(shard
     assert whole.start_epoch(1) == 0
     planned = whole.stream.samples_per_epoch()  # 147, less what equal steps per worker leave out
     every = keys(whole.loader)
-    assert len(every) == planned == 147 - (workers == 2) and (whole.stream.epoch, whole.step) == (2, 0)  # read: it stands at the next epoch
+    assert len(every) == planned == 147 - (workers == 2)
+    assert (whole.stream.epoch, whole.step) == (2, 0)  # read to its end: the loader stands at the next epoch
     assert whole.state_dict()["layout"]["epoch"] == 2 and whole.state_dict()["layout"]["step"] == 0
 
     cut = split()
@@ -323,7 +312,8 @@ def test_the_loader_counts_its_own_position_and_resumes_from_its_own_state(shard
                                       lambda every: [{faults_key(): state["faults"]}])
     assert went_on.step == 5 and resumed.start_epoch(1) == 0 and resumed.step == 5
     assert first + keys(resumed.loader) == every  # bit-exact: the same samples, once, in the same order
-    assert torch.equal(resumed.bad_samples.total, whole.bad_samples.total) and int(whole.bad_samples.total[0]) == planned
+    assert torch.equal(resumed.bad_samples.total, whole.bad_samples.total)
+    assert int(whole.bad_samples.total[0]) == planned
 
 
 def faults_key() -> str:

@@ -21,9 +21,9 @@ from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.readahead import prefetch
 from pipeline.data.io.remote import open_shard
 from pipeline.data.io.tar import placed_samples, tar_samples
-from tests.data.test_elastic import KeyCodec
 from tests.services.flaky_http import serve
 from tests.support import wds_shards
+from tests.support.codecs import KeyCodec
 
 
 @pytest.fixture(scope="module")

@@ -150,8 +150,8 @@ def test_mixed_resume_over_a_flaky_server_gives_the_local_batches(digits, tmp_pa
     locally (the SIGKILL runs: tests/data/test_wds_remote.py)."""
     from pipeline.data.io.handles import ReadOptions
     from pipeline.data.stream import ShardStream
-    from tests.data.test_elastic import KeyCodec
     from tests.services.flaky_http import serve
+    from tests.support.codecs import KeyCodec
 
     paths = digits["sorted"]["train"]
     folder = Path(paths[0]).parent

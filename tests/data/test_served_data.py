@@ -23,7 +23,6 @@ import pytest
 from pipeline.config.schema import DataConfig  # noqa: E402
 from pipeline.data.dataset.resolve import specs_manifest  # noqa: E402
 from pipeline.data.io.counters import net_counters  # noqa: E402
-from pipeline.exits import NetworkError, ShardChanged  # noqa: E402
 from pipeline.data.io.handles import ReadOptions  # noqa: E402
 from pipeline.data.io.remote import open_shard  # noqa: E402
 from pipeline.data.io.stat import stat_shard  # noqa: E402
@@ -32,6 +31,7 @@ from pipeline.data.samples import faults  # noqa: E402
 from pipeline.data.samples.faults import inspect_sample  # noqa: E402
 from pipeline.data.samples.images import ImageTooLarge, open_image  # noqa: E402
 from pipeline.data.stream import shard_slice  # noqa: E402
+from pipeline.exits import NetworkError, ShardChanged  # noqa: E402
 from tests.conftest import ROOT, TINY, read_jsonl, run_cli, run_main  # noqa: E402
 from tests.services.flaky_http import HTML_PAGE, serve
 from tests.support import wds_shards

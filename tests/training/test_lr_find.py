@@ -20,8 +20,8 @@ from pipeline.training.lr_finder import (
     sweep_lrs,
     valley_index,
 )
-from tests.commands.test_run_folder import snapshot
 from tests.conftest import TINY, run_cli, run_main
+from tests.support.run_folders import snapshot
 
 
 def test_lrs_grow_exponentially_from_start_to_end():

@@ -31,11 +31,11 @@ from typing import Callable, Optional, Sequence
 
 from pipeline.data.dataset.keys import SampleKeys
 from pipeline.data.dataset.manifest import SharedSamples
-from pipeline.exits import RemoteError
 from pipeline.data.io.handles import ReadOptions
 from pipeline.data.io.stat import stat_shard
 from pipeline.data.io.tar import BAD, gzipped, placed_samples
 from pipeline.errors import short_error
+from pipeline.exits import RemoteError
 
 INDEX_VERSION = 2
 """2: per-sample keys and fingerprints. The version is part of the cache file's name: older caches are rebuilt."""

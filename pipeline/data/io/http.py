@@ -9,10 +9,10 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
-from pipeline.data.io.pinned import check_pinned
-from pipeline.exits import PermanentError, ShardChanged
 from pipeline.data.io.handles import ReadOptions
+from pipeline.data.io.pinned import check_pinned
 from pipeline.data.io.retry import ShardReader, Transient
+from pipeline.exits import PermanentError, ShardChanged
 
 SEEK_BY_RANGE = 4 << 20
 """A forward HTTP seek longer than this re-connects with a Range request instead of reading through."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from pipeline.data.io.pinned import check_pinned
-from pipeline.exits import PermanentError, ShardChanged
 from pipeline.data.io.handles import CHUNK, ReadOptions
+from pipeline.data.io.pinned import check_pinned
 from pipeline.data.io.retry import ShardReader
 from pipeline.errors import first_line
+from pipeline.exits import PermanentError, ShardChanged
 
 
 class FsspecReader(ShardReader):

@@ -10,9 +10,9 @@ import time
 from typing import Optional
 
 from pipeline.data.io.counters import count
-from pipeline.exits import NetworkError, PermanentError
 from pipeline.data.io.handles import CHUNK, ForwardReader, Pace, ReadOptions
 from pipeline.errors import first_line
+from pipeline.exits import NetworkError, PermanentError
 
 
 class Transient(OSError):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import re
 
-from pipeline.data.io.pinned import check_pinned
-from pipeline.exits import ShardChanged
 from pipeline.data.io.handles import ReadOptions, open_local
 from pipeline.data.io.http import HttpReader
 from pipeline.data.io.object_store import FsspecReader
+from pipeline.data.io.pinned import check_pinned
 from pipeline.data.io.pipe import PipeReader
 from pipeline.data.io.retry import ShardReader
+from pipeline.exits import ShardChanged
 
 
 def url_kind(url: str) -> str:
